@@ -1,0 +1,9 @@
+/* The subcommands of build/modernbert. Each takes the arguments after its name (argv[0] is the subcommand name) and
+ * returns the process exit code. Each prints its own --help. */
+#ifndef MB_COMMANDS_H
+#define MB_COMMANDS_H
+
+int mb_cmd_check(int argc, char **argv);
+int mb_cmd_tokenize(int argc, char **argv);
+
+#endif

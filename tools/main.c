@@ -1,0 +1,35 @@
+/* build/modernbert: one binary, one subcommand per job. */
+#include <stdio.h>
+#include <string.h>
+
+#include "commands.h"
+
+typedef struct command {
+    const char *name;
+    int (*run)(int argc, char **argv);
+    const char *summary;
+} command;
+
+static const command commands[] = {
+    {"check", mb_cmd_check, "run one forward/backward of a checkpoint on a batch; write loss, logits, gradients"},
+    {"tokenize", mb_cmd_tokenize, "turn text or JSONL files into token shards"},
+};
+
+static void print_usage(FILE *stream) {
+    fprintf(stream, "modernbert.c — a C/CUDA trainer for ModernBERT encoders\n\n");
+    fprintf(stream, "usage: modernbert <command> [options]   (modernbert <command> --help for its options)\n\n");
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        fprintf(stream, "  %-10s %s\n", commands[i].name, commands[i].summary);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0) {
+        print_usage(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
+        if (strcmp(argv[1], commands[i].name) == 0) return commands[i].run(argc - 1, argv + 1);
+    fprintf(stderr, "modernbert: unknown command '%s'\n\n", argv[1]);
+    print_usage(stderr);
+    return 2;
+}
