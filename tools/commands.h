@@ -3,7 +3,9 @@
 #ifndef MB_COMMANDS_H
 #define MB_COMMANDS_H
 
+int mb_cmd_bench(int argc, char **argv);
 int mb_cmd_check(int argc, char **argv);
+int mb_cmd_pretrain(int argc, char **argv);
 int mb_cmd_tokenize(int argc, char **argv);
 
 #endif

@@ -174,3 +174,12 @@ void mb_progress_finish(mb_progress *p) {
     if (p->options.mode != MB_PROGRESS_OFF) draw(p, now_seconds(), 1);
     free(p);
 }
+
+void mb_progress_cancel(mb_progress *p) {
+    if (p == NULL) return;
+    if (p->bar && p->drawn) {
+        fputc('\n', p->options.stream);
+        fflush(p->options.stream);
+    }
+    free(p);
+}

@@ -36,6 +36,9 @@ mb_progress *mb_progress_start(const mb_progress_options *options);
 void mb_progress_update(mb_progress *progress, uint64_t done, uint64_t counter0, uint64_t counter1);
 /* Draws the final state (ends the bar's line) and frees the reporter. */
 void mb_progress_finish(mb_progress *progress);
+/* After a failure: ends a bar line already on screen (so an error message starts on its own line), draws nothing
+ * more, frees the reporter. */
+void mb_progress_cancel(mb_progress *progress);
 
 /* Formatting helpers, also used by summaries: "1.21 GiB", "5.61M", "1:02:03". */
 void mb_format_bytes(char *out, size_t size, double bytes);

@@ -62,7 +62,7 @@ static void print_help(FILE *stream) {
         "usage: modernbert tokenize --output DIR [options] INPUT...\n"
         "\n"
         "Tokenizes text or JSONL files into token shards (DIR/train-NNNNNN.mbs, DIR/val-NNNNNN.mbs; format in\n"
-        "docs/data-format.md) for `modernbert train`. Inputs ending in .zst are decompressed on the fly; '-' reads\n"
+        "docs/data-format.md) for `modernbert pretrain`. Inputs ending in .zst are decompressed on the fly; '-' reads\n"
         "standard input. Output does not depend on --threads.\n"
         "\n"
         "  --tokenizer FILE        tokenizer.json (default data/tokenizer.json)\n"
@@ -74,7 +74,7 @@ static void print_help(FILE *stream) {
         "                            blank-line  paragraphs: runs of non-blank lines, joined with \\n\n"
         "                            line        every non-empty line is a document\n"
         "  --shard-tokens N        close a shard once it holds N tokens (default 67108864)\n"
-        "  --block-tokens N        tokens per zstd block inside a shard (default 65536)\n"
+        "  --block-tokens N        tokens per zstd block inside a shard (default 16384)\n"
         "  --zstd-level N          zstd level 1..22 (default 3)\n"
         "  --val-fraction F        fraction of documents for the validation split, 0 <= F < 1 (default 0)\n"
         "  --seed S                seed of the train/val split (default 0)\n"
@@ -878,8 +878,12 @@ int mb_cmd_tokenize(int argc, char **argv) {
     for (int s = 0; rc == 0 && s < 2; s++) rc = close_shard(&st.out, &st.out.splits[s], &err);
     if (rc == 0 && st.out.kept == 0) rc = mb_fail(&err, "no documents found in the input (all empty?)");
     double seconds = now_seconds() - start;
-    mb_progress_update(progress, st.reader.disk_done, st.out.kept, st.out.splits[0].tokens + st.out.splits[1].tokens);
-    mb_progress_finish(progress);
+    if (rc == 0) {
+        mb_progress_update(progress, st.reader.disk_done, st.out.kept, st.out.splits[0].tokens + st.out.splits[1].tokens);
+        mb_progress_finish(progress);
+    } else {
+        mb_progress_cancel(progress);
+    }
     if (rc != 0) {
         size_t removed = st.out.written_count;
         remove_written(&st.out);

@@ -8,8 +8,8 @@ Run from the repository root, where the Python `tokenizers` package is installed
 It writes only under tests/fixtures/tokenizer/:
   1. tiny_legacy.json and tiny_pairs.json: two small byte-level BPE tokenizers built here with the standard library
      (a tiny BPE trained on the inputs) that exercise what data/tokenizer.json does not: legacy "a b" merges with a
-     "#version" line, merges as pairs, added tokens with lstrip / rstrip / single_word / normalized variations, a
-     normalized added token whose content is NFD, an added token that is already in the model vocabulary, unk with
+     "#version" line, merges as pairs, added tokens with lstrip / rstrip / single_word / normalized variations (a
+     normalized one that NFD input matches after NFC), an added token that is already in the model vocabulary, unk with
      fuse_unk, bytes missing from the vocabulary without unk (dropped), ignore_merges, add_prefix_space, a
      pre-tokenizer Sequence [Split(GPT-2), ByteLevel(use_regex=false)], RobertaProcessing, a post-processor Sequence
      with a TemplateProcessing whose special token has two ids;
@@ -150,7 +150,7 @@ def tiny_legacy(corpus):
         added("<mask>", special=True, lstrip=True),
         added("  "),                                   # two spaces, normalized
         added("don", single_word=True),
-        added("e\u0301"),                              # NFD content: matched as NFC "é" after normalization
+        added("\u00e9"),                              # normalized: also matches the NFD "e\u0301" of the input
         added("[X]", lstrip=True, rstrip=True, normalized=False),
         added("\t\t", rstrip=True, normalized=False),
         added("ing"),                                  # also a model token: keeps the model id

@@ -12,7 +12,7 @@ static double row_logsumexp(const float *z, int classes) {
     for (int c = 1; c < classes; c++)
         if (z[c] > max_value) max_value = z[c];
     double sum = 0.0;
-    for (int c = 0; c < classes; c++) sum += exp((double)z[c] - max_value);
+    for (int c = 0; c < classes; c++) sum += expf(z[c] - max_value);
     return max_value + log(sum);
 }
 
@@ -36,7 +36,8 @@ void mb_cpu_cross_entropy_backward(float *logits, const int32_t *targets, int ro
     for (int row = 0; row < rows; row++) {
         float *z = logits + (size_t)row * classes;
         double lse = row_logsumexp(z, classes);
-        for (int c = 0; c < classes; c++) z[c] = (float)(exp((double)z[c] - lse) * grad_scale);
+        float shift = (float)lse;
+        for (int c = 0; c < classes; c++) z[c] = expf(z[c] - shift) * grad_scale;
         z[targets[row]] -= grad_scale;
     }
 }

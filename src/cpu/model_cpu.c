@@ -74,6 +74,11 @@ void mb_cpu_model_free(mb_cpu_model *model) {
     free(model);
 }
 
+void mb_cpu_model_set_rope_theta(mb_cpu_model *model, double global_theta, double local_theta) {
+    model->config.global_rope_theta = global_theta;
+    model->config.local_rope_theta = local_theta;
+}
+
 const float *mb_cpu_last_hidden(const mb_cpu_model *model) { return model->final_out; }
 
 int mb_batch_validate(const mb_batch *b, const mb_config *c, mb_error *err) {

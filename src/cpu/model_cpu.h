@@ -31,6 +31,9 @@ int mb_cpu_forward(mb_cpu_model *model, const mb_batch *batch, mb_forward_result
 /* Accumulates d(loss_sum · grad_scale)/dθ into the gradient arena. */
 int mb_cpu_backward(mb_cpu_model *model, float grad_scale, mb_error *err);
 
+/* Changes the RoPE thetas (a context-extension phase change). */
+void mb_cpu_model_set_rope_theta(mb_cpu_model *model, double global_theta, double local_theta);
+
 /* The final hidden states [n, H] of the last forward (for pooling tests and embeddings export). */
 const float *mb_cpu_last_hidden(const mb_cpu_model *model);
 

@@ -620,7 +620,7 @@ static int parse_cursor(const cJSON *root, mb_loader_cursor *c, mb_error *err) {
     const cJSON *format = cJSON_GetObjectItemCaseSensitive(root, "format");
     if (!cJSON_IsString(format) || strcmp(format->valuestring, CURSOR_FORMAT) != 0)
         return mb_fail(err, "loader cursor: field \"format\" is not \"%s\"", CURSOR_FORMAT);
-    uint64_t version;
+    uint64_t version = 0;
     if (json_get_integer(root, "version", UINT32_MAX, &version, err)) return -1;
     if (version != 1) return mb_fail(err, "loader cursor: version %" PRIu64 " is not supported (expected 1)", version);
     const cJSON *seed = cJSON_GetObjectItemCaseSensitive(root, "seed");
@@ -628,7 +628,7 @@ static int parse_cursor(const cJSON *root, mb_loader_cursor *c, mb_error *err) {
     if (!cJSON_IsString(seed) || strncmp(seed->valuestring, "0x", 2) != 0 ||
         (c->seed = strtoull(seed->valuestring + 2, &end, 16), *end != '\0' || end == seed->valuestring + 2))
         return mb_fail(err, "loader cursor: field \"seed\" is not a hex string \"0x…\"");
-    uint64_t v[17];
+    uint64_t v[17] = {0};
     const struct { const char *name; uint64_t max; } fields[17] = {
         {"document_count", UINT64_MAX}, {"token_count", UINT64_MAX}, {"max_seq_len", INT32_MAX}, {"truncate", 1},
         {"micro_tokens", INT64_MAX}, {"step_tokens", INT64_MAX}, {"source_batch", INT32_MAX},

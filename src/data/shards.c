@@ -341,7 +341,21 @@ static int decode_block(ZSTD_DCtx *dctx, const char *path, const uint8_t *data, 
     uint64_t actual = mb_xxh64(dst, raw_bytes, 0);
     if (actual != checksum)
         return mb_fail(err, "%s: offset %" PRIu64 ": block %u checksum mismatch (payload corrupted)", path, offset, block);
+    /* The common case is one branch-free max over the block; only a bad block is scanned again for the position. */
     size_t count = raw_bytes / info->token_width;
+    uint32_t largest = 0;
+    if (info->token_width == 2) {
+        for (size_t i = 0; i < count; i++) {
+            uint32_t id = load_u16(dst + 2 * i);
+            largest = id > largest ? id : largest;
+        }
+    } else {
+        for (size_t i = 0; i < count; i++) {
+            uint32_t id = load_u32(dst + 4 * i);
+            largest = id > largest ? id : largest;
+        }
+    }
+    if (count == 0 || largest < info->vocab_size) return 0;
     for (size_t i = 0; i < count; i++) {
         uint32_t id = info->token_width == 2 ? load_u16(dst + 2 * i) : load_u32(dst + 4 * i);
         if (id >= info->vocab_size)

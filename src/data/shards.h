@@ -16,7 +16,7 @@
 #define MB_SHARD_VERSION 1u
 #define MB_SHARD_HEADER_SIZE 96u
 #define MB_SHARD_BLOCK_ENTRY_SIZE 24u           /* u64 offset, u64 compressed size, u64 XXH64 of decompressed bytes */
-#define MB_SHARD_DEFAULT_BLOCK_TOKENS 65536u
+#define MB_SHARD_DEFAULT_BLOCK_TOKENS 16384u
 #define MB_SHARD_MAX_BLOCK_TOKENS (1u << 24)
 #define MB_SHARD_FLAG_SPECIAL_TOKENS 1u        /* every document is [CLS] text [SEP] */
 #define MB_SHARD_KNOWN_FLAGS MB_SHARD_FLAG_SPECIAL_TOKENS

@@ -684,8 +684,15 @@ static int build_id_tables(load_ctx *c) {
         const char *token = added >= 0 ? t->added[added].content : id < t->vocab_id_limit ? t->vocab_strings[id] : NULL;
         if (token == NULL) continue;
         size_t length = added >= 0 ? t->added[added].content_length : t->vocab_lengths[id];
-        if (decoded_form(t, token, length, &t->decoded[id], &t->decoded_lengths[id]) != 0)
-            return mb_fail(c->err, "out of memory reading %s", c->path);
+        char *normalized = NULL;
+        /* tokenizers >= 0.23 decodes a normalized added token from its normalized form (normalized_cache). */
+        if (added >= 0 && t->added[added].normalized && t->normalizer == MB_TOK_NORMALIZER_NFC) {
+            if (mb_tok_nfc(token, length, &normalized, &length, c->err) != 0) return -1;
+            token = normalized;
+        }
+        int rc = decoded_form(t, token, length, &t->decoded[id], &t->decoded_lengths[id]);
+        free(normalized);
+        if (rc != 0) return mb_fail(c->err, "out of memory reading %s", c->path);
     }
     return 0;
 }

@@ -98,7 +98,8 @@ static int check_step(const mb_stableadamw *opt, const mb_adamw_param *params, s
                       mb_error *err) {
     if (!(opt->beta1 >= 0.0 && opt->beta1 < 1.0) || !(opt->beta2 >= 0.0 && opt->beta2 < 1.0))
         return mb_fail(err, "stableadamw: betas must be in [0, 1), got %g, %g", opt->beta1, opt->beta2);
-    if (!(opt->eps >= 0.0) || !isfinite(opt->eps)) return mb_fail(err, "stableadamw: eps must be >= 0, got %g", opt->eps);
+    if (!(opt->eps >= 0.0) || !isfinite(opt->eps))
+        return mb_fail(err, "stableadamw: eps must be >= 0, got %g", opt->eps);
     if (!(lr >= 0.0) || !isfinite(lr)) return mb_fail(err, "stableadamw: lr must be finite and >= 0, got %g", lr);
     if (!(opt->weight_decay >= 0.0) || !isfinite(opt->weight_decay))
         return mb_fail(err, "stableadamw: weight_decay must be >= 0, got %g", opt->weight_decay);

@@ -419,15 +419,16 @@ Test(loader, cursor_json_round_trip) {
         cr_assert_eq(a.pool[i].epoch, b.pool[i].epoch);
     }
     /* malformed cursors are errors */
-    cr_assert_eq(mb_loader_cursor_from_json("{", &b, &err), -1);
-    cr_assert_eq(mb_loader_cursor_from_json("{\"format\": \"other\"}", &b, &err), -1);
+    mb_loader_cursor bad;
+    cr_assert_eq(mb_loader_cursor_from_json("{", &bad, &err), -1);
+    cr_assert_eq(mb_loader_cursor_from_json("{\"format\": \"other\"}", &bad, &err), -1);
     cr_assert(strstr(err.message, "format") != NULL, "%s", err.message);
     const char *pool = strstr(json, "\"pool\":[");
     cr_assert_not_null(pool);
     int cut = (int)(pool - json) + 8;
     char *extra = malloc(strlen(json) + 8); /* one more number in the pool: no longer triples */
     sprintf(extra, "%.*s1,%s", cut, json, json + cut);
-    cr_assert_eq(mb_loader_cursor_from_json(extra, &b, &err), -1);
+    cr_assert_eq(mb_loader_cursor_from_json(extra, &bad, &err), -1);
     cr_assert(strstr(err.message, "multiple of 3") != NULL, "%s", err.message);
     free(extra);
     /* a cursor from other data or another seed is refused */
@@ -799,5 +800,30 @@ Test(loader, shard_source_matches_the_memory_source) {
         unlink(path);
     }
     rmdir(dir);
+    free_corpus(&c);
+}
+
+Test(loader, source_without_span_reads_matches) {
+    /* long documents (many chunks each) read whole through the loader's document cache */
+    corpus c;
+    make_corpus(&c, 150, 300, 1.0, 18);
+    mb_loader_config config = base_config(&c, 64, 512, 2048, 1, 0, 0);
+    mb_doc_source whole_only = mb_doc_source_memory(&c.docs);
+    whole_only.read_span = NULL;
+    mb_loader *a;
+    mb_error err;
+    cr_assert_eq(mb_loader_open(&a, &config, &whole_only, NULL, &err), 0, "%s", err.message);
+    mb_loader *b = open_loader(&config, &c, NULL);
+    recs ra = {0}, rb = {0};
+    run_steps(a, 40, &ra);
+    run_steps(b, 40, &rb);
+    for (size_t i = 0; i < ra.count; i++) {
+        check_batch(&ra.items[i], &c, &config);
+        assert_same(&ra.items[i], &rb.items[i], "whole-document reads vs span reads");
+    }
+    mb_loader_close(a);
+    mb_loader_close(b);
+    recs_free(&ra);
+    recs_free(&rb);
     free_corpus(&c);
 }

@@ -1,0 +1,301 @@
+/* Linear layers through cuBLASLt: bf16 operands, fp32 accumulation (CUBLAS_COMPUTE_32F).
+ *
+ * forward:  y[n, out] = x[n, in] · W[out, in]^T + b[out] (+ residual[n, out])     bias and residual in the epilogue
+ * backward: dx[n, in] = dy[n, out] · W                  (bf16; beta = 1 adds into dx when accumulate_dx)
+ *           dW[out, in] += dy^T · x                     (fp32 output, beta = 1: gradients accumulate in fp32)
+ *           db[out]     += Σ_rows dy                    (deterministic two-stage column sum, common.cuh)
+ *
+ * cuBLASLt is column-major; a row-major [r, c] matrix is a column-major [c, r] one with leading dimension c, so
+ *   y^T[out, n]  = W_cm^T · x_cm        (A = W stored [in, out], op T; B = x stored [in, n], op N)
+ *   dx^T[in, n]  = W_cm · dy_cm         (A = W stored [in, out], op N; B = dy stored [out, n], op N)
+ *   dW^T[in, out] = x_cm · dy_cm^T      (A = x stored [in, n], op N;  B = dy stored [out, n], op T)
+ * The heuristic's choice is cached per (shape, types, epilogue, pointer alignment), so repeated calls skip the query;
+ * for a fixed choice cuBLASLt is bit-reproducible on a given GPU model. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.cuh"
+#include "ops.h"
+
+namespace {
+
+constexpr size_t kWorkspaceBytes = 32u << 20; /* what llm.c found Hopper needs */
+constexpr int kCacheSize = 64;
+
+struct gemm_key {
+    cublasOperation_t transa, transb;
+    int m, n, k, lda, ldb, ldc;
+    cudaDataType_t c_type;
+    int has_bias, accumulate;
+    int align_a, align_b, align_c, align_d, align_bias;
+};
+
+struct cache_entry {
+    gemm_key key;
+    cublasLtMatmulAlgo_t algo;
+    int used;
+};
+
+}  // namespace
+
+struct mb_cuda_matmul {
+    cublasLtHandle_t handle;
+    void *workspace;
+    cache_entry cache[kCacheSize];
+    int next_slot; /* round-robin eviction */
+};
+
+namespace {
+
+/* Largest power of two (up to 256) dividing the address: cuBLASLt assumes 256 unless told. */
+int pointer_alignment(const void *pointer) {
+    uintptr_t address = reinterpret_cast<uintptr_t>(pointer);
+    int alignment = 256;
+    while (alignment > 1 && (address % (uintptr_t)alignment) != 0) alignment /= 2;
+    return alignment;
+}
+
+bool same_key(const gemm_key &a, const gemm_key &b) { return memcmp(&a, &b, sizeof a) == 0; }
+
+/* One GEMM D = A·B (+ beta·C) (+ bias) in the column-major terms above. C and D share layout and type. */
+struct gemm_args {
+    cublasOperation_t transa, transb;
+    int m, n, k;
+    const mb::bf16 *A;
+    int lda;
+    const mb::bf16 *B;
+    int ldb;
+    const void *C; /* read when beta != 0 */
+    void *D;
+    int ldc;
+    cudaDataType_t c_type;
+    float beta;
+    const mb::bf16 *bias; /* length m, or NULL */
+};
+
+struct lt_descriptors {
+    cublasLtMatmulDesc_t op = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+    ~lt_descriptors() {
+        if (c) cublasLtMatrixLayoutDestroy(c);
+        if (b) cublasLtMatrixLayoutDestroy(b);
+        if (a) cublasLtMatrixLayoutDestroy(a);
+        if (op) cublasLtMatmulDescDestroy(op);
+    }
+};
+
+int build_descriptors(lt_descriptors *d, const gemm_args &g, mb_error *err) {
+    MB_CUBLAS_CHECK(err, cublasLtMatmulDescCreate(&d->op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    MB_CUBLAS_CHECK(err, cublasLtMatmulDescSetAttribute(d->op, CUBLASLT_MATMUL_DESC_TRANSA, &g.transa, sizeof g.transa));
+    MB_CUBLAS_CHECK(err, cublasLtMatmulDescSetAttribute(d->op, CUBLASLT_MATMUL_DESC_TRANSB, &g.transb, sizeof g.transb));
+    if (g.bias != nullptr) {
+        cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
+        MB_CUBLAS_CHECK(err, cublasLtMatmulDescSetAttribute(d->op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue,
+                                                            sizeof epilogue));
+        MB_CUBLAS_CHECK(err, cublasLtMatmulDescSetAttribute(d->op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias,
+                                                            sizeof g.bias));
+    }
+    bool a_transposed = g.transa == CUBLAS_OP_T, b_transposed = g.transb == CUBLAS_OP_T;
+    MB_CUBLAS_CHECK(err, cublasLtMatrixLayoutCreate(&d->a, CUDA_R_16BF, a_transposed ? g.k : g.m,
+                                                    a_transposed ? g.m : g.k, g.lda));
+    MB_CUBLAS_CHECK(err, cublasLtMatrixLayoutCreate(&d->b, CUDA_R_16BF, b_transposed ? g.n : g.k,
+                                                    b_transposed ? g.k : g.n, g.ldb));
+    MB_CUBLAS_CHECK(err, cublasLtMatrixLayoutCreate(&d->c, g.c_type, g.m, g.n, g.ldc));
+    return 0;
+}
+
+gemm_key make_key(const gemm_args &g) {
+    gemm_key key;
+    memset(&key, 0, sizeof key); /* padding bytes take part in memcmp */
+    key.transa = g.transa;
+    key.transb = g.transb;
+    key.m = g.m;
+    key.n = g.n;
+    key.k = g.k;
+    key.lda = g.lda;
+    key.ldb = g.ldb;
+    key.ldc = g.ldc;
+    key.c_type = g.c_type;
+    key.has_bias = g.bias != nullptr;
+    key.accumulate = g.beta != 0.0f;
+    key.align_a = pointer_alignment(g.A);
+    key.align_b = pointer_alignment(g.B);
+    key.align_c = g.beta != 0.0f ? pointer_alignment(g.C) : 256;
+    key.align_d = pointer_alignment(g.D);
+    key.align_bias = g.bias != nullptr ? pointer_alignment(g.bias) : 256;
+    return key;
+}
+
+int choose_algo(mb_cuda_matmul *ctx, const gemm_args &g, const lt_descriptors &d, cublasLtMatmulAlgo_t *algo,
+                mb_error *err) {
+    gemm_key key = make_key(g);
+    for (int i = 0; i < kCacheSize; i++)
+        if (ctx->cache[i].used && same_key(ctx->cache[i].key, key)) {
+            *algo = ctx->cache[i].algo;
+            return 0;
+        }
+    cublasLtMatmulPreference_t preference;
+    MB_CUBLAS_CHECK(err, cublasLtMatmulPreferenceCreate(&preference));
+    uint64_t workspace = kWorkspaceBytes;
+    uint32_t align[5] = {(uint32_t)key.align_a, (uint32_t)key.align_b, (uint32_t)key.align_c, (uint32_t)key.align_d,
+                         (uint32_t)key.align_bias};
+    cublasLtMatmulPreferenceAttributes_t align_attr[4] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    cublasStatus_t status =
+        cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace,
+                                             sizeof workspace);
+    for (int i = 0; i < 4 && status == CUBLAS_STATUS_SUCCESS; i++)
+        status = cublasLtMatmulPreferenceSetAttribute(preference, align_attr[i], &align[i], sizeof align[i]);
+    cublasLtMatmulHeuristicResult_t result;
+    int found = 0;
+    if (status == CUBLAS_STATUS_SUCCESS)
+        status = cublasLtMatmulAlgoGetHeuristic(ctx->handle, d.op, d.a, d.b, d.c, d.c, preference, 1, &result, &found);
+    cublasLtMatmulPreferenceDestroy(preference);
+    if (status != CUBLAS_STATUS_SUCCESS)
+        return mb_fail(err, "cublasLtMatmulAlgoGetHeuristic (m %d, n %d, k %d): %s", g.m, g.n, g.k,
+                       cublasGetStatusString(status));
+    if (found == 0)
+        return mb_fail(err, "cuBLASLt has no algorithm for m %d, n %d, k %d (lda %d, ldb %d, ldc %d, alignment %d/%d/%d)",
+                       g.m, g.n, g.k, g.lda, g.ldb, g.ldc, key.align_a, key.align_b, key.align_d);
+    cache_entry *slot = &ctx->cache[ctx->next_slot];
+    ctx->next_slot = (ctx->next_slot + 1) % kCacheSize;
+    slot->key = key;
+    slot->algo = result.algo;
+    slot->used = 1;
+    *algo = result.algo;
+    return 0;
+}
+
+int gemm(mb_cuda_matmul *ctx, const gemm_args &g, cudaStream_t stream, mb_error *err) {
+    lt_descriptors d;
+    if (build_descriptors(&d, g, err) != 0) return -1;
+    cublasLtMatmulAlgo_t algo;
+    if (choose_algo(ctx, g, d, &algo, err) != 0) return -1;
+    const float alpha = 1.0f, beta = g.beta;
+    const void *c = g.beta != 0.0f ? g.C : g.D;
+    MB_CUBLAS_CHECK(err, cublasLtMatmul(ctx->handle, d.op, &alpha, g.A, d.a, g.B, d.b, &beta, c, d.c, g.D, d.c, &algo,
+                                        ctx->workspace, kWorkspaceBytes, stream));
+    return 0;
+}
+
+struct bias_grad_term {
+    const mb::bf16 *dy;
+    int cols;
+    __device__ void operator()(int row, int col, float &sum, float &) const {
+        sum += mb::to_float(dy[(size_t)row * cols + col]);
+    }
+};
+
+}  // namespace
+
+extern "C" int mb_cuda_matmul_create(mb_cuda_matmul **out, mb_error *err) {
+    *out = nullptr;
+    mb_cuda_matmul *ctx = static_cast<mb_cuda_matmul *>(calloc(1, sizeof(mb_cuda_matmul)));
+    if (ctx == nullptr) return mb_fail(err, "out of memory for the matmul context");
+    cublasStatus_t status = cublasLtCreate(&ctx->handle);
+    if (status != CUBLAS_STATUS_SUCCESS) {
+        free(ctx);
+        return mb_fail(err, "cublasLtCreate: %s", cublasGetStatusString(status));
+    }
+    cudaError_t alloc = cudaMalloc(&ctx->workspace, kWorkspaceBytes);
+    if (alloc != cudaSuccess) {
+        cublasLtDestroy(ctx->handle);
+        free(ctx);
+        return mb_fail(err, "cudaMalloc of the %zu-byte cuBLASLt workspace: %s", kWorkspaceBytes,
+                       cudaGetErrorString(alloc));
+    }
+    *out = ctx;
+    return 0;
+}
+
+extern "C" void mb_cuda_matmul_destroy(mb_cuda_matmul *ctx) {
+    if (ctx == nullptr) return;
+    cudaFree(ctx->workspace);
+    cublasLtDestroy(ctx->handle);
+    free(ctx);
+}
+
+extern "C" int mb_cuda_linear_forward(mb_cuda_matmul *ctx, mb_bf16 *y, const mb_bf16 *x, const mb_bf16 *weight,
+                                      const mb_bf16 *bias, const mb_bf16 *residual, int n, int in, int out,
+                                      cudaStream_t stream, mb_error *err) {
+    MB_REQUIRE(err, ctx != nullptr && y != nullptr && x != nullptr && weight != nullptr,
+               "linear_forward: missing context, y, x or weight");
+    MB_REQUIRE(err, n >= 0 && in > 0 && out > 0, "linear_forward: bad shape n %d, in %d, out %d", n, in, out);
+    if (n == 0) return 0;
+    MB_NVTX_RANGE("linear_forward");
+    gemm_args g = {};
+    g.transa = CUBLAS_OP_T;
+    g.transb = CUBLAS_OP_N;
+    g.m = out;
+    g.n = n;
+    g.k = in;
+    g.A = reinterpret_cast<const mb::bf16 *>(weight);
+    g.lda = in;
+    g.B = reinterpret_cast<const mb::bf16 *>(x);
+    g.ldb = in;
+    g.C = residual;
+    g.D = y;
+    g.ldc = out;
+    g.c_type = CUDA_R_16BF;
+    g.beta = residual != nullptr ? 1.0f : 0.0f;
+    g.bias = reinterpret_cast<const mb::bf16 *>(bias);
+    return gemm(ctx, g, stream, err);
+}
+
+extern "C" size_t mb_cuda_linear_backward_scratch_bytes(int n, int out) {
+    return mb::column_sum_scratch_floats(n, out, 1) * sizeof(float);
+}
+
+extern "C" int mb_cuda_linear_backward(mb_cuda_matmul *ctx, mb_bf16 *dx, float *dweight, float *dbias, void *scratch,
+                                       const mb_bf16 *dy, const mb_bf16 *x, const mb_bf16 *weight, int n, int in,
+                                       int out, int accumulate_dx, cudaStream_t stream, mb_error *err) {
+    MB_REQUIRE(err, ctx != nullptr && dy != nullptr, "linear_backward: missing context or dy");
+    MB_REQUIRE(err, n >= 0 && in > 0 && out > 0, "linear_backward: bad shape n %d, in %d, out %d", n, in, out);
+    MB_REQUIRE(err, dx == nullptr || weight != nullptr, "linear_backward: dx needs the weight");
+    MB_REQUIRE(err, dweight == nullptr || x != nullptr, "linear_backward: dweight needs x");
+    MB_REQUIRE(err, dbias == nullptr || scratch != nullptr, "linear_backward: dbias needs scratch");
+    if (n == 0) return 0;
+    MB_NVTX_RANGE("linear_backward");
+    if (dx != nullptr) {
+        gemm_args g = {};
+        g.transa = CUBLAS_OP_N;
+        g.transb = CUBLAS_OP_N;
+        g.m = in;
+        g.n = n;
+        g.k = out;
+        g.A = reinterpret_cast<const mb::bf16 *>(weight);
+        g.lda = in;
+        g.B = reinterpret_cast<const mb::bf16 *>(dy);
+        g.ldb = out;
+        g.C = dx;
+        g.D = dx;
+        g.ldc = in;
+        g.c_type = CUDA_R_16BF;
+        g.beta = accumulate_dx ? 1.0f : 0.0f;
+        if (gemm(ctx, g, stream, err) != 0) return mb_fail_context(err, "linear_backward dx");
+    }
+    if (dweight != nullptr) {
+        gemm_args g = {};
+        g.transa = CUBLAS_OP_N;
+        g.transb = CUBLAS_OP_T;
+        g.m = in;
+        g.n = out;
+        g.k = n;
+        g.A = reinterpret_cast<const mb::bf16 *>(x);
+        g.lda = in;
+        g.B = reinterpret_cast<const mb::bf16 *>(dy);
+        g.ldb = out;
+        g.C = dweight;
+        g.D = dweight;
+        g.ldc = in;
+        g.c_type = CUDA_R_32F;
+        g.beta = 1.0f;
+        if (gemm(ctx, g, stream, err) != 0) return mb_fail_context(err, "linear_backward dweight");
+    }
+    if (dbias != nullptr) {
+        bias_grad_term term = {reinterpret_cast<const mb::bf16 *>(dy), out};
+        return mb::column_sums<1>(dbias, nullptr, static_cast<float *>(scratch), term, n, out, stream, err);
+    }
+    return 0;
+}

@@ -1,0 +1,184 @@
+/* The CUDA op kernels, callable from C. Each launcher mirrors the CPU reference op of the same name in src/cpu/ops.h
+ * (same argument order and meaning; the math is stated at the top of each cuda/<family>.cu and in the CPU file) and
+ * is tested against it in tests/gpu/test_gpu_ops.c.
+ *
+ * Conventions
+ *   - Every pointer is DEVICE memory unless the comment says host. Rows are tokens, row-major, as on the CPU.
+ *   - Precision: activations and GEMM operands are bf16 (mb_bf16 holds the raw bits); LayerNorm statistics, softmax,
+ *     lse, losses and all reductions are fp32 (double where a sum must stay exact over a whole batch); parameter
+ *     gradients, master weights and optimizer state are fp32. LayerNorm weights are read in fp32 (the master copy),
+ *     Linear weights and biases in bf16 (the bf16 copy the optimizer refreshes).
+ *   - Backward launchers ACCUMULATE (+=) into fp32 parameter gradients and WRITE input gradients unless their
+ *     `accumulate_dx` flag says to add, exactly as the CPU ops.
+ *   - Work is queued on `stream` and nothing synchronizes with the host: there are no host round trips. A launcher
+ *     returns 0, or -1 with a message in err for bad arguments or a failed launch (an asynchronous fault inside a
+ *     kernel shows up at a later check or synchronization).
+ *   - Deterministic: every reduction runs in an order fixed by the shapes (no floating-point atomics), so two runs
+ *     on the same GPU model give bit-identical results (tested for the embedding and attention backward).
+ *   - Launchers that need temporary device memory take a `scratch`/`workspace` pointer sized by the matching
+ *     *_bytes function, so the training loop allocates nothing. */
+#ifndef MB_CUDA_OPS_H
+#define MB_CUDA_OPS_H
+
+#include <cuda_runtime_api.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "common/error.h"
+#include "model/config.h"
+#include "train/stableadamw.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* bf16 as raw bits (the layout of __nv_bfloat16). */
+typedef uint16_t mb_bf16;
+
+/* Host conversions: round to nearest even, NaN stays NaN. */
+static inline mb_bf16 mb_bf16_from_float(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (mb_bf16)((bits >> 16) | 0x0040u);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (mb_bf16)(bits >> 16);
+}
+
+static inline float mb_bf16_to_float(mb_bf16 value) {
+    uint32_t bits = (uint32_t)value << 16;
+    float result;
+    memcpy(&result, &bits, sizeof result);
+    return result;
+}
+
+/* ---- matmul.cu: Linear layers through cuBLASLt (bf16 operands, fp32 accumulation) ---- */
+
+/* Holds the cuBLASLt handle, a 32 MiB workspace and a cache of chosen algorithms. One per device and stream. */
+typedef struct mb_cuda_matmul mb_cuda_matmul;
+int mb_cuda_matmul_create(mb_cuda_matmul **matmul, mb_error *err);
+void mb_cuda_matmul_destroy(mb_cuda_matmul *matmul);
+
+/* y[n, out] = x[n, in] · W[out, in]^T (+ bias[out]) (+ residual[n, out]). bias and residual may be NULL;
+ * residual may equal y (adds the product into y: the residual stream update). */
+int mb_cuda_linear_forward(mb_cuda_matmul *matmul, mb_bf16 *y, const mb_bf16 *x, const mb_bf16 *weight,
+                           const mb_bf16 *bias, const mb_bf16 *residual, int n, int in, int out, cudaStream_t stream,
+                           mb_error *err);
+/* dx[n, in] = dy · W (written, or added when accumulate_dx); dW[out, in] += dy^T · x (fp32);
+ * db[out] += Σ_rows dy (fp32, fixed order). dx, dweight, dbias may each be NULL. scratch: at least
+ * mb_cuda_linear_backward_scratch_bytes(n, out) bytes (used only for dbias). */
+size_t mb_cuda_linear_backward_scratch_bytes(int n, int out);
+int mb_cuda_linear_backward(mb_cuda_matmul *matmul, mb_bf16 *dx, float *dweight, float *dbias, void *scratch,
+                            const mb_bf16 *dy, const mb_bf16 *x, const mb_bf16 *weight, int n, int in, int out,
+                            int accumulate_dx, cudaStream_t stream, mb_error *err);
+
+/* ---- layernorm.cu ---- */
+
+/* y = (x − μ)·rstd ⊙ w (+ b), statistics in fp32, mean/rstd saved per row. bias may be NULL. */
+int mb_cuda_layernorm_forward(mb_bf16 *y, float *mean, float *rstd, const mb_bf16 *x, const float *weight,
+                              const float *bias, int n, int h, float eps, cudaStream_t stream, mb_error *err);
+/* dx written (or added when accumulate_dx; dx may alias dy when not accumulating); dw += Σ dy ⊙ x̂, db += Σ dy.
+ * dx, dweight, dbias may each be NULL. scratch: mb_cuda_layernorm_backward_scratch_bytes(n, h) bytes. */
+size_t mb_cuda_layernorm_backward_scratch_bytes(int n, int h);
+int mb_cuda_layernorm_backward(mb_bf16 *dx, float *dweight, float *dbias, void *scratch, const mb_bf16 *dy,
+                               const mb_bf16 *x, const float *mean, const float *rstd, const float *weight, int n,
+                               int h, int accumulate_dx, cudaStream_t stream, mb_error *err);
+
+/* ---- embedding.cu ---- */
+
+/* out[i, :] = table[ids[i], :]. Also gathers rows of any [rows, h] matrix (e.g. the labelled tokens of the MLM head). */
+int mb_cuda_embedding_forward(mb_bf16 *out, const int32_t *ids, const mb_bf16 *table, int n, int h,
+                              cudaStream_t stream, mb_error *err);
+/* dtable[ids[i], :] += dout[i, :] for every token whose id is not pad_id (-1: skip nothing), ids in [0, vocab).
+ * Deterministic: tokens are stably sorted by id, and each id's rows are summed in token order by one block.
+ * scratch: the byte count from mb_cuda_embedding_backward_scratch_bytes (asks the device, hence the error). */
+int mb_cuda_embedding_backward_scratch_bytes(size_t *bytes, int n, int vocab, mb_error *err);
+int mb_cuda_embedding_backward(float *dtable, void *scratch, size_t scratch_bytes, const mb_bf16 *dout,
+                               const int32_t *ids, int n, int h, int vocab, int pad_id, cudaStream_t stream,
+                               mb_error *err);
+
+/* ---- rope.cu ---- */
+
+/* positions[i] = i − cu_seqlens[s] for the sequence s holding token i (n = cu_seqlens[num_seqs]). */
+int mb_cuda_positions(int32_t *positions, const int32_t *cu_seqlens, int num_seqs, int n, cudaStream_t stream,
+                      mb_error *err);
+/* Rotate-half RoPE on the Q and K blocks of qkv [n, 3·heads·head_dim], in place; direction +1 forward, −1 for the
+ * backward of dQ and dK. */
+int mb_cuda_rope(mb_bf16 *qkv, const int32_t *positions, int n, int heads, int head_dim, double theta, int direction,
+                 cudaStream_t stream, mb_error *err);
+
+/* ---- attention.cu: packed variable-length attention, tensor cores (mma.sync bf16, fp32 softmax) ----
+ * qkv [n, 3H] (Q | K | V, heads contiguous, H = heads·head_dim), out [n, H], lse [n, heads] (natural log).
+ * window < 0: each query sees its whole sequence; else keys with |i − j| <= window. head_dim 32, 64 or 128.
+ * cu_seqlens has num_seqs + 1 entries on the device, n = cu_seqlens[num_seqs], sequences of any length >= 1.
+ * workspace: mb_cuda_attention_workspace_bytes(n, num_seqs, heads) bytes, shared by forward and backward
+ * (not preserved between calls). */
+size_t mb_cuda_attention_workspace_bytes(int n, int num_seqs, int heads);
+int mb_cuda_attention_forward(mb_bf16 *out, float *lse, void *workspace, const mb_bf16 *qkv, const int32_t *cu_seqlens,
+                              int num_seqs, int n, int heads, int head_dim, int window, cudaStream_t stream,
+                              mb_error *err);
+/* dqkv [n, 3H] is written completely (no memset needed); deterministic (no atomics: dK/dV and dQ are computed by
+ * separate passes that each own their outputs). */
+int mb_cuda_attention_backward(mb_bf16 *dqkv, void *workspace, const mb_bf16 *dout, const mb_bf16 *out,
+                               const float *lse, const mb_bf16 *qkv, const int32_t *cu_seqlens, int num_seqs, int n,
+                               int heads, int head_dim, int window, cudaStream_t stream, mb_error *err);
+
+/* ---- activation.cu ---- */
+
+int mb_cuda_activation_forward(mb_bf16 *y, const mb_bf16 *x, size_t count, mb_activation activation,
+                               cudaStream_t stream, mb_error *err);
+int mb_cuda_activation_backward(mb_bf16 *dx, const mb_bf16 *dy, const mb_bf16 *x, size_t count,
+                                mb_activation activation, cudaStream_t stream, mb_error *err);
+/* GLU: u = [a | g] per row (2·inner columns), y = act(a) ⊙ g; the backward writes du in the same [a | g] layout
+ * (du may alias u). */
+int mb_cuda_glu_forward(mb_bf16 *y, const mb_bf16 *u, int n, int inner, mb_activation activation, cudaStream_t stream,
+                        mb_error *err);
+int mb_cuda_glu_backward(mb_bf16 *du, const mb_bf16 *dy, const mb_bf16 *u, int n, int inner, mb_activation activation,
+                         cudaStream_t stream, mb_error *err);
+
+/* ---- loss.cu ---- */
+
+/* Fused softmax cross-entropy over bf16 logits [rows, classes] (fp32 inside, one block per row, nothing fp32 of the
+ * whole logits is stored): row_loss[r] = logsumexp(z_r) − z_r[t_r] (0 for a negative target, which is ignored);
+ * when write_dlogits, the logits are replaced in place by (softmax(z_r) − onehot(t_r))·grad_scale (zeros for an
+ * ignored row). */
+int mb_cuda_cross_entropy(mb_bf16 *logits_to_dlogits, float *row_loss, const int32_t *targets, int rows, int classes,
+                          float grad_scale, int write_dlogits, cudaStream_t stream, mb_error *err);
+/* row_loss[r] = (p_r − t_r)²; dpredictions (may be NULL, may alias predictions) = 2(p − t)·grad_scale. */
+int mb_cuda_mse(mb_bf16 *dpredictions, float *row_loss, const mb_bf16 *predictions, const float *targets, int rows,
+                float grad_scale, cudaStream_t stream, mb_error *err);
+/* *total (one device double) = Σ values in a fixed order (one block): the loss sum of the batch. */
+int mb_cuda_sum(double *total, const float *values, int count, cudaStream_t stream, mb_error *err);
+
+/* ---- optimizer.cu: StableAdamW (spec §5.3, train/stableadamw.h) over many tensors at once ---- */
+
+typedef struct mb_cuda_adamw_tensor {
+    float *param;        /* fp32 master weights */
+    const float *grad;   /* fp32 gradient (not modified) */
+    float *m, *v;        /* fp32 moments, zero before step 1 */
+    mb_bf16 *param_bf16; /* refreshed bf16 copy for the GEMMs (round to nearest); may be NULL */
+    size_t numel;
+    int decay;           /* apply weight decay (mb_param_decays) */
+} mb_cuda_adamw_tensor;
+
+/* Copies the tensor table (host array of device pointers) to the device once and allocates the per-chunk partial
+ * sums; the pointers must stay valid while the optimizer lives. */
+typedef struct mb_cuda_adamw mb_cuda_adamw;
+int mb_cuda_adamw_create(mb_cuda_adamw **adamw, const mb_cuda_adamw_tensor *tensors, int count, mb_error *err);
+void mb_cuda_adamw_destroy(mb_cuda_adamw *adamw);
+/* One step t = ++opt->step with learning rate lr, hyperparameters from *opt (host struct of train/stableadamw.h),
+ * same operation order as mb_stableadamw_step. Per-tensor RMS and η are computed on the device (no host round trip).
+ * Gradients must be finite (check mb_cuda_grad_norm first). */
+int mb_cuda_adamw_step(mb_cuda_adamw *adamw, mb_stableadamw *opt, double lr, cudaStream_t stream, mb_error *err);
+/* Device array [count] of the last step's per-tensor RMS (> 1: that tensor's update was clipped). */
+const double *mb_cuda_adamw_rms(const mb_cuda_adamw *adamw);
+/* *norm (one device double) = sqrt(Σ g²) over all tensors' gradients, summed in a fixed order. */
+int mb_cuda_grad_norm(mb_cuda_adamw *adamw, double *norm, cudaStream_t stream, mb_error *err);
+/* dst = bf16(src), round to nearest even (e.g. the first bf16 copy of freshly loaded master weights). */
+int mb_cuda_to_bf16(mb_bf16 *dst, const float *src, size_t count, cudaStream_t stream, mb_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

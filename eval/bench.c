@@ -1,0 +1,160 @@
+/* modernbert bench: throughput figures. `bench train` times training steps of a model on random packed batches
+ * through the backend boundary; `bench data` and `bench tokenize` time the data pipeline. Timing lives here, never
+ * in tests. */
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "../tools/bench_data.h"
+#include "../tools/commands.h"
+#include "common/rng.h"
+#include "model/backend.h"
+#include "model/model.h"
+
+typedef struct train_bench_options {
+    const char *model;
+    const char *backend;
+    int seq_len;
+    int micro_tokens;
+    int steps;
+    int warmup;
+} train_bench_options;
+
+static double seconds_now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* Model FLOPs per token (docs/performance.md): 6·L·(H·3H + H·H + H·2I + I·H) + attention 12·H·keys per layer
+ * + MLM head 6·(H·H + H·V) on the labelled 30%. */
+static double flops_per_token(const mb_config *c, int seq_len) {
+    double H = c->hidden_size, I = c->intermediate_size, V = c->vocab_size;
+    double matmuls = 6.0 * c->num_hidden_layers * (H * 3 * H + H * H + H * 2 * I + I * H);
+    double attention = 0.0;
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        int window = mb_layer_window(c, l);
+        double keys = window < 0 ? seq_len : (2.0 * window + 1 < seq_len ? 2.0 * window + 1 : seq_len);
+        attention += 12.0 * H * keys;
+    }
+    return matmuls + attention + 6.0 * (H * H + H * V) * 0.3;
+}
+
+static void make_batch(mb_rng *rng, const mb_config *c, int seq_len, int tokens, int32_t *ids, int32_t *labels,
+                       int32_t *cu, int *sequences) {
+    int count = 0;
+    cu[0] = 0;
+    while (cu[count] < tokens) {
+        int length = tokens - cu[count] < seq_len ? tokens - cu[count] : seq_len;
+        cu[count + 1] = cu[count] + length;
+        count++;
+    }
+    for (int i = 0; i < tokens; i++) {
+        ids[i] = (int32_t)mb_rng_below(rng, (uint64_t)c->vocab_size);
+        labels[i] = mb_rng_uniform(rng) < 0.3 ? ids[i] : -100;
+    }
+    *sequences = count;
+}
+
+static int run_train_bench(const train_bench_options *o) {
+    mb_config config;
+    mb_error err = {{0}};
+    if (mb_config_preset(&config, o->model, &err) != 0) {
+        fprintf(stderr, "modernbert bench: %s\n", err.message);
+        return 2;
+    }
+    mb_backend *backend;
+    if (mb_backend_create(&backend, o->backend, &config, &err) != 0) {
+        fprintf(stderr, "modernbert bench: %s\n", err.message);
+        return 1;
+    }
+    mb_model host;
+    mb_model_create(&host, &config, &err);
+    mb_params_init(&host.table, &config, host.params, 1);
+    backend->ops->write_params(backend, host.params, &err);
+    int32_t *ids = malloc((size_t)o->micro_tokens * sizeof(int32_t));
+    int32_t *labels = malloc((size_t)o->micro_tokens * sizeof(int32_t));
+    int32_t *cu = malloc(((size_t)o->micro_tokens + 2) * sizeof(int32_t));
+    mb_rng rng;
+    mb_rng_seed(&rng, 3);
+    mb_stableadamw adamw;
+    mb_stableadamw_init(&adamw, 1e-4, 1e-5);
+    double total = 0.0;
+    int rc = 0;
+    for (int step = 0; rc == 0 && step < o->warmup + o->steps; step++) {
+        int sequences;
+        make_batch(&rng, &config, o->seq_len, o->micro_tokens, ids, labels, cu, &sequences);
+        mb_batch batch = {o->micro_tokens, sequences, ids, cu, labels, NULL};
+        mb_forward_result result;
+        double start = seconds_now();
+        rc = backend->ops->zero_grads(backend, &err);
+        if (rc == 0) rc = backend->ops->forward(backend, &batch, &result, &err);
+        if (rc == 0) rc = backend->ops->backward(backend, (float)(1.0 / result.loss_count), &err);
+        if (rc == 0) rc = backend->ops->optimizer_step(backend, &adamw, 1e-4, &err);
+        if (step >= o->warmup) total += seconds_now() - start;
+    }
+    if (rc != 0) {
+        fprintf(stderr, "modernbert bench: %s\n", err.message);
+    } else {
+        double step_time = total / o->steps, tokens_per_second = o->micro_tokens / step_time;
+        char memory[256];
+        backend->ops->memory_report(backend, memory, sizeof memory);
+        printf("bench train: model %s, backend %s, seq_len %d, %d tokens per step\n", o->model, backend->ops->name,
+               o->seq_len, o->micro_tokens);
+        printf("  step time %.3f s | %.0f tokens/s | %.2f TFLOP/s model FLOPs (%.3g GFLOP/token) | %s\n", step_time,
+               tokens_per_second, tokens_per_second * flops_per_token(&config, o->seq_len) * 1e-12,
+               flops_per_token(&config, o->seq_len) * 1e-9, memory);
+    }
+    free(ids);
+    free(labels);
+    free(cu);
+    mb_model_free(&host);
+    mb_backend_destroy(backend);
+    return rc == 0 ? 0 : 1;
+}
+
+static int bench_train(int argc, char **argv) {
+    static const struct option long_options[] = {
+        {"model", required_argument, NULL, 'm'}, {"backend", required_argument, NULL, 'b'},
+        {"seq", required_argument, NULL, 's'},   {"tokens", required_argument, NULL, 't'},
+        {"steps", required_argument, NULL, 'n'}, {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    train_bench_options o = {"tiny", "auto", 1024, 8192, 5, 1};
+    optind = 1;
+    int c;
+    while ((c = getopt_long(argc, argv, "", long_options, NULL)) != -1) {
+        switch (c) {
+        case 'm': o.model = optarg; break;
+        case 'b': o.backend = optarg; break;
+        case 's': o.seq_len = atoi(optarg); break;
+        case 't': o.micro_tokens = atoi(optarg); break;
+        case 'n': o.steps = atoi(optarg); break;
+        case 'h':
+            printf("usage: modernbert bench train [--model tiny|base|large] [--backend auto|cpu|cuda] [--seq N]\n"
+                   "                              [--tokens N] [--steps N]\n"
+                   "Times forward + backward + optimizer steps on random packed batches of --tokens tokens made of\n"
+                   "--seq-token documents, and prints the step time, tokens/s and model TFLOP/s (FLOP convention of\n"
+                   "docs/performance.md).\n");
+            return 0;
+        default: return 2;
+        }
+    }
+    if (o.seq_len < 1 || o.micro_tokens < o.seq_len || o.steps < 1) {
+        fprintf(stderr, "modernbert bench train: need --seq >= 1, --tokens >= --seq, --steps >= 1\n");
+        return 2;
+    }
+    return run_train_bench(&o);
+}
+
+int mb_cmd_bench(int argc, char **argv) {
+    if (argc < 2 || strcmp(argv[1], "--help") == 0) {
+        printf("usage: modernbert bench train|data|tokenize [options]   (each with --help)\n");
+        return argc < 2 ? 2 : 0;
+    }
+    if (strcmp(argv[1], "train") == 0) return bench_train(argc - 1, argv + 1);
+    if (strcmp(argv[1], "data") == 0) return mb_bench_data(argc - 1, argv + 1);
+    fprintf(stderr, "modernbert bench: unknown benchmark '%s' (train, data, tokenize)\n", argv[1]);
+    return 2;
+}

@@ -1,0 +1,58 @@
+/* The backend boundary (the "ops interface"): a backend implements the whole ModernBERT training step.
+ *
+ * Code above this line (trainer, fine-tuning, check, eval) never knows which backend runs: it hands packed batches
+ * in, reads losses back, asks for an optimizer step, and moves parameters and optimizer state in and out as fp32
+ * host arenas laid out by the parameter table (model/params.h). Inside, a backend is free to fuse and to keep its
+ * own precision (the CPU backend is plain fp32; the CUDA backend keeps bf16 copies, fp32 masters and fp32 grads). */
+#ifndef MB_BACKEND_H
+#define MB_BACKEND_H
+
+#include <stddef.h>
+
+#include "common/error.h"
+#include "cpu/model_cpu.h"
+#include "model/batch.h"
+#include "model/config.h"
+#include "model/params.h"
+#include "train/stableadamw.h"
+
+typedef struct mb_backend mb_backend;
+
+typedef struct mb_backend_ops {
+    const char *name;
+    void (*destroy)(mb_backend *backend);
+    /* Runs the forward pass; the result's loss_sum/loss_count and logits stay valid until the next call. */
+    int (*forward)(mb_backend *backend, const mb_batch *batch, mb_forward_result *result, mb_error *err);
+    /* Accumulates grad_scale · d(loss_sum)/dθ into the gradients (call after forward on the same batch). */
+    int (*backward)(mb_backend *backend, float grad_scale, mb_error *err);
+    int (*zero_grads)(mb_backend *backend, mb_error *err);
+    /* Global L2 norm of the accumulated gradients (NaN/Inf when any gradient is not finite). */
+    int (*grad_norm)(mb_backend *backend, double *norm, mb_error *err);
+    /* One StableAdamW step with learning rate lr; opt->step advances. */
+    int (*optimizer_step)(mb_backend *backend, mb_stableadamw *opt, double lr, mb_error *err);
+    /* fp32 host arenas of table.total_numel floats. */
+    int (*read_params)(mb_backend *backend, float *host, mb_error *err);
+    int (*write_params)(mb_backend *backend, const float *host, mb_error *err);
+    int (*read_grads)(mb_backend *backend, float *host, mb_error *err);
+    int (*read_optimizer_state)(mb_backend *backend, float *m, float *v, mb_error *err);
+    int (*write_optimizer_state)(mb_backend *backend, const float *m, const float *v, mb_error *err);
+    /* Phase changes: new RoPE thetas for the global and the sliding-window layers. */
+    int (*set_rope_theta)(mb_backend *backend, double global_theta, double local_theta, mb_error *err);
+    /* One line: what memory the backend holds. */
+    void (*memory_report)(mb_backend *backend, char *out, size_t size);
+} mb_backend_ops;
+
+struct mb_backend {
+    const mb_backend_ops *ops;
+    mb_config config;
+    mb_param_table table;
+    void *impl;
+};
+
+/* The CPU fp32 reference backend. Parameters start at zero: write_params or init them. */
+int mb_backend_create_cpu(mb_backend **backend, const mb_config *config, mb_error *err);
+/* Creates the backend named "cpu", "cuda" or "auto" (cuda when a GPU is usable and the CUDA backend is built). */
+int mb_backend_create(mb_backend **backend, const char *name, const mb_config *config, mb_error *err);
+void mb_backend_destroy(mb_backend *backend);
+
+#endif
