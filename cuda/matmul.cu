@@ -10,7 +10,9 @@
  *   dx^T[in, n]  = W_cm · dy_cm         (A = W stored [in, out], op N; B = dy stored [out, n], op N)
  *   dW^T[in, out] = x_cm · dy_cm^T      (A = x stored [in, n], op N;  B = dy stored [out, n], op T)
  * The heuristic's choice is cached per (shape, types, epilogue, pointer alignment), so repeated calls skip the query;
- * for a fixed choice cuBLASLt is bit-reproducible on a given GPU model. */
+ * for a fixed choice cuBLASLt is bit-reproducible on a given GPU model. Shapes for which cuBLASLt offers no
+ * algorithm (possible for tiny odd widths such as a 1- or 3-label classifier) run through a plain one-thread-per-
+ * output kernel with the same semantics. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -34,6 +36,7 @@ struct cache_entry {
     gemm_key key;
     cublasLtMatmulAlgo_t algo;
     int used;
+    int fallback; /* cuBLASLt offered no algorithm: use simple_gemm_kernel */
 };
 
 }  // namespace
@@ -42,7 +45,8 @@ struct mb_cuda_matmul {
     cublasLtHandle_t handle;
     void *workspace;
     cache_entry cache[kCacheSize];
-    int next_slot; /* round-robin eviction */
+    int next_slot;      /* round-robin eviction */
+    int force_fallback; /* tests: every GEMM through simple_gemm_kernel */
 };
 
 namespace {
@@ -127,11 +131,12 @@ gemm_key make_key(const gemm_args &g) {
 }
 
 int choose_algo(mb_cuda_matmul *ctx, const gemm_args &g, const lt_descriptors &d, cublasLtMatmulAlgo_t *algo,
-                mb_error *err) {
+                bool *fallback, mb_error *err) {
     gemm_key key = make_key(g);
     for (int i = 0; i < kCacheSize; i++)
         if (ctx->cache[i].used && same_key(ctx->cache[i].key, key)) {
             *algo = ctx->cache[i].algo;
+            *fallback = ctx->cache[i].fallback != 0;
             return 0;
         }
     cublasLtMatmulPreference_t preference;
@@ -152,18 +157,59 @@ int choose_algo(mb_cuda_matmul *ctx, const gemm_args &g, const lt_descriptors &d
     if (status == CUBLAS_STATUS_SUCCESS)
         status = cublasLtMatmulAlgoGetHeuristic(ctx->handle, d.op, d.a, d.b, d.c, d.c, preference, 1, &result, &found);
     cublasLtMatmulPreferenceDestroy(preference);
-    if (status != CUBLAS_STATUS_SUCCESS)
+    if (status != CUBLAS_STATUS_SUCCESS && status != CUBLAS_STATUS_NOT_SUPPORTED)
         return mb_fail(err, "cublasLtMatmulAlgoGetHeuristic (m %d, n %d, k %d): %s", g.m, g.n, g.k,
                        cublasGetStatusString(status));
-    if (found == 0)
-        return mb_fail(err, "cuBLASLt has no algorithm for m %d, n %d, k %d (lda %d, ldb %d, ldc %d, alignment %d/%d/%d)",
-                       g.m, g.n, g.k, g.lda, g.ldb, g.ldc, key.align_a, key.align_b, key.align_d);
+    *fallback = status == CUBLAS_STATUS_NOT_SUPPORTED || found == 0;
+    if (!*fallback) *algo = result.algo;
     cache_entry *slot = &ctx->cache[ctx->next_slot];
     ctx->next_slot = (ctx->next_slot + 1) % kCacheSize;
     slot->key = key;
-    slot->algo = result.algo;
+    slot->algo = *fallback ? cublasLtMatmulAlgo_t{} : result.algo;
+    slot->fallback = *fallback;
     slot->used = 1;
-    *algo = result.algo;
+    return 0;
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float value);
+template <>
+__device__ __forceinline__ float from_float<float>(float value) { return value; }
+template <>
+__device__ __forceinline__ mb::bf16 from_float<mb::bf16>(float value) { return mb::to_bf16(value); }
+
+/* D[i, j] = Σ_p op(A)[i, p]·op(B)[p, j] (+ bias[i]) (+ beta·C[i, j]), column-major, one thread per output. */
+template <typename OutT>
+__global__ void simple_gemm_kernel(OutT *D, const OutT *C, const mb::bf16 *A, const mb::bf16 *B,
+                                   const mb::bf16 *bias, int m, int n, int k, int lda, int ldb, int ldc, int a_transposed,
+                                   int b_transposed, float beta) {
+    size_t index = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (index >= (size_t)m * n) return;
+    int i = (int)(index % m), j = (int)(index / m);
+    float sum = 0.0f;
+    for (int p = 0; p < k; p++) {
+        float a = mb::to_float(a_transposed ? A[p + (size_t)i * lda] : A[i + (size_t)p * lda]);
+        float b = mb::to_float(b_transposed ? B[j + (size_t)p * ldb] : B[p + (size_t)j * ldb]);
+        sum += a * b;
+    }
+    if (bias != nullptr) sum += mb::to_float(bias[i]);
+    if (beta != 0.0f) sum += beta * mb::to_float(C[i + (size_t)j * ldc]);
+    D[i + (size_t)j * ldc] = from_float<OutT>(sum);
+}
+
+int gemm_fallback(const gemm_args &g, cudaStream_t stream, mb_error *err) {
+    size_t outputs = (size_t)g.m * g.n;
+    unsigned blocks = (unsigned)mb::ceil_div(outputs, (size_t)256);
+    int a_t = g.transa == CUBLAS_OP_T, b_t = g.transb == CUBLAS_OP_T;
+    if (g.c_type == CUDA_R_32F)
+        simple_gemm_kernel<<<blocks, 256, 0, stream>>>(static_cast<float *>(g.D), static_cast<const float *>(g.C), g.A,
+                                                       g.B, g.bias, g.m, g.n, g.k, g.lda, g.ldb, g.ldc, a_t, b_t,
+                                                       g.beta);
+    else
+        simple_gemm_kernel<<<blocks, 256, 0, stream>>>(static_cast<mb::bf16 *>(g.D),
+                                                       static_cast<const mb::bf16 *>(g.C), g.A, g.B, g.bias, g.m, g.n,
+                                                       g.k, g.lda, g.ldb, g.ldc, a_t, b_t, g.beta);
+    MB_CUDA_CHECK_LAUNCH(err, "simple_gemm_kernel");
     return 0;
 }
 
@@ -171,7 +217,9 @@ int gemm(mb_cuda_matmul *ctx, const gemm_args &g, cudaStream_t stream, mb_error 
     lt_descriptors d;
     if (build_descriptors(&d, g, err) != 0) return -1;
     cublasLtMatmulAlgo_t algo;
-    if (choose_algo(ctx, g, d, &algo, err) != 0) return -1;
+    bool fallback = false;
+    if (!ctx->force_fallback && choose_algo(ctx, g, d, &algo, &fallback, err) != 0) return -1;
+    if (fallback || ctx->force_fallback) return gemm_fallback(g, stream, err);
     const float alpha = 1.0f, beta = g.beta;
     const void *c = g.beta != 0.0f ? g.C : g.D;
     MB_CUBLAS_CHECK(err, cublasLtMatmul(ctx->handle, d.op, &alpha, g.A, d.a, g.B, d.b, &beta, c, d.c, g.D, d.c, &algo,
@@ -215,6 +263,8 @@ extern "C" void mb_cuda_matmul_destroy(mb_cuda_matmul *ctx) {
     cublasLtDestroy(ctx->handle);
     free(ctx);
 }
+
+extern "C" void mb_cuda_matmul_force_fallback(mb_cuda_matmul *ctx, int on) { ctx->force_fallback = on != 0; }
 
 extern "C" int mb_cuda_linear_forward(mb_cuda_matmul *ctx, mb_bf16 *y, const mb_bf16 *x, const mb_bf16 *weight,
                                       const mb_bf16 *bias, const mb_bf16 *residual, int n, int in, int out,

@@ -58,6 +58,9 @@ static inline float mb_bf16_to_float(mb_bf16 value) {
 typedef struct mb_cuda_matmul mb_cuda_matmul;
 int mb_cuda_matmul_create(mb_cuda_matmul **matmul, mb_error *err);
 void mb_cuda_matmul_destroy(mb_cuda_matmul *matmul);
+/* For tests: on != 0 sends every GEMM through the simple fallback kernel that also serves shapes cuBLASLt has no
+ * algorithm for, so both paths are checked against the CPU. */
+void mb_cuda_matmul_force_fallback(mb_cuda_matmul *matmul, int on);
 
 /* y[n, out] = x[n, in] · W[out, in]^T (+ bias[out]) (+ residual[n, out]). bias and residual may be NULL;
  * residual may equal y (adds the product into y: the residual stream update). */
@@ -139,7 +142,8 @@ int mb_cuda_glu_backward(mb_bf16 *du, const mb_bf16 *dy, const mb_bf16 *u, int n
 /* ---- loss.cu ---- */
 
 /* Fused softmax cross-entropy over bf16 logits [rows, classes] (fp32 inside, one block per row, nothing fp32 of the
- * whole logits is stored): row_loss[r] = logsumexp(z_r) − z_r[t_r] (0 for a negative target, which is ignored);
+ * whole logits is stored): row_loss[r] = logsumexp(z_r) − z_r[t_r] (0 for a negative target such as -100, which is
+ * ignored; a target >= classes is treated the same rather than read out of bounds);
  * when write_dlogits, the logits are replaced in place by (softmax(z_r) − onehot(t_r))·grad_scale (zeros for an
  * ignored row). */
 int mb_cuda_cross_entropy(mb_bf16 *logits_to_dlogits, float *row_loss, const int32_t *targets, int rows, int classes,

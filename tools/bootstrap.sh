@@ -2,6 +2,7 @@
 # Set up a fresh Debian machine, build modernbert.c, and run either the main job or the whole test suite.
 #
 #   tools/bootstrap.sh main    install what is missing, build, pretrain the tiny demo model on the embedded corpus
+#                              (runs/tiny-demo: checkpoints, metrics.jsonl, loss.png)
 #   tools/bootstrap.sh test    install what is missing, build (with CUDA when nvcc exists), run every test, then
 #                              rebuild with AddressSanitizer + UBSan and run the parser/corruption suites under it
 #
@@ -41,8 +42,14 @@ ninja -C build
 
 case "$mode" in
 main)
-    build/modernbert check --model tests/fixtures/hf/mlm_hd32_window_small_every2 \
-        --batch tests/fixtures/hf/mlm_hd32_window_small_every2/batch.safetensors --out /tmp/modernbert-check.safetensors
+    # the embedded corpus becomes token shards on first use (about 6M tokens, a few seconds)
+    if ! compgen -G "data/shards/train-*.mbs" >/dev/null; then
+        build/modernbert tokenize --tokenizer data/tokenizer.json --output data/shards --val-fraction 0.02 \
+            --overwrite data/corpus/*.jsonl.zst
+    fi
+    # pretrain the tiny demo model (GPU when available); a rerun continues from the newest checkpoint
+    build/modernbert pretrain configs/tiny.yaml --resume
+    build/modernbert plot runs/tiny-demo
     ;;
 test)
     status=0

@@ -13,6 +13,7 @@ typedef struct command {
 static const command commands[] = {
     {"pretrain", mb_cmd_pretrain, "pretrain a model with MLM from token shards (phases, checkpoints, resume)"},
     {"check", mb_cmd_check, "run one forward/backward of a checkpoint on a batch; write loss, logits, gradients"},
+    {"plot", mb_cmd_plot, "draw a run's loss and learning-rate curves to PNG"},
     {"bench", mb_cmd_bench, "measure training, data-loading and tokenizer throughput"},
     {"tokenize", mb_cmd_tokenize, "turn text or JSONL files into token shards"},
 };

@@ -20,7 +20,7 @@ static void on_signal(int signal_number) {
 
 static void print_help(FILE *stream) {
     fprintf(stream,
-            "usage: modernbert pretrain CONFIG.yaml [key.path=value ...] [--resume] [--max-steps N]\n"
+            "usage: modernbert pretrain CONFIG.yaml [key.path=value ...] [--resume] [--init HF_DIR] [--max-steps N]\n"
             "       modernbert pretrain --describe\n"
             "\n"
             "Pretrains a ModernBERT model with masked language modelling as CONFIG.yaml describes (phases, data,\n"
@@ -30,6 +30,7 @@ static void print_help(FILE *stream) {
             "RUN/checkpoints/step-N/ and load directly in transformers. SIGINT/SIGTERM write a checkpoint and exit 0.\n"
             "\n"
             "  --resume         continue from the newest complete checkpoint in run.output_dir\n"
+            "  --init HF_DIR    start a new run from this Hugging Face ModernBERT checkpoint (= model.init=HF_DIR)\n"
             "  --max-steps N    stop after N steps in total (writing a checkpoint), e.g. to test resumption\n"
             "  --describe       list every configuration key with its type, default and meaning\n"
             "  --help           this text\n");
@@ -39,15 +40,18 @@ int mb_cmd_pretrain(int argc, char **argv) {
     static const struct option long_options[] = {{"resume", no_argument, NULL, 'r'},
                                                  {"max-steps", required_argument, NULL, 'm'},
                                                  {"describe", no_argument, NULL, 'd'},
+                                                 {"init", required_argument, NULL, 'i'},
                                                  {"help", no_argument, NULL, 'h'},
                                                  {NULL, 0, NULL, 0}};
     mb_pretrain_options options = {0};
+    const char *init_dir = NULL;
     optind = 1;
     int c;
     while ((c = getopt_long(argc, argv, "", long_options, NULL)) != -1) {
         switch (c) {
         case 'r': options.resume = 1; break;
         case 'm': options.max_steps = strtoll(optarg, NULL, 10); break;
+        case 'i': init_dir = optarg; break;
         case 'd': mb_cfg_describe(mb_run_config_schema, stdout); return 0;
         case 'h': print_help(stdout); return 0;
         default: print_help(stderr); return 2;
@@ -58,8 +62,17 @@ int mb_cmd_pretrain(int argc, char **argv) {
         return 2;
     }
     options.config_path = argv[optind];
-    options.overrides = argv + optind + 1;
-    options.override_count = argc - optind - 1;
+    /* --init DIR is the override model.init=DIR, applied after the others */
+    int override_count = argc - optind - 1;
+    char **overrides = calloc((size_t)override_count + 1, sizeof *overrides);
+    char init_override[1200];
+    for (int i = 0; i < override_count; i++) overrides[i] = argv[optind + 1 + i];
+    if (init_dir != NULL) {
+        snprintf(init_override, sizeof init_override, "model.init=%s", init_dir);
+        overrides[override_count++] = init_override;
+    }
+    options.overrides = overrides;
+    options.override_count = override_count;
     options.stop_flag = &stop_requested_by_signal;
     mb_run_config *config = malloc(sizeof *config);
     mb_error err = {{0}};
@@ -67,6 +80,7 @@ int mb_cmd_pretrain(int argc, char **argv) {
         mb_run_config_load(config, options.config_path, options.overrides, options.override_count, &err) != 0) {
         fprintf(stderr, "modernbert pretrain: %s\n", config ? err.message : "out of memory");
         free(config);
+        free(overrides);
         return 2;
     }
     if (config->run.threads > 0) omp_set_num_threads(config->run.threads);
@@ -78,5 +92,6 @@ int mb_cmd_pretrain(int argc, char **argv) {
     int rc = mb_pretrain(config, &options, &err);
     if (rc != 0) fprintf(stderr, "modernbert pretrain: %s\n", err.message);
     free(config);
+    free(overrides);
     return rc == 0 ? 0 : 1;
 }

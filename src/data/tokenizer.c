@@ -80,6 +80,7 @@ void mb_tokenizer_free(mb_tokenizer *t) {
         for (int32_t id = 0; id < t->id_limit; id++) free(t->decoded[id]);
     free(t->decoded);
     free(t->decoded_lengths);
+    mb_tok_word_cache_free(t->cache);
     free(t->path);
     free(t);
 }
@@ -97,6 +98,8 @@ int mb_tokenizer_load(mb_tokenizer **tokenizer, const char *path, mb_error *err)
     }
     int rc = mb_tok_load_json(t, text, size, path, err);
     free(text);
+    if (rc == 0 && (t->cache = mb_tok_word_cache_new(1u << 17)) == NULL)
+        rc = mb_fail(err, "out of memory loading %s", path);
     if (rc != 0) {
         mb_tokenizer_free(t);
         return -1;
@@ -246,8 +249,14 @@ static int gpt2_words(encode_ctx *c, const char *s, size_t length, size_t next_s
 
 static int pretokenize_piece(encode_ctx *c, const char *s, size_t length) { return run_pretok(c, s, length, 0); }
 
+static bool is_ascii(const char *s, size_t length) {
+    for (size_t i = 0; i < length; i++)
+        if ((unsigned char)s[i] >= 0x80) return false;
+    return true;
+}
+
 static int normalize_piece(encode_ctx *c, const char *s, size_t length) {
-    if (c->t->normalizer == MB_TOK_NORMALIZER_NONE)
+    if (c->t->normalizer == MB_TOK_NORMALIZER_NONE || is_ascii(s, length)) /* ASCII is its own NFC */
         return split_on_added(c, &c->t->normalized_trie, s, length, pretokenize_piece);
     char *normalized;
     size_t normalized_length;

@@ -5,9 +5,11 @@
  * (leftmost on ties) is replaced by its merged token until no adjacent pair has a rank. A priority queue keyed by
  * (rank, position) holds the candidate pairs; entries made stale by an earlier merge are skipped when popped.
  * Bytes without a token become the unk token (fused into one when fuse_unk) or vanish when there is no unk token,
- * as models/bpe/model.rs::merge_word does. */
+ * as models/bpe/model.rs::merge_word does. Results for words of up to MB_TOK_CACHE_MAX_WORD bytes are cached. */
 #include "data/tokenizer_internal.h"
 
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -159,6 +161,109 @@ const mb_tok_pair_slot *mb_tok_pair_map_get(const mb_tok_pair_map *map, int32_t 
     }
 }
 
+/* ---- word cache ------------------------------------------------------------------------------------------------- */
+
+typedef struct cache_entry {
+    uint64_t hash;
+    uint32_t length, id_count;
+    const char *bytes; /* after ids, in the same block */
+    int32_t ids[];
+} cache_entry;
+
+typedef struct cache_chunk {
+    struct cache_chunk *next;
+    size_t used, size;
+    _Alignas(8) char data[];
+} cache_chunk;
+
+struct mb_tok_word_cache {
+    _Atomic(cache_entry *) *slots;
+    size_t mask, count, limit; /* count and the chunks are only touched under lock */
+    pthread_mutex_t lock;
+    cache_chunk *chunks;
+};
+
+mb_tok_word_cache *mb_tok_word_cache_new(size_t slots) {
+    mb_tok_word_cache *cache = calloc(1, sizeof *cache);
+    if (cache == NULL) return NULL;
+    size_t capacity = 1024;
+    while (capacity < slots) capacity *= 2;
+    cache->slots = malloc(capacity * sizeof *cache->slots);
+    if (cache->slots == NULL || pthread_mutex_init(&cache->lock, NULL) != 0) {
+        free(cache->slots);
+        free(cache);
+        return NULL;
+    }
+    for (size_t i = 0; i < capacity; i++) atomic_init(&cache->slots[i], NULL);
+    cache->mask = capacity - 1;
+    cache->limit = capacity / 2;
+    return cache;
+}
+
+void mb_tok_word_cache_free(mb_tok_word_cache *cache) {
+    if (cache == NULL) return;
+    for (cache_chunk *chunk = cache->chunks, *next; chunk != NULL; chunk = next) {
+        next = chunk->next;
+        free(chunk);
+    }
+    pthread_mutex_destroy(&cache->lock);
+    free(cache->slots);
+    free(cache);
+}
+
+static const cache_entry *cache_find(const mb_tok_word_cache *cache, uint64_t hash, const uint8_t *word,
+                                     size_t length, size_t *empty_slot) {
+    size_t at = hash & cache->mask;
+    for (;;) {
+        const cache_entry *e = atomic_load_explicit(&cache->slots[at], memory_order_acquire);
+        if (e == NULL) {
+            *empty_slot = at;
+            return NULL;
+        }
+        if (e->hash == hash && e->length == length && memcmp(e->bytes, word, length) == 0) return e;
+        at = (at + 1) & cache->mask;
+    }
+}
+
+static void *cache_alloc(mb_tok_word_cache *cache, size_t size) {
+    size = (size + 7) & ~(size_t)7;
+    cache_chunk *chunk = cache->chunks;
+    if (chunk == NULL || chunk->size - chunk->used < size) {
+        size_t chunk_size = 1u << 16;
+        chunk = malloc(sizeof *chunk + chunk_size);
+        if (chunk == NULL) return NULL;
+        chunk->next = cache->chunks;
+        chunk->used = 0;
+        chunk->size = chunk_size;
+        cache->chunks = chunk;
+    }
+    void *p = chunk->data + chunk->used;
+    chunk->used += size;
+    return p;
+}
+
+/* Publishes a word's ids unless the cache is busy, full, or already has the word. */
+static void cache_insert(mb_tok_word_cache *cache, uint64_t hash, const uint8_t *word, size_t length,
+                         const int32_t *ids, size_t id_count) {
+    if (id_count > length || pthread_mutex_trylock(&cache->lock) != 0) return;
+    size_t slot;
+    if (cache->count < cache->limit && cache_find(cache, hash, word, length, &slot) == NULL) {
+        cache_entry *e = cache_alloc(cache, sizeof *e + id_count * sizeof(int32_t) + length);
+        if (e != NULL) {
+            char *bytes = (char *)(e->ids + id_count);
+            memcpy(e->ids, ids, id_count * sizeof *ids);
+            memcpy(bytes, word, length);
+            e->hash = hash;
+            e->length = (uint32_t)length;
+            e->id_count = (uint32_t)id_count;
+            e->bytes = bytes;
+            atomic_store_explicit(&cache->slots[slot], e, memory_order_release);
+            cache->count++;
+        }
+    }
+    pthread_mutex_unlock(&cache->lock);
+}
+
 /* ---- merge loop ------------------------------------------------------------------------------------------------- */
 
 typedef struct bpe_symbol {
@@ -169,7 +274,8 @@ typedef struct bpe_symbol {
 
 typedef struct bpe_candidate {
     uint32_t rank;
-    uint32_t pos; /* index of the left symbol */
+    uint32_t pos;           /* index of the left symbol */
+    int32_t left, right;    /* the pair it was made for: it is stale once either symbol changed */
     int32_t merged_id;
 } bpe_candidate;
 
@@ -236,8 +342,9 @@ static bpe_candidate heap_pop(mb_tok_bpe_scratch *s) {
 static void push_pair(const mb_tokenizer *t, mb_tok_bpe_scratch *s, size_t left) {
     const bpe_symbol *a = &s->symbols[left];
     if (a->next < 0) return;
-    const mb_tok_pair_slot *pair = mb_tok_pair_map_get(&t->merges, a->id, s->symbols[a->next].id);
-    if (pair != NULL) heap_push(s, (bpe_candidate){pair->rank, (uint32_t)left, pair->merged_id});
+    int32_t right = s->symbols[a->next].id;
+    const mb_tok_pair_slot *pair = mb_tok_pair_map_get(&t->merges, a->id, right);
+    if (pair != NULL) heap_push(s, (bpe_candidate){pair->rank, (uint32_t)left, a->id, right, pair->merged_id});
 }
 
 static void merge_all(const mb_tokenizer *t, mb_tok_bpe_scratch *s, size_t n) {
@@ -248,8 +355,9 @@ static void merge_all(const mb_tokenizer *t, mb_tok_bpe_scratch *s, size_t n) {
         bpe_symbol *left = &s->symbols[top.pos];
         if (left->removed || left->next < 0) continue;
         bpe_symbol *right = &s->symbols[left->next];
-        const mb_tok_pair_slot *pair = mb_tok_pair_map_get(&t->merges, left->id, right->id);
-        if (pair == NULL || pair->merged_id != top.merged_id) continue; /* stale entry */
+        /* tokenizers re-checks that the current pair still merges into top.merged_id; with distinct token strings
+         * that holds exactly when the pair is unchanged */
+        if (left->id != top.left || right->id != top.right) continue;
         left->id = top.merged_id;
         left->next = right->next;
         right->removed = true;
@@ -274,9 +382,29 @@ static int lookup_whole_word(const mb_tokenizer *t, const uint8_t *word, size_t 
     return 0;
 }
 
+static int bpe_uncached(const mb_tokenizer *t, const uint8_t *word, size_t length, mb_tok_bpe_scratch *s,
+                        mb_token_list *out, mb_error *err);
+
 int mb_tok_bpe_word(const mb_tokenizer *t, const uint8_t *word, size_t length, mb_tok_bpe_scratch *s,
                     mb_token_list *out, mb_error *err) {
     if (length == 0) return 0;
+    if (length > MB_TOK_CACHE_MAX_WORD || t->cache == NULL) return bpe_uncached(t, word, length, s, out, err);
+    uint64_t hash = mb_tok_hash_bytes(word, length);
+    size_t slot;
+    const cache_entry *hit = cache_find(t->cache, hash, word, length, &slot);
+    if (hit != NULL) {
+        for (uint32_t i = 0; i < hit->id_count; i++)
+            if (mb_tok_list_push(out, hit->ids[i]) != 0) return mb_fail(err, "out of memory appending ids");
+        return 0;
+    }
+    size_t before = out->count;
+    if (bpe_uncached(t, word, length, s, out, err) != 0) return -1;
+    cache_insert(t->cache, hash, word, length, out->ids + before, out->count - before);
+    return 0;
+}
+
+static int bpe_uncached(const mb_tokenizer *t, const uint8_t *word, size_t length, mb_tok_bpe_scratch *s,
+                        mb_token_list *out, mb_error *err) {
     if (t->ignore_merges) {
         int32_t id;
         if (lookup_whole_word(t, word, length, s, &id) != 0) return mb_fail(err, "out of memory in BPE");

@@ -91,6 +91,8 @@ int mb_tok_nfc(const char *s, size_t length, char **out, size_t *out_length, mb_
 
 /* ---- the loaded tokenizer --------------------------------------------------------------------------------------- */
 
+typedef struct mb_tok_word_cache mb_tok_word_cache;
+
 typedef struct mb_tok_added_token {
     char *content;    /* as written in the file */
     size_t content_length;
@@ -175,7 +177,16 @@ struct mb_tokenizer {
     char **decoded;             /* id -> bytes the decoder emits for this token (ByteLevel inverse or raw) */
     uint32_t *decoded_lengths;
     uint64_t fingerprint;
+    mb_tok_word_cache *cache; /* mutable through the const tokenizer, thread-safe by construction */
 };
+
+/* A cache of BPE results for short words, shared by all threads that encode with one tokenizer: lookups are
+ * lock-free (slots are published with release stores and never change afterwards); an insert takes a mutex with
+ * trylock and is simply skipped when another thread holds it, or once the table is half full (no eviction, as
+ * tokenizers' own BPE cache). Only speed depends on it. (tokenizer_bpe.c) */
+#define MB_TOK_CACHE_MAX_WORD 48
+mb_tok_word_cache *mb_tok_word_cache_new(size_t slots);
+void mb_tok_word_cache_free(mb_tok_word_cache *cache);
 
 /* Loader (tokenizer_load.c). */
 int mb_tok_load_json(mb_tokenizer *tokenizer, const char *json_text, size_t length, const char *path, mb_error *err);

@@ -28,6 +28,7 @@ typedef struct mb_phase_config {
     double local_rope_theta;
     int64_t batch_warmup_tokens; /* batch-size warmup length (0 = off) */
     int batch_warmup_min_rows;   /* micro-batches per step at the start of the batch-size warmup */
+    int batch_warmup_unit_rows;  /* the batch grows in steps of this many micro-batches (the GPU count) */
     bool reset_optimizer;        /* zero the optimizer moments and step when this phase starts */
     int64_t data_seed;           /* 0 = the run seed */
 } mb_phase_config;

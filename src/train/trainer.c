@@ -206,7 +206,7 @@ static int open_loader(trainer *t, mb_shard_set *set, const mb_phase_config *pha
     lc.step_tokens = phase->batch_tokens;
     lc.warmup_tokens = phase->batch_warmup_tokens;
     lc.warmup_min_rows = phase->batch_warmup_min_rows;
-    lc.warmup_unit_rows = 1;
+    lc.warmup_unit_rows = phase->batch_warmup_unit_rows;
     lc.prefetch = prefetch;
     masking_config(t, &lc.masking);
     mb_doc_source source;

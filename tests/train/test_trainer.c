@@ -11,6 +11,7 @@
 
 #include "common/fileio.h"
 #include "io/safetensors.h"
+#include "model/model.h"
 #include "train/checkpoint.h"
 
 static char workdir[256];
@@ -221,4 +222,36 @@ Test(trainer, step_by_step_batch_files_from_hf_checkpoint, .timeout = 300) {
     cr_assert(fabs(atof(losses[0]) - 5.304935) < 1e-4, "step 1 loss %s", losses[0]);
     cr_assert(atof(losses[1]) < atof(losses[0]), "the same batch again must have a lower loss: %s then %s",
               losses[0], losses[1]);
+}
+
+/* Non-finite losses skip the update and are logged; K in a row abort with a clear message. */
+Test(trainer, nonfinite_steps_are_skipped_then_abort, .timeout = 300) {
+    static char output[65536];
+    snprintf(workdir, sizeof workdir, "/tmp/mb_trainer_nan_%d", (int)getpid());
+    char cmd[2048], path[512];
+    snprintf(cmd, sizeof cmd, "mkdir -p %s/batches && for s in 000000 000001 000002 000003; do cp %s/tests/fixtures/hf/"
+             "mlm_hd32_window_small_every2/batch.safetensors %s/batches/step-$s-micro-000.safetensors; done",
+             workdir, MB_SOURCE_DIR, workdir);
+    cr_assert_eq(system(cmd), 0);
+    /* a checkpoint with one NaN weight */
+    mb_model model;
+    mb_error err;
+    char source[512], broken[512];
+    snprintf(source, sizeof source, "%s/tests/fixtures/hf/mlm_hd32_window_small_every2", MB_SOURCE_DIR);
+    snprintf(broken, sizeof broken, "%s/broken", workdir);
+    cr_assert_eq(mb_model_load_hf(&model, source, &err), 0, "%s", err.message);
+    model.params[model.table.params[3].offset] = NAN;
+    cr_assert_eq(mb_model_save_hf(&model, broken, &err), 0, "%s", err.message);
+    mb_model_free(&model);
+    snprintf(path, sizeof path, "%s/nan.yaml", workdir);
+    FILE *f = fopen(path, "w");
+    fprintf(f, "run: {output_dir: %s/run, backend: cpu}\n"
+               "data: {tokenizer: %s/data/tokenizer.json, batches: %s/batches}\n"
+               "phases:\n  - {tokens: 1000000}\n"
+               "logging: {progress_bar: false, max_nonfinite_steps: 3}\n", workdir, MB_SOURCE_DIR, workdir);
+    fclose(f);
+    snprintf(cmd, sizeof cmd, "%s/modernbert pretrain %s --init %s 2>&1", MB_BUILD_DIR, path, broken);
+    cr_assert_eq(run_command(cmd, output, sizeof output), 1, "%s", output);
+    cr_assert(strstr(output, "SKIPPED (non-finite)") != NULL, "%s", output);
+    cr_assert(strstr(output, "3 consecutive steps had a non-finite loss or gradient") != NULL, "%s", output);
 }

@@ -1,0 +1,856 @@
+/* Every CUDA op kernel (cuda/ops.h) against the CPU reference op (src/cpu/ops.h) on fresh seeded random inputs.
+ *
+ * Method: inputs are drawn in fp32, rounded to bf16 for the GPU, and the SAME rounded values (as floats) go to the
+ * CPU reference, so the comparison measures only the kernel's own arithmetic. Outputs are poisoned with NaN
+ * (0xFF bytes: NaN in bf16 and fp32) before each run and every element is checked finite afterwards, so an unwritten
+ * element fails. Accumulated outputs (parameter gradients) start from random values on both sides.
+ *
+ * Thresholds, per tensor, as ‖gpu − cpu‖ / ‖cpu‖ (written down here, see also docs/kernels/):
+ *   BF16_TOLERANCE   1e-2   outputs stored in bf16 (one rounding of 2^-9, plus bf16 P / dS inside attention)
+ *   FP32_TOLERANCE   1e-4   fp32 outputs of bf16 inputs (LayerNorm statistics, lse, row losses, fp32 weight and
+ *                           bias gradients), where only the summation order differs from the CPU
+ *   OPT_TOLERANCE    1e-6   optimizer state, parameter updates and per-tensor RMS (same fp32 operation order as
+ *                           the CPU; only the order of the double RMS sum differs)
+ *   SUM_TOLERANCE    1e-10  double sums (loss total over fp32 values, grad norm)
+ * Copies (embedding forward) and the bf16 copy of the master weights must match exactly, and the embedding and
+ * attention backward must be bit-identical between two runs (the kernels are deterministic by construction).
+ *
+ * Sizes include length-1 sequences, lengths that are not multiples of the 64-token tiles, and an 8192-token sequence
+ * beside many short ones (attention, global and window 64). MB_GPU_TEST_SMALL=1 shrinks every size so that
+ * compute-sanitizer (memcheck, racecheck) finishes quickly. Without a CUDA device every test skips. */
+#include <criterion/criterion.h>
+#include <criterion/logging.h>
+#include <math.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/rng.h"
+#include "cpu/ops.h"
+#include "cuda/device.h"
+#include "cuda/ops.h"
+#include "train/stableadamw.h"
+
+#define BF16_TOLERANCE 1e-2
+#define FP32_TOLERANCE 1e-4
+#define OPT_TOLERANCE 1e-6
+#define SUM_TOLERANCE 1e-10
+
+/* ---- environment ---- */
+
+static cudaStream_t test_stream;
+
+static void require_gpu(void) {
+    mb_error err = {{0}};
+    if (mb_cuda_device_count(&err) == 0) cr_skip_test("no CUDA device: %s", err.message);
+    cr_assert_eq(cudaStreamCreate(&test_stream), cudaSuccess, "cudaStreamCreate failed");
+}
+
+static bool small_mode(void) {
+    const char *value = getenv("MB_GPU_TEST_SMALL");
+    return value != NULL && value[0] != '\0' && strcmp(value, "0") != 0;
+}
+
+/* `full` normally, `small` under MB_GPU_TEST_SMALL. */
+static int size_for(int full, int small) { return small_mode() ? small : full; }
+
+static void sync_ok(const char *what) {
+    cudaError_t status = cudaStreamSynchronize(test_stream);
+    cr_assert_eq(status, cudaSuccess, "%s: %s", what, cudaGetErrorString(status));
+}
+
+static void launched(int rc, const mb_error *err, const char *what) {
+    cr_assert_eq(rc, 0, "%s failed: %s", what, err->message);
+    sync_ok(what);
+}
+
+/* ---- device buffers ---- */
+
+static void *dev_alloc(size_t bytes) {
+    void *pointer = NULL;
+    cudaError_t status = cudaMalloc(&pointer, bytes ? bytes : 16);
+    cr_assert_eq(status, cudaSuccess, "cudaMalloc(%zu): %s", bytes, cudaGetErrorString(status));
+    return pointer;
+}
+
+static void dev_poison(void *pointer, size_t bytes) {
+    cr_assert_eq(cudaMemset(pointer, 0xFF, bytes), cudaSuccess, "cudaMemset failed");
+}
+
+static void *to_device(const void *host, size_t bytes) {
+    void *pointer = dev_alloc(bytes);
+    cr_assert_eq(cudaMemcpy(pointer, host, bytes, cudaMemcpyHostToDevice), cudaSuccess, "upload failed");
+    return pointer;
+}
+
+static void upload(void *device, const void *host, size_t bytes) {
+    cr_assert_eq(cudaMemcpy(device, host, bytes, cudaMemcpyHostToDevice), cudaSuccess, "upload failed");
+}
+
+static void download(void *host, const void *device, size_t bytes) {
+    sync_ok("before download");
+    cudaError_t status = cudaMemcpy(host, device, bytes, cudaMemcpyDeviceToHost);
+    cr_assert_eq(status, cudaSuccess, "download: %s", cudaGetErrorString(status));
+}
+
+static float *download_bf16(const mb_bf16 *device, size_t count) {
+    mb_bf16 *raw = malloc(count * sizeof(mb_bf16) + 1);
+    float *values = malloc(count * sizeof(float) + 1);
+    download(raw, device, count * sizeof(mb_bf16));
+    for (size_t i = 0; i < count; i++) values[i] = mb_bf16_to_float(raw[i]);
+    free(raw);
+    return values;
+}
+
+static float *download_floats(const float *device, size_t count) {
+    float *values = malloc(count * sizeof(float) + 1);
+    download(values, device, count * sizeof(float));
+    return values;
+}
+
+/* ---- random inputs ---- */
+
+static float *random_floats(mb_rng *rng, size_t count, double mean, double std) {
+    float *values = malloc(count * sizeof(float) + 1);
+    for (size_t i = 0; i < count; i++) values[i] = (float)(mean + std * mb_rng_normal(rng));
+    return values;
+}
+
+/* Random values rounded to bf16: *host_out gets the float copy the CPU sees, the return value is on the device. */
+static mb_bf16 *random_bf16(mb_rng *rng, size_t count, double mean, double std, float **host_out) {
+    float *values = random_floats(rng, count, mean, std);
+    mb_bf16 *raw = malloc(count * sizeof(mb_bf16) + 1);
+    for (size_t i = 0; i < count; i++) {
+        raw[i] = mb_bf16_from_float(values[i]);
+        values[i] = mb_bf16_to_float(raw[i]);
+    }
+    mb_bf16 *device = to_device(raw, count * sizeof(mb_bf16));
+    free(raw);
+    *host_out = values;
+    return device;
+}
+
+static float *copy_floats(const float *values, size_t count) {
+    float *copy = malloc(count * sizeof(float) + 1);
+    memcpy(copy, values, count * sizeof(float));
+    return copy;
+}
+
+/* ---- comparisons ---- */
+
+static size_t count_nonfinite(const float *values, size_t count) {
+    size_t bad = 0;
+    for (size_t i = 0; i < count; i++) bad += !isfinite(values[i]);
+    return bad;
+}
+
+/* Per-tensor relative error ‖got − want‖ / ‖want‖; fails on unwritten (non-finite) values and on a zero reference. */
+static void expect_close(const char *what, const float *got, const float *want, size_t count, double tolerance) {
+    size_t bad = count_nonfinite(got, count);
+    cr_expect_eq(bad, 0, "%s: %zu of %zu values are not finite (unwritten or NaN)", what, bad, count);
+    double diff = 0.0, norm = 0.0;
+    for (size_t i = 0; i < count; i++) {
+        double d = (double)got[i] - want[i];
+        diff += d * d;
+        norm += (double)want[i] * want[i];
+    }
+    cr_expect(norm > 0.0, "%s: the reference is all zeros, the comparison would prove nothing", what);
+    double error = sqrt(diff / (norm > 0.0 ? norm : 1.0));
+    cr_expect(error <= tolerance, "%s: relative error %.3g exceeds %.1g", what, error, tolerance);
+    cr_log_info("%s: relative error %.3g (%zu values)\n", what, error, count);
+}
+
+static void expect_same_bits(const char *what, const void *a, const void *b, size_t bytes) {
+    cr_expect(memcmp(a, b, bytes) == 0, "%s: the two runs differ (not bit-identical)", what);
+}
+
+/* ==================================================================================================== linear */
+
+typedef struct linear_case {
+    int n, in, out, bias, residual; /* residual: 0 none, 1 separate buffer, 2 in place (y holds it) */
+    int accumulate_dx;
+} linear_case;
+
+static void run_linear(mb_cuda_matmul *matmul, linear_case c, uint64_t seed) {
+    mb_rng rng;
+    mb_rng_seed(&rng, seed);
+    mb_error err = {{0}};
+    size_t nx = (size_t)c.n * c.in, nw = (size_t)c.out * c.in, ny = (size_t)c.n * c.out;
+    float *x, *w, *b = NULL, *r = NULL, *dy;
+    mb_bf16 *d_x = random_bf16(&rng, nx, 0.0, 1.0, &x);
+    mb_bf16 *d_w = random_bf16(&rng, nw, 0.0, 1.0 / sqrt((double)c.in), &w);
+    mb_bf16 *d_b = c.bias ? random_bf16(&rng, (size_t)c.out, 0.0, 0.5, &b) : NULL;
+    mb_bf16 *d_r = c.residual ? random_bf16(&rng, ny, 0.0, 1.0, &r) : NULL;
+    mb_bf16 *d_y = c.residual == 2 ? d_r : dev_alloc(ny * sizeof(mb_bf16));
+    if (c.residual != 2) dev_poison(d_y, ny * sizeof(mb_bf16));
+    launched(mb_cuda_linear_forward(matmul, d_y, d_x, d_w, d_b, c.residual ? d_r : NULL, c.n, c.in, c.out,
+                                    test_stream, &err), &err, "linear_forward");
+    float *y_ref = malloc(ny * sizeof(float) + 1);
+    mb_cpu_linear_forward(y_ref, x, w, b, c.n, c.in, c.out);
+    for (size_t i = 0; c.residual && i < ny; i++) y_ref[i] += r[i];
+    float *y = download_bf16(d_y, ny);
+    char what[160];
+    snprintf(what, sizeof what, "linear y (n %d, in %d, out %d, bias %d, residual %d)", c.n, c.in, c.out, c.bias,
+             c.residual);
+    expect_close(what, y, y_ref, ny, BF16_TOLERANCE);
+
+    /* backward: dx written or accumulated, dW and db accumulated onto random fp32 values */
+    mb_bf16 *d_dy = random_bf16(&rng, ny, 0.0, 1.0, &dy);
+    float *dx_ref = NULL;
+    mb_bf16 *d_dx;
+    if (c.accumulate_dx) {
+        d_dx = random_bf16(&rng, nx, 0.0, 1.0, &dx_ref);
+    } else {
+        dx_ref = malloc(nx * sizeof(float) + 1);
+        d_dx = dev_alloc(nx * sizeof(mb_bf16));
+        dev_poison(d_dx, nx * sizeof(mb_bf16));
+    }
+    float *dw_ref = random_floats(&rng, nw, 0.0, 1.0), *db_ref = random_floats(&rng, (size_t)c.out, 0.0, 1.0);
+    float *d_dw = to_device(dw_ref, nw * sizeof(float)), *d_db = to_device(db_ref, (size_t)c.out * sizeof(float));
+    void *scratch = dev_alloc(mb_cuda_linear_backward_scratch_bytes(c.n, c.out));
+    launched(mb_cuda_linear_backward(matmul, d_dx, d_dw, d_db, scratch, d_dy, d_x, d_w, c.n, c.in, c.out,
+                                     c.accumulate_dx, test_stream, &err), &err, "linear_backward");
+    mb_cpu_linear_backward(dx_ref, dw_ref, db_ref, dy, x, w, c.n, c.in, c.out, c.accumulate_dx);
+    float *dx = download_bf16(d_dx, nx), *dw = download_floats(d_dw, nw), *db = download_floats(d_db, (size_t)c.out);
+    snprintf(what, sizeof what, "linear dx (n %d, in %d, out %d, accumulate %d)", c.n, c.in, c.out, c.accumulate_dx);
+    expect_close(what, dx, dx_ref, nx, BF16_TOLERANCE);
+    snprintf(what, sizeof what, "linear dW (n %d, in %d, out %d)", c.n, c.in, c.out);
+    expect_close(what, dw, dw_ref, nw, FP32_TOLERANCE);
+    snprintf(what, sizeof what, "linear db (n %d, out %d)", c.n, c.out);
+    expect_close(what, db, db_ref, (size_t)c.out, FP32_TOLERANCE);
+
+    free(x), free(w), free(b), free(r), free(dy), free(y_ref), free(y), free(dx_ref), free(dw_ref), free(db_ref);
+    free(dx), free(dw), free(db);
+    cudaFree(d_x), cudaFree(d_w), cudaFree(d_b), cudaFree(d_r), cudaFree(d_dy), cudaFree(d_dx), cudaFree(d_dw);
+    cudaFree(d_db), cudaFree(scratch);
+    if (c.residual != 2) cudaFree(d_y);
+}
+
+Test(gpu_ops, linear) {
+    require_gpu();
+    mb_cuda_matmul *matmul = NULL;
+    mb_error err = {{0}};
+    cr_assert_eq(mb_cuda_matmul_create(&matmul, &err), 0, "matmul_create: %s", err.message);
+    linear_case cases[] = {
+        {1, 64, 96, 1, 0, 0},                                 /* one row */
+        {37, 64, 96, 1, 1, 1},                                /* rows not a tile multiple, residual, += dx */
+        {size_for(257, 33), 768, 2304, 0, 2, 0},              /* Wqkv shape, residual added in place */
+        {size_for(300, 20), 1152, 768, 0, 0, 1},              /* MLP Wo shape */
+        {5, 32, 3, 1, 0, 0},                                  /* classifier with 3 labels: odd leading dimension */
+        {size_for(70, 9), 64, size_for(50368, 4096), 1, 0, 0} /* MLM decoder width */
+    };
+    for (int fallback = 0; fallback <= 1; fallback++) {
+        mb_cuda_matmul_force_fallback(matmul, fallback); /* cuBLASLt, then the simple kernel for odd shapes */
+        for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_linear(matmul, cases[i], 100 + i);
+    }
+    mb_cuda_matmul_destroy(matmul);
+}
+
+/* ================================================================================================= layernorm */
+
+static void run_layernorm(int n, int h, int with_bias, int accumulate_dx, int dx_aliases_dy, uint64_t seed) {
+    mb_rng rng;
+    mb_rng_seed(&rng, seed);
+    mb_error err = {{0}};
+    size_t count = (size_t)n * h;
+    float *x, *dy, *dx_ref = NULL;
+    mb_bf16 *d_x = random_bf16(&rng, count, 0.5, 2.0, &x);
+    float *weight = random_floats(&rng, (size_t)h, 1.0, 0.2), *bias = with_bias ? random_floats(&rng, (size_t)h, 0.0, 0.3) : NULL;
+    float *d_weight = to_device(weight, (size_t)h * sizeof(float));
+    float *d_bias = with_bias ? to_device(bias, (size_t)h * sizeof(float)) : NULL;
+    mb_bf16 *d_y = dev_alloc(count * sizeof(mb_bf16));
+    float *d_mean = dev_alloc((size_t)n * sizeof(float)), *d_rstd = dev_alloc((size_t)n * sizeof(float));
+    dev_poison(d_y, count * sizeof(mb_bf16));
+    dev_poison(d_mean, (size_t)n * sizeof(float));
+    dev_poison(d_rstd, (size_t)n * sizeof(float));
+    launched(mb_cuda_layernorm_forward(d_y, d_mean, d_rstd, d_x, d_weight, d_bias, n, h, 1e-5f, test_stream, &err),
+             &err, "layernorm_forward");
+    float *y_ref = malloc(count * sizeof(float) + 1), *mean_ref = malloc((size_t)n * sizeof(float) + 1);
+    float *rstd_ref = malloc((size_t)n * sizeof(float) + 1);
+    mb_cpu_layernorm_forward(y_ref, mean_ref, rstd_ref, x, weight, bias, n, h, 1e-5f);
+    float *y = download_bf16(d_y, count), *mean = download_floats(d_mean, (size_t)n);
+    float *rstd = download_floats(d_rstd, (size_t)n);
+    char what[128];
+    snprintf(what, sizeof what, "layernorm y (n %d, h %d, bias %d)", n, h, with_bias);
+    expect_close(what, y, y_ref, count, BF16_TOLERANCE);
+    expect_close("layernorm mean", mean, mean_ref, (size_t)n, FP32_TOLERANCE);
+    expect_close("layernorm rstd", rstd, rstd_ref, (size_t)n, FP32_TOLERANCE);
+
+    mb_bf16 *d_dy = random_bf16(&rng, count, 0.0, 1.0, &dy);
+    mb_bf16 *d_dx;
+    if (dx_aliases_dy) {
+        d_dx = d_dy;
+        dx_ref = malloc(count * sizeof(float) + 1);
+    } else if (accumulate_dx) {
+        d_dx = random_bf16(&rng, count, 0.0, 1.0, &dx_ref);
+    } else {
+        dx_ref = malloc(count * sizeof(float) + 1);
+        d_dx = dev_alloc(count * sizeof(mb_bf16));
+        dev_poison(d_dx, count * sizeof(mb_bf16));
+    }
+    float *dw_ref = random_floats(&rng, (size_t)h, 0.0, 1.0), *db_ref = random_floats(&rng, (size_t)h, 0.0, 1.0);
+    float *d_dw = to_device(dw_ref, (size_t)h * sizeof(float)), *d_db = to_device(db_ref, (size_t)h * sizeof(float));
+    void *scratch = dev_alloc(mb_cuda_layernorm_backward_scratch_bytes(n, h));
+    launched(mb_cuda_layernorm_backward(d_dx, d_dw, with_bias ? d_db : NULL, scratch, d_dy, d_x, d_mean, d_rstd,
+                                        d_weight, n, h, accumulate_dx, test_stream, &err),
+             &err, "layernorm_backward");
+    mb_cpu_layernorm_backward(dx_ref, dw_ref, with_bias ? db_ref : NULL, dy, x, mean, rstd, weight, n, h,
+                              accumulate_dx);
+    float *dx = download_bf16(d_dx, count), *dw = download_floats(d_dw, (size_t)h), *db = download_floats(d_db, (size_t)h);
+    snprintf(what, sizeof what, "layernorm dx (n %d, h %d, accumulate %d, aliased %d)", n, h, accumulate_dx,
+             dx_aliases_dy);
+    expect_close(what, dx, dx_ref, count, BF16_TOLERANCE);
+    expect_close("layernorm dweight", dw, dw_ref, (size_t)h, FP32_TOLERANCE);
+    if (with_bias) expect_close("layernorm dbias", db, db_ref, (size_t)h, FP32_TOLERANCE);
+
+    free(x), free(dy), free(dx_ref), free(weight), free(bias), free(y_ref), free(mean_ref), free(rstd_ref), free(y);
+    free(mean), free(rstd), free(dw_ref), free(db_ref), free(dx), free(dw), free(db);
+    cudaFree(d_x), cudaFree(d_weight), cudaFree(d_bias), cudaFree(d_y), cudaFree(d_mean), cudaFree(d_rstd);
+    cudaFree(d_dy), cudaFree(d_dw), cudaFree(d_db), cudaFree(scratch);
+    if (!dx_aliases_dy) cudaFree(d_dx);
+}
+
+Test(gpu_ops, layernorm) {
+    require_gpu();
+    run_layernorm(1, 768, 0, 0, 0, 1);
+    run_layernorm(size_for(67, 13), 768, 1, 1, 0, 2);
+    run_layernorm(size_for(1000, 40), 96, 0, 0, 1, 3);
+    run_layernorm(33, 1000, 1, 0, 0, 4); /* width not a multiple of 32 */
+    run_layernorm(size_for(4100, 300), 1024, 0, 1, 0, 5);
+}
+
+/* ================================================================================================= embedding */
+
+static void run_embedding(int n, int h, int vocab, int pad_id, uint64_t seed) {
+    mb_rng rng;
+    mb_rng_seed(&rng, seed);
+    mb_error err = {{0}};
+    int32_t *ids = malloc((size_t)n * sizeof(int32_t));
+    const int frequent = vocab / 3; /* plays [MASK]: about 30% of the tokens share it */
+    for (int i = 0; i < n; i++) {
+        double u = mb_rng_uniform(&rng);
+        ids[i] = u < 0.3 ? frequent : (u < 0.4 && pad_id >= 0 ? pad_id : (int32_t)mb_rng_below(&rng, (uint64_t)vocab));
+    }
+    ids[n - 1] = vocab - 1; /* the last row of the table is reachable */
+    float *table;
+    mb_bf16 *d_table = random_bf16(&rng, (size_t)vocab * h, 0.0, 1.0, &table);
+    int32_t *d_ids = to_device(ids, (size_t)n * sizeof(int32_t));
+    size_t count = (size_t)n * h;
+    mb_bf16 *d_out = dev_alloc(count * sizeof(mb_bf16));
+    dev_poison(d_out, count * sizeof(mb_bf16));
+    launched(mb_cuda_embedding_forward(d_out, d_ids, d_table, n, h, test_stream, &err), &err, "embedding_forward");
+    float *out = download_bf16(d_out, count), *out_ref = malloc(count * sizeof(float) + 1);
+    mb_cpu_embedding_forward(out_ref, ids, table, n, h);
+    cr_expect(memcmp(out, out_ref, count * sizeof(float)) == 0, "embedding forward (h %d) is not an exact copy", h);
+
+    float *dout;
+    mb_bf16 *d_dout = random_bf16(&rng, count, 0.0, 1.0, &dout);
+    size_t table_count = (size_t)vocab * h, scratch_bytes = 0;
+    cr_assert_eq(mb_cuda_embedding_backward_scratch_bytes(&scratch_bytes, n, vocab, &err), 0, "%s", err.message);
+    void *scratch = dev_alloc(scratch_bytes);
+    float *dtable_init = random_floats(&rng, table_count, 0.0, 1.0);
+    float *dtable_ref = copy_floats(dtable_init, table_count);
+    mb_cpu_embedding_backward(dtable_ref, dout, ids, n, h, pad_id);
+    float *d_dtable = to_device(dtable_init, table_count * sizeof(float));
+    float *runs[2];
+    for (int run = 0; run < 2; run++) {
+        upload(d_dtable, dtable_init, table_count * sizeof(float));
+        dev_poison(scratch, scratch_bytes);
+        launched(mb_cuda_embedding_backward(d_dtable, scratch, scratch_bytes, d_dout, d_ids, n, h, vocab, pad_id,
+                                            test_stream, &err), &err, "embedding_backward");
+        runs[run] = download_floats(d_dtable, table_count);
+    }
+    char what[128];
+    snprintf(what, sizeof what, "embedding dtable (n %d, h %d, vocab %d)", n, h, vocab);
+    expect_close(what, runs[0], dtable_ref, table_count, FP32_TOLERANCE);
+    expect_same_bits("embedding backward", runs[0], runs[1], table_count * sizeof(float));
+    if (pad_id >= 0)
+        cr_expect(memcmp(runs[0] + (size_t)pad_id * h, dtable_init + (size_t)pad_id * h, (size_t)h * sizeof(float)) == 0,
+                  "embedding backward changed the pad row %d", pad_id);
+
+    free(ids), free(table), free(out), free(out_ref), free(dout), free(dtable_init), free(dtable_ref);
+    free(runs[0]), free(runs[1]);
+    cudaFree(d_table), cudaFree(d_ids), cudaFree(d_out), cudaFree(d_dout), cudaFree(scratch), cudaFree(d_dtable);
+}
+
+Test(gpu_ops, embedding) {
+    require_gpu();
+    run_embedding(1, 64, 10, -1, 11);                                      /* one token */
+    run_embedding(size_for(4000, 300), 96, 1000, 3, 12);                   /* 16-byte copy path */
+    run_embedding(size_for(777, 100), 100, 500, 7, 13);                    /* width not a multiple of 8 */
+    run_embedding(size_for(8192, 512), size_for(768, 64), 50368, 50283, 14); /* ModernBERT vocabulary and pad id */
+}
+
+/* ====================================================================================================== rope */
+
+/* Sequence lengths: 1, tile-sized and odd ones, then random. */
+static int32_t *make_cu_seqlens(const int *lengths, int num_seqs) {
+    int32_t *cu = malloc((size_t)(num_seqs + 1) * sizeof(int32_t));
+    cu[0] = 0;
+    for (int s = 0; s < num_seqs; s++) cu[s + 1] = cu[s] + lengths[s];
+    return cu;
+}
+
+static void run_rope(const int *lengths, int num_seqs, int heads, int head_dim, double theta, uint64_t seed) {
+    mb_rng rng;
+    mb_rng_seed(&rng, seed);
+    mb_error err = {{0}};
+    int32_t *cu = make_cu_seqlens(lengths, num_seqs);
+    int n = cu[num_seqs];
+    int32_t *positions_ref = malloc((size_t)n * sizeof(int32_t)), *positions = malloc((size_t)n * sizeof(int32_t));
+    mb_cpu_positions(positions_ref, cu, num_seqs);
+    int32_t *d_cu = to_device(cu, (size_t)(num_seqs + 1) * sizeof(int32_t));
+    int32_t *d_positions = dev_alloc((size_t)n * sizeof(int32_t));
+    dev_poison(d_positions, (size_t)n * sizeof(int32_t));
+    launched(mb_cuda_positions(d_positions, d_cu, num_seqs, n, test_stream, &err), &err, "positions");
+    download(positions, d_positions, (size_t)n * sizeof(int32_t));
+    cr_expect(memcmp(positions, positions_ref, (size_t)n * sizeof(int32_t)) == 0, "positions differ from the CPU");
+
+    size_t count = (size_t)n * 3 * heads * head_dim;
+    float *qkv;
+    mb_bf16 *d_qkv = random_bf16(&rng, count, 0.0, 1.0, &qkv);
+    for (int direction = 1; direction >= -1; direction -= 2) {
+        float *before = download_bf16(d_qkv, count);
+        launched(mb_cuda_rope(d_qkv, d_positions, n, heads, head_dim, theta, direction, test_stream, &err), &err,
+                 "rope");
+        mb_cpu_rope(before, positions_ref, n, heads, head_dim, theta, direction);
+        float *after = download_bf16(d_qkv, count);
+        char what[128];
+        snprintf(what, sizeof what, "rope (direction %+d, head_dim %d, theta %g)", direction, head_dim, theta);
+        expect_close(what, after, before, count, BF16_TOLERANCE);
+        size_t hidden = (size_t)heads * head_dim, v_mismatch = 0;
+        for (int i = 0; i < n; i++)
+            v_mismatch += memcmp(after + (size_t)i * 3 * hidden + 2 * hidden, before + (size_t)i * 3 * hidden + 2 * hidden,
+                                 hidden * sizeof(float)) != 0;
+        cr_expect_eq(v_mismatch, 0, "rope changed V in %zu rows", v_mismatch);
+        free(before), free(after);
+    }
+    free(cu), free(positions_ref), free(positions), free(qkv);
+    cudaFree(d_cu), cudaFree(d_positions), cudaFree(d_qkv);
+}
+
+Test(gpu_ops, rope) {
+    require_gpu();
+    int lengths[] = {1, 64, 65, 3, 130, 1, 500};
+    run_rope(lengths, 7, 3, 64, 160000.0, 21);
+    run_rope(lengths, 5, 2, 32, 10000.0, 22);
+    int long_one[] = {size_for(8192, 600), 5};
+    run_rope(long_one, 2, 2, 64, 160000.0, 23);
+}
+
+/* ================================================================================================= attention */
+
+/* Columns [block·H, (block + 1)·H) of a [n, 3H] matrix, as a contiguous [n, H] copy. */
+static float *qkv_block(const float *qkv, int n, int hidden, int block) {
+    float *out = malloc((size_t)n * hidden * sizeof(float) + 1);
+    for (int i = 0; i < n; i++)
+        memcpy(out + (size_t)i * hidden, qkv + (size_t)i * 3 * hidden + (size_t)block * hidden,
+               (size_t)hidden * sizeof(float));
+    return out;
+}
+
+static void run_attention(const char *name, const int *lengths, int num_seqs, int heads, int head_dim, int window,
+                          uint64_t seed) {
+    mb_rng rng;
+    mb_rng_seed(&rng, seed);
+    mb_error err = {{0}};
+    int32_t *cu = make_cu_seqlens(lengths, num_seqs);
+    int n = cu[num_seqs], hidden = heads * head_dim;
+    size_t qkv_count = (size_t)n * 3 * hidden, out_count = (size_t)n * hidden, lse_count = (size_t)n * heads;
+    float *qkv, *dout;
+    mb_bf16 *d_qkv = random_bf16(&rng, qkv_count, 0.0, 1.0, &qkv);
+    int32_t *d_cu = to_device(cu, (size_t)(num_seqs + 1) * sizeof(int32_t));
+    void *workspace = dev_alloc(mb_cuda_attention_workspace_bytes(n, num_seqs, heads));
+    mb_bf16 *d_out = dev_alloc(out_count * sizeof(mb_bf16));
+    float *d_lse = dev_alloc(lse_count * sizeof(float));
+    dev_poison(d_out, out_count * sizeof(mb_bf16));
+    dev_poison(d_lse, lse_count * sizeof(float));
+    launched(mb_cuda_attention_forward(d_out, d_lse, workspace, d_qkv, d_cu, num_seqs, n, heads, head_dim, window,
+                                       test_stream, &err), &err, "attention_forward");
+    float *out = download_bf16(d_out, out_count), *lse = download_floats(d_lse, lse_count);
+    float *out_ref = malloc(out_count * sizeof(float) + 1), *lse_ref = malloc(lse_count * sizeof(float) + 1);
+    mb_cpu_attention_forward(out_ref, lse_ref, qkv, cu, num_seqs, heads, head_dim, window);
+    char what[200];
+    snprintf(what, sizeof what, "attention %s out (n %d, head_dim %d, window %d)", name, n, head_dim, window);
+    expect_close(what, out, out_ref, out_count, BF16_TOLERANCE);
+    snprintf(what, sizeof what, "attention %s lse", name);
+    expect_close(what, lse, lse_ref, lse_count, FP32_TOLERANCE);
+
+    /* backward from the GPU's own out and lse (checked above), on both sides */
+    mb_bf16 *d_dout = random_bf16(&rng, out_count, 0.0, 1.0, &dout);
+    mb_bf16 *d_dqkv = dev_alloc(qkv_count * sizeof(mb_bf16));
+    float *runs[2];
+    for (int run = 0; run < 2; run++) {
+        dev_poison(d_dqkv, qkv_count * sizeof(mb_bf16));
+        dev_poison(workspace, mb_cuda_attention_workspace_bytes(n, num_seqs, heads));
+        launched(mb_cuda_attention_backward(d_dqkv, workspace, d_dout, d_out, d_lse, d_qkv, d_cu, num_seqs, n, heads,
+                                            head_dim, window, test_stream, &err), &err, "attention_backward");
+        runs[run] = download_bf16(d_dqkv, qkv_count);
+    }
+    float *dqkv_ref = malloc(qkv_count * sizeof(float) + 1);
+    mb_cpu_attention_backward(dqkv_ref, dout, out, lse, qkv, cu, num_seqs, heads, head_dim, window);
+    static const char *block_names[3] = {"dQ", "dK", "dV"};
+    for (int block = 0; block < 3; block++) {
+        float *got = qkv_block(runs[0], n, hidden, block), *want = qkv_block(dqkv_ref, n, hidden, block);
+        snprintf(what, sizeof what, "attention %s %s (window %d)", name, block_names[block], window);
+        expect_close(what, got, want, out_count, BF16_TOLERANCE);
+        free(got), free(want);
+    }
+    snprintf(what, sizeof what, "attention %s backward (window %d)", name, window);
+    expect_same_bits(what, runs[0], runs[1], qkv_count * sizeof(float));
+
+    free(cu), free(qkv), free(dout), free(out), free(lse), free(out_ref), free(lse_ref), free(runs[0]), free(runs[1]);
+    free(dqkv_ref);
+    cudaFree(d_qkv), cudaFree(d_cu), cudaFree(workspace), cudaFree(d_out), cudaFree(d_lse), cudaFree(d_dout);
+    cudaFree(d_dqkv);
+}
+
+static const int kShortLengths[] = {1, 2, 63, 64, 65, 130, 1, 200, 17, 129};
+
+Test(gpu_ops, attention_short_d64) {
+    require_gpu();
+    int count = (int)(sizeof kShortLengths / sizeof kShortLengths[0]);
+    run_attention("short", kShortLengths, count, 2, 64, -1, 31);
+    run_attention("short", kShortLengths, count, 2, 64, 64, 32);
+    run_attention("short", kShortLengths, count, 2, 64, 3, 33);
+    run_attention("short", kShortLengths, count, 2, 64, 1, 34); /* three keys per query */
+}
+
+Test(gpu_ops, attention_d32_d128) {
+    require_gpu();
+    int lengths[] = {1, 100, 64, 129, 7};
+    run_attention("d32", lengths, 5, 3, 32, -1, 41);
+    run_attention("d32", lengths, 5, 3, 32, 5, 42);
+    run_attention("d128", lengths, 5, 2, 128, -1, 43);
+    run_attention("d128", lengths, 5, 2, 128, 64, 44);
+}
+
+/* One long sequence (8192 tokens, 640 under MB_GPU_TEST_SMALL) between many short ones of random length. */
+static int *long_mix(int *num_seqs, uint64_t seed) {
+    mb_rng rng;
+    mb_rng_seed(&rng, seed);
+    int shorts = size_for(60, 6);
+    int *lengths = malloc((size_t)(shorts + 1) * sizeof(int));
+    for (int s = 0; s <= shorts; s++) lengths[s] = 1 + (int)mb_rng_below(&rng, 300);
+    lengths[shorts / 3] = size_for(8192, 640);
+    lengths[0] = 1;
+    *num_seqs = shorts + 1;
+    return lengths;
+}
+
+Test(gpu_ops, attention_long_global, .timeout = 600) {
+    require_gpu();
+    int num_seqs;
+    int *lengths = long_mix(&num_seqs, 51);
+    run_attention("long", lengths, num_seqs, 2, 64, -1, 52);
+    free(lengths);
+}
+
+Test(gpu_ops, attention_long_local) {
+    require_gpu();
+    int num_seqs;
+    int *lengths = long_mix(&num_seqs, 61);
+    run_attention("long", lengths, num_seqs, 2, 64, 64, 62);
+    free(lengths);
+}
+
+/* ================================================================================================ activation */
+
+static const mb_activation kActivations[] = {MB_ACT_GELU, MB_ACT_GELU_TANH, MB_ACT_SILU, MB_ACT_RELU};
+
+static void run_glu(int n, int inner, mb_activation activation, int in_place, uint64_t seed) {
+    mb_rng rng;
+    mb_rng_seed(&rng, seed);
+    mb_error err = {{0}};
+    size_t u_count = (size_t)n * 2 * inner, y_count = (size_t)n * inner;
+    float *u, *dy;
+    mb_bf16 *d_u = random_bf16(&rng, u_count, 0.0, 1.5, &u);
+    mb_bf16 *d_y = dev_alloc(y_count * sizeof(mb_bf16));
+    dev_poison(d_y, y_count * sizeof(mb_bf16));
+    launched(mb_cuda_glu_forward(d_y, d_u, n, inner, activation, test_stream, &err), &err, "glu_forward");
+    float *y = download_bf16(d_y, y_count), *y_ref = malloc(y_count * sizeof(float) + 1);
+    mb_cpu_glu_forward(y_ref, u, n, inner, activation);
+    char what[128];
+    snprintf(what, sizeof what, "glu y (%s, n %d, inner %d)", mb_activation_name(activation), n, inner);
+    expect_close(what, y, y_ref, y_count, BF16_TOLERANCE);
+
+    mb_bf16 *d_dy = random_bf16(&rng, y_count, 0.0, 1.0, &dy);
+    mb_bf16 *d_du = in_place ? d_u : dev_alloc(u_count * sizeof(mb_bf16));
+    if (!in_place) dev_poison(d_du, u_count * sizeof(mb_bf16));
+    launched(mb_cuda_glu_backward(d_du, d_dy, d_u, n, inner, activation, test_stream, &err), &err, "glu_backward");
+    float *du = download_bf16(d_du, u_count), *du_ref = malloc(u_count * sizeof(float) + 1);
+    mb_cpu_glu_backward(du_ref, dy, u, n, inner, activation);
+    snprintf(what, sizeof what, "glu du (%s, in place %d)", mb_activation_name(activation), in_place);
+    expect_close(what, du, du_ref, u_count, BF16_TOLERANCE);
+    free(u), free(dy), free(y), free(y_ref), free(du), free(du_ref);
+    cudaFree(d_u), cudaFree(d_y), cudaFree(d_dy);
+    if (!in_place) cudaFree(d_du);
+}
+
+static void run_activation(size_t count, mb_activation activation, uint64_t seed) {
+    mb_rng rng;
+    mb_rng_seed(&rng, seed);
+    mb_error err = {{0}};
+    float *x, *dy;
+    mb_bf16 *d_x = random_bf16(&rng, count, 0.0, 2.0, &x), *d_dy = random_bf16(&rng, count, 0.0, 1.0, &dy);
+    mb_bf16 *d_y = dev_alloc(count * sizeof(mb_bf16)), *d_dx = dev_alloc(count * sizeof(mb_bf16));
+    dev_poison(d_y, count * sizeof(mb_bf16));
+    dev_poison(d_dx, count * sizeof(mb_bf16));
+    launched(mb_cuda_activation_forward(d_y, d_x, count, activation, test_stream, &err), &err, "activation_forward");
+    launched(mb_cuda_activation_backward(d_dx, d_dy, d_x, count, activation, test_stream, &err), &err,
+             "activation_backward");
+    float *y = download_bf16(d_y, count), *dx = download_bf16(d_dx, count);
+    float *y_ref = malloc(count * sizeof(float) + 1), *dx_ref = malloc(count * sizeof(float) + 1);
+    mb_cpu_activation_forward(y_ref, x, count, activation);
+    mb_cpu_activation_backward(dx_ref, dy, x, count, activation);
+    char what[128];
+    snprintf(what, sizeof what, "activation y (%s)", mb_activation_name(activation));
+    expect_close(what, y, y_ref, count, BF16_TOLERANCE);
+    snprintf(what, sizeof what, "activation dx (%s)", mb_activation_name(activation));
+    expect_close(what, dx, dx_ref, count, BF16_TOLERANCE);
+    free(x), free(dy), free(y), free(dx), free(y_ref), free(dx_ref);
+    cudaFree(d_x), cudaFree(d_dy), cudaFree(d_y), cudaFree(d_dx);
+}
+
+Test(gpu_ops, activation) {
+    require_gpu();
+    for (int a = 0; a < 4; a++) {
+        run_glu(size_for(37, 5), 1152, kActivations[a], 0, 70 + (uint64_t)a);
+        run_glu(5, 13, kActivations[a], 1, 80 + (uint64_t)a);
+        run_activation((size_t)size_for(10007, 999), kActivations[a], 90 + (uint64_t)a);
+    }
+}
+
+/* ====================================================================================================== loss */
+
+static void run_cross_entropy(int rows, int classes, int write_dlogits, uint64_t seed) {
+    mb_rng rng;
+    mb_rng_seed(&rng, seed);
+    mb_error err = {{0}};
+    size_t count = (size_t)rows * classes;
+    float *logits;
+    mb_bf16 *d_logits = random_bf16(&rng, count, 0.0, 2.0, &logits);
+    int32_t *targets = malloc((size_t)rows * sizeof(int32_t));
+    for (int r = 0; r < rows; r++) targets[r] = (int32_t)mb_rng_below(&rng, (uint64_t)classes);
+    if (rows > 2) targets[1] = -100; /* ignored rows */
+    if (rows > 5) targets[rows - 1] = -100;
+    int32_t *d_targets = to_device(targets, (size_t)rows * sizeof(int32_t));
+    float *d_loss = dev_alloc((size_t)rows * sizeof(float));
+    double *d_total = dev_alloc(sizeof(double));
+    dev_poison(d_loss, (size_t)rows * sizeof(float));
+    float scale = 1.0f / (float)rows;
+    launched(mb_cuda_cross_entropy(d_logits, d_loss, d_targets, rows, classes, scale, write_dlogits, test_stream, &err),
+             &err, "cross_entropy");
+    launched(mb_cuda_sum(d_total, d_loss, rows, test_stream, &err), &err, "sum");
+    float *loss = download_floats(d_loss, (size_t)rows), *result = download_bf16(d_logits, count);
+    double total;
+    download(&total, d_total, sizeof total);
+
+    /* CPU reference on the labelled rows only (the CPU op has no ignored rows) */
+    int labelled = 0;
+    float *kept = malloc(count * sizeof(float) + 1), *kept_result = malloc(count * sizeof(float) + 1);
+    float *loss_ref = calloc((size_t)rows, sizeof(float)), *kept_loss = malloc((size_t)rows * sizeof(float) + 1);
+    int32_t *kept_targets = malloc((size_t)rows * sizeof(int32_t));
+    size_t ignored_nonzero = 0;
+    for (int r = 0; r < rows; r++) {
+        const float *row = result + (size_t)r * classes;
+        if (targets[r] < 0) {
+            for (int c = 0; write_dlogits && c < classes; c++) ignored_nonzero += row[c] != 0.0f;
+            cr_expect_eq(loss[r], 0.0f, "cross_entropy: ignored row %d has loss %g", r, loss[r]);
+            continue;
+        }
+        memcpy(kept + (size_t)labelled * classes, logits + (size_t)r * classes, (size_t)classes * sizeof(float));
+        memcpy(kept_result + (size_t)labelled * classes, row, (size_t)classes * sizeof(float));
+        kept_loss[labelled] = loss[r];
+        kept_targets[labelled++] = targets[r];
+    }
+    cr_expect_eq(ignored_nonzero, 0, "cross_entropy: %zu gradient values of ignored rows are not 0", ignored_nonzero);
+    double total_ref = 0.0;
+    for (int r = 0; r < labelled; r++) {
+        loss_ref[r] = (float)mb_cpu_cross_entropy_forward(kept + (size_t)r * classes, kept_targets + r, 1, classes);
+        total_ref += loss_ref[r];
+    }
+    char what[128];
+    snprintf(what, sizeof what, "cross_entropy row losses (rows %d, classes %d)", rows, classes);
+    expect_close(what, kept_loss, loss_ref, (size_t)labelled, FP32_TOLERANCE);
+    cr_expect(fabs(total - total_ref) <= FP32_TOLERANCE * fabs(total_ref), "cross_entropy total %.9g, CPU %.9g", total,
+              total_ref);
+    if (write_dlogits) {
+        mb_cpu_cross_entropy_backward(kept, kept_targets, labelled, classes, scale);
+        snprintf(what, sizeof what, "cross_entropy dlogits (rows %d, classes %d)", rows, classes);
+        expect_close(what, kept_result, kept, (size_t)labelled * classes, BF16_TOLERANCE);
+    } else {
+        cr_expect(memcmp(result, logits, count * sizeof(float)) == 0, "cross_entropy changed the logits");
+    }
+    free(logits), free(targets), free(loss), free(result), free(kept), free(kept_result), free(loss_ref);
+    free(kept_loss), free(kept_targets);
+    cudaFree(d_logits), cudaFree(d_targets), cudaFree(d_loss), cudaFree(d_total);
+}
+
+Test(gpu_ops, cross_entropy) {
+    require_gpu();
+    run_cross_entropy(size_for(37, 7), size_for(50368, 5000), 1, 101);
+    run_cross_entropy(1, 50368, 1, 102);
+    run_cross_entropy(size_for(100, 10), 3, 1, 103);
+    run_cross_entropy(9, 1000, 0, 104); /* loss only: the logits stay untouched */
+}
+
+Test(gpu_ops, mse) {
+    require_gpu();
+    mb_rng rng;
+    mb_rng_seed(&rng, 111);
+    mb_error err = {{0}};
+    int rows = size_for(1000, 50);
+    float *predictions, *targets = random_floats(&rng, (size_t)rows, 0.0, 1.0);
+    mb_bf16 *d_pred = random_bf16(&rng, (size_t)rows, 0.0, 1.0, &predictions);
+    float *d_targets = to_device(targets, (size_t)rows * sizeof(float)), *d_loss = dev_alloc((size_t)rows * sizeof(float));
+    mb_bf16 *d_grad = dev_alloc((size_t)rows * sizeof(mb_bf16));
+    dev_poison(d_loss, (size_t)rows * sizeof(float));
+    dev_poison(d_grad, (size_t)rows * sizeof(mb_bf16));
+    float scale = 0.25f;
+    launched(mb_cuda_mse(d_grad, d_loss, d_pred, d_targets, rows, scale, test_stream, &err), &err, "mse");
+    float *loss = download_floats(d_loss, (size_t)rows), *grad = download_bf16(d_grad, (size_t)rows);
+    float *loss_ref = malloc((size_t)rows * sizeof(float)), *grad_ref = malloc((size_t)rows * sizeof(float));
+    for (int r = 0; r < rows; r++) loss_ref[r] = (float)mb_cpu_mse_forward(predictions + r, targets + r, 1);
+    mb_cpu_mse_backward(grad_ref, predictions, targets, rows, scale);
+    expect_close("mse row losses", loss, loss_ref, (size_t)rows, FP32_TOLERANCE);
+    expect_close("mse gradient", grad, grad_ref, (size_t)rows, BF16_TOLERANCE);
+    /* in place: the gradient overwrites the predictions */
+    launched(mb_cuda_mse(d_pred, d_loss, d_pred, d_targets, rows, scale, test_stream, &err), &err, "mse in place");
+    float *grad_in_place = download_bf16(d_pred, (size_t)rows);
+    expect_close("mse gradient in place", grad_in_place, grad_ref, (size_t)rows, BF16_TOLERANCE);
+    free(predictions), free(targets), free(loss), free(grad), free(loss_ref), free(grad_ref), free(grad_in_place);
+    cudaFree(d_pred), cudaFree(d_targets), cudaFree(d_loss), cudaFree(d_grad);
+}
+
+Test(gpu_ops, sum) {
+    require_gpu();
+    mb_rng rng;
+    mb_rng_seed(&rng, 121);
+    mb_error err = {{0}};
+    int count = size_for(1000003, 5000);
+    float *values = random_floats(&rng, (size_t)count, 0.5, 3.0);
+    float *d_values = to_device(values, (size_t)count * sizeof(float));
+    double *d_total = dev_alloc(sizeof(double)), totals[2];
+    for (int run = 0; run < 2; run++) {
+        dev_poison(d_total, sizeof(double));
+        launched(mb_cuda_sum(d_total, d_values, count, test_stream, &err), &err, "sum");
+        download(&totals[run], d_total, sizeof(double));
+    }
+    double reference = 0.0;
+    for (int i = 0; i < count; i++) reference += values[i];
+    cr_expect(fabs(totals[0] - reference) <= SUM_TOLERANCE * fabs(reference), "sum %.17g, CPU %.17g", totals[0],
+              reference);
+    expect_same_bits("sum", &totals[0], &totals[1], sizeof(double));
+    free(values);
+    cudaFree(d_values), cudaFree(d_total);
+}
+
+/* ================================================================================================= optimizer */
+
+Test(gpu_ops, stableadamw) {
+    require_gpu();
+    mb_rng rng;
+    mb_rng_seed(&rng, 131);
+    mb_error err = {{0}};
+    /* one element, a LayerNorm width, just over one chunk (65536), two exact chunks, several chunks */
+    size_t sizes[] = {1, 768, 70001, 131072, (size_t)size_for(600007, 200003)};
+    enum { kTensors = 5, kSteps = 3 };
+    mb_adamw_param cpu[kTensors];
+    mb_cuda_adamw_tensor gpu[kTensors];
+    float *host_param[kTensors];
+    for (int t = 0; t < kTensors; t++) {
+        size_t numel = sizes[t];
+        host_param[t] = random_floats(&rng, numel, 0.0, 0.02);
+        cpu[t] = (mb_adamw_param){"tensor", copy_floats(host_param[t], numel), NULL, calloc(numel, sizeof(float)),
+                                  calloc(numel, sizeof(float)), numel, t % 2 == 0};
+        gpu[t] = (mb_cuda_adamw_tensor){to_device(host_param[t], numel * sizeof(float)), dev_alloc(numel * sizeof(float)),
+                                        dev_alloc(numel * sizeof(float)), dev_alloc(numel * sizeof(float)),
+                                        dev_alloc(numel * sizeof(mb_bf16)), numel, t % 2 == 0};
+        cudaMemset(gpu[t].m, 0, numel * sizeof(float));
+        cudaMemset(gpu[t].v, 0, numel * sizeof(float));
+        dev_poison(gpu[t].param_bf16, numel * sizeof(mb_bf16));
+    }
+    mb_cuda_adamw *adamw = NULL;
+    cr_assert_eq(mb_cuda_adamw_create(&adamw, gpu, kTensors, &err), 0, "adamw_create: %s", err.message);
+    mb_stableadamw opt_cpu, opt_gpu;
+    mb_stableadamw_init(&opt_cpu, 1e-3, 0.05);
+    mb_stableadamw_init(&opt_gpu, 1e-3, 0.05);
+    double *d_norm = dev_alloc(sizeof(double));
+    for (int step = 0; step < kSteps; step++) {
+        for (int t = 0; t < kTensors; t++) {
+            /* step 2 multiplies tensor 0's and 2's gradients by 100: their RMS exceeds 1 and the update is clipped */
+            double scale = step == 1 && (t == 0 || t == 2) ? 0.1 : 1e-3;
+            float *grad = random_floats(&rng, sizes[t], 0.0, scale);
+            free((void *)cpu[t].grad);
+            cpu[t].grad = grad;
+            upload((void *)gpu[t].grad, grad, sizes[t] * sizeof(float));
+        }
+        launched(mb_cuda_grad_norm(adamw, d_norm, test_stream, &err), &err, "grad_norm");
+        double norm;
+        download(&norm, d_norm, sizeof norm);
+        double norm_ref = mb_grad_norm(cpu, kTensors);
+        cr_expect(fabs(norm - norm_ref) <= SUM_TOLERANCE * norm_ref, "grad norm %.17g, CPU %.17g", norm, norm_ref);
+        double lr = 1e-3 * (1.0 - 0.2 * step), rms_ref[kTensors], rms[kTensors];
+        cr_assert_eq(mb_stableadamw_step(&opt_cpu, cpu, kTensors, lr, rms_ref, &err), 0, "%s", err.message);
+        launched(mb_cuda_adamw_step(adamw, &opt_gpu, lr, test_stream, &err), &err, "adamw_step");
+        cr_expect_eq(opt_gpu.step, opt_cpu.step, "step counters differ");
+        download(rms, mb_cuda_adamw_rms(adamw), sizeof rms);
+        for (int t = 0; t < kTensors; t++) {
+            cr_expect(fabs(rms[t] - rms_ref[t]) <= OPT_TOLERANCE * rms_ref[t], "step %d tensor %d: RMS %.17g, CPU %.17g",
+                      step + 1, t, rms[t], rms_ref[t]);
+            if (step == 1 && (t == 0 || t == 2)) cr_expect(rms_ref[t] > 1.0, "tensor %d was meant to be clipped", t);
+        }
+    }
+    for (int t = 0; t < kTensors; t++) {
+        size_t numel = sizes[t];
+        float *param = download_floats(gpu[t].param, numel), *m = download_floats(gpu[t].m, numel);
+        float *v = download_floats(gpu[t].v, numel);
+        mb_bf16 *copy = malloc(numel * sizeof(mb_bf16));
+        download(copy, gpu[t].param_bf16, numel * sizeof(mb_bf16));
+        float *delta = malloc(numel * sizeof(float)), *delta_ref = malloc(numel * sizeof(float));
+        size_t copy_mismatch = 0;
+        for (size_t i = 0; i < numel; i++) {
+            delta[i] = param[i] - host_param[t][i];
+            delta_ref[i] = cpu[t].param[i] - host_param[t][i];
+            copy_mismatch += copy[i] != mb_bf16_from_float(param[i]);
+        }
+        char what[96];
+        snprintf(what, sizeof what, "stableadamw tensor %d (%zu) update", t, numel);
+        expect_close(what, delta, delta_ref, numel, OPT_TOLERANCE);
+        snprintf(what, sizeof what, "stableadamw tensor %d m", t);
+        expect_close(what, m, cpu[t].m, numel, OPT_TOLERANCE);
+        snprintf(what, sizeof what, "stableadamw tensor %d v", t);
+        expect_close(what, v, cpu[t].v, numel, OPT_TOLERANCE);
+        cr_expect_eq(copy_mismatch, 0, "tensor %d: %zu bf16 copies differ from round-to-nearest", t, copy_mismatch);
+        free(param), free(m), free(v), free(copy), free(delta), free(delta_ref);
+        free(cpu[t].param), free((void *)cpu[t].grad), free(cpu[t].m), free(cpu[t].v), free(host_param[t]);
+        cudaFree(gpu[t].param), cudaFree((void *)gpu[t].grad), cudaFree(gpu[t].m), cudaFree(gpu[t].v);
+        cudaFree(gpu[t].param_bf16);
+    }
+    mb_cuda_adamw_destroy(adamw);
+    cudaFree(d_norm);
+}
+
+Test(gpu_ops, to_bf16) {
+    require_gpu();
+    mb_rng rng;
+    mb_rng_seed(&rng, 141);
+    mb_error err = {{0}};
+    size_t count = 100003;
+    float *values = random_floats(&rng, count, 0.0, 10.0);
+    values[0] = 1e-40f; /* subnormal */
+    values[1] = INFINITY;
+    values[2] = -0.0f;
+    values[3] = 3.0e38f;
+    float *d_values = to_device(values, count * sizeof(float));
+    mb_bf16 *d_out = dev_alloc(count * sizeof(mb_bf16)), *out = malloc(count * sizeof(mb_bf16));
+    dev_poison(d_out, count * sizeof(mb_bf16));
+    launched(mb_cuda_to_bf16(d_out, d_values, count, test_stream, &err), &err, "to_bf16");
+    download(out, d_out, count * sizeof(mb_bf16));
+    size_t mismatch = 0;
+    for (size_t i = 0; i < count; i++) mismatch += out[i] != mb_bf16_from_float(values[i]);
+    cr_expect_eq(mismatch, 0, "%zu of %zu conversions differ from round-to-nearest-even", mismatch, count);
+    free(values), free(out);
+    cudaFree(d_values), cudaFree(d_out);
+}
