@@ -14,7 +14,9 @@
 #include <nvtx3/nvToolsExt.h>
 #include <stdint.h>
 
-#include "common/error.h"
+extern "C" {
+#include "common/error.h" /* a C header without extern "C" guards of its own */
+}
 
 /* ---- return-code checks: each makes the enclosing function `return mb_fail(err, ...)` (i.e. -1) ---- */
 
@@ -29,7 +31,7 @@
     do {                                                                                                          \
         cublasStatus_t mb_status_ = (call);                                                                       \
         if (mb_status_ != CUBLAS_STATUS_SUCCESS)                                                                  \
-            return mb_fail((err), "%s:%d: %s: %s", __FILE__, __LINE__, #call, cublasGetStatusString(mb_status_)); \
+            return mb_fail((err), "%s:%d: %s: %s", __FILE__, __LINE__, #call, cublasLtGetStatusString(mb_status_)); \
     } while (0)
 
 #define MB_NCCL_CHECK(err, call)                                                                                  \

@@ -2,11 +2,11 @@
 #ifndef MB_CUDA_DEVICE_H
 #define MB_CUDA_DEVICE_H
 
-#include "common/error.h"
-
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+#include "common/error.h" /* inside extern "C": error.h has no guards of its own, and .cu files include this */
 
 /* Number of usable CUDA devices; 0 (and a reason in err) when there is no driver, no device, or no CUDA build. */
 int mb_cuda_device_count(mb_error *err);

@@ -159,7 +159,7 @@ int choose_algo(mb_cuda_matmul *ctx, const gemm_args &g, const lt_descriptors &d
     cublasLtMatmulPreferenceDestroy(preference);
     if (status != CUBLAS_STATUS_SUCCESS && status != CUBLAS_STATUS_NOT_SUPPORTED)
         return mb_fail(err, "cublasLtMatmulAlgoGetHeuristic (m %d, n %d, k %d): %s", g.m, g.n, g.k,
-                       cublasGetStatusString(status));
+                       cublasLtGetStatusString(status));
     *fallback = status == CUBLAS_STATUS_NOT_SUPPORTED || found == 0;
     if (!*fallback) *algo = result.algo;
     cache_entry *slot = &ctx->cache[ctx->next_slot];
@@ -244,7 +244,7 @@ extern "C" int mb_cuda_matmul_create(mb_cuda_matmul **out, mb_error *err) {
     cublasStatus_t status = cublasLtCreate(&ctx->handle);
     if (status != CUBLAS_STATUS_SUCCESS) {
         free(ctx);
-        return mb_fail(err, "cublasLtCreate: %s", cublasGetStatusString(status));
+        return mb_fail(err, "cublasLtCreate: %s", cublasLtGetStatusString(status));
     }
     cudaError_t alloc = cudaMalloc(&ctx->workspace, kWorkspaceBytes);
     if (alloc != cudaSuccess) {

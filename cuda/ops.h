@@ -25,13 +25,14 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "common/error.h"
-#include "model/config.h"
-#include "train/stableadamw.h"
-
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+/* inside extern "C": these C headers have no guards of their own */
+#include "common/error.h"
+#include "model/config.h"
+#include "train/stableadamw.h"
 
 /* bf16 as raw bits (the layout of __nv_bfloat16). */
 typedef uint16_t mb_bf16;

@@ -182,7 +182,7 @@ static int check_unsupported_model_options(load_ctx *c, const cJSON *model) {
             return mb_fail(c->err, "%s: model.%s: not supported for byte-level BPE (expected null)", c->path,
                            affixes[i]);
     }
-    bool byte_fallback;
+    bool byte_fallback = false;
     if (get_bool(c, model, "byte_fallback", false, &byte_fallback, "model") != 0) return -1;
     if (byte_fallback) return mb_fail(c->err, "%s: model.byte_fallback: true is not supported", c->path);
     return 0;
@@ -258,7 +258,7 @@ static int load_byte_level(load_ctx *c, const cJSON *item, const char *where, mb
 static int load_split(load_ctx *c, const cJSON *item, const char *where, mb_tok_pretok_stage *stage) {
     const cJSON *pattern = field(field(item, "pattern"), "Regex");
     const cJSON *behavior = field(item, "behavior");
-    bool invert;
+    bool invert = false;
     if (get_bool(c, item, "invert", false, &invert, where) != 0) return -1;
     if (!cJSON_IsString(pattern) || strcmp(pattern->valuestring, gpt2_pattern) != 0)
         return mb_fail(c->err, "%s: %s.pattern: only the GPT-2 pattern {\"Regex\": \"%s\"} is supported", c->path,
@@ -478,7 +478,7 @@ static int load_added_tokens(load_ctx *c, const cJSON *root) {
     if (list != NULL) {
         cJSON_ArrayForEach(item, list) {
             mb_tok_added_token given = {0};
-            bool special;
+            bool special = false;
             if (read_added_token(c, item, index, &given, &special) != 0) goto done;
             if (add_one_token(c, &given, special, &max_added, &lists) != 0) goto done;
             index++;

@@ -10,7 +10,7 @@
 #define RUN(member) offsetof(mb_run_config, member)
 #define PHASE(member) offsetof(mb_phase_config, member)
 
-static const char *const preset_names[] = {"tiny", "base", "large", "none", NULL};
+static const char *const preset_names[] = {"tiny", "base", "large", NULL};
 
 static const mb_cfg_field phase_schema[] = {
     {.path = "name", .type = MB_CFG_STRING, .offset = PHASE(name), .size = 64, .default_value = "phase",

@@ -83,7 +83,7 @@ static int build_model_config(trainer *t, mb_config *config, mb_error *err) {
         config->head = MB_HEAD_MASKED_LM;
         return mb_config_finalize(config, err);
     }
-    static const char *const presets[] = {"tiny", "base", "large", "base"};
+    static const char *const presets[] = {"tiny", "base", "large"};
     if (mb_config_preset(config, presets[c->model.preset], err) != 0) return -1;
     int tokenizer_vocab = mb_tokenizer_vocab_size(t->tokenizer);
     config->vocab_size = c->model.vocab_size ? c->model.vocab_size : round_up(tokenizer_vocab, 64);

@@ -22,6 +22,7 @@
 #include <criterion/logging.h>
 #include <math.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
