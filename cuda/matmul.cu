@@ -124,7 +124,7 @@ gemm_key make_key(const gemm_args &g) {
     key.accumulate = g.beta != 0.0f;
     key.align_a = pointer_alignment(g.A);
     key.align_b = pointer_alignment(g.B);
-    key.align_c = g.beta != 0.0f ? pointer_alignment(g.C) : 256;
+    key.align_c = pointer_alignment(g.beta != 0.0f ? g.C : g.D); /* C = D is passed when beta = 0 */
     key.align_d = pointer_alignment(g.D);
     key.align_bias = g.bias != nullptr ? pointer_alignment(g.bias) : 256;
     return key;
@@ -142,8 +142,7 @@ int choose_algo(mb_cuda_matmul *ctx, const gemm_args &g, const lt_descriptors &d
     cublasLtMatmulPreference_t preference;
     MB_CUBLAS_CHECK(err, cublasLtMatmulPreferenceCreate(&preference));
     uint64_t workspace = kWorkspaceBytes;
-    uint32_t align[5] = {(uint32_t)key.align_a, (uint32_t)key.align_b, (uint32_t)key.align_c, (uint32_t)key.align_d,
-                         (uint32_t)key.align_bias};
+    uint32_t align[4] = {(uint32_t)key.align_a, (uint32_t)key.align_b, (uint32_t)key.align_c, (uint32_t)key.align_d};
     cublasLtMatmulPreferenceAttributes_t align_attr[4] = {
         CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
         CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};

@@ -8,6 +8,7 @@
 #include <time.h>
 
 #include "../tools/bench_data.h"
+#include "../tools/bench_tokenize.h"
 #include "../tools/commands.h"
 #include "common/rng.h"
 #include "model/backend.h"
@@ -155,6 +156,7 @@ int mb_cmd_bench(int argc, char **argv) {
     }
     if (strcmp(argv[1], "train") == 0) return bench_train(argc - 1, argv + 1);
     if (strcmp(argv[1], "data") == 0) return mb_bench_data(argc - 1, argv + 1);
+    if (strcmp(argv[1], "tokenize") == 0) return mb_bench_tokenize(argc - 1, argv + 1);
     fprintf(stderr, "modernbert bench: unknown benchmark '%s' (train, data, tokenize)\n", argv[1]);
     return 2;
 }

@@ -5,6 +5,9 @@
 
 int mb_cmd_bench(int argc, char **argv);
 int mb_cmd_check(int argc, char **argv);
+int mb_cmd_eval(int argc, char **argv);
+int mb_cmd_finetune(int argc, char **argv);
+int mb_cmd_glue(int argc, char **argv);
 int mb_cmd_plot(int argc, char **argv);
 int mb_cmd_pretrain(int argc, char **argv);
 int mb_cmd_tokenize(int argc, char **argv);

@@ -16,6 +16,9 @@ static const command commands[] = {
     {"plot", mb_cmd_plot, "draw a run's loss and learning-rate curves to PNG"},
     {"bench", mb_cmd_bench, "measure training, data-loading and tokenizer throughput"},
     {"tokenize", mb_cmd_tokenize, "turn text or JSONL files into token shards"},
+    {"finetune", mb_cmd_finetune, "fine-tune a checkpoint on a GLUE task (classification or regression head)"},
+    {"eval", mb_cmd_eval, "score a fine-tuned checkpoint on GLUE dev splits; write test predictions"},
+    {"glue", mb_cmd_glue, "fine-tune on a list of GLUE tasks and write the paper's Table 5 layout"},
 };
 
 static void print_usage(FILE *stream) {

@@ -17,7 +17,9 @@ It writes only under tests/fixtures/tokenizer/:
      inputs/ (read as bytes, decoded with errors='replace'): ids without special tokens, ids with the single
      template, the decode of those (with and without skip_special_tokens); ids of every pair (input i, input i+1);
      the id of every added token.
-`--tokenizers-only` does step 1 alone and needs only the standard library. Prints a summary.
+`--tokenizers-only` does step 1 alone and needs only the standard library. `--node-modules DIR` computes step 2 with
+the Node.js binding of the same Rust library instead of the Python package (`npm install tokenizers` in some folder,
+then pass its node_modules; that is how the first fixtures were made, with tokenizers 0.23.2). Prints a summary.
 """
 import argparse
 import collections
@@ -250,9 +252,11 @@ def write_tiny_tokenizers(texts):
     for name, build in (("tiny_legacy", tiny_legacy), ("tiny_pairs", tiny_pairs)):
         path = os.path.join(FIXTURES, name + ".json")
         spec = build(corpus)
+        before = open(path, "rb").read() if os.path.exists(path) else None
         write_json(path, spec)
+        state = "unchanged" if before == open(path, "rb").read() else "new or changed"
         made[name] = path
-        print(f"wrote {os.path.relpath(path, ROOT)}: {len(spec['model']['vocab'])} model tokens, "
+        print(f"wrote {os.path.relpath(path, ROOT)} ({state}): {len(spec['model']['vocab'])} model tokens, "
               f"{len(spec['model']['merges'])} merges, {len(spec['added_tokens'])} added tokens")
     return made
 
@@ -290,7 +294,8 @@ const fs = require('fs');
     const plain = (await tok.encode(text, null, { addSpecialTokens: false })).getIds();
     const single = (await tok.encode(text, null, { addSpecialTokens: true })).getIds();
     out.plain.push({ ids: plain, decode: await tok.decode(plain, false) });
-    out.single.push({ ids: single, decode: await tok.decode(single, false), decode_skip: await tok.decode(single, true) });
+    out.single.push({ ids: single, decode: await tok.decode(single, false),
+                      decode_skip: await tok.decode(single, true) });
   }
   for (const [a, b] of req.pairs) out.pairs.push((await tok.encode(a, b, { addSpecialTokens: true })).getIds());
   process.stdout.write(JSON.stringify(out));

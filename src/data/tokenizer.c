@@ -5,7 +5,8 @@
  *   2. added tokens with normalized=false are split out of the raw text (added_vocabulary.rs::find_matches:
  *      leftmost-longest matches, non-overlapping; single_word drops a match touching a \w character; lstrip / rstrip
  *      absorb the adjacent whitespace);
- *   3. every remaining piece is normalized (NFC or nothing), then added tokens with normalized=true are split out of it;
+ *   3. every remaining piece is normalized (NFC or nothing), then added tokens with normalized=true are split out
+ *      of it;
  *   4. every remaining piece goes through the pre-tokenizer (ByteLevel: optional prefix space, GPT-2 split), and each
  *      word through BPE (tokenizer_bpe.c).
  * decode(ids): each id's token (added token content, else model token); the ByteLevel decoder maps every token back to
@@ -185,7 +186,8 @@ static int split_on_added(encode_ctx *c, const mb_tok_trie *trie, const char *s,
     size_t start_offset = 0, pos = 0;
     while (pos < length) {
         size_t match_end = 0;
-        int32_t index = trie->root_child[(unsigned char)s[pos]] < 0 ? -1 : longest_match(trie, s, length, pos, &match_end);
+        bool candidate = trie->root_child[(unsigned char)s[pos]] >= 0;
+        int32_t index = candidate ? longest_match(trie, s, length, pos, &match_end) : -1;
         if (index < 0) {
             pos++;
             continue;
@@ -319,7 +321,14 @@ done:
 
 int mb_tokenizer_decode(const mb_tokenizer *t, const int32_t *ids, size_t count, int skip_special, char **text,
                         mb_error *err) {
+    size_t length;
+    return mb_tokenizer_decode_length(t, ids, count, skip_special, text, &length, err);
+}
+
+int mb_tokenizer_decode_length(const mb_tokenizer *t, const int32_t *ids, size_t count, int skip_special, char **text,
+                               size_t *length, mb_error *err) {
     *text = NULL;
+    *length = 0;
     size_t total = 1;
     for (size_t i = 0; i < count; i++)
         if (ids[i] >= 0 && ids[i] < t->id_limit && t->decoded[ids[i]] != NULL) total += t->decoded_lengths[ids[i]] + 1;
@@ -336,8 +345,7 @@ int mb_tokenizer_decode(const mb_tokenizer *t, const int32_t *ids, size_t count,
         n += t->decoded_lengths[id];
         first = false;
     }
-    size_t length;
-    int rc = mb_tok_utf8_sanitize((const uint8_t *)bytes, n, text, &length);
+    int rc = mb_tok_utf8_sanitize((const uint8_t *)bytes, n, text, length);
     free(bytes);
     return rc == 0 ? 0 : mb_fail(err, "out of memory decoding %zu ids", count);
 }

@@ -36,6 +36,9 @@ int mb_tokenizer_encode_template(const mb_tokenizer *tokenizer, const char *a, s
 /* Decodes ids to a malloc'ed NUL-terminated string (ByteLevel decoder); special tokens kept or skipped. */
 int mb_tokenizer_decode(const mb_tokenizer *tokenizer, const int32_t *ids, size_t count, int skip_special,
                         char **text, mb_error *err);
+/* The same, also giving the length in bytes (the text may contain NUL bytes when the ids encode U+0000). */
+int mb_tokenizer_decode_length(const mb_tokenizer *tokenizer, const int32_t *ids, size_t count, int skip_special,
+                               char **text, size_t *length, mb_error *err);
 
 /* Size of the id space (largest id + 1, counting added tokens). */
 int mb_tokenizer_vocab_size(const mb_tokenizer *tokenizer);

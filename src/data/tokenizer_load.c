@@ -249,6 +249,8 @@ static int load_normalizer(load_ctx *c, const cJSON *root) {
 
 static int load_byte_level(load_ctx *c, const cJSON *item, const char *where, mb_tok_pretok_stage *stage) {
     stage->is_split = false;
+    if (!cJSON_IsBool(field(item, "add_prefix_space"))) /* required by tokenizers too */
+        return mb_fail(c->err, "%s: %s.add_prefix_space: missing (expected true or false)", c->path, where);
     return get_bool(c, item, "add_prefix_space", true, &stage->add_prefix_space, where) != 0 ||
                    get_bool(c, item, "use_regex", true, &stage->use_regex, where) != 0
                ? -1
@@ -592,8 +594,9 @@ static int load_one_processor(load_ctx *c, const cJSON *processor, const char *w
     mb_tokenizer *t = c->t;
     const char *type = type_of(processor);
     if (type != NULL && strcmp(type, "ByteLevel") == 0) return 0; /* only trims offsets */
-    bool template_like = type != NULL && (strcmp(type, "TemplateProcessing") == 0 ||
-                                          strcmp(type, "BertProcessing") == 0 || strcmp(type, "RobertaProcessing") == 0);
+    bool template_like = type != NULL &&
+                         (strcmp(type, "TemplateProcessing") == 0 || strcmp(type, "BertProcessing") == 0 ||
+                          strcmp(type, "RobertaProcessing") == 0);
     if (!template_like)
         return mb_fail(c->err, "%s: %s.type: \"%s\" is not supported (TemplateProcessing, BertProcessing, "
                        "RobertaProcessing, ByteLevel or a Sequence of them)",

@@ -186,6 +186,10 @@ int mb_tok_char_class(uint32_t cp) {
 bool mb_tok_is_word_char(uint32_t cp) {
     if (cp < 0x80) return ((cp | 0x20) >= 'a' && (cp | 0x20) <= 'z') || (cp >= '0' && cp <= '9') || cp == '_';
     if (cp == 0x200C || cp == 0x200D) return true; /* Join_Control */
+    /* Other_Alphabetic symbols (So): circled / squared Latin letters; the rest of Other_Alphabetic is marks. */
+    if ((cp >= 0x24B6 && cp <= 0x24E9) || (cp >= 0x1F130 && cp <= 0x1F149) || (cp >= 0x1F150 && cp <= 0x1F169) ||
+        (cp >= 0x1F170 && cp <= 0x1F189))
+        return true;
     switch (utf8proc_category((utf8proc_int32_t)cp)) {
     case UTF8PROC_CATEGORY_LU:
     case UTF8PROC_CATEGORY_LL:
@@ -266,25 +270,64 @@ size_t mb_tok_gpt2_match(const uint8_t *s, size_t length) {
     return last_start;
 }
 
-/* ---- NFC -------------------------------------------------------------------------------------------------------- */
+/* ---- NFC ------------------------------------------------------------------------------------------------------ */
 
-int mb_tok_nfc(const char *s, size_t length, char **out, size_t *out_length, mb_error *err) {
-    bool ascii = true;
-    for (size_t i = 0; i < length && ascii; i++) ascii = (unsigned char)s[i] < 0x80;
-    if (ascii || length == 0) {
-        char *copy = malloc(length + 1);
-        if (copy == NULL) return mb_fail(err, "out of memory normalizing %zu bytes", length);
-        memcpy(copy, s, length);
-        copy[length] = '\0';
-        *out = copy;
-        *out_length = length;
-        return 0;
+typedef struct byte_buffer {
+    char *data;
+    size_t length, capacity;
+} byte_buffer;
+
+static int buffer_append(byte_buffer *b, const char *s, size_t length) {
+    if (b->length + length + 1 > b->capacity) {
+        size_t capacity = b->capacity ? b->capacity : 64;
+        while (capacity < b->length + length + 1) capacity *= 2;
+        char *bigger = realloc(b->data, capacity);
+        if (bigger == NULL) return -1;
+        b->data = bigger;
+        b->capacity = capacity;
     }
+    memcpy(b->data + b->length, s, length);
+    b->length += length;
+    b->data[b->length] = '\0';
+    return 0;
+}
+
+static int append_nfc_segment(byte_buffer *b, const char *s, size_t length, mb_error *err) {
     utf8proc_uint8_t *mapped = NULL;
     utf8proc_ssize_t n = utf8proc_map((const utf8proc_uint8_t *)s, (utf8proc_ssize_t)length, &mapped,
                                       (utf8proc_option_t)(UTF8PROC_STABLE | UTF8PROC_COMPOSE));
     if (n < 0) return mb_fail(err, "NFC normalization failed: %s", utf8proc_errmsg(n));
-    *out = (char *)mapped;
-    *out_length = (size_t)n;
+    int rc = buffer_append(b, (const char *)mapped, (size_t)n);
+    free(mapped);
+    return rc == 0 ? 0 : mb_fail(err, "out of memory normalizing %zu bytes", length);
+}
+
+/* Only the stretches around non-ASCII characters go through utf8proc: an ASCII character is a starter that never
+ * composes with what precedes it, so NFC(x y) = NFC(x) NFC(y) whenever y starts with ASCII. Each stretch starts at
+ * the ASCII character before the non-ASCII run (it may compose with a following mark) and ends before the next ASCII
+ * character. */
+int mb_tok_nfc(const char *s, size_t length, char **out, size_t *out_length, mb_error *err) {
+    byte_buffer b = {NULL, 0, 0};
+    if (buffer_append(&b, "", 0) != 0) return mb_fail(err, "out of memory normalizing %zu bytes", length);
+    size_t i = 0;
+    while (i < length) {
+        size_t j = i;
+        while (j < length && (unsigned char)s[j] < 0x80) j++;
+        size_t stretch = j < length && j > i ? j - 1 : j;
+        if (buffer_append(&b, s + i, stretch - i) != 0) goto oom;
+        if (j == length) break;
+        size_t k = j;
+        while (k < length && (unsigned char)s[k] >= 0x80) k++;
+        if (append_nfc_segment(&b, s + stretch, k - stretch, err) != 0) {
+            free(b.data);
+            return -1;
+        }
+        i = k;
+    }
+    *out = b.data;
+    *out_length = b.length;
     return 0;
+oom:
+    free(b.data);
+    return mb_fail(err, "out of memory normalizing %zu bytes", length);
 }

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Runs the CUDA op tests on a GPU machine, from the repository root:
+#   1. build-cuda/tests/gpu/test_gpu_ops --verbose          (full sizes: every kernel against the CPU reference)
+#   2. compute-sanitizer --tool memcheck  on the same tests with MB_GPU_TEST_SMALL=1 (reduced sizes)
+#   3. compute-sanitizer --tool racecheck on the same tests with MB_GPU_TEST_SMALL=1
+# The binaries are built elsewhere (`meson setup build-cuda && ninja -C build-cuda`) and carried here with the shared
+# libraries the GPU machine lacks (Criterion, zstd, yaml, utf8proc, cjson, OpenBLAS, ...) in .devlib/.
+# Logs go to $OUT (or /tmp) as gpu_test_<step>.log; the last lines printed are a summary table.
+# Usage: [MB_GPU_TEST_STEPS="tests memcheck racecheck"] tools/gpu_test.sh [extra Criterion arguments,
+#        e.g. --filter 'gpu_ops/attention*']   (choose steps to fit a time limit per command)
+set -u
+
+root=$(pwd)
+binary="$root/build-cuda/tests/gpu/test_gpu_ops"
+log_dir="${OUT:-/tmp}"
+export LD_LIBRARY_PATH="$root/.devlib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+if [ ! -x "$binary" ]; then
+    echo "missing $binary: build it with 'meson setup build-cuda && ninja -C build-cuda' first" >&2
+    exit 2
+fi
+
+sanitizer=$(command -v compute-sanitizer || true)
+for candidate in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
+    if [ -z "$sanitizer" ] && [ -x "$candidate" ]; then sanitizer=$candidate; fi
+done
+
+echo "== device"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -4
+missing=$(ldd "$binary" | grep "not found" || true)
+if [ -n "$missing" ]; then
+    echo "shared libraries not found (add them to .devlib):" >&2
+    echo "$missing" >&2
+    exit 2
+fi
+
+declare -a names results seconds
+
+run_step() { # name, command...
+    local name=$1
+    shift
+    local log="$log_dir/gpu_test_$name.log" start end status
+    echo "== $name: $*"
+    start=$(date +%s)
+    "$@" >"$log" 2>&1
+    status=$?
+    end=$(date +%s)
+    tail -n 40 "$log"
+    if [ "$status" = 0 ] && grep -q "^\[SKIP\]" "$log"; then status=skipped; fi # on a GPU machine a skip is a failure
+    names+=("$name")
+    results+=("$status")
+    seconds+=("$((end - start))")
+}
+
+steps=${MB_GPU_TEST_STEPS:-tests memcheck racecheck}
+for step in $steps; do
+    case $step in
+    tests) # Criterion runs each test in its own process; -j1 keeps the output in order.
+        run_step tests "$binary" --verbose -j1 "$@" ;;
+    memcheck | racecheck)
+        if [ -z "$sanitizer" ]; then
+            echo "compute-sanitizer not found: $step skipped" >&2
+            names+=("$step")
+            results+=("missing")
+            seconds+=("0")
+            continue
+        fi
+        run_step "$step" env MB_GPU_TEST_SMALL=1 "$sanitizer" --tool "$step" --target-processes all \
+            --error-exitcode 99 "$binary" -j1 "$@" ;;
+    *)
+        echo "unknown step '$step' (tests, memcheck, racecheck)" >&2
+        exit 2 ;;
+    esac
+done
+
+echo
+echo "== summary (logs in $log_dir/gpu_test_*.log)"
+printf '%-10s %-8s %s\n' step status seconds
+failed=0
+for i in "${!names[@]}"; do
+    printf '%-10s %-8s %s\n' "${names[$i]}" "${results[$i]}" "${seconds[$i]}"
+    if [ "${results[$i]}" != "0" ]; then failed=1; fi
+done
+grep -h "Synthesis" "$log_dir"/gpu_test_tests.log 2>/dev/null
+grep -h "ERROR SUMMARY\|RACECHECK SUMMARY" "$log_dir"/gpu_test_memcheck.log "$log_dir"/gpu_test_racecheck.log 2>/dev/null | sort | uniq -c
+exit $failed
