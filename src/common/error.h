@@ -7,6 +7,10 @@
 
 #include <stddef.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef struct mb_error {
     char message[1024];
 } mb_error;
@@ -18,5 +22,9 @@ int mb_fail(mb_error *err, const char *format, ...) __attribute__((format(printf
 int mb_fail_context(mb_error *err, const char *format, ...) __attribute__((format(printf, 2, 3)));
 
 void mb_error_clear(mb_error *err);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -406,10 +406,22 @@ int mb_config_load_json(mb_config *config, const char *path, mb_error *err) {
 
 /* ---- config.json writing ---- */
 
+/* transformers (v5) validates float fields strictly: 2 is rejected where 2.0 is expected, so floats always carry a
+ * decimal point or an exponent. */
+static void add_float(cJSON *object, const char *key, double value) {
+    char text[64];
+    for (int digits = 15; digits <= 17; digits++) {  /* the shortest form that reads back exactly */
+        snprintf(text, sizeof text, "%.*g", digits, value);
+        if (strtod(text, NULL) == value) break;
+    }
+    if (strpbrk(text, ".eEn") == NULL) strncat(text, ".0", sizeof text - strlen(text) - 1);
+    cJSON_AddRawToObject(object, key, text);
+}
+
 static void add_rope_entry(cJSON *parent, const char *name, double theta) {
     cJSON *entry = cJSON_AddObjectToObject(parent, name);
     cJSON_AddStringToObject(entry, "rope_type", "default");
-    cJSON_AddNumberToObject(entry, "rope_theta", theta);
+    add_float(entry, "rope_theta", theta);
 }
 
 static void add_layer_types(cJSON *root, const mb_config *c) {
@@ -448,14 +460,14 @@ char *mb_config_to_json(const mb_config *c) {
     cJSON_AddNumberToObject(root, "max_position_embeddings", c->max_position_embeddings);
     cJSON_AddNumberToObject(root, "global_attn_every_n_layers", c->global_attn_every_n_layers);
     cJSON_AddNumberToObject(root, "local_attention", c->local_attention);
-    cJSON_AddNumberToObject(root, "global_rope_theta", c->global_rope_theta);
-    cJSON_AddNumberToObject(root, "local_rope_theta", c->local_rope_theta);
+    add_float(root, "global_rope_theta", c->global_rope_theta);
+    add_float(root, "local_rope_theta", c->local_rope_theta);
     add_layer_types(root, c);
     cJSON *rope = cJSON_AddObjectToObject(root, "rope_parameters");
     add_rope_entry(rope, "full_attention", c->global_rope_theta);
     add_rope_entry(rope, "sliding_attention", c->local_rope_theta);
-    cJSON_AddNumberToObject(root, "norm_eps", c->norm_eps);
-    cJSON_AddNumberToObject(root, "layer_norm_eps", c->norm_eps);
+    add_float(root, "norm_eps", c->norm_eps);
+    add_float(root, "layer_norm_eps", c->norm_eps);
     cJSON_AddBoolToObject(root, "norm_bias", c->norm_bias);
     cJSON_AddBoolToObject(root, "attention_bias", c->attention_bias);
     cJSON_AddBoolToObject(root, "mlp_bias", c->mlp_bias);
@@ -464,17 +476,17 @@ char *mb_config_to_json(const mb_config *c) {
     cJSON_AddBoolToObject(root, "tie_word_embeddings", c->tie_word_embeddings);
     cJSON_AddStringToObject(root, "hidden_activation", mb_activation_name(c->hidden_activation));
     cJSON_AddStringToObject(root, "classifier_activation", mb_activation_name(c->classifier_activation));
-    cJSON_AddNumberToObject(root, "embedding_dropout", c->embedding_dropout);
-    cJSON_AddNumberToObject(root, "attention_dropout", c->attention_dropout);
-    cJSON_AddNumberToObject(root, "mlp_dropout", c->mlp_dropout);
-    cJSON_AddNumberToObject(root, "classifier_dropout", c->classifier_dropout);
+    add_float(root, "embedding_dropout", c->embedding_dropout);
+    add_float(root, "attention_dropout", c->attention_dropout);
+    add_float(root, "mlp_dropout", c->mlp_dropout);
+    add_float(root, "classifier_dropout", c->classifier_dropout);
     cJSON_AddNumberToObject(root, "pad_token_id", c->pad_token_id);
     cJSON_AddNumberToObject(root, "cls_token_id", c->cls_token_id);
     cJSON_AddNumberToObject(root, "sep_token_id", c->sep_token_id);
     cJSON_AddNumberToObject(root, "bos_token_id", c->bos_token_id);
     cJSON_AddNumberToObject(root, "eos_token_id", c->eos_token_id);
-    cJSON_AddNumberToObject(root, "initializer_range", c->initializer_range);
-    cJSON_AddNumberToObject(root, "initializer_cutoff_factor", c->initializer_cutoff_factor);
+    add_float(root, "initializer_range", c->initializer_range);
+    add_float(root, "initializer_cutoff_factor", c->initializer_cutoff_factor);
     cJSON_AddBoolToObject(root, "deterministic_flash_attn", 0);
     cJSON_AddBoolToObject(root, "sparse_prediction", 0);
     cJSON_AddNumberToObject(root, "sparse_pred_ignore_index", -100);

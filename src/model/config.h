@@ -8,6 +8,10 @@
 
 #include "common/error.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 #define MB_MAX_LAYERS 256
 #define MB_MAX_LABELS 64
 #define MB_LABEL_NAME_SIZE 64
@@ -77,5 +81,9 @@ int mb_layer_is_global(const mb_config *config, int layer);
 double mb_layer_rope_theta(const mb_config *config, int layer);
 /* Window half-width of a layer: -1 for global layers (whole sequence), local_attention / 2 otherwise. */
 int mb_layer_window(const mb_config *config, int layer);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

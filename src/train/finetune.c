@@ -1,6 +1,7 @@
 /* GLUE fine-tuning and evaluation (see finetune.h for the procedure). */
 #include "train/finetune.h"
 
+#include <cjson/cJSON.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stddef.h>
@@ -61,6 +62,9 @@ const mb_cfg_field mb_finetune_config_schema[] = {
     {.path = "model.label_names", .type = MB_CFG_LIST, .offset = FT(model.label_names), .size = MB_LABEL_NAME_SIZE,
      .fields = label_name_schema, .count_offset = FT(model.label_name_count), .capacity = MB_MAX_LABELS,
      .help = "id2label names replacing the task's (e.g. [ham, spam] for a custom SST-2-format dataset)"},
+    {.path = "model.keep_classifier", .type = MB_CFG_BOOL, .offset = FT(model.keep_classifier),
+     .default_value = "false",
+     .help = "keep the init checkpoint's classifier.* when its shape fits (false: a new one, as ModernBERT does)"},
     {.path = "optimizer.lr", .type = MB_CFG_FLOAT, .offset = FT(optimizer.lr), .default_value = "5e-5", .min = "0",
      .max = "1", .flags = MB_CFG_MIN_EXCLUSIVE, .help = "peak learning rate"},
     {.path = "optimizer.weight_decay", .type = MB_CFG_FLOAT, .offset = FT(optimizer.weight_decay),
@@ -251,13 +255,17 @@ static int copy_file(const char *from, const char *to, mb_error *err) {
     return rc;
 }
 
-/* Copies every tensor the source model has under the same name and shape; returns how many were left alone. */
-static int copy_matching_tensors(mb_model *target, const mb_model *source, char *fresh, size_t fresh_size) {
+/* Copies every tensor the source model has under the same name and shape, except classifier.* unless
+ * keep_classifier (ModernBERT's GLUE jobs load with load_ignore_keys=["state/model/model.classifier*"]: a task
+ * started from the MNLI model gets a new classifier). Returns how many tensors were left at their initialisation. */
+static int copy_matching_tensors(mb_model *target, const mb_model *source, int keep_classifier, char *fresh,
+                                 size_t fresh_size) {
     int left = 0;
     fresh[0] = '\0';
     for (int i = 0; i < target->table.count; i++) {
         const mb_param_info *p = &target->table.params[i];
-        int j = mb_param_table_find(&source->table, p->name);
+        int j = keep_classifier || strncmp(p->name, "classifier.", 11) != 0 ? mb_param_table_find(&source->table, p->name)
+                                                                            : -1;
         const mb_param_info *q = j >= 0 ? &source->table.params[j] : NULL;
         if (q != NULL && q->ndim == p->ndim && q->shape[0] == p->shape[0] && q->shape[1] == p->shape[1]) {
             memcpy(target->params + p->offset, source->params + q->offset, p->numel * sizeof(float));
@@ -286,7 +294,8 @@ typedef struct finetuner {
     mb_glue_encoded train, dev[MB_GLUE_MAX_SPLITS];
     size_t *order;
     packed_batch packed;
-    float *predictions;
+    float *predictions[MB_GLUE_MAX_SPLITS];  /* the last evaluation's predictions and logits, per dev split */
+    float *logits[MB_GLUE_MAX_SPLITS];
     FILE *metrics;
     double start_time;
 } finetuner;
@@ -321,11 +330,13 @@ static int setup_model(finetuner *f, mb_error *err) {
     if (rc == 0) {
         mb_params_init(&f->host.table, &config, f->host.params, (uint64_t)f->cfg->run.seed);
         char fresh[1024];
-        int left = copy_matching_tensors(&f->host, &init, fresh, sizeof fresh);
-        printf("init: %s (%s, %d labels) -> %d labels, %s pooling; initialised fresh: %s\n", f->init_dir,
-               init.config.head == MB_HEAD_MASKED_LM ? "masked LM" : "classifier",
-               init.config.head == MB_HEAD_MASKED_LM ? 0 : init.config.num_labels, config.num_labels,
-               config.classifier_pooling == MB_POOLING_CLS ? "cls" : "mean", left ? fresh : "nothing");
+        int left = copy_matching_tensors(&f->host, &init, f->cfg->model.keep_classifier, fresh, sizeof fresh);
+        char kind[64] = "masked LM";
+        if (init.config.head != MB_HEAD_MASKED_LM)
+            snprintf(kind, sizeof kind, "classifier with %d label(s)", init.config.num_labels);
+        printf("init: %s (%s) -> %d label(s), %s pooling; initialised fresh: %s\n", f->init_dir, kind,
+               config.num_labels, config.classifier_pooling == MB_POOLING_CLS ? "cls" : "mean",
+               left ? fresh : "nothing");
     }
     mb_model_free(&init);
     if (rc != 0) return -1;
@@ -417,11 +428,13 @@ static int setup_data(finetuner *f, mb_error *err) {
     for (int i = 0; i < r->dev_count; i++)
         if (load_encoded(f, r->dev_names[i], c->data.max_eval_examples, 0, &f->dev[i], err) != 0) return -1;
     r->train_examples = f->train.count;
-    size_t largest = f->train.count;
-    for (int i = 0; i < r->dev_count; i++) largest = f->dev[i].count > largest ? f->dev[i].count : largest;
     f->order = malloc(f->train.count * sizeof *f->order);
-    f->predictions = malloc(largest * sizeof *f->predictions);
-    if (f->order == NULL || f->predictions == NULL) return mb_fail(err, "out of memory");
+    if (f->order == NULL) return mb_fail(err, "out of memory");
+    for (int i = 0; i < r->dev_count; i++) {
+        f->predictions[i] = malloc(f->dev[i].count * sizeof(float));
+        f->logits[i] = malloc(f->dev[i].count * (size_t)f->info->num_labels * sizeof(float));
+        if (f->predictions[i] == NULL || f->logits[i] == NULL) return mb_fail(err, "out of memory");
+    }
     return packed_batch_init(&f->packed, c->training.micro_batch_tokens, err);
 }
 
@@ -482,11 +495,37 @@ static int run_step(finetuner *f, size_t begin, size_t end, double lr, step_stat
 static int evaluate(finetuner *f, mb_glue_scores *scores, mb_error *err) {
     for (int i = 0; i < f->result->dev_count; i++) {
         const mb_glue_encoded *d = &f->dev[i];
-        if (mb_finetune_predict(f->backend, d, f->cfg->training.micro_batch_tokens, f->predictions, NULL, err) != 0)
+        if (mb_finetune_predict(f->backend, d, f->cfg->training.micro_batch_tokens, f->predictions[i], f->logits[i],
+                                err) != 0)
             return -1;
-        if (mb_glue_score(f->task, f->predictions, d->labels, d->count, &scores[i], err) != 0) return -1;
+        if (mb_glue_score(f->task, f->predictions[i], d->labels, d->count, &scores[i], err) != 0) return -1;
     }
     return 0;
+}
+
+/* BEST/<split>_predictions.tsv: "index label prediction logit_0 .. logit_k-1" per dev row (%.9g: floats round-trip
+ * exactly), for error analysis and for checking that the saved checkpoint reproduces them. */
+static int write_dev_predictions(finetuner *f, int split, mb_error *err) {
+    char path[MB_FT_PATH_SIZE + 160];
+    snprintf(path, sizeof path, "%s/%s_predictions.tsv", f->result->best_dir, f->result->dev_names[split]);
+    char *text = NULL;
+    size_t size = 0;
+    FILE *out = open_memstream(&text, &size);
+    if (out == NULL) return mb_fail(err, "out of memory");
+    int k_count = f->info->num_labels;
+    fprintf(out, "index\tlabel\tprediction");
+    for (int k = 0; k < k_count; k++) fprintf(out, "\tlogit_%d", k);
+    fprintf(out, "\n");
+    const mb_glue_encoded *d = &f->dev[split];
+    for (size_t i = 0; i < d->count; i++) {
+        fprintf(out, "%" PRId64 "\t%.9g\t%.9g", d->indices[i], d->labels[i], f->predictions[split][i]);
+        for (int k = 0; k < k_count; k++) fprintf(out, "\t%.9g", f->logits[split][i * (size_t)k_count + (size_t)k]);
+        fprintf(out, "\n");
+    }
+    fclose(out);
+    int rc = mb_write_file_atomic(path, text, size, err);
+    free(text);
+    return rc;
 }
 
 static int save_best(finetuner *f, mb_error *err) {
@@ -495,7 +534,15 @@ static int save_best(finetuner *f, mb_error *err) {
     if (f->backend->ops->read_params(f->backend, f->host.params, err) != 0) return -1;
     if (mb_model_save_hf(&f->host, f->result->best_dir, err) != 0) return -1;
     snprintf(path, sizeof path, "%s/tokenizer.json", f->result->best_dir);
-    return copy_file(f->tokenizer_path, path, err);
+    if (copy_file(f->tokenizer_path, path, err) != 0) return -1;
+    for (int i = 0; i < f->result->dev_count; i++)
+        if (write_dev_predictions(f, i, err) != 0) return -1;
+    /* What `modernbert eval` needs to encode inputs as training did. */
+    char settings[256];
+    int n = snprintf(settings, sizeof settings, "{\"task\": \"%s\", \"max_seq_len\": %d}\n", f->info->name,
+                     f->cfg->data.max_seq_len);
+    snprintf(path, sizeof path, "%s/finetune.json", f->result->best_dir);
+    return mb_write_file_atomic(path, settings, (size_t)n, err);
 }
 
 static void json_number(FILE *out, const char *key, double value) {
@@ -649,7 +696,10 @@ static void finetuner_free(finetuner *f) {
     mb_glue_encoded_free(&f->train);
     for (int i = 0; i < MB_GLUE_MAX_SPLITS; i++) mb_glue_encoded_free(&f->dev[i]);
     free(f->order);
-    free(f->predictions);
+    for (int i = 0; i < MB_GLUE_MAX_SPLITS; i++) {
+        free(f->predictions[i]);
+        free(f->logits[i]);
+    }
     packed_batch_free(&f->packed);
     if (f->metrics) fclose(f->metrics);
 }
@@ -686,11 +736,26 @@ typedef struct evaluator {
     int64_t micro_batch_tokens;
 } evaluator;
 
+/* The max_seq_len the checkpoint was fine-tuned with (MODEL/finetune.json), or 256. */
+static int trained_max_seq_len(const char *model_dir) {
+    char path[4200], *text = NULL;
+    size_t size = 0;
+    mb_error ignored;
+    snprintf(path, sizeof path, "%s/finetune.json", model_dir);
+    if (!mb_path_exists(path) || mb_read_file(path, &text, &size, &ignored) != 0) return 256;
+    cJSON *root = cJSON_Parse(text);
+    const cJSON *value = cJSON_GetObjectItemCaseSensitive(root, "max_seq_len");
+    int length = cJSON_IsNumber(value) && value->valueint >= 3 ? value->valueint : 256;
+    cJSON_Delete(root);
+    free(text);
+    return length;
+}
+
 static int evaluator_setup(evaluator *e, mb_error *err) {
     const mb_eval_options *o = e->o;
     if (mb_glue_task_from_name(o->task, &e->task, err) != 0) return -1;
     e->info = mb_glue_task_get(e->task);
-    e->max_seq_len = o->max_seq_len > 0 ? o->max_seq_len : 256;
+    e->max_seq_len = o->max_seq_len > 0 ? o->max_seq_len : trained_max_seq_len(o->model_dir);
     e->micro_batch_tokens = o->micro_batch_tokens > 0 ? o->micro_batch_tokens : 8192;
     if (e->micro_batch_tokens < e->max_seq_len) e->micro_batch_tokens = e->max_seq_len;
     if (mb_model_load_hf(&e->model, o->model_dir, err) != 0) return -1;

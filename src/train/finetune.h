@@ -3,8 +3,8 @@
  * Fine-tuning, read top to bottom (finetune.c):
  *   the init checkpoint (an MLM checkpoint from `modernbert pretrain`, a Hugging Face ModernBERT, or a fine-tuned
  *   classifier such as the MNLI model RTE, MRPC and STS-B start from) is loaded; every tensor of the classifier
- *   whose name and shape it has is copied, the rest (classifier.weight/bias when the label count differs, or any
- *   head tensor an MLM checkpoint lacks) keeps the seeded HF initialisation
+ *   whose name and shape it has is copied except classifier.* (new for every task, as ModernBERT's GLUE jobs ignore
+ *   the loaded classifier; model.keep_classifier keeps it), the rest keeps the seeded HF initialisation
  *   → the train and dev splits are read and encoded once ([CLS] A [SEP] (B [SEP]), longest-first truncation)
  *   → per epoch: a seeded shuffle; steps of batch_size sequences, each packed without padding into micro-batches of
  *     at most micro_batch_tokens tokens; loss = mean over the step's sequences of the cross-entropy (classification)
@@ -14,8 +14,9 @@
  *     linear decay to final_lr_fraction × lr
  *   → after every epoch: every dev split is scored; the best epoch (by the task's main score on the first dev
  *     split) is saved to OUTPUT/best/ as a transformers ModernBertForSequenceClassification checkpoint (id2label,
- *     label2id, classifier_pooling, num_labels, tokenizer.json); training stops after `early_stopping_patience`
- *     epochs without improvement.
+ *     label2id, classifier_pooling, num_labels, tokenizer.json) with finetune.json (task, max_seq_len) and
+ *     <dev split>_predictions.tsv (index, label, prediction, logits); training stops after
+ *     `early_stopping_patience` epochs without improvement.
  * Everything random (classifier init, shuffles, subsets) comes from the seed, and the CPU backend is deterministic
  * for a fixed thread count, so a fixed seed reproduces the same metrics bit for bit.
  *
@@ -61,6 +62,7 @@ typedef struct mb_finetune_config {
         int pooling;                      /* MB_FT_POOLING_* */
         char label_names[MB_MAX_LABELS][MB_LABEL_NAME_SIZE];
         int label_name_count;             /* 0 = the task's names */
+        bool keep_classifier;             /* copy the init checkpoint's classifier.* (default: a new classifier) */
     } model;
     struct {
         double lr, weight_decay, beta1, beta2, eps, warmup_fraction, final_lr_fraction;
@@ -123,7 +125,7 @@ typedef struct mb_eval_options {
     const char *backend;            /* NULL = "auto" */
     const char *splits;             /* comma-separated labelled splits to score; NULL = the task's dev splits */
     const char *predictions_dir;    /* write the test splits' submission files here; NULL = none */
-    int max_seq_len;                /* 0 = 256 */
+    int max_seq_len;                /* 0 = MODEL/finetune.json's (what fine-tuning used), else 256 */
     int64_t micro_batch_tokens;     /* 0 = 8192 */
     int64_t max_examples;           /* 0 = all */
 } mb_eval_options;

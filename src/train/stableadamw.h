@@ -30,6 +30,10 @@
 
 #include "common/error.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 typedef struct mb_adamw_param {
     const char *name;        /* for messages */
     float *param;            /* θ, fp32 master weights */
@@ -63,5 +67,9 @@ double mb_grad_norm(const mb_adamw_param *params, size_t n_params);
 
 /* Weight-decay rule: true iff ndim >= 2 and name does not end in ".bias". */
 bool mb_param_decays(const char *name, int ndim);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif
