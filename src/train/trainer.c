@@ -631,6 +631,11 @@ int mb_pretrain(const mb_run_config *config, const mb_pretrain_options *options,
     int rc = setup(&t, err);
     t.start_time = t.last_log_time = t.last_checkpoint_time = now_seconds();
     t.tokens_at_start = t.tokens_at_last_log = t.state.tokens_seen;
+    if (rc == 0 && t.state.step == 0 && t.val_set != NULL) {  /* the starting point of the validation curve */
+        double val_loss;
+        rc = validate(&t, &val_loss, err);
+        if (rc == 0) log_validation(&t, val_loss);
+    }
     while (rc == 0 && t.state.phase < config->phase_count && !stop_requested(&t)) rc = run_phase(&t, err);
     if (rc == 0 && stop_requested(&t) && t.state.phase < config->phase_count) {
         printf("stopping at step %" PRId64 " (%s)\n", t.state.step,
