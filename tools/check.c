@@ -8,7 +8,7 @@
 
 #include "commands.h"
 #include "common/error.h"
-#include "cpu/model_cpu.h"
+#include "model/backend.h"
 #include "io/batch_file.h"
 #include "io/safetensors.h"
 #include "model/model.h"
@@ -30,7 +30,8 @@ static void print_help(FILE *stream) {
             "\n"
             "BATCH holds input_ids (I32 [N]), cu_seqlens (I32 [B+1], starting at 0) and labels: I32 [N] with -100 for\n"
             "unlabelled tokens (masked LM), or I32/F32 [B] per sequence (classifier; F32 for regression).\n"
-            "OUT receives loss (F32 []), logits (F32 [rows, classes]; masked LM: the labelled tokens in token order)\n"
+            "OUT receives loss (F32 []), logits (F32 [rows, classes]; masked LM: the labelled tokens in token order;\n"
+            "omitted by cuda when labelled rows x vocab exceeds 4M)\n"
             "and grad.<HF parameter name> (F32) for every parameter; grad.model.embeddings.tok_embeddings.weight holds\n"
             "the full tied gradient (decoder + lookup, the lookup skipping the pad id). The loss is the mean over\n"
             "labelled tokens (or sequences), as transformers computes it.\n"
@@ -38,7 +39,7 @@ static void print_help(FILE *stream) {
             "  --model DIR         checkpoint directory\n"
             "  --batch FILE        batch in safetensors format\n"
             "  --out FILE          where to write loss, logits and gradients (optional)\n"
-            "  --device NAME       cpu (default, fp32 reference) or cuda\n"
+            "  --device NAME       cpu (default, fp32 reference) or cuda (bf16 activations, fp32 weights and gradients)\n"
             "  --help              this text\n");
 }
 
@@ -75,7 +76,8 @@ static int parse_options(int argc, char **argv, check_options *o) {
 static int write_outputs(const char *path, const mb_model *model, const float *grads, float loss, const float *logits,
                          int rows, int cols, mb_error *err) {
     const mb_param_table *table = &model->table;
-    int count = table->count + 2;
+    int fixed = logits != NULL ? 2 : 1; /* loss, and logits when the backend returned them */
+    int count = table->count + fixed;
     mb_st_entry *entries = calloc((size_t)count, sizeof *entries);
     char (*names)[MB_PARAM_NAME_SIZE + 8] = calloc((size_t)table->count, sizeof *names);
     if (entries == NULL || names == NULL) {
@@ -84,12 +86,13 @@ static int write_outputs(const char *path, const mb_model *model, const float *g
         return mb_fail(err, "out of memory");
     }
     entries[0] = (mb_st_entry){.name = "loss", .dtype = MB_DTYPE_F32, .ndim = 0, .data = &loss};
-    entries[1] = (mb_st_entry){.name = "logits", .dtype = MB_DTYPE_F32, .ndim = 2, .shape = {rows, cols},
-                               .data = logits};
+    if (logits != NULL)
+        entries[1] = (mb_st_entry){.name = "logits", .dtype = MB_DTYPE_F32, .ndim = 2, .shape = {rows, cols},
+                                   .data = logits};
     for (int i = 0; i < table->count; i++) {
         const mb_param_info *p = &table->params[i];
         snprintf(names[i], sizeof names[i], "grad.%s", p->name);
-        entries[i + 2] = (mb_st_entry){.name = names[i], .dtype = MB_DTYPE_F32, .ndim = p->ndim,
+        entries[i + fixed] = (mb_st_entry){.name = names[i], .dtype = MB_DTYPE_F32, .ndim = p->ndim,
                                        .shape = {p->shape[0], p->shape[1]}, .data = grads + p->offset};
     }
     const char *keys[] = {"format"}, *values[] = {"pt"};
@@ -99,35 +102,51 @@ static int write_outputs(const char *path, const mb_model *model, const float *g
     return rc;
 }
 
-static int run_cpu_check(const check_options *o, mb_model *model, const mb_batch_file *lb, mb_error *err) {
+/* One forward + backward through the backend boundary (cpu or cuda), gradients read back with read_grads. */
+static int run_check(const check_options *o, mb_model *model, const mb_batch_file *lb, mb_error *err) {
     float *grads = calloc(model->table.total_numel, sizeof(float));
     if (grads == NULL) return mb_fail(err, "out of memory for gradients");
-    mb_cpu_model *cpu = NULL;
+    mb_backend *backend = NULL;
     mb_forward_result result;
     float *logits = NULL;
-    int rc = mb_cpu_model_create(&cpu, &model->config, &model->table, model->params, grads, err);
+    int rc = mb_backend_create(&backend, o->device, &model->config, err);
+    if (rc == 0) rc = backend->ops->write_params(backend, model->params, err);
+    if (rc == 0) rc = backend->ops->zero_grads(backend, err);
     struct timespec start, stop;
     clock_gettime(CLOCK_MONOTONIC, &start);
-    if (rc == 0) rc = mb_cpu_forward(cpu, &lb->batch, &result, err);
+    if (rc == 0) rc = backend->ops->forward(backend, &lb->batch, &result, err);
     if (rc == 0 && result.loss_count == 0) rc = mb_fail(err, "%s: the batch has no labelled tokens", o->batch_path);
-    size_t logit_count = rc == 0 ? (size_t)result.logit_rows * result.logit_cols : 0;
-    if (rc == 0) logits = malloc((logit_count ? logit_count : 1) * sizeof(float));
-    if (rc == 0 && logits == NULL) rc = mb_fail(err, "out of memory for logits");
-    if (rc == 0) memcpy(logits, result.logits, logit_count * sizeof(float));
-    if (rc == 0) rc = mb_cpu_backward(cpu, (float)(1.0 / result.loss_count), err);
+    size_t logit_count = rc == 0 && result.logits != NULL ? (size_t)result.logit_rows * result.logit_cols : 0;
+    if (rc == 0 && result.logits != NULL) {
+        logits = malloc((logit_count ? logit_count : 1) * sizeof(float));
+        if (logits == NULL) rc = mb_fail(err, "out of memory for logits");
+        else memcpy(logits, result.logits, logit_count * sizeof(float));
+    }
+    if (rc == 0) rc = backend->ops->backward(backend, (float)(1.0 / result.loss_count), err);
+    if (rc == 0) rc = backend->ops->read_grads(backend, grads, err); /* waits for the GPU: part of the timing */
     clock_gettime(CLOCK_MONOTONIC, &stop);
     if (rc == 0) {
         float loss = (float)(result.loss_sum / result.loss_count);
         double seconds = (double)(stop.tv_sec - start.tv_sec) + 1e-9 * (double)(stop.tv_nsec - start.tv_nsec);
-        printf("device cpu (fp32 reference): %d tokens in %d sequences, %d loss rows, forward+backward %.3f s\n",
-               lb->batch.token_count, lb->batch.sequence_count, result.loss_count, seconds);
+        const char *precision = strcmp(backend->ops->name, "cpu") == 0
+                                    ? "fp32 reference"
+                                    : "bf16 activations, fp32 master weights and gradients";
+        printf("device %s (%s): %d tokens in %d sequences, %d loss rows, forward+backward %.3f s\n",
+               backend->ops->name, precision, lb->batch.token_count, lb->batch.sequence_count, result.loss_count,
+               seconds);
         printf("loss %.8f\n", loss);
+        if (logits == NULL) printf("logits not returned by this backend for this batch (too many rows x classes)\n");
         if (o->out_path != NULL)
             rc = write_outputs(o->out_path, model, grads, loss, logits, result.logit_rows, result.logit_cols, err);
         if (rc == 0 && o->out_path != NULL) printf("wrote %s\n", o->out_path);
+        if (rc == 0 && strcmp(backend->ops->name, "cpu") != 0) {
+            char report[512];
+            backend->ops->memory_report(backend, report, sizeof report);
+            printf("%s\n", report);
+        }
     }
     free(logits);
-    mb_cpu_model_free(cpu);
+    mb_backend_destroy(backend);
     free(grads);
     return rc;
 }
@@ -141,10 +160,6 @@ int mb_cmd_check(int argc, char **argv) {
         fprintf(stderr, "modernbert check: --device must be cpu or cuda (got '%s')\n", o.device);
         return 2;
     }
-    if (strcmp(o.device, "cuda") == 0) {
-        fprintf(stderr, "modernbert check: the CUDA backend cannot run a model yet in this build; use --device cpu\n");
-        return 2;
-    }
     mb_model model;
     if (mb_model_load_hf(&model, o.model_dir, &err) != 0) {
         fprintf(stderr, "modernbert check: %s\n", err.message);
@@ -153,7 +168,7 @@ int mb_cmd_check(int argc, char **argv) {
     mb_batch_file lb;
     int rc = mb_batch_file_load(&lb, o.batch_path, &model.config, &err);
     if (rc == 0) {
-        rc = run_cpu_check(&o, &model, &lb, &err);
+        rc = run_check(&o, &model, &lb, &err);
         mb_batch_file_free(&lb);
     }
     if (rc != 0) fprintf(stderr, "modernbert check: %s\n", err.message);

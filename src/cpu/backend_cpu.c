@@ -160,13 +160,6 @@ int mb_backend_create_cpu(mb_backend **out, const mb_config *config, mb_error *e
     return 0;
 }
 
-int mb_backend_create(mb_backend **backend, const char *name, const mb_config *config, mb_error *err) {
-    if (strcmp(name, "cpu") == 0 || strcmp(name, "auto") == 0) return mb_backend_create_cpu(backend, config, err);
-    if (strcmp(name, "cuda") == 0)
-        return mb_fail(err, "the CUDA backend cannot run a whole model yet in this build (use backend cpu)");
-    return mb_fail(err, "unknown backend '%s' (cpu, cuda or auto)", name);
-}
-
 void mb_backend_destroy(mb_backend *backend) {
     if (backend != NULL) backend->ops->destroy(backend);
 }

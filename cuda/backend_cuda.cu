@@ -1,0 +1,853 @@
+/* The CUDA backend: ModernBERT forward, backward and StableAdamW on one GPU, mirroring src/cpu/model_cpu.c step by
+ * step (same order of operations, same activations kept for the backward, same heads):
+ *
+ *   h  = LayerNorm(tok_embeddings[ids])
+ *   for each layer l:  a = (l == 0) ? h : LayerNorm(h);  qkv = RoPE(a · Wqkvᵀ);  h = h + Attention_l(qkv) · Woᵀ
+ *                      h = h + (act(m · Wiᵀ[:I]) ⊙ (m · Wiᵀ[I:])) · Wo_mlpᵀ,  m = LayerNorm(h)
+ *   h  = LayerNorm(h)                                                         final_norm
+ *   MLM head on the labelled rows only: logits = LayerNorm(act(h · Wdᵀ)) · Eᵀ + b; loss = Σ CE
+ *   classifier: pooled rows (cls token or sequence mean), same dense/act/norm, logits · Wcᵀ; Σ CE or Σ (z − y)²
+ *   backward: the reverse; the tied decoder's weight gradient lands in the embedding gradient (same fp32 storage),
+ *   beside the lookup gradient that skips the pad id.
+ *
+ * Design decisions
+ *   - Precision: activations, the residual stream and every GEMM operand are bf16 (the residual add happens inside
+ *     the cuBLASLt epilogue in fp32 and is rounded once per sub-block); LayerNorm statistics, softmax / lse, losses
+ *     and all reductions are fp32 (the batch loss sum is double). Master weights, gradients and the optimizer's
+ *     moments are fp32; GEMMs read a bf16 copy that write_params and every optimizer step refresh, LayerNorms read
+ *     the fp32 masters. Gradients accumulate (+=) in fp32 across micro-batches; zero_grads clears them. The bf16
+ *     residual stream is what the op kernels take (cuda/ops.h); measured against the fp32 CPU reference it stays
+ *     within the bf16 thresholds of tests/gpu/test_gpu_model.c.
+ *   - Memory: two device arenas. The state arena holds, laid out by the parameter table, the fp32 masters, the bf16
+ *     copy, the fp32 gradients, m and v (5 × N floats less half for the copy) plus two device scalars; it never
+ *     changes. The activation arena holds every activation kept for the backward, the backward's buffers, the
+ *     uploaded batch and one scratch area shared by all ops (sized by the ops' *_bytes functions), carved by
+ *     carve_activations() for a budget (tokens, sequences, head rows). It is re-carved (freed and allocated again)
+ *     only when a batch exceeds the budget, which then grows with headroom; a normal step allocates nothing. The
+ *     peak of device memory in use (cudaMemGetInfo after each allocation) is reported by memory_report.
+ *   - Batch upload: the host computes positions-free metadata only (labelled row indices and targets, or pooled row
+ *     indices) from the host batch, stages it with the ids and cu_seqlens in pinned memory and sends it with
+ *     cudaMemcpyAsync; positions are computed on the device. forward() ends with one device→host copy (the loss
+ *     sum, and the logits when they are returned) and one stream synchronisation.
+ *   - Logits: returned as an fp32 host array for classifier heads always, and for the MLM head when
+ *     rows × vocab <= kMaxHostLogits (16 MiB of fp32); above that result->logits is NULL (the trainer needs only
+ *     the loss; `check` runs small batches).
+ *   - Everything runs on one non-blocking stream owned by the backend; the ops are deterministic, so two runs give
+ *     bit-identical results on the same GPU model. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend_cuda.h"
+#include "common.cuh"
+#include "device.h"
+#include "ops.h"
+
+namespace {
+
+constexpr size_t kMaxHostLogits = (size_t)1 << 22;
+constexpr size_t kAlign = 256;
+
+#define TRY(call)                                                                                                 \
+    do {                                                                                                          \
+        if ((call) != 0) return -1;                                                                               \
+    } while (0)
+
+struct layer_activations {
+    mb_bf16 *attn_in; /* NULL in layer 0 (the attention norm is Identity) */
+    float *attn_mean, *attn_rstd;
+    mb_bf16 *qkv, *attn_out;
+    float *lse;
+    mb_bf16 *h_mid, *mlp_in;
+    float *mlp_mean, *mlp_rstd;
+    mb_bf16 *wi_out, *glu_out, *h_out;
+};
+
+struct budget {
+    int tokens, sequences, rows;
+};
+
+/* Host-side metadata of the batch of the last forward. */
+struct batch_state {
+    int tokens, sequences, rows, classes;
+    int forward_done;
+};
+
+struct cuda_backend {
+    cudaStream_t stream;
+    mb_cuda_matmul *matmul;
+    mb_cuda_adamw *adamw;
+    /* state arena */
+    void *state;
+    size_t state_bytes;
+    float *master, *grads, *m, *v;
+    mb_bf16 *copy;
+    double *device_scalars; /* [0] loss sum, [1] grad norm */
+    mb_weights w, g;        /* bound over master and grads (device pointers) */
+    /* activation arena */
+    void *acts;
+    size_t acts_bytes;
+    budget cap;
+    int32_t *ids, *cu_seqlens, *positions, *row_tokens, *targets;
+    float *sequence_labels, *row_loss;
+    mb_bf16 *embedded, *hidden0;
+    float *embedded_mean, *embedded_rstd;
+    layer_activations layers[MB_MAX_LAYERS];
+    mb_bf16 *final_out;
+    float *final_mean, *final_rstd;
+    mb_bf16 *head_inputs, *head_dense, *head_act, *head_norm;
+    float *head_mean, *head_rstd;
+    mb_bf16 *logits;
+    mb_bf16 *dh, *d_normed, *dqkv, *d_attn, *d_wi, *d_glu, *d_head, *d_head2;
+    void *scratch;
+    size_t scratch_bytes;
+    /* pinned host staging, same budget */
+    void *pinned;
+    size_t pinned_bytes;
+    int32_t *host_ids, *host_cu, *host_rows, *host_targets;
+    float *host_sequence_labels;
+    double *host_scalars;
+    mb_bf16 *host_logits_bf16;
+    float *host_logits; /* malloc'ed, fp32 */
+    batch_state batch;
+    size_t peak_used, device_total;
+};
+
+cuda_backend *impl_of(mb_backend *b) { return static_cast<cuda_backend *>(b->impl); }
+
+size_t align_up(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+
+/* Hands out aligned pieces of one allocation; with base == NULL it only measures. */
+struct carver {
+    char *base;
+    size_t used;
+    template <typename T>
+    T *take(size_t count) {
+        T *p = base != nullptr ? reinterpret_cast<T *>(base + used) : nullptr;
+        used += align_up(count * sizeof(T) + (count == 0 ? 1 : 0));
+        return p;
+    }
+};
+
+/* The bf16 copy of a master tensor: same offset in the parallel bf16 arena (NULL stays NULL). */
+const mb_bf16 *copy_of(const cuda_backend *c, const float *master) {
+    return master == nullptr ? nullptr : c->copy + (master - c->master);
+}
+
+int record_memory(cuda_backend *c, mb_error *err) {
+    size_t free_bytes = 0, total_bytes = 0;
+    MB_CUDA_CHECK(err, cudaMemGetInfo(&free_bytes, &total_bytes));
+    c->device_total = total_bytes;
+    if (total_bytes - free_bytes > c->peak_used) c->peak_used = total_bytes - free_bytes;
+    return 0;
+}
+
+int head_classes(const mb_config *cfg) { return cfg->head == MB_HEAD_MASKED_LM ? cfg->vocab_size : cfg->num_labels; }
+
+/* ---- small kernels the op library lacks: pooling and scattering head gradients back to token rows ---- */
+
+/* pooled[s, j] = mean over the tokens of sequence s of hidden[i, j] (fp32 sum, in token order). */
+__global__ void mean_pool_forward_kernel(mb::bf16 *pooled, const mb::bf16 *hidden, const int32_t *cu_seqlens,
+                                         int h) {
+    int s = blockIdx.x, j = blockIdx.y * blockDim.x + threadIdx.x;
+    if (j >= h) return;
+    int begin = cu_seqlens[s], end = cu_seqlens[s + 1];
+    float sum = 0.0f;
+    for (int i = begin; i < end; i++) sum += mb::to_float(hidden[(size_t)i * h + j]);
+    pooled[(size_t)s * h + j] = mb::to_bf16(sum / (float)(end - begin));
+}
+
+/* dhidden[i, j] = dpooled[s, j] / length(s) for every token i of sequence s (writes every row). */
+__global__ void mean_pool_backward_kernel(mb::bf16 *dhidden, const mb::bf16 *dpooled, const int32_t *cu_seqlens,
+                                          int h) {
+    int s = blockIdx.x, j = blockIdx.y * blockDim.x + threadIdx.x;
+    if (j >= h) return;
+    int begin = cu_seqlens[s], end = cu_seqlens[s + 1];
+    mb::bf16 value = mb::to_bf16(mb::to_float(dpooled[(size_t)s * h + j]) / (float)(end - begin));
+    for (int i = begin; i < end; i++) dhidden[(size_t)i * h + j] = value;
+}
+
+/* dhidden[rows[r], :] = drows[r, :] (the other rows were zeroed before). */
+__global__ void scatter_rows_kernel(mb::bf16 *dhidden, const mb::bf16 *drows, const int32_t *rows, int count, int h) {
+    size_t total = (size_t)count * h;
+    for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < total; k += (size_t)gridDim.x * blockDim.x) {
+        size_t r = k / h, j = k % h;
+        dhidden[(size_t)rows[r] * h + j] = drows[k];
+    }
+}
+
+mb::bf16 *dev(mb_bf16 *p) { return reinterpret_cast<mb::bf16 *>(p); }
+const mb::bf16 *dev(const mb_bf16 *p) { return reinterpret_cast<const mb::bf16 *>(p); }
+
+int mean_pool_forward(cuda_backend *c, int sequences, int h, mb_error *err) {
+    dim3 grid(sequences, mb::ceil_div(h, 256));
+    mean_pool_forward_kernel<<<grid, 256, 0, c->stream>>>(dev(c->head_inputs), dev(c->final_out), c->cu_seqlens, h);
+    MB_CUDA_CHECK_LAUNCH(err, "mean_pool_forward_kernel");
+    return 0;
+}
+
+int mean_pool_backward(cuda_backend *c, mb_bf16 *dhidden, const mb_bf16 *dpooled, int sequences, int h,
+                       mb_error *err) {
+    dim3 grid(sequences, mb::ceil_div(h, 256));
+    mean_pool_backward_kernel<<<grid, 256, 0, c->stream>>>(dev(dhidden), dev(dpooled), c->cu_seqlens, h);
+    MB_CUDA_CHECK_LAUNCH(err, "mean_pool_backward_kernel");
+    return 0;
+}
+
+int scatter_rows(cuda_backend *c, mb_bf16 *dhidden, const mb_bf16 *drows, int rows, int tokens, int h,
+                 mb_error *err) {
+    MB_CUDA_CHECK(err, cudaMemsetAsync(dhidden, 0, (size_t)tokens * h * sizeof(mb_bf16), c->stream));
+    if (rows == 0) return 0;
+    size_t total = (size_t)rows * h;
+    int blocks = (int)(total / 256 + 1 < 65536 ? total / 256 + 1 : 65536);
+    scatter_rows_kernel<<<blocks, 256, 0, c->stream>>>(dev(dhidden), dev(drows), c->row_tokens, rows, h);
+    MB_CUDA_CHECK_LAUNCH(err, "scatter_rows_kernel");
+    return 0;
+}
+
+/* ---- the activation arena ---- */
+
+void carve_layers(cuda_backend *c, carver *k, const mb_config *cfg, size_t n) {
+    size_t H = (size_t)cfg->hidden_size, I = (size_t)cfg->intermediate_size, heads = (size_t)cfg->num_attention_heads;
+    for (int l = 0; l < cfg->num_hidden_layers; l++) {
+        layer_activations *a = &c->layers[l];
+        a->attn_in = l == 0 ? nullptr : k->take<mb_bf16>(n * H);
+        a->attn_mean = k->take<float>(n);
+        a->attn_rstd = k->take<float>(n);
+        a->qkv = k->take<mb_bf16>(n * 3 * H);
+        a->attn_out = k->take<mb_bf16>(n * H);
+        a->lse = k->take<float>(n * heads);
+        a->h_mid = k->take<mb_bf16>(n * H);
+        a->mlp_in = k->take<mb_bf16>(n * H);
+        a->mlp_mean = k->take<float>(n);
+        a->mlp_rstd = k->take<float>(n);
+        a->wi_out = k->take<mb_bf16>(n * 2 * I);
+        a->glu_out = k->take<mb_bf16>(n * I);
+        a->h_out = k->take<mb_bf16>(n * H);
+    }
+}
+
+/* The largest scratch any op asks for at this budget (all ops run in sequence on one stream and share it). */
+int scratch_need(const mb_config *cfg, const budget *bud, size_t *bytes, mb_error *err) {
+    int n = bud->tokens, rows = bud->rows, H = cfg->hidden_size, I = cfg->intermediate_size;
+    int classes = head_classes(cfg);
+    size_t need = mb_cuda_attention_workspace_bytes(n, bud->sequences, cfg->num_attention_heads);
+    const int linear_shapes[][2] = {{n, 3 * H}, {n, H}, {n, 2 * I}, {rows, H}, {rows, classes}};
+    for (const auto &shape : linear_shapes) {
+        size_t s = mb_cuda_linear_backward_scratch_bytes(shape[0], shape[1]);
+        if (s > need) need = s;
+    }
+    size_t ln = mb_cuda_layernorm_backward_scratch_bytes(n, H);
+    if (ln > need) need = ln;
+    ln = mb_cuda_layernorm_backward_scratch_bytes(rows, H);
+    if (ln > need) need = ln;
+    size_t embedding = 0;
+    TRY(mb_cuda_embedding_backward_scratch_bytes(&embedding, n, cfg->vocab_size, err));
+    if (embedding > need) need = embedding;
+    *bytes = need;
+    return 0;
+}
+
+void carve_activations(cuda_backend *c, carver *k, const mb_config *cfg, const budget *bud, size_t scratch_bytes) {
+    size_t n = (size_t)bud->tokens, S = (size_t)bud->sequences, R = (size_t)bud->rows;
+    size_t H = (size_t)cfg->hidden_size, I = (size_t)cfg->intermediate_size, C = (size_t)head_classes(cfg);
+    c->ids = k->take<int32_t>(n);
+    c->cu_seqlens = k->take<int32_t>(S + 1);
+    c->positions = k->take<int32_t>(n);
+    c->row_tokens = k->take<int32_t>(R);
+    c->targets = k->take<int32_t>(R);
+    c->sequence_labels = k->take<float>(R);
+    c->row_loss = k->take<float>(R);
+    c->embedded = k->take<mb_bf16>(n * H);
+    c->embedded_mean = k->take<float>(n);
+    c->embedded_rstd = k->take<float>(n);
+    c->hidden0 = k->take<mb_bf16>(n * H);
+    carve_layers(c, k, cfg, n);
+    c->final_out = k->take<mb_bf16>(n * H);
+    c->final_mean = k->take<float>(n);
+    c->final_rstd = k->take<float>(n);
+    c->head_inputs = k->take<mb_bf16>(R * H);
+    c->head_dense = k->take<mb_bf16>(R * H);
+    c->head_act = k->take<mb_bf16>(R * H);
+    c->head_norm = k->take<mb_bf16>(R * H);
+    c->head_mean = k->take<float>(R);
+    c->head_rstd = k->take<float>(R);
+    c->logits = k->take<mb_bf16>(R * C);
+    c->dh = k->take<mb_bf16>(n * H);
+    c->d_normed = k->take<mb_bf16>(n * H);
+    c->dqkv = k->take<mb_bf16>(n * 3 * H);
+    c->d_attn = k->take<mb_bf16>(n * H);
+    c->d_wi = k->take<mb_bf16>(n * 2 * I);
+    c->d_glu = k->take<mb_bf16>(n * I);
+    c->d_head = k->take<mb_bf16>(R * H);
+    c->d_head2 = k->take<mb_bf16>(R * H);
+    c->scratch = k->take<char>(scratch_bytes);
+    c->scratch_bytes = scratch_bytes;
+}
+
+size_t host_logit_capacity(const mb_config *cfg, const budget *bud) {
+    size_t count = (size_t)bud->rows * (size_t)head_classes(cfg);
+    if (cfg->head == MB_HEAD_MASKED_LM && count > kMaxHostLogits) return kMaxHostLogits;
+    return count;
+}
+
+void carve_pinned(cuda_backend *c, carver *k, const mb_config *cfg, const budget *bud) {
+    size_t n = (size_t)bud->tokens, S = (size_t)bud->sequences, R = (size_t)bud->rows;
+    c->host_ids = k->take<int32_t>(n);
+    c->host_cu = k->take<int32_t>(S + 1);
+    c->host_rows = k->take<int32_t>(R);
+    c->host_targets = k->take<int32_t>(R);
+    c->host_sequence_labels = k->take<float>(R);
+    c->host_scalars = k->take<double>(2);
+    c->host_logits_bf16 = k->take<mb_bf16>(host_logit_capacity(cfg, bud));
+}
+
+void release_activations(cuda_backend *c) {
+    if (c->acts != nullptr) cudaFree(c->acts);
+    if (c->pinned != nullptr) cudaFreeHost(c->pinned);
+    free(c->host_logits);
+    c->acts = nullptr;
+    c->pinned = nullptr;
+    c->host_logits = nullptr;
+    c->acts_bytes = c->pinned_bytes = 0;
+    c->cap = budget{0, 0, 0};
+}
+
+/* (Re)allocates the activation arena for `want`; the previous batch's activations are gone afterwards. */
+int carve_budget(cuda_backend *c, const mb_config *cfg, budget want, mb_error *err) {
+    size_t scratch = 0;
+    TRY(scratch_need(cfg, &want, &scratch, err));
+    carver measure{nullptr, 0}, measure_pinned{nullptr, 0};
+    carve_activations(c, &measure, cfg, &want, scratch);
+    carve_pinned(c, &measure_pinned, cfg, &want);
+    MB_CUDA_CHECK(err, cudaStreamSynchronize(c->stream)); /* nothing may still use the old arena */
+    release_activations(c);
+    c->batch.forward_done = 0;
+    cudaError_t status = cudaMalloc(&c->acts, measure.used);
+    if (status != cudaSuccess) {
+        c->acts = nullptr;
+        return mb_fail(err, "cuda backend: cannot allocate %.1f MiB of activations for %d tokens, %d sequences, "
+                            "%d head rows: %s",
+                       (double)measure.used / (1 << 20), want.tokens, want.sequences, want.rows,
+                       cudaGetErrorString(status));
+    }
+    c->acts_bytes = measure.used;
+    MB_CUDA_CHECK(err, cudaMallocHost(&c->pinned, measure_pinned.used));
+    c->pinned_bytes = measure_pinned.used;
+    size_t logit_capacity = host_logit_capacity(cfg, &want);
+    c->host_logits = static_cast<float *>(malloc((logit_capacity ? logit_capacity : 1) * sizeof(float)));
+    if (c->host_logits == nullptr) return mb_fail(err, "cuda backend: out of host memory for logits");
+    carver real{static_cast<char *>(c->acts), 0}, real_pinned{static_cast<char *>(c->pinned), 0};
+    carve_activations(c, &real, cfg, &want, scratch);
+    carve_pinned(c, &real_pinned, cfg, &want);
+    c->cap = want;
+    return record_memory(c, err);
+}
+
+int round_up(int value, int multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+/* Grows the budget (with headroom, so that slowly growing batches do not re-carve every step) when `need` exceeds
+ * it; does nothing otherwise. */
+int ensure_budget(cuda_backend *c, const mb_config *cfg, budget need, mb_error *err) {
+    if (c->acts != nullptr && need.tokens <= c->cap.tokens && need.sequences <= c->cap.sequences &&
+        need.rows <= c->cap.rows)
+        return 0;
+    budget want = c->cap;
+    if (need.tokens > want.tokens) want.tokens = round_up(need.tokens, 256);
+    if (need.sequences > want.sequences) want.sequences = round_up(need.sequences, 64);
+    if (need.rows > want.rows) want.rows = round_up(need.rows + need.rows / 8, 64);
+    if (want.tokens < 1) want.tokens = 1;
+    if (want.sequences < 1) want.sequences = 1;
+    if (want.rows < 1) want.rows = 1;
+    return carve_budget(c, cfg, want, err);
+}
+
+/* ---- forward ---- */
+
+int count_head_rows(const mb_batch *batch, const mb_config *cfg) {
+    if (cfg->head != MB_HEAD_MASKED_LM) return batch->sequence_count;
+    int rows = 0;
+    for (int i = 0; i < batch->token_count; i++) rows += batch->labels[i] != -100;
+    return rows;
+}
+
+/* Stages ids, cu_seqlens and the head's rows and targets in pinned memory and queues their upload. */
+int upload_batch(cuda_backend *c, const mb_config *cfg, const mb_batch *batch, int rows, mb_error *err) {
+    int n = batch->token_count, S = batch->sequence_count;
+    memcpy(c->host_ids, batch->input_ids, (size_t)n * sizeof(int32_t));
+    memcpy(c->host_cu, batch->cu_seqlens, (size_t)(S + 1) * sizeof(int32_t));
+    if (cfg->head == MB_HEAD_MASKED_LM) {
+        int r = 0;
+        for (int i = 0; i < n; i++)
+            if (batch->labels[i] != -100) {
+                c->host_rows[r] = i;
+                c->host_targets[r] = batch->labels[i];
+                r++;
+            }
+    } else {
+        for (int s = 0; s < S; s++) {
+            c->host_rows[s] = batch->cu_seqlens[s]; /* the cls token (used by cls pooling) */
+            c->host_targets[s] = cfg->num_labels > 1 ? (int32_t)batch->sequence_labels[s] : 0;
+            c->host_sequence_labels[s] = batch->sequence_labels[s];
+        }
+    }
+    MB_CUDA_CHECK(err, cudaMemcpyAsync(c->ids, c->host_ids, (size_t)n * sizeof(int32_t), cudaMemcpyHostToDevice,
+                                       c->stream));
+    MB_CUDA_CHECK(err, cudaMemcpyAsync(c->cu_seqlens, c->host_cu, (size_t)(S + 1) * sizeof(int32_t),
+                                       cudaMemcpyHostToDevice, c->stream));
+    if (rows > 0) {
+        MB_CUDA_CHECK(err, cudaMemcpyAsync(c->row_tokens, c->host_rows, (size_t)rows * sizeof(int32_t),
+                                           cudaMemcpyHostToDevice, c->stream));
+        MB_CUDA_CHECK(err, cudaMemcpyAsync(c->targets, c->host_targets, (size_t)rows * sizeof(int32_t),
+                                           cudaMemcpyHostToDevice, c->stream));
+    }
+    if (cfg->head != MB_HEAD_MASKED_LM)
+        MB_CUDA_CHECK(err, cudaMemcpyAsync(c->sequence_labels, c->host_sequence_labels, (size_t)S * sizeof(float),
+                                           cudaMemcpyHostToDevice, c->stream));
+    return 0;
+}
+
+int embeddings_forward(cuda_backend *c, const mb_config *cfg, int n, mb_error *err) {
+    int H = cfg->hidden_size;
+    TRY(mb_cuda_positions(c->positions, c->cu_seqlens, c->batch.sequences, n, c->stream, err));
+    TRY(mb_cuda_embedding_forward(c->embedded, c->ids, copy_of(c, c->w.tok_embeddings), n, H, c->stream, err));
+    TRY(mb_cuda_layernorm_forward(c->hidden0, c->embedded_mean, c->embedded_rstd, c->embedded, c->w.embedding_norm,
+                                  c->w.embedding_norm_bias, n, H, (float)cfg->norm_eps, c->stream, err));
+    return 0;
+}
+
+const mb_bf16 *layer_input(const cuda_backend *c, int l) { return l == 0 ? c->hidden0 : c->layers[l - 1].h_out; }
+
+int attention_block_forward(cuda_backend *c, const mb_config *cfg, int l, mb_error *err) {
+    const mb_layer_weights *w = &c->w.layers[l];
+    layer_activations *a = &c->layers[l];
+    int n = c->batch.tokens, H = cfg->hidden_size, heads = cfg->num_attention_heads;
+    const mb_bf16 *h_in = layer_input(c, l), *attn_in = h_in;
+    if (w->attn_norm != nullptr) {
+        TRY(mb_cuda_layernorm_forward(a->attn_in, a->attn_mean, a->attn_rstd, h_in, w->attn_norm, w->attn_norm_bias,
+                                      n, H, (float)cfg->norm_eps, c->stream, err));
+        attn_in = a->attn_in;
+    }
+    TRY(mb_cuda_linear_forward(c->matmul, a->qkv, attn_in, copy_of(c, w->wqkv), copy_of(c, w->wqkv_bias), nullptr, n,
+                               H, 3 * H, c->stream, err));
+    TRY(mb_cuda_rope(a->qkv, c->positions, n, heads, cfg->head_dim, mb_layer_rope_theta(cfg, l), +1, c->stream, err));
+    TRY(mb_cuda_attention_forward(a->attn_out, a->lse, c->scratch, a->qkv, c->cu_seqlens, c->batch.sequences, n,
+                                  heads, cfg->head_dim, mb_layer_window(cfg, l), c->stream, err));
+    TRY(mb_cuda_linear_forward(c->matmul, a->h_mid, a->attn_out, copy_of(c, w->wo), copy_of(c, w->wo_bias), h_in, n,
+                               H, H, c->stream, err));
+    return 0;
+}
+
+int mlp_block_forward(cuda_backend *c, const mb_config *cfg, int l, mb_error *err) {
+    const mb_layer_weights *w = &c->w.layers[l];
+    layer_activations *a = &c->layers[l];
+    int n = c->batch.tokens, H = cfg->hidden_size, I = cfg->intermediate_size;
+    TRY(mb_cuda_layernorm_forward(a->mlp_in, a->mlp_mean, a->mlp_rstd, a->h_mid, w->mlp_norm, w->mlp_norm_bias, n, H,
+                                  (float)cfg->norm_eps, c->stream, err));
+    TRY(mb_cuda_linear_forward(c->matmul, a->wi_out, a->mlp_in, copy_of(c, w->wi), copy_of(c, w->wi_bias), nullptr, n,
+                               H, 2 * I, c->stream, err));
+    TRY(mb_cuda_glu_forward(a->glu_out, a->wi_out, n, I, cfg->hidden_activation, c->stream, err));
+    TRY(mb_cuda_linear_forward(c->matmul, a->h_out, a->glu_out, copy_of(c, w->mlp_wo), copy_of(c, w->mlp_wo_bias),
+                               a->h_mid, n, I, H, c->stream, err));
+    return 0;
+}
+
+int is_regression(const mb_config *cfg) { return cfg->head == MB_HEAD_SEQUENCE_CLASSIFIER && cfg->num_labels == 1; }
+
+/* Gathers (MLM: labelled tokens; classifier: cls token or sequence mean) and runs the head up to the row losses. */
+int head_forward(cuda_backend *c, const mb_config *cfg, mb_error *err) {
+    int H = cfg->hidden_size, rows = c->batch.rows, classes = c->batch.classes;
+    int is_mlm = cfg->head == MB_HEAD_MASKED_LM;
+    MB_NVTX_RANGE("head_forward");
+    if (!is_mlm && cfg->classifier_pooling == MB_POOLING_MEAN)
+        TRY(mean_pool_forward(c, rows, H, err));
+    else
+        TRY(mb_cuda_embedding_forward(c->head_inputs, c->row_tokens, c->final_out, rows, H, c->stream, err));
+    TRY(mb_cuda_linear_forward(c->matmul, c->head_dense, c->head_inputs, copy_of(c, c->w.head_dense),
+                               copy_of(c, c->w.head_dense_bias), nullptr, rows, H, H, c->stream, err));
+    TRY(mb_cuda_activation_forward(c->head_act, c->head_dense, (size_t)rows * H, cfg->classifier_activation,
+                                   c->stream, err));
+    TRY(mb_cuda_layernorm_forward(c->head_norm, c->head_mean, c->head_rstd, c->head_act, c->w.head_norm,
+                                  c->w.head_norm_bias, rows, H, (float)cfg->norm_eps, c->stream, err));
+    const float *weight = is_mlm ? c->w.decoder_weight : c->w.classifier_weight;
+    const float *bias = is_mlm ? c->w.decoder_bias : c->w.classifier_bias;
+    TRY(mb_cuda_linear_forward(c->matmul, c->logits, c->head_norm, copy_of(c, weight), copy_of(c, bias), nullptr,
+                               rows, H, classes, c->stream, err));
+    if (is_regression(cfg))
+        TRY(mb_cuda_mse(nullptr, c->row_loss, c->logits, c->sequence_labels, rows, 1.0f, c->stream, err));
+    else
+        TRY(mb_cuda_cross_entropy(c->logits, c->row_loss, c->targets, rows, classes, 1.0f, 0, c->stream, err));
+    return mb_cuda_sum(&c->device_scalars[0], c->row_loss, rows, c->stream, err);
+}
+
+/* The one device→host transfer of the step: the loss sum, and the bf16 logits when they are returned. */
+int finish_forward(cuda_backend *c, const mb_config *cfg, mb_forward_result *result, mb_error *err) {
+    int rows = c->batch.rows, classes = c->batch.classes;
+    size_t logit_count = (size_t)rows * classes;
+    int want_logits = logit_count <= host_logit_capacity(cfg, &c->cap);
+    c->host_scalars[0] = 0.0;
+    if (rows > 0)
+        MB_CUDA_CHECK(err, cudaMemcpyAsync(c->host_scalars, c->device_scalars, sizeof(double), cudaMemcpyDeviceToHost,
+                                           c->stream));
+    if (want_logits && logit_count > 0)
+        MB_CUDA_CHECK(err, cudaMemcpyAsync(c->host_logits_bf16, c->logits, logit_count * sizeof(mb_bf16),
+                                           cudaMemcpyDeviceToHost, c->stream));
+    MB_CUDA_CHECK(err, cudaStreamSynchronize(c->stream));
+    result->loss_sum = c->host_scalars[0];
+    result->loss_count = rows;
+    result->logit_rows = rows;
+    result->logit_cols = classes;
+    result->logits = nullptr;
+    if (want_logits) {
+        for (size_t k = 0; k < logit_count; k++) c->host_logits[k] = mb_bf16_to_float(c->host_logits_bf16[k]);
+        result->logits = c->host_logits;
+    }
+    return 0;
+}
+
+int cuda_forward(mb_backend *b, const mb_batch *batch, mb_forward_result *result, mb_error *err) {
+    cuda_backend *c = impl_of(b);
+    const mb_config *cfg = &b->config;
+    memset(result, 0, sizeof *result);
+    TRY(mb_batch_validate(batch, cfg, err));
+    int rows = count_head_rows(batch, cfg);
+    TRY(ensure_budget(c, cfg, budget{batch->token_count, batch->sequence_count, rows}, err));
+    c->batch = batch_state{batch->token_count, batch->sequence_count, rows, head_classes(cfg), 0};
+    MB_NVTX_RANGE("forward");
+    TRY(upload_batch(c, cfg, batch, rows, err));
+    TRY(embeddings_forward(c, cfg, batch->token_count, err));
+    char name[64];
+    for (int l = 0; l < cfg->num_hidden_layers; l++) {
+        snprintf(name, sizeof name, "layer %d forward", l);
+        MB_NVTX_RANGE(name);
+        TRY(attention_block_forward(c, cfg, l, err));
+        TRY(mlp_block_forward(c, cfg, l, err));
+    }
+    TRY(mb_cuda_layernorm_forward(c->final_out, c->final_mean, c->final_rstd, layer_input(c, cfg->num_hidden_layers),
+                                  c->w.final_norm, c->w.final_norm_bias, batch->token_count, cfg->hidden_size,
+                                  (float)cfg->norm_eps, c->stream, err));
+    if (rows > 0) TRY(head_forward(c, cfg, err));
+    TRY(finish_forward(c, cfg, result, err));
+    c->batch.forward_done = 1;
+    return 0;
+}
+
+/* ---- backward ---- */
+
+/* From the loss to the gradient of the final hidden states, written completely into d_final. */
+int head_backward(cuda_backend *c, const mb_config *cfg, mb_bf16 *d_final, float grad_scale, mb_error *err) {
+    int n = c->batch.tokens, H = cfg->hidden_size, rows = c->batch.rows, classes = c->batch.classes;
+    int is_mlm = cfg->head == MB_HEAD_MASKED_LM;
+    MB_NVTX_RANGE("head_backward");
+    if (rows == 0) {
+        MB_CUDA_CHECK(err, cudaMemsetAsync(d_final, 0, (size_t)n * H * sizeof(mb_bf16), c->stream));
+        return 0;
+    }
+    if (is_regression(cfg))
+        TRY(mb_cuda_mse(c->logits, c->row_loss, c->logits, c->sequence_labels, rows, grad_scale, c->stream, err));
+    else
+        TRY(mb_cuda_cross_entropy(c->logits, c->row_loss, c->targets, rows, classes, grad_scale, 1, c->stream, err));
+    const float *weight = is_mlm ? c->w.decoder_weight : c->w.classifier_weight;
+    float *dweight = is_mlm ? c->g.decoder_weight : c->g.classifier_weight; /* tied: the embedding gradient */
+    float *dbias = is_mlm ? c->g.decoder_bias : c->g.classifier_bias;
+    TRY(mb_cuda_linear_backward(c->matmul, c->d_head, dweight, dbias, c->scratch, c->logits, c->head_norm,
+                                copy_of(c, weight), rows, H, classes, 0, c->stream, err));
+    TRY(mb_cuda_layernorm_backward(c->d_head2, c->g.head_norm, c->g.head_norm_bias, c->scratch, c->d_head, c->head_act,
+                                   c->head_mean, c->head_rstd, c->w.head_norm, rows, H, 0, c->stream, err));
+    TRY(mb_cuda_activation_backward(c->d_head, c->d_head2, c->head_dense, (size_t)rows * H,
+                                    cfg->classifier_activation, c->stream, err));
+    TRY(mb_cuda_linear_backward(c->matmul, c->d_head2, c->g.head_dense, c->g.head_dense_bias, c->scratch, c->d_head,
+                                c->head_inputs, copy_of(c, c->w.head_dense), rows, H, H, 0, c->stream, err));
+    if (!is_mlm && cfg->classifier_pooling == MB_POOLING_MEAN) return mean_pool_backward(c, d_final, c->d_head2, rows, H, err);
+    return scatter_rows(c, d_final, c->d_head2, rows, n, H, err);
+}
+
+int mlp_block_backward(cuda_backend *c, const mb_config *cfg, int l, mb_error *err) {
+    const mb_layer_weights *w = &c->w.layers[l];
+    mb_layer_weights *g = &c->g.layers[l];
+    layer_activations *a = &c->layers[l];
+    int n = c->batch.tokens, H = cfg->hidden_size, I = cfg->intermediate_size;
+    TRY(mb_cuda_linear_backward(c->matmul, c->d_glu, g->mlp_wo, g->mlp_wo_bias, c->scratch, c->dh, a->glu_out,
+                                copy_of(c, w->mlp_wo), n, I, H, 0, c->stream, err));
+    TRY(mb_cuda_glu_backward(c->d_wi, c->d_glu, a->wi_out, n, I, cfg->hidden_activation, c->stream, err));
+    TRY(mb_cuda_linear_backward(c->matmul, c->d_normed, g->wi, g->wi_bias, c->scratch, c->d_wi, a->mlp_in,
+                                copy_of(c, w->wi), n, H, 2 * I, 0, c->stream, err));
+    TRY(mb_cuda_layernorm_backward(c->dh, g->mlp_norm, g->mlp_norm_bias, c->scratch, c->d_normed, a->h_mid,
+                                   a->mlp_mean, a->mlp_rstd, w->mlp_norm, n, H, 1, c->stream, err));
+    return 0;
+}
+
+int attention_block_backward(cuda_backend *c, const mb_config *cfg, int l, mb_error *err) {
+    const mb_layer_weights *w = &c->w.layers[l];
+    mb_layer_weights *g = &c->g.layers[l];
+    layer_activations *a = &c->layers[l];
+    int n = c->batch.tokens, H = cfg->hidden_size, heads = cfg->num_attention_heads;
+    const mb_bf16 *h_in = layer_input(c, l);
+    const mb_bf16 *attn_in = w->attn_norm != nullptr ? a->attn_in : h_in;
+    TRY(mb_cuda_linear_backward(c->matmul, c->d_attn, g->wo, g->wo_bias, c->scratch, c->dh, a->attn_out,
+                                copy_of(c, w->wo), n, H, H, 0, c->stream, err));
+    TRY(mb_cuda_attention_backward(c->dqkv, c->scratch, c->d_attn, a->attn_out, a->lse, a->qkv, c->cu_seqlens,
+                                   c->batch.sequences, n, heads, cfg->head_dim, mb_layer_window(cfg, l), c->stream,
+                                   err));
+    TRY(mb_cuda_rope(c->dqkv, c->positions, n, heads, cfg->head_dim, mb_layer_rope_theta(cfg, l), -1, c->stream,
+                     err));
+    if (w->attn_norm == nullptr)
+        return mb_cuda_linear_backward(c->matmul, c->dh, g->wqkv, g->wqkv_bias, c->scratch, c->dqkv, attn_in,
+                                       copy_of(c, w->wqkv), n, H, 3 * H, 1, c->stream, err);
+    TRY(mb_cuda_linear_backward(c->matmul, c->d_normed, g->wqkv, g->wqkv_bias, c->scratch, c->dqkv, attn_in,
+                                copy_of(c, w->wqkv), n, H, 3 * H, 0, c->stream, err));
+    TRY(mb_cuda_layernorm_backward(c->dh, g->attn_norm, g->attn_norm_bias, c->scratch, c->d_normed, h_in,
+                                   a->attn_mean, a->attn_rstd, w->attn_norm, n, H, 1, c->stream, err));
+    return 0;
+}
+
+int embeddings_backward(cuda_backend *c, const mb_config *cfg, mb_error *err) {
+    int n = c->batch.tokens, H = cfg->hidden_size;
+    MB_NVTX_RANGE("embeddings_backward");
+    TRY(mb_cuda_layernorm_backward(c->d_normed, c->g.embedding_norm, c->g.embedding_norm_bias, c->scratch, c->dh,
+                                   c->embedded, c->embedded_mean, c->embedded_rstd, c->w.embedding_norm, n, H, 0,
+                                   c->stream, err));
+    return mb_cuda_embedding_backward(c->g.tok_embeddings, c->scratch, c->scratch_bytes, c->d_normed, c->ids, n, H,
+                                      cfg->vocab_size, cfg->pad_token_id, c->stream, err);
+}
+
+int cuda_backward(mb_backend *b, float grad_scale, mb_error *err) {
+    cuda_backend *c = impl_of(b);
+    const mb_config *cfg = &b->config;
+    if (!c->batch.forward_done) return mb_fail(err, "backward called without a forward");
+    MB_NVTX_RANGE("backward");
+    int n = c->batch.tokens, H = cfg->hidden_size;
+    TRY(head_backward(c, cfg, c->d_normed, grad_scale, err));
+    TRY(mb_cuda_layernorm_backward(c->dh, c->g.final_norm, c->g.final_norm_bias, c->scratch, c->d_normed,
+                                   layer_input(c, cfg->num_hidden_layers), c->final_mean, c->final_rstd,
+                                   c->w.final_norm, n, H, 0, c->stream, err));
+    char name[64];
+    for (int l = cfg->num_hidden_layers - 1; l >= 0; l--) {
+        snprintf(name, sizeof name, "layer %d backward", l);
+        MB_NVTX_RANGE(name);
+        TRY(mlp_block_backward(c, cfg, l, err));
+        TRY(attention_block_backward(c, cfg, l, err));
+    }
+    TRY(embeddings_backward(c, cfg, err));
+    c->batch.forward_done = 0;
+    /* reports asynchronous faults of this step here rather than at some later call */
+    MB_CUDA_CHECK(err, cudaGetLastError());
+    return 0;
+}
+
+/* ---- parameters, gradients, optimizer ---- */
+
+size_t arena_bytes(const mb_backend *b) { return b->table.total_numel * sizeof(float); }
+
+int copy_and_wait(cuda_backend *c, void *dst, const void *src, size_t bytes, cudaMemcpyKind kind, mb_error *err) {
+    MB_CUDA_CHECK(err, cudaMemcpyAsync(dst, src, bytes, kind, c->stream));
+    MB_CUDA_CHECK(err, cudaStreamSynchronize(c->stream));
+    return 0;
+}
+
+int cuda_zero_grads(mb_backend *b, mb_error *err) {
+    cuda_backend *c = impl_of(b);
+    MB_CUDA_CHECK(err, cudaMemsetAsync(c->grads, 0, arena_bytes(b), c->stream));
+    return 0;
+}
+
+int cuda_grad_norm(mb_backend *b, double *norm, mb_error *err) {
+    cuda_backend *c = impl_of(b);
+    TRY(mb_cuda_grad_norm(c->adamw, &c->device_scalars[1], c->stream, err));
+    double value = 0.0;
+    TRY(copy_and_wait(c, &value, &c->device_scalars[1], sizeof value, cudaMemcpyDeviceToHost, err));
+    *norm = value;
+    return 0;
+}
+
+int cuda_optimizer_step(mb_backend *b, mb_stableadamw *opt, double lr, mb_error *err) {
+    cuda_backend *c = impl_of(b);
+    MB_NVTX_RANGE("optimizer_step");
+    return mb_cuda_adamw_step(c->adamw, opt, lr, c->stream, err); /* advances opt->step */
+}
+
+int cuda_read_params(mb_backend *b, float *host, mb_error *err) {
+    cuda_backend *c = impl_of(b);
+    return copy_and_wait(c, host, c->master, arena_bytes(b), cudaMemcpyDeviceToHost, err);
+}
+
+int cuda_write_params(mb_backend *b, const float *host, mb_error *err) {
+    cuda_backend *c = impl_of(b);
+    MB_CUDA_CHECK(err, cudaMemcpyAsync(c->master, host, arena_bytes(b), cudaMemcpyHostToDevice, c->stream));
+    TRY(mb_cuda_to_bf16(c->copy, c->master, b->table.total_numel, c->stream, err));
+    MB_CUDA_CHECK(err, cudaStreamSynchronize(c->stream));
+    return 0;
+}
+
+int cuda_read_grads(mb_backend *b, float *host, mb_error *err) {
+    cuda_backend *c = impl_of(b);
+    return copy_and_wait(c, host, c->grads, arena_bytes(b), cudaMemcpyDeviceToHost, err);
+}
+
+int cuda_read_optimizer_state(mb_backend *b, float *m, float *v, mb_error *err) {
+    cuda_backend *c = impl_of(b);
+    TRY(copy_and_wait(c, m, c->m, arena_bytes(b), cudaMemcpyDeviceToHost, err));
+    return copy_and_wait(c, v, c->v, arena_bytes(b), cudaMemcpyDeviceToHost, err);
+}
+
+int cuda_write_optimizer_state(mb_backend *b, const float *m, const float *v, mb_error *err) {
+    cuda_backend *c = impl_of(b);
+    TRY(copy_and_wait(c, c->m, m, arena_bytes(b), cudaMemcpyHostToDevice, err));
+    return copy_and_wait(c, c->v, v, arena_bytes(b), cudaMemcpyHostToDevice, err);
+}
+
+int cuda_set_rope_theta(mb_backend *b, double global_theta, double local_theta, mb_error *err) {
+    if (!(global_theta > 0) || !(local_theta > 0)) return mb_fail(err, "RoPE theta must be positive");
+    b->config.global_rope_theta = global_theta; /* every launch reads the theta from b->config */
+    b->config.local_rope_theta = local_theta;
+    return 0;
+}
+
+void cuda_memory_report(mb_backend *b, char *out, size_t size) {
+    cuda_backend *c = impl_of(b);
+    size_t free_bytes = 0, total_bytes = 0;
+    if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) {
+        cudaGetLastError();
+        free_bytes = total_bytes = 0;
+    }
+    size_t used = total_bytes - free_bytes;
+    if (used > c->peak_used) c->peak_used = used;
+    const double mib = 1024.0 * 1024.0, gib = mib * 1024.0;
+    snprintf(out, size,
+             "cuda: state %.1f MiB (fp32 master + bf16 copy + fp32 grads + m + v), activations %.1f MiB for %d "
+             "tokens / %d sequences / %d head rows (scratch %.1f MiB), pinned %.1f MiB; device %.2f of %.2f GiB in "
+             "use, peak %.2f GiB",
+             (double)c->state_bytes / mib, (double)c->acts_bytes / mib, c->cap.tokens, c->cap.sequences, c->cap.rows,
+             (double)c->scratch_bytes / mib, (double)c->pinned_bytes / mib, (double)used / gib,
+             (double)total_bytes / gib, (double)c->peak_used / gib);
+}
+
+void cuda_destroy(mb_backend *b) {
+    cuda_backend *c = impl_of(b);
+    if (c != nullptr) {
+        if (c->stream != nullptr) cudaStreamSynchronize(c->stream);
+        release_activations(c);
+        mb_cuda_adamw_destroy(c->adamw);
+        mb_cuda_matmul_destroy(c->matmul);
+        if (c->state != nullptr) cudaFree(c->state);
+        if (c->stream != nullptr) cudaStreamDestroy(c->stream);
+        cudaGetLastError(); /* nothing to report from a destructor */
+        free(c);
+    }
+    mb_param_table_free(&b->table);
+    free(b);
+}
+
+const mb_backend_ops cuda_ops = {
+    "cuda",
+    cuda_destroy,
+    cuda_forward,
+    cuda_backward,
+    cuda_zero_grads,
+    cuda_grad_norm,
+    cuda_optimizer_step,
+    cuda_read_params,
+    cuda_write_params,
+    cuda_read_grads,
+    cuda_read_optimizer_state,
+    cuda_write_optimizer_state,
+    cuda_set_rope_theta,
+    cuda_memory_report,
+};
+
+/* The state arena: master | grads | m | v (fp32, table layout each) | bf16 copy | two device doubles. */
+int allocate_state(mb_backend *b, cuda_backend *c, mb_error *err) {
+    size_t N = b->table.total_numel;
+    carver measure{nullptr, 0};
+    for (int k = 0; k < 4; k++) measure.take<float>(N);
+    measure.take<mb_bf16>(N);
+    measure.take<double>(2);
+    cudaError_t status = cudaMalloc(&c->state, measure.used);
+    if (status != cudaSuccess) {
+        c->state = nullptr;
+        return mb_fail(err, "cuda backend: cannot allocate %.1f MiB for %zu parameters (weights, gradients, "
+                            "optimizer state): %s",
+                       (double)measure.used / (1 << 20), N, cudaGetErrorString(status));
+    }
+    c->state_bytes = measure.used;
+    carver real{static_cast<char *>(c->state), 0};
+    c->master = real.take<float>(N);
+    c->grads = real.take<float>(N);
+    c->m = real.take<float>(N);
+    c->v = real.take<float>(N);
+    c->copy = real.take<mb_bf16>(N);
+    c->device_scalars = real.take<double>(2);
+    MB_CUDA_CHECK(err, cudaMemsetAsync(c->state, 0, c->state_bytes, c->stream));
+    MB_CUDA_CHECK(err, cudaStreamSynchronize(c->stream));
+    mb_weights_bind(&c->w, &b->table, &b->config, c->master);
+    mb_weights_bind(&c->g, &b->table, &b->config, c->grads);
+    return 0;
+}
+
+int create_optimizer(mb_backend *b, cuda_backend *c, mb_error *err) {
+    int count = b->table.count;
+    mb_cuda_adamw_tensor *tensors = static_cast<mb_cuda_adamw_tensor *>(calloc((size_t)count, sizeof *tensors));
+    if (tensors == nullptr) return mb_fail(err, "cuda backend: out of host memory");
+    for (int i = 0; i < count; i++) {
+        const mb_param_info *p = &b->table.params[i];
+        tensors[i] = mb_cuda_adamw_tensor{c->master + p->offset, c->grads + p->offset, c->m + p->offset,
+                                          c->v + p->offset,      c->copy + p->offset,  p->numel,
+                                          p->decays != 0};
+    }
+    int rc = mb_cuda_adamw_create(&c->adamw, tensors, count, err);
+    free(tensors);
+    return rc;
+}
+
+int check_config(const mb_config *cfg, mb_error *err) {
+    int d = cfg->head_dim;
+    if (d != 32 && d != 64 && d != 128)
+        return mb_fail(err, "cuda backend: head_dim %d is not supported by the attention kernels (32, 64 or 128)", d);
+    if (cfg->head == MB_HEAD_SEQUENCE_CLASSIFIER && cfg->num_labels < 1)
+        return mb_fail(err, "cuda backend: num_labels must be positive (got %d)", cfg->num_labels);
+    return 0;
+}
+
+int build(mb_backend *b, cuda_backend *c, mb_error *err) {
+    TRY(check_config(&b->config, err));
+    mb_error device_err = {{0}};
+    if (mb_cuda_device_count(&device_err) == 0)
+        return mb_fail(err, "cuda backend: no usable GPU (%s)", device_err.message);
+    TRY(mb_param_table_build(&b->table, &b->config, err));
+    MB_CUDA_CHECK(err, cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
+    TRY(mb_cuda_matmul_create(&c->matmul, err));
+    TRY(allocate_state(b, c, err));
+    TRY(create_optimizer(b, c, err));
+    return record_memory(c, err);
+}
+
+}  // namespace
+
+extern "C" int mb_backend_create_cuda(mb_backend **out, const mb_config *config, mb_error *err) {
+    mb_backend *b = static_cast<mb_backend *>(calloc(1, sizeof *b));
+    cuda_backend *c = static_cast<cuda_backend *>(calloc(1, sizeof *c));
+    if (b == nullptr || c == nullptr) {
+        free(b);
+        free(c);
+        return mb_fail(err, "out of memory");
+    }
+    b->ops = &cuda_ops;
+    b->config = *config;
+    b->impl = c;
+    if (build(b, c, err) != 0) {
+        cuda_destroy(b);
+        return -1;
+    }
+    *out = b;
+    return 0;
+}
+
+extern "C" int mb_backend_cuda_reserve(mb_backend *b, int max_tokens, int max_sequences, int max_head_rows,
+                                       mb_error *err) {
+    if (b == nullptr || b->ops != &cuda_ops) return mb_fail(err, "mb_backend_cuda_reserve: not a CUDA backend");
+    if (max_tokens < 1 || max_sequences < 1 || max_head_rows < 0 || max_sequences > max_tokens)
+        return mb_fail(err, "mb_backend_cuda_reserve: bad budget %d tokens, %d sequences, %d head rows", max_tokens,
+                       max_sequences, max_head_rows);
+    return ensure_budget(impl_of(b), &b->config, budget{max_tokens, max_sequences, max_head_rows}, err);
+}

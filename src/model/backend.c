@@ -1,0 +1,43 @@
+/* Backend selection: "cpu" (the fp32 reference), "cuda" (the GPU backend, cuda/backend_cuda.cu) or "auto" (cuda when
+ * the binary carries the CUDA backend and a GPU is usable, else cpu).
+ *
+ * The core library is compiled without CUDA. It carries weak stand-ins for the two CUDA entry points it needs; the
+ * CUDA static library (linked whole into CUDA builds, cuda/meson.build) provides the strong definitions, which the
+ * linker prefers. A binary without the CUDA library therefore links and reports "built without CUDA". */
+#include <stdio.h>
+#include <string.h>
+
+#include "model/backend.h"
+
+/* Weak fallbacks: replaced by cuda/backend_cuda.cu and cuda/device.cu when the CUDA library is linked. The
+ * prototypes match cuda/backend_cuda.h and cuda/device.h (not includable here: the core has no CUDA include path). */
+int mb_backend_create_cuda(mb_backend **backend, const mb_config *config, mb_error *err);
+int mb_cuda_device_count(mb_error *err);
+
+__attribute__((weak)) int mb_backend_create_cuda(mb_backend **backend, const mb_config *config, mb_error *err) {
+    (void)backend;
+    (void)config;
+    return mb_fail(err, "the CUDA backend is not available: this binary was built without CUDA "
+                        "(configure with nvcc present or -Dcuda=enabled)");
+}
+
+__attribute__((weak)) int mb_cuda_device_count(mb_error *err) {
+    mb_fail(err, "this binary was built without CUDA (configure with nvcc present or -Dcuda=enabled)");
+    return 0;
+}
+
+int mb_backend_create(mb_backend **backend, const char *name, const mb_config *config, mb_error *err) {
+    if (strcmp(name, "cpu") == 0) return mb_backend_create_cpu(backend, config, err);
+    if (strcmp(name, "cuda") == 0) {
+        mb_error device_err = {{0}};
+        if (mb_cuda_device_count(&device_err) == 0)
+            return mb_fail(err, "backend cuda is not usable: %s", device_err.message);
+        return mb_backend_create_cuda(backend, config, err);
+    }
+    if (strcmp(name, "auto") == 0) {
+        mb_error device_err = {{0}};
+        if (mb_cuda_device_count(&device_err) > 0) return mb_backend_create_cuda(backend, config, err);
+        return mb_backend_create_cpu(backend, config, err);
+    }
+    return mb_fail(err, "unknown backend '%s' (cpu, cuda or auto)", name);
+}
