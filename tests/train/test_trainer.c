@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -129,6 +130,13 @@ Test(trainer, resume_is_bit_identical_and_phases_switch, .init = make_shards, .t
     read_whole(cmd, &state_a, &state_size);
     cr_assert(strstr(state_a, "\"global_rope_theta\":\t40000") != NULL || strstr(state_a, "40000") != NULL,
               "final config.json does not carry the phase-2 theta: %s", state_a);
+    free(state_a);
+    /* the optimizer state was kept across the phase change: its step counter equals the run's step count */
+    snprintf(cmd, sizeof cmd, "%s/trainer_state.json", final);
+    read_whole(cmd, &state_a, &state_size);
+    char expect[64];
+    snprintf(expect, sizeof expect, "\"optimizer_step\":\t%d", steps_a);
+    cr_assert(strstr(state_a, expect) != NULL, "expected %s in %s", expect, state_a);
     free(state_a);
 
     /* the same run, interrupted twice (once inside phase 0, once inside phase 1) and resumed */
@@ -254,4 +262,45 @@ Test(trainer, nonfinite_steps_are_skipped_then_abort, .timeout = 300) {
     cr_assert_eq(run_command(cmd, output, sizeof output), 1, "%s", output);
     cr_assert(strstr(output, "SKIPPED (non-finite)") != NULL, "%s", output);
     cr_assert(strstr(output, "3 consecutive steps had a non-finite loss or gradient") != NULL, "%s", output);
+}
+
+/* SIGTERM (as a cluster scheduler sends before preemption) writes a checkpoint and exits 0. */
+Test(trainer, sigterm_writes_checkpoint_and_exits_zero, .init = make_shards, .timeout = 300) {
+    write_config("sig.yaml", "phases:\n  - {seq_len: 32, micro_batch_tokens: 128, batch_tokens: 256, tokens: 10M}\n");
+    char config[512], log[512], metrics[512], binary[512];
+    snprintf(config, sizeof config, "%s/sig.yaml", workdir);
+    snprintf(log, sizeof log, "%s/sig.log", workdir);
+    snprintf(metrics, sizeof metrics, "%s/run/metrics.jsonl", workdir);
+    snprintf(binary, sizeof binary, "%s/modernbert", MB_BUILD_DIR);
+    pid_t child = fork();
+    if (child == 0) {
+        freopen(log, "w", stdout);
+        dup2(fileno(stdout), 2);
+        execl(binary, "modernbert", "pretrain", config, (char *)NULL);
+        _exit(127);
+    }
+    int lines = 0;
+    for (int wait = 0; wait < 1200 && lines < 2; wait++) {
+        usleep(100000);
+        FILE *f = fopen(metrics, "r");
+        lines = 0;
+        if (f != NULL) {
+            int c;
+            while ((c = fgetc(f)) != EOF) lines += c == '\n';
+            fclose(f);
+        }
+    }
+    cr_assert_geq(lines, 2, "training did not start");
+    kill(child, SIGTERM);
+    int status;
+    cr_assert_eq(waitpid(child, &status, 0), child);
+    char *output;
+    size_t size;
+    read_whole(log, &output, &size);
+    cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "status %d: %s", status, output);
+    cr_assert(strstr(output, "(signal)") != NULL, "%s", output);
+    char run_dir[512], latest[1024];
+    snprintf(run_dir, sizeof run_dir, "%s/run", workdir);
+    cr_assert_eq(mb_checkpoint_find_latest(run_dir, latest, sizeof latest, NULL), 1, "%s", output);
+    free(output);
 }
