@@ -739,6 +739,10 @@ void cuda_destroy(mb_backend *b) {
     free(b);
 }
 
+int cuda_reserve(mb_backend *b, int max_tokens, int max_sequences, int max_head_rows, mb_error *err) {
+    return mb_backend_cuda_reserve(b, max_tokens, max_sequences, max_head_rows, err);
+}
+
 const mb_backend_ops cuda_ops = {
     "cuda",
     cuda_destroy,
@@ -754,6 +758,7 @@ const mb_backend_ops cuda_ops = {
     cuda_write_optimizer_state,
     cuda_set_rope_theta,
     cuda_memory_report,
+    cuda_reserve,
 };
 
 /* The state arena: master | grads | m | v (fp32, table layout each) | bf16 copy | two device doubles. */

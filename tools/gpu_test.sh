@@ -20,6 +20,7 @@ binary="$build/tests/gpu/test_gpu_ops"
 model_binary="$build/tests/gpu/test_gpu_model"
 fixture="$root/tests/fixtures/hf/mlm_hd32_window_small_every2"
 log_dir="${OUT:-/tmp}"
+export MB_SOURCE_DIR="$root" # fixtures of this checkout (binaries may come from another)
 export LD_LIBRARY_PATH="$root/.devlib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 if [ ! -x "$binary" ]; then

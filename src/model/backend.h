@@ -40,6 +40,10 @@ typedef struct mb_backend_ops {
     int (*set_rope_theta)(mb_backend *backend, double global_theta, double local_theta, mb_error *err);
     /* One line: what memory the backend holds. */
     void (*memory_report)(mb_backend *backend, char *out, size_t size);
+    /* Optional (NULL when the backend has nothing to size): allocate activation memory for micro-batches of up to
+     * max_tokens tokens, max_sequences sequences and max_head_rows labelled rows before the first step, so the step
+     * loop never allocates (a larger batch later still works: the arena grows once). */
+    int (*reserve)(mb_backend *backend, int max_tokens, int max_sequences, int max_head_rows, mb_error *err);
 } mb_backend_ops;
 
 struct mb_backend {

@@ -65,6 +65,8 @@ const mb_cfg_field mb_finetune_config_schema[] = {
     {.path = "model.keep_classifier", .type = MB_CFG_BOOL, .offset = FT(model.keep_classifier),
      .default_value = "false",
      .help = "keep the init checkpoint's classifier.* when its shape fits (false: a new one, as ModernBERT does)"},
+    {.path = "model.from_scratch", .type = MB_CFG_BOOL, .offset = FT(model.from_scratch), .default_value = "false",
+     .help = "take only the architecture from model.init and start from random weights (a no-pretraining baseline)"},
     {.path = "optimizer.lr", .type = MB_CFG_FLOAT, .offset = FT(optimizer.lr), .default_value = "5e-5", .min = "0",
      .max = "1", .flags = MB_CFG_MIN_EXCLUSIVE, .help = "peak learning rate"},
     {.path = "optimizer.weight_decay", .type = MB_CFG_FLOAT, .offset = FT(optimizer.weight_decay),
@@ -329,8 +331,9 @@ static int setup_model(finetuner *f, mb_error *err) {
     if (rc == 0) rc = mb_model_create(&f->host, &config, err);
     if (rc == 0) {
         mb_params_init(&f->host.table, &config, f->host.params, (uint64_t)f->cfg->run.seed);
-        char fresh[1024];
-        int left = copy_matching_tensors(&f->host, &init, f->cfg->model.keep_classifier, fresh, sizeof fresh);
+        char fresh[1024] = "everything (model.from_scratch: only the architecture comes from the checkpoint)";
+        int left = f->cfg->model.from_scratch ? 1 : copy_matching_tensors(&f->host, &init, f->cfg->model.keep_classifier,
+                                                                          fresh, sizeof fresh);
         char kind[64] = "masked LM";
         if (init.config.head != MB_HEAD_MASKED_LM)
             snprintf(kind, sizeof kind, "classifier with %d label(s)", init.config.num_labels);
@@ -360,7 +363,6 @@ static int setup_tokenizer(finetuner *f, mb_error *err) {
     return 0;
 }
 
-/* Keeps the first `keep` examples of `order` (a seeded permutation) in file order. */
 static int compare_size(const void *a, const void *b) {
     size_t x = *(const size_t *)a, y = *(const size_t *)b;
     return x < y ? -1 : x > y;
@@ -377,6 +379,7 @@ static void shuffle(size_t *order, size_t n, uint64_t seed, uint64_t stream) {
     }
 }
 
+/* Keeps `limit` examples: the first ones (dev), or a seeded random subset kept in file order (train). */
 static int subset_split(finetuner *f, mb_glue_split *split, int64_t limit, int random) {
     if (limit <= 0 || (size_t)limit >= split->count) return 0;
     if (!random) {

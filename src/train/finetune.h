@@ -63,6 +63,7 @@ typedef struct mb_finetune_config {
         char label_names[MB_MAX_LABELS][MB_LABEL_NAME_SIZE];
         int label_name_count;             /* 0 = the task's names */
         bool keep_classifier;             /* copy the init checkpoint's classifier.* (default: a new classifier) */
+        bool from_scratch;                /* only the architecture from init: every weight random (a baseline) */
     } model;
     struct {
         double lr, weight_decay, beta1, beta2, eps, warmup_fraction, final_lr_fraction;

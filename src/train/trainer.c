@@ -598,6 +598,20 @@ static void trainer_free(trainer *t) {
     if (t->metrics) fclose(t->metrics);
 }
 
+/* Sizes the backend's activation memory for the largest micro-batch of any phase before the first step: the token
+ * budget, one sequence per token at worst, and the expected labelled rows with headroom (a rare batch above that
+ * grows the arena once). */
+static int reserve_activations(trainer *t, mb_error *err) {
+    if (t->backend->ops->reserve == NULL) return 0;
+    int64_t tokens = 0;
+    for (int p = 0; p < t->cfg->phase_count; p++)
+        if (t->cfg->phases[p].micro_batch_tokens > tokens) tokens = t->cfg->phases[p].micro_batch_tokens;
+    if (t->batch_files != NULL && tokens < 65536) tokens = 65536;
+    int rows = (int)(tokens * t->cfg->data.mlm_probability * 1.25) + 64;
+    if (rows > tokens) rows = (int)tokens;
+    return t->backend->ops->reserve(t->backend, (int)tokens, (int)tokens, rows, err);
+}
+
 static int setup(trainer *t, mb_error *err) {
     const mb_run_config *c = t->cfg;
     if (mb_make_dirs(c->run.output_dir, err) != 0) return -1;
@@ -616,6 +630,7 @@ static int setup(trainer *t, mb_error *err) {
     if (c->data.val[0] != '\0' && open_shards(c->data.val, fingerprint, &t->val_set, err) != 0) return -1;
     if (t->options->resume && setup_resume(t, err) != 0) return -1;
     for (int p = 0; p < c->phase_count; p++) t->run_tokens_total += c->phases[p].tokens;
+    if (reserve_activations(t, err) != 0) return -1;
     char memory[256];
     t->backend->ops->memory_report(t->backend, memory, sizeof memory);
     printf("model: %d layers, hidden %d, vocab %d, %zu parameters; backend %s\n", t->host.config.num_hidden_layers,

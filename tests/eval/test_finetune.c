@@ -152,6 +152,9 @@ Test(finetune, same_seed_same_result) {
     const char *other_seed[] = {"training.epochs=2", "run.seed=18", NULL};
     finetune_ok("sst2", "det-c", NULL, other_seed, c);
     cr_assert_neq(c->history[0].train_loss, a->history[0].train_loss, "the seed matters");
+    const char *scratch[] = {"training.epochs=2", "model.from_scratch=true", NULL};
+    finetune_ok("sst2", "det-d", NULL, scratch, c);
+    cr_assert_neq(c->history[0].train_loss, a->history[0].train_loss, "random weights instead of the checkpoint's");
     free(a);
     free(b);
     free(c);
