@@ -245,6 +245,10 @@ extern "C" int mb_cuda_matmul_create(mb_cuda_matmul **out, mb_error *err) {
         free(ctx);
         return mb_fail(err, "cublasLtCreate: %s", cublasLtGetStatusString(status));
     }
+    /* MB_GEMM_FALLBACK=1 sends every GEMM through our own simple kernel: compute-sanitizer's racecheck reports
+     * hazards inside cuBLASLt's own (closed) kernels, so racecheck runs of our code use this switch. */
+    const char *fallback = getenv("MB_GEMM_FALLBACK");
+    ctx->force_fallback = fallback != nullptr && fallback[0] == '1';
     cudaError_t alloc = cudaMalloc(&ctx->workspace, kWorkspaceBytes);
     if (alloc != cudaSuccess) {
         cublasLtDestroy(ctx->handle);
