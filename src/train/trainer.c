@@ -51,6 +51,8 @@ typedef struct trainer {
     uint64_t config_hash;
     FILE *metrics;
     mb_shard_set *train_set, *val_set;
+    int32_t *special_id_list;      /* ids never used as random MLM replacements */
+    size_t special_id_count;
     mb_loader *loader;
     char **batch_files;            /* step-by-step mode */
     int batch_file_count;
@@ -63,6 +65,8 @@ typedef struct trainer {
     int64_t run_tokens_total;
     int64_t tokens_at_start;
 } trainer;
+
+static int collect_special_ids(trainer *t, mb_error *err);
 
 static double now_seconds(void) {
     struct timespec t;
@@ -121,6 +125,7 @@ static int setup_model(trainer *t, mb_error *err) {
     } else {
         mb_params_init(&t->host.table, &config, t->host.params, (uint64_t)t->cfg->run.seed);
     }
+    if (collect_special_ids(t, err) != 0) return -1;
     t->m = calloc(t->host.table.total_numel, sizeof(float));
     t->v = calloc(t->host.table.total_numel, sizeof(float));
     if (t->m == NULL || t->v == NULL) return mb_fail(err, "out of memory for optimizer state");
@@ -193,6 +198,20 @@ static void masking_config(const trainer *t, mb_masking_config *masking) {
     masking->sep_id = t->special.sep;
     masking->pad_id = t->special.pad;
     masking->include_cls_sep = t->cfg->data.mask_cls_sep;
+    masking->special_ids = t->special_id_list;
+    masking->special_count = t->special_id_count;
+}
+
+/* Every id that random MLM replacements must never produce: the tokenizer's special added tokens ([UNK],
+ * <|endoftext|>, [unusedN], ...) and the padding ids between the tokenizer's size and the model's vocabulary. */
+static int collect_special_ids(trainer *t, mb_error *err) {
+    int tokenizer_vocab = mb_tokenizer_vocab_size(t->tokenizer), model_vocab = t->host.config.vocab_size;
+    t->special_id_list = malloc((size_t)(model_vocab > 0 ? model_vocab : 1) * sizeof(int32_t));
+    if (t->special_id_list == NULL) return mb_fail(err, "out of memory");
+    for (int id = 0; id < model_vocab; id++)
+        if (id >= tokenizer_vocab || mb_tokenizer_is_special(t->tokenizer, id))
+            t->special_id_list[t->special_id_count++] = id;
+    return 0;
 }
 
 static int open_loader(trainer *t, mb_shard_set *set, const mb_phase_config *phase, uint64_t seed, int prefetch,
@@ -586,6 +605,7 @@ static void trainer_free(trainer *t) {
     mb_tokenizer_free(t->tokenizer);
     free(t->m);
     free(t->v);
+    free(t->special_id_list);
     for (int i = 0; i < t->step_batch_capacity; i++) {
         free(t->step_batches[i].input_ids);
         free(t->step_batches[i].labels);
