@@ -12,6 +12,7 @@
 #include "../tools/commands.h"
 #include "common/rng.h"
 #include "model/backend.h"
+#include "model/flops.h"
 #include "model/model.h"
 
 typedef struct train_bench_options {
@@ -27,20 +28,6 @@ static double seconds_now(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
-/* Model FLOPs per token (docs/performance.md): 6·L·(H·3H + H·H + H·2I + I·H) + attention 12·H·keys per layer
- * + MLM head 6·(H·H + H·V) on the labelled 30%. */
-static double flops_per_token(const mb_config *c, int seq_len) {
-    double H = c->hidden_size, I = c->intermediate_size, V = c->vocab_size;
-    double matmuls = 6.0 * c->num_hidden_layers * (H * 3 * H + H * H + H * 2 * I + I * H);
-    double attention = 0.0;
-    for (int l = 0; l < c->num_hidden_layers; l++) {
-        int window = mb_layer_window(c, l);
-        double keys = window < 0 ? seq_len : (2.0 * window + 1 < seq_len ? 2.0 * window + 1 : seq_len);
-        attention += 12.0 * H * keys;
-    }
-    return matmuls + attention + 6.0 * (H * H + H * V) * 0.3;
 }
 
 static void make_batch(mb_rng *rng, const mb_config *c, int seq_len, int tokens, int32_t *ids, int32_t *labels,
@@ -100,13 +87,15 @@ static int run_train_bench(const train_bench_options *o) {
         fprintf(stderr, "modernbert bench: %s\n", err.message);
     } else {
         double step_time = total / o->steps, tokens_per_second = o->micro_tokens / step_time;
-        char memory[256];
+        double flops = mb_model_flops_per_token(&config, o->seq_len, 0.3), peak = mb_backend_peak_flops(backend);
+        char memory[256], mfu[64] = "";
+        if (peak > 0) snprintf(mfu, sizeof mfu, " | MFU %.1f%% of %.0f TFLOP/s", 100.0 * tokens_per_second * flops / peak,
+                               peak * 1e-12);
         backend->ops->memory_report(backend, memory, sizeof memory);
         printf("bench train: model %s, backend %s, seq_len %d, %d tokens per step\n", o->model, backend->ops->name,
                o->seq_len, o->micro_tokens);
-        printf("  step time %.3f s | %.0f tokens/s | %.2f TFLOP/s model FLOPs (%.3g GFLOP/token) | %s\n", step_time,
-               tokens_per_second, tokens_per_second * flops_per_token(&config, o->seq_len) * 1e-12,
-               flops_per_token(&config, o->seq_len) * 1e-9, memory);
+        printf("  step time %.3f s | %.0f tokens/s | %.2f TFLOP/s model FLOPs (%.3g GFLOP/token)%s | %s\n", step_time,
+               tokens_per_second, tokens_per_second * flops * 1e-12, flops * 1e-9, mfu, memory);
     }
     free(ids);
     free(labels);

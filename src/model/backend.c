@@ -8,11 +8,13 @@
 #include <string.h>
 
 #include "model/backend.h"
+#include "model/flops.h"
 
 /* Weak fallbacks: replaced by cuda/backend_cuda.cu and cuda/device.cu when the CUDA library is linked. The
  * prototypes match cuda/backend_cuda.h and cuda/device.h (not includable here: the core has no CUDA include path). */
 int mb_backend_create_cuda(mb_backend **backend, const mb_config *config, mb_error *err);
 int mb_cuda_device_count(mb_error *err);
+int mb_cuda_device_describe(int index, char *out, int out_size, mb_error *err);
 
 __attribute__((weak)) int mb_backend_create_cuda(mb_backend **backend, const mb_config *config, mb_error *err) {
     (void)backend;
@@ -24,6 +26,20 @@ __attribute__((weak)) int mb_backend_create_cuda(mb_backend **backend, const mb_
 __attribute__((weak)) int mb_cuda_device_count(mb_error *err) {
     mb_fail(err, "this binary was built without CUDA (configure with nvcc present or -Dcuda=enabled)");
     return 0;
+}
+
+__attribute__((weak)) int mb_cuda_device_describe(int index, char *out, int out_size, mb_error *err) {
+    (void)index;
+    if (out_size > 0) out[0] = '\0';
+    return mb_fail(err, "this binary was built without CUDA");
+}
+
+double mb_backend_peak_flops(const mb_backend *backend) {
+    if (strcmp(backend->ops->name, "cuda") != 0) return 0.0;
+    char name[256];
+    mb_error err = {{0}};
+    if (mb_cuda_device_describe(0, name, (int)sizeof name, &err) != 0) return 0.0;
+    return mb_device_peak_flops(name);
 }
 
 int mb_backend_create(mb_backend **backend, const char *name, const mb_config *config, mb_error *err) {

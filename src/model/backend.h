@@ -58,5 +58,7 @@ int mb_backend_create_cpu(mb_backend **backend, const mb_config *config, mb_erro
 /* Creates the backend named "cpu", "cuda" or "auto" (cuda when a GPU is usable and the CUDA backend is built). */
 int mb_backend_create(mb_backend **backend, const char *name, const mb_config *config, mb_error *err);
 void mb_backend_destroy(mb_backend *backend);
+/* The dense bf16 peak of the device the backend runs on (FLOP/s, for MFU), or 0 when unknown or on the CPU. */
+double mb_backend_peak_flops(const mb_backend *backend);
 
 #endif

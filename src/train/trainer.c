@@ -27,6 +27,7 @@
 #include "data/tokenizer.h"
 #include "io/batch_file.h"
 #include "model/backend.h"
+#include "model/flops.h"
 #include "model/model.h"
 #include "train/checkpoint.h"
 #include "train/schedule.h"
@@ -61,6 +62,8 @@ typedef struct trainer {
     double start_time, last_log_time, last_checkpoint_time;
     int64_t tokens_at_last_log;
     double loss_sum_since_log;
+    double flops_since_log;        /* model FLOPs (docs/performance.md) since the last log line */
+    double peak_flops;             /* the device's dense bf16 peak; 0 = no MFU (CPU or unknown GPU) */
     int64_t labels_since_log;
     int64_t run_tokens_total;
     int64_t tokens_at_start;
@@ -360,15 +363,18 @@ typedef struct step_result {
     double lr;
     int64_t tokens;
     int64_t labels;
+    double flops;
     int skipped;
 } step_result;
 
 static int forward_backward_step(trainer *t, int count, step_result *r, mb_error *err) {
     mb_backend *b = t->backend;
     int64_t labels = 0, tokens = 0;
+    r->flops = 0.0;
     for (int i = 0; i < count; i++) {
         labels += t->step_batches[i].label_count;
         tokens += t->step_batches[i].batch.token_count;
+        r->flops += mb_batch_model_flops(&t->host.config, &t->step_batches[i].batch, t->step_batches[i].label_count);
     }
     if (b->ops->zero_grads(b, err) != 0) return -1;
     double loss_sum = 0.0;
@@ -448,6 +454,7 @@ static void format_duration(double seconds, char *out, size_t size) {
 static void log_step(trainer *t, const step_result *r, int force) {
     t->loss_sum_since_log += r->skipped ? 0.0 : r->loss * (double)r->labels;
     t->labels_since_log += r->skipped ? 0 : r->labels;
+    t->flops_since_log += r->flops;
     double now = now_seconds();
     double tokens_per_second = (double)(t->state.tokens_seen - t->tokens_at_start) / fmax(now - t->start_time, 1e-9);
     int interval = t->batch_files ? 1 : t->cfg->logging.every_steps;
@@ -461,25 +468,29 @@ static void log_step(trainer *t, const step_result *r, int force) {
     double window_seconds = now - t->last_log_time;
     double window_tps = (double)(t->state.tokens_seen - t->tokens_at_last_log) / fmax(window_seconds, 1e-9);
     double loss = t->labels_since_log ? t->loss_sum_since_log / (double)t->labels_since_log : NAN;
-    char eta[32];
+    char eta[32], mfu[32] = "";
+    double mfu_value = t->peak_flops > 0 ? t->flops_since_log / fmax(window_seconds, 1e-9) / t->peak_flops : -1.0;
+    if (mfu_value >= 0) snprintf(mfu, sizeof mfu, " | MFU %.1f%%", 100.0 * mfu_value);
     format_duration((double)(t->run_tokens_total - t->state.tokens_seen) / fmax(tokens_per_second, 1e-9), eta,
                     sizeof eta);
     if (isatty(STDOUT_FILENO) && t->cfg->logging.progress_bar) printf("\r%80s\r", "");
     printf("step %6" PRId64 " | phase %d %-10s | tokens %10" PRId64 " | loss %.6f | lr %.3e | grad norm %.4f | "
-           "%.0f tok/s | ETA %s%s\n", t->state.step, t->state.phase, t->cfg->phases[t->state.phase].name,
-           t->state.tokens_seen, loss, r->lr, r->grad_norm, window_tps, eta, r->skipped ? " | SKIPPED (non-finite)" : "");
+           "%.0f tok/s%s | ETA %s%s\n", t->state.step, t->state.phase, t->cfg->phases[t->state.phase].name,
+           t->state.tokens_seen, loss, r->lr, r->grad_norm, window_tps, mfu, eta,
+           r->skipped ? " | SKIPPED (non-finite)" : "");
     fflush(stdout);
     fprintf(t->metrics, "{\"step\": %" PRId64 ", \"phase\": %d, \"tokens\": %" PRId64 ", \"loss\": %.9g, "
             "\"step_loss\": %.9g, \"lr\": %.9g, \"grad_norm\": %.9g, \"tokens_per_second\": %.1f, "
-            "\"elapsed_seconds\": %.3f%s}\n", t->state.step, t->state.phase, t->state.tokens_seen,
+            "\"mfu\": %.4f, \"elapsed_seconds\": %.3f%s}\n", t->state.step, t->state.phase, t->state.tokens_seen,
             isfinite(loss) ? loss : -1.0, isfinite(r->loss) ? r->loss : -1.0, r->lr,
-            isfinite(r->grad_norm) ? r->grad_norm : -1.0, window_tps, now - t->start_time,
+            isfinite(r->grad_norm) ? r->grad_norm : -1.0, window_tps, mfu_value, now - t->start_time,
             r->skipped ? ", \"skipped\": true" : "");
     fflush(t->metrics);
     t->last_log_time = now;
     t->tokens_at_last_log = t->state.tokens_seen;
     t->loss_sum_since_log = 0.0;
     t->labels_since_log = 0;
+    t->flops_since_log = 0.0;
 }
 
 static void log_validation(trainer *t, double val_loss) {
@@ -651,6 +662,7 @@ static int setup(trainer *t, mb_error *err) {
     if (t->options->resume && setup_resume(t, err) != 0) return -1;
     for (int p = 0; p < c->phase_count; p++) t->run_tokens_total += c->phases[p].tokens;
     if (reserve_activations(t, err) != 0) return -1;
+    t->peak_flops = mb_backend_peak_flops(t->backend);
     char memory[256];
     t->backend->ops->memory_report(t->backend, memory, sizeof memory);
     printf("model: %d layers, hidden %d, vocab %d, %zu parameters; backend %s\n", t->host.config.num_hidden_layers,

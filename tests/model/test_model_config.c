@@ -199,3 +199,23 @@ Test(checkpoint, save_load_round_trip_and_errors) {
     mb_model_free(&wide);
     mb_model_free(&model);
 }
+
+#include "model/flops.h"
+
+/* The FLOP convention of docs/performance.md: ModernBERT-base at 1024-token documents ≈ 0.83 GFLOP/token and at
+ * 8192 ≈ 1.36 (sparse head, 30 % labelled); a packed batch counts each document's own keys only. */
+Test(flops, base_matches_the_documented_convention) {
+    mb_config config;
+    mb_error err;
+    cr_assert_eq(mb_config_preset(&config, "base", &err), 0);
+    double at_1024 = mb_model_flops_per_token(&config, 1024, 0.3), at_8192 = mb_model_flops_per_token(&config, 8192, 0.3);
+    cr_assert(fabs(at_1024 / 1e9 - 0.83) < 0.01, "%g", at_1024 / 1e9);
+    cr_assert(fabs(at_8192 / 1e9 - 1.36) < 0.01, "%g", at_8192 / 1e9);
+    /* two documents of 512 cost less attention than one of 1024 */
+    int32_t ids[1024] = {0}, one[] = {0, 1024}, two[] = {0, 512, 1024};
+    mb_batch whole = {1024, 1, ids, one, NULL, NULL}, halves = {1024, 2, ids, two, NULL, NULL};
+    cr_assert_gt(mb_batch_model_flops(&config, &whole, 300), mb_batch_model_flops(&config, &halves, 300));
+    cr_assert(fabs(mb_batch_model_flops(&config, &whole, 307) / 1024 / at_1024 - 1.0) < 1e-3);
+    cr_assert_float_eq(mb_device_peak_flops("NVIDIA H200"), 989e12, 1.0);
+    cr_assert_float_eq(mb_device_peak_flops("Some CPU"), 0.0, 0.0);
+}
