@@ -743,6 +743,16 @@ int cuda_reserve(mb_backend *b, int max_tokens, int max_sequences, int max_head_
     return mb_backend_cuda_reserve(b, max_tokens, max_sequences, max_head_rows, err);
 }
 
+int cuda_device_name(mb_backend *b, char *out, size_t size) {
+    (void)b;
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) return -1;
+    cudaDeviceProp prop;
+    if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) return -1;
+    snprintf(out, size, "%s", prop.name);
+    return 0;
+}
+
 const mb_backend_ops cuda_ops = {
     "cuda",
     cuda_destroy,
@@ -759,6 +769,7 @@ const mb_backend_ops cuda_ops = {
     cuda_set_rope_theta,
     cuda_memory_report,
     cuda_reserve,
+    cuda_device_name,
 };
 
 /* The state arena: master | grads | m | v (fp32, table layout each) | bf16 copy | two device doubles. */

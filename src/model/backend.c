@@ -14,7 +14,6 @@
  * prototypes match cuda/backend_cuda.h and cuda/device.h (not includable here: the core has no CUDA include path). */
 int mb_backend_create_cuda(mb_backend **backend, const mb_config *config, mb_error *err);
 int mb_cuda_device_count(mb_error *err);
-int mb_cuda_device_describe(int index, char *out, int out_size, mb_error *err);
 
 __attribute__((weak)) int mb_backend_create_cuda(mb_backend **backend, const mb_config *config, mb_error *err) {
     (void)backend;
@@ -28,17 +27,13 @@ __attribute__((weak)) int mb_cuda_device_count(mb_error *err) {
     return 0;
 }
 
-__attribute__((weak)) int mb_cuda_device_describe(int index, char *out, int out_size, mb_error *err) {
-    (void)index;
-    if (out_size > 0) out[0] = '\0';
-    return mb_fail(err, "this binary was built without CUDA");
-}
-
-double mb_backend_peak_flops(const mb_backend *backend) {
-    if (strcmp(backend->ops->name, "cuda") != 0) return 0.0;
+/* No weak stand-in for mb_cuda_device_describe here on purpose: the CUDA build forces device.cu's object in through
+ * that symbol (-Wl,--undefined, cuda/meson.build), which is what makes its strong mb_cuda_device_count win. The device
+ * name reaches the core through the backend's optional device_name op instead. */
+double mb_backend_peak_flops(mb_backend *backend) {
+    if (backend->ops->device_name == NULL) return 0.0;
     char name[256];
-    mb_error err = {{0}};
-    if (mb_cuda_device_describe(0, name, (int)sizeof name, &err) != 0) return 0.0;
+    if (backend->ops->device_name(backend, name, sizeof name) != 0) return 0.0;
     return mb_device_peak_flops(name);
 }
 

@@ -44,6 +44,8 @@ typedef struct mb_backend_ops {
      * max_tokens tokens, max_sequences sequences and max_head_rows labelled rows before the first step, so the step
      * loop never allocates (a larger batch later still works: the arena grows once). */
     int (*reserve)(mb_backend *backend, int max_tokens, int max_sequences, int max_head_rows, mb_error *err);
+    /* Optional: the device's name (for the MFU peak table); 0 on success. */
+    int (*device_name)(mb_backend *backend, char *out, size_t size);
 } mb_backend_ops;
 
 struct mb_backend {
@@ -59,6 +61,6 @@ int mb_backend_create_cpu(mb_backend **backend, const mb_config *config, mb_erro
 int mb_backend_create(mb_backend **backend, const char *name, const mb_config *config, mb_error *err);
 void mb_backend_destroy(mb_backend *backend);
 /* The dense bf16 peak of the device the backend runs on (FLOP/s, for MFU), or 0 when unknown or on the CPU. */
-double mb_backend_peak_flops(const mb_backend *backend);
+double mb_backend_peak_flops(mb_backend *backend);
 
 #endif
