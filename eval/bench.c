@@ -7,6 +7,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "common/clock.h"
 #include "../tools/bench_data.h"
 #include "../tools/bench_tokenize.h"
 #include "../tools/commands.h"
@@ -24,11 +25,6 @@ typedef struct train_bench_options {
     int warmup;
 } train_bench_options;
 
-static double seconds_now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
 
 static void make_batch(mb_rng *rng, const mb_config *c, int seq_len, int tokens, int32_t *ids, int32_t *labels,
                        int32_t *cu, int *sequences) {
@@ -76,12 +72,12 @@ static int run_train_bench(const train_bench_options *o) {
         make_batch(&rng, &config, o->seq_len, o->micro_tokens, ids, labels, cu, &sequences);
         mb_batch batch = {o->micro_tokens, sequences, ids, cu, labels, NULL};
         mb_forward_result result;
-        double start = seconds_now();
+        double start = mb_monotonic_seconds();
         rc = backend->ops->zero_grads(backend, &err);
         if (rc == 0) rc = backend->ops->forward(backend, &batch, &result, &err);
         if (rc == 0) rc = backend->ops->backward(backend, (float)(1.0 / result.loss_count), &err);
         if (rc == 0) rc = backend->ops->optimizer_step(backend, &adamw, 1e-4, &err);
-        if (step >= o->warmup) total += seconds_now() - start;
+        if (step >= o->warmup) total += mb_monotonic_seconds() - start;
     }
     if (rc != 0) {
         fprintf(stderr, "modernbert bench: %s\n", err.message);

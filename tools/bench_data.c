@@ -5,6 +5,7 @@
  * Rows printed: packing alone (lengths only), masking alone, packing + reading + masking on the calling thread (one
  * core: the number that must reach 20M tokens/s), the loader with its prefetch thread as the trainer uses it.
  * Tokens are real (non-padding) tokens; packing efficiency = real tokens / (micro-batches × micro_tokens). */
+#include "common/clock.h"
 #include "bench_data.h"
 
 #include <getopt.h>
@@ -104,11 +105,6 @@ static int parse_options(int argc, char **argv, bench_options *o) {
     return 0;
 }
 
-static double now_seconds(clockid_t clock) {
-    struct timespec t;
-    clock_gettime(clock, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
 
 /* ---- synthetic corpus ---- */
 
@@ -174,7 +170,7 @@ static int bench_packing(const bench_options *o, const mb_loader_config *config,
     mb_rng_seed(&stream.rng, 17);
     int32_t rows = (int32_t)(config->step_tokens / config->micro_tokens);
     int64_t tokens = 0, slots = 0;
-    double start = now_seconds(CLOCK_MONOTONIC);
+    double start = mb_clock_seconds(CLOCK_MONOTONIC);
     while (tokens < o->tokens) {
         mb_packed_rows out;
         if (mb_packer_pack(&packer, rows, prose_next, &stream, &out, err) != 1) {
@@ -184,7 +180,7 @@ static int bench_packing(const bench_options *o, const mb_loader_config *config,
         tokens += out.token_count;
         slots += (int64_t)rows * o->micro_tokens;
     }
-    double seconds = now_seconds(CLOCK_MONOTONIC) - start;
+    double seconds = mb_clock_seconds(CLOCK_MONOTONIC) - start;
     printf("%-40s %8.1fM tokens/s   efficiency %.3f%%\n", "packing alone (lengths only)", tokens / seconds / 1e6,
            100.0 * (double)tokens / (double)slots);
     mb_packer_free(&packer);
@@ -205,11 +201,11 @@ static int bench_masking(const bench_options *o, const mb_loader_config *config,
     uint64_t corpus = s->docs.offsets[s->docs.count];
     int64_t tokens = 0;
     int rc = 0;
-    double start = now_seconds(CLOCK_MONOTONIC);
+    double start = mb_clock_seconds(CLOCK_MONOTONIC);
     for (uint64_t at = 0; tokens < o->tokens && !rc; tokens += (int64_t)n, at = (at + n) % (corpus - n + 1)) {
         rc = mb_masker_apply(&masker, &rng, s->tokens + at, n, ids, labels, NULL, err);
     }
-    double seconds = now_seconds(CLOCK_MONOTONIC) - start;
+    double seconds = mb_clock_seconds(CLOCK_MONOTONIC) - start;
     if (!rc) printf("%-40s %8.1fM tokens/s\n", "masking alone", tokens / seconds / 1e6);
     free(ids), free(labels), mb_masker_free(&masker);
     return rc;
@@ -218,15 +214,15 @@ static int bench_masking(const bench_options *o, const mb_loader_config *config,
 static int bench_loader(const bench_options *o, const mb_loader_config *config, const mb_doc_source *source,
                         const char *label, mb_error *err) {
     mb_loader *loader;
-    double open_start = now_seconds(CLOCK_MONOTONIC);
+    double open_start = mb_clock_seconds(CLOCK_MONOTONIC);
     if (mb_loader_open(&loader, config, source, NULL, err)) {
         if (source->release) source->release(source->context); /* a failed open leaves the source with us */
         return -1;
     }
-    double open_seconds = now_seconds(CLOCK_MONOTONIC) - open_start;
+    double open_seconds = mb_clock_seconds(CLOCK_MONOTONIC) - open_start;
     int64_t tokens = 0, slots = 0, labels = 0, batches = 0;
     int rc = 0;
-    double wall = now_seconds(CLOCK_MONOTONIC), cpu = now_seconds(CLOCK_PROCESS_CPUTIME_ID);
+    double wall = mb_clock_seconds(CLOCK_MONOTONIC), cpu = mb_clock_seconds(CLOCK_PROCESS_CPUTIME_ID);
     while (tokens < o->tokens) {
         mb_loader_batch b;
         if ((rc = mb_loader_next(loader, &b, err)) != 0) break;
@@ -235,8 +231,8 @@ static int bench_loader(const bench_options *o, const mb_loader_config *config, 
         labels += b.label_count;
         batches++;
     }
-    wall = now_seconds(CLOCK_MONOTONIC) - wall;
-    cpu = now_seconds(CLOCK_PROCESS_CPUTIME_ID) - cpu;
+    wall = mb_clock_seconds(CLOCK_MONOTONIC) - wall;
+    cpu = mb_clock_seconds(CLOCK_PROCESS_CPUTIME_ID) - cpu;
     mb_loader_close(loader);
     if (rc) return -1;
     printf("%-40s %8.1fM tokens/s   efficiency %.3f%%   labels %.2f%%   cpu %.2f cores   (%" PRId64

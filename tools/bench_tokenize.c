@@ -5,6 +5,7 @@
  * documents / wall time, and ids / wall time, on one thread and then on N threads that take documents from a shared
  * counter (the encoder is re-entrant: one loaded tokenizer serves every thread). Passes over the file repeat until
  * --min-seconds have elapsed; the N-thread run must produce exactly as many ids as the one-thread run. */
+#include "common/clock.h"
 #include "bench_tokenize.h"
 
 #include <getopt.h>
@@ -120,11 +121,6 @@ static int read_corpus(const char *path, corpus *c, mb_error *err) {
     return 0;
 }
 
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 typedef struct worker {
     const mb_tokenizer *tokenizer;
@@ -165,7 +161,7 @@ static double timed_run(const mb_tokenizer *t, const corpus *c, int threads, siz
         fprintf(stderr, "bench tokenize: out of memory\n");
         return -1;
     }
-    double start = now_seconds();
+    double start = mb_monotonic_seconds();
     int started = 0;
     for (int i = 0; i < threads; i++) {
         workers[i] = (worker){t, c, &next, c->count * passes, 0, 0, {{0}}};
@@ -175,7 +171,7 @@ static double timed_run(const mb_tokenizer *t, const corpus *c, int threads, siz
     }
     run_worker(&workers[0]);
     for (int i = 1; i <= started; i++) pthread_join(handles[i], NULL);
-    double seconds = now_seconds() - start;
+    double seconds = mb_monotonic_seconds() - start;
     *ids = 0;
     int failed = started != threads - 1;
     for (int i = 0; i < threads; i++) {
@@ -220,7 +216,7 @@ int mb_bench_tokenize(int argc, char **argv) {
     mb_error err = {{0}};
     mb_tokenizer *t = NULL;
     corpus c = {0};
-    double load_start = now_seconds();
+    double load_start = mb_monotonic_seconds();
     if (mb_tokenizer_load(&t, o.tokenizer_path, &err) != 0 || read_corpus(o.input_path, &c, &err) != 0) {
         fprintf(stderr, "bench tokenize: %s\n", err.message);
         mb_tokenizer_free(t);
@@ -229,7 +225,7 @@ int mb_bench_tokenize(int argc, char **argv) {
         return 1;
     }
     printf("tokenizer %s (vocabulary %d, loaded in %.3f s)\n", o.tokenizer_path, mb_tokenizer_vocab_size(t),
-           now_seconds() - load_start);
+           mb_monotonic_seconds() - load_start);
     printf("input     %s (%.2f MB in %zu documents)\n", o.input_path, (double)c.bytes / 1e6, c.count);
     size_t ids_per_pass = 0;
     rc = measure(t, &c, 1, o.min_seconds, &ids_per_pass);

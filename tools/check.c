@@ -6,6 +6,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "common/clock.h"
 #include "commands.h"
 #include "common/error.h"
 #include "model/backend.h"
@@ -79,7 +80,7 @@ static int write_outputs(const char *path, const mb_model *model, const float *g
     int fixed = logits != NULL ? 2 : 1; /* loss, and logits when the backend returned them */
     int count = table->count + fixed;
     mb_st_entry *entries = calloc((size_t)count, sizeof *entries);
-    char (*names)[MB_PARAM_NAME_SIZE + 8] = calloc((size_t)table->count, sizeof *names);
+    mb_param_entry_name *names = calloc((size_t)table->count, sizeof *names);
     if (entries == NULL || names == NULL) {
         free(entries);
         free(names);
@@ -89,12 +90,7 @@ static int write_outputs(const char *path, const mb_model *model, const float *g
     if (logits != NULL)
         entries[1] = (mb_st_entry){.name = "logits", .dtype = MB_DTYPE_F32, .ndim = 2, .shape = {rows, cols},
                                    .data = logits};
-    for (int i = 0; i < table->count; i++) {
-        const mb_param_info *p = &table->params[i];
-        snprintf(names[i], sizeof names[i], "grad.%s", p->name);
-        entries[i + fixed] = (mb_st_entry){.name = names[i], .dtype = MB_DTYPE_F32, .ndim = p->ndim,
-                                       .shape = {p->shape[0], p->shape[1]}, .data = grads + p->offset};
-    }
+    mb_param_entries(table, grads, "grad.", entries + fixed, names);
     const char *keys[] = {"format"}, *values[] = {"pt"};
     int rc = mb_st_write(path, entries, count, keys, values, 1, err);
     free(entries);
@@ -112,8 +108,7 @@ static int run_check(const check_options *o, mb_model *model, const mb_batch_fil
     int rc = mb_backend_create(&backend, o->device, &model->config, err);
     if (rc == 0) rc = backend->ops->write_params(backend, model->params, err);
     if (rc == 0) rc = backend->ops->zero_grads(backend, err);
-    struct timespec start, stop;
-    clock_gettime(CLOCK_MONOTONIC, &start);
+    double start = mb_monotonic_seconds();
     if (rc == 0) rc = backend->ops->forward(backend, &lb->batch, &result, err);
     if (rc == 0 && result.loss_count == 0) rc = mb_fail(err, "%s: the batch has no labelled tokens", o->batch_path);
     size_t logit_count = rc == 0 && result.logits != NULL ? (size_t)result.logit_rows * result.logit_cols : 0;
@@ -124,10 +119,9 @@ static int run_check(const check_options *o, mb_model *model, const mb_batch_fil
     }
     if (rc == 0) rc = backend->ops->backward(backend, (float)(1.0 / result.loss_count), err);
     if (rc == 0) rc = backend->ops->read_grads(backend, grads, err); /* waits for the GPU: part of the timing */
-    clock_gettime(CLOCK_MONOTONIC, &stop);
+    double seconds = mb_monotonic_seconds() - start;
     if (rc == 0) {
         float loss = (float)(result.loss_sum / result.loss_count);
-        double seconds = (double)(stop.tv_sec - start.tv_sec) + 1e-9 * (double)(stop.tv_nsec - start.tv_nsec);
         const char *precision = strcmp(backend->ops->name, "cpu") == 0
                                     ? "fp32 reference"
                                     : "bf16 activations, fp32 master weights and gradients";

@@ -1,6 +1,7 @@
 /* Progress reporting (see progress.h): a redrawn bar on terminals, periodic plain lines elsewhere.
  *
  * Fraction = done / total; rate = counter / elapsed seconds; ETA = elapsed * (total - done) / done. */
+#include "common/clock.h"
 #include "progress.h"
 
 #include <stdlib.h>
@@ -17,11 +18,6 @@ struct mb_progress {
     int drawn; /* a bar line is on screen */
 };
 
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 void mb_format_bytes(char *out, size_t size, double bytes) {
     static const char *const units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
@@ -67,7 +63,7 @@ mb_progress *mb_progress_start(const mb_progress_options *options) {
     if (mode == MB_PROGRESS_AUTO) mode = isatty(fileno(p->options.stream)) ? MB_PROGRESS_BAR : MB_PROGRESS_LINES;
     p->options.mode = mode;
     p->bar = mode == MB_PROGRESS_BAR;
-    p->start = now_seconds();
+    p->start = mb_monotonic_seconds();
     p->last_draw = p->start;
     return p;
 }
@@ -162,7 +158,7 @@ void mb_progress_update(mb_progress *p, uint64_t done, uint64_t counter0, uint64
     p->counters[0] = counter0;
     p->counters[1] = counter1;
     if (p->options.mode == MB_PROGRESS_OFF) return;
-    double now = now_seconds();
+    double now = mb_monotonic_seconds();
     double interval = p->bar ? 0.1 : p->options.line_interval;
     if (now - p->last_draw < interval) return;
     p->last_draw = now;
@@ -171,7 +167,7 @@ void mb_progress_update(mb_progress *p, uint64_t done, uint64_t counter0, uint64
 
 void mb_progress_finish(mb_progress *p) {
     if (p == NULL) return;
-    if (p->options.mode != MB_PROGRESS_OFF) draw(p, now_seconds(), 1);
+    if (p->options.mode != MB_PROGRESS_OFF) draw(p, mb_monotonic_seconds(), 1);
     free(p);
 }
 

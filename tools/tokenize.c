@@ -21,6 +21,7 @@
 #include <cjson/cJSON.h>
 #include <zstd.h>
 
+#include "common/clock.h"
 #include "commands.h"
 #include "common/error.h"
 #include "common/fileio.h"
@@ -713,11 +714,6 @@ static uint64_t total_input_bytes(const tokenize_options *o) {
     return total;
 }
 
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 /* ---- The command -------------------------------------------------------------------------------------------------- */
 
@@ -872,12 +868,12 @@ int mb_cmd_tokenize(int argc, char **argv) {
                                             .counter_names = {"docs", "tokens"}, .rate_counter = 1,
                                             .mode = o.quiet ? MB_PROGRESS_OFF : MB_PROGRESS_AUTO};
     mb_progress *progress = mb_progress_start(&progress_options);
-    double start = now_seconds();
+    double start = mb_monotonic_seconds();
     if (rc == 0) rc = run_pipeline(&st, progress, &err);
     stop_workers(&st);
     for (int s = 0; rc == 0 && s < 2; s++) rc = close_shard(&st.out, &st.out.splits[s], &err);
     if (rc == 0 && st.out.kept == 0) rc = mb_fail(&err, "no documents found in the input (all empty?)");
-    double seconds = now_seconds() - start;
+    double seconds = mb_monotonic_seconds() - start;
     if (rc == 0) {
         mb_progress_update(progress, st.reader.disk_done, st.out.kept, st.out.splits[0].tokens + st.out.splits[1].tokens);
         mb_progress_finish(progress);

@@ -107,6 +107,15 @@ int mb_write_file_atomic(const char *path, const void *data, size_t size, mb_err
     return mb_atomic_file_commit(&file, err);
 }
 
+int mb_copy_file_atomic(const char *from, const char *to, mb_error *err) {
+    char *data = NULL;
+    size_t size = 0;
+    if (mb_read_file(from, &data, &size, err) != 0) return -1;
+    int rc = mb_write_file_atomic(to, data, size, err);
+    free(data);
+    return rc;
+}
+
 int mb_make_dirs(const char *path, mb_error *err) {
     char buffer[4096];
     if (strlen(path) >= sizeof buffer) return mb_fail(err, "%s: path too long", path);

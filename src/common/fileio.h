@@ -29,6 +29,8 @@ void mb_atomic_file_abort(mb_atomic_file *file);
 
 /* Writes a whole buffer atomically. */
 int mb_write_file_atomic(const char *path, const void *data, size_t size, mb_error *err);
+/* Copies a file's contents to `to` atomically (e.g. tokenizer.json into a checkpoint). */
+int mb_copy_file_atomic(const char *from, const char *to, mb_error *err);
 
 /* mkdir -p. */
 int mb_make_dirs(const char *path, mb_error *err);

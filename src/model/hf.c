@@ -76,20 +76,23 @@ int mb_model_load_hf(mb_model *model, const char *dir, mb_error *err) {
     return 0;
 }
 
+void mb_param_entries(const mb_param_table *table, const float *arena, const char *prefix, mb_st_entry *entries,
+                      mb_param_entry_name *names) {
+    int prefixed = prefix != NULL && prefix[0] != '\0';
+    for (int i = 0; i < table->count; i++) {
+        const mb_param_info *p = &table->params[i];
+        if (prefixed) snprintf(names[i], sizeof names[i], "%s%s", prefix, p->name);
+        entries[i] = (mb_st_entry){.name = prefixed ? names[i] : p->name, .dtype = MB_DTYPE_F32, .ndim = p->ndim,
+                                   .shape = {p->shape[0], p->shape[1]}, .data = arena + p->offset};
+    }
+}
+
 int mb_model_save_hf(const mb_model *model, const char *dir, mb_error *err) {
     if (mb_make_dirs(dir, err) != 0) return -1;
     const mb_param_table *table = &model->table;
     mb_st_entry *entries = calloc((size_t)table->count, sizeof *entries);
     if (entries == NULL) return mb_fail(err, "out of memory");
-    for (int i = 0; i < table->count; i++) {
-        const mb_param_info *p = &table->params[i];
-        entries[i].name = p->name;
-        entries[i].dtype = MB_DTYPE_F32;
-        entries[i].ndim = p->ndim;
-        entries[i].shape[0] = p->shape[0];
-        entries[i].shape[1] = p->shape[1];
-        entries[i].data = model->params + p->offset;
-    }
+    mb_param_entries(table, model->params, NULL, entries, NULL);
     char path[4096];
     const char *keys[] = {"format"}, *values[] = {"pt"};
     int rc = mb_path_join(path, sizeof path, dir, "model.safetensors");

@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "train/stableadamw.h"
+
 typedef struct table_builder {
     mb_param_table *table;
     int capacity;
@@ -34,8 +36,7 @@ static void add_param(table_builder *b, const char *name, int ndim, int64_t rows
     p->numel = (size_t)rows * (size_t)(ndim == 2 ? cols : 1);
     p->offset = t->total_numel;
     p->init = init;
-    size_t length = strlen(name);
-    p->decays = ndim >= 2 && !(length >= 5 && strcmp(name + length - 5, ".bias") == 0);
+    p->decays = mb_param_decays(name, ndim);
     /* keep every tensor 16-float aligned inside the arena (64 bytes) for vector loads */
     t->total_numel += (p->numel + 15) & ~(size_t)15;
 }

@@ -19,35 +19,18 @@ void mb_trainer_state_free(mb_trainer_state *state) {
     state->cursor_json = NULL;
 }
 
-static int copy_file(const char *from, const char *to, mb_error *err) {
-    char *data = NULL;
-    size_t size = 0;
-    if (mb_read_file(from, &data, &size, err) != 0) return -1;
-    int rc = mb_write_file_atomic(to, data, size, err);
-    free(data);
-    return rc;
-}
-
 static int write_optimizer(const char *path, const mb_param_table *table, const float *m, const float *v,
                            int64_t step, mb_error *err) {
     int count = 2 * table->count;
     mb_st_entry *entries = calloc((size_t)count, sizeof *entries);
-    char (*names)[MB_PARAM_NAME_SIZE + 4] = calloc((size_t)count, sizeof *names);
+    mb_param_entry_name *names = calloc((size_t)count, sizeof *names);
     if (entries == NULL || names == NULL) {
         free(entries);
         free(names);
         return mb_fail(err, "out of memory");
     }
-    for (int i = 0; i < table->count; i++) {
-        const mb_param_info *p = &table->params[i];
-        for (int which = 0; which < 2; which++) {
-            int k = 2 * i + which;
-            snprintf(names[k], sizeof names[k], "%s.%s", which == 0 ? "m" : "v", p->name);
-            entries[k] = (mb_st_entry){.name = names[k], .dtype = MB_DTYPE_F32, .ndim = p->ndim,
-                                       .shape = {p->shape[0], p->shape[1]},
-                                       .data = (which == 0 ? m : v) + p->offset};
-        }
-    }
+    mb_param_entries(table, m, "m.", entries, names);
+    mb_param_entries(table, v, "v.", entries + table->count, names + table->count);
     char step_text[32];
     snprintf(step_text, sizeof step_text, "%" PRId64, step);
     const char *keys[] = {"format", "optimizer", "step"}, *values[] = {"pt", "StableAdamW", step_text};
@@ -147,7 +130,7 @@ static int write_contents(const char *dir, const mb_checkpoint_contents *c, mb_e
     if (mb_model_save_hf(c->model, dir, err) != 0) return -1;
     if (c->tokenizer_path != NULL && c->tokenizer_path[0] != '\0') {
         snprintf(path, sizeof path, "%s/tokenizer.json", dir);
-        if (copy_file(c->tokenizer_path, path, err) != 0) return -1;
+        if (mb_copy_file_atomic(c->tokenizer_path, path, err) != 0) return -1;
     }
     if (c->m != NULL) {
         snprintf(path, sizeof path, "%s/optimizer.safetensors", dir);

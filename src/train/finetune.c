@@ -1,4 +1,5 @@
 /* GLUE fine-tuning and evaluation (see finetune.h for the procedure). */
+#include "common/clock.h"
 #include "train/finetune.h"
 
 #include <cjson/cJSON.h>
@@ -248,15 +249,6 @@ static int resolve_checkpoint(const char *path, char *out, size_t size, mb_error
     return 0;
 }
 
-static int copy_file(const char *from, const char *to, mb_error *err) {
-    char *data = NULL;
-    size_t size = 0;
-    if (mb_read_file(from, &data, &size, err) != 0) return -1;
-    int rc = mb_write_file_atomic(to, data, size, err);
-    free(data);
-    return rc;
-}
-
 /* Copies every tensor the source model has under the same name and shape, except classifier.* unless
  * keep_classifier (ModernBERT's GLUE jobs load with load_ignore_keys=["state/model/model.classifier*"]: a task
  * started from the MNLI model gets a new classifier). Returns how many tensors were left at their initialisation. */
@@ -302,11 +294,6 @@ typedef struct finetuner {
     double start_time;
 } finetuner;
 
-static double now_seconds(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
 
 static int build_classifier_config(finetuner *f, const mb_config *init, mb_config *config, mb_error *err) {
     *config = *init;
@@ -537,7 +524,7 @@ static int save_best(finetuner *f, mb_error *err) {
     if (f->backend->ops->read_params(f->backend, f->host.params, err) != 0) return -1;
     if (mb_model_save_hf(&f->host, f->result->best_dir, err) != 0) return -1;
     snprintf(path, sizeof path, "%s/tokenizer.json", f->result->best_dir);
-    if (copy_file(f->tokenizer_path, path, err) != 0) return -1;
+    if (mb_copy_file_atomic(f->tokenizer_path, path, err) != 0) return -1;
     for (int i = 0; i < f->result->dev_count; i++)
         if (write_dev_predictions(f, i, err) != 0) return -1;
     /* What `modernbert eval` needs to encode inputs as training did. */
@@ -571,7 +558,7 @@ static void log_evaluation(finetuner *f, int epoch, double train_loss, const mb_
         mb_glue_scores_format(&scores[i], text, sizeof text);
         printf(" | %s %s", f->result->dev_names[i], text);
     }
-    printf("%s | %.0f s\n", improved ? " | best so far" : "", now_seconds() - f->start_time);
+    printf("%s | %.0f s\n", improved ? " | best so far" : "", mb_monotonic_seconds() - f->start_time);
     fflush(stdout);
     fprintf(f->metrics, "{\"epoch\": %d, \"train_loss\": %.9g", epoch, train_loss);
     for (int i = 0; i < f->result->dev_count; i++) {
@@ -583,7 +570,7 @@ static void log_evaluation(finetuner *f, int epoch, double train_loss, const mb_
 }
 
 static void log_step(finetuner *f, int epoch, int64_t step, int64_t total_steps, const step_stats *s) {
-    double elapsed = now_seconds() - f->start_time;
+    double elapsed = mb_monotonic_seconds() - f->start_time;
     printf("epoch %d step %" PRId64 "/%" PRId64 " | loss %.6f | lr %.3e | grad norm %.4f | %.1f s%s\n", epoch, step,
            total_steps, s->loss_sum / (double)s->sequences, s->lr, s->grad_norm, elapsed,
            s->skipped ? " | SKIPPED (non-finite)" : "");
@@ -713,14 +700,14 @@ int mb_finetune(const mb_finetune_config *config, mb_finetune_result *result, mb
     memset(result, 0, sizeof *result);
     f.cfg = config;
     f.result = result;
-    f.start_time = now_seconds();
+    f.start_time = mb_monotonic_seconds();
     int rc = setup(&f, err);
     if (rc == 0) rc = train(&f, err);
     if (rc == 0 && result->best_epoch > 0) {
         char text[128];
         mb_glue_scores_format(&result->best[0], text, sizeof text);
         printf("done: %s best epoch %d: %s %s (%" PRId64 " steps, %.0f s)\n", f.info->dir_name, result->best_epoch,
-               result->dev_names[0], text, result->steps, now_seconds() - f.start_time);
+               result->dev_names[0], text, result->steps, mb_monotonic_seconds() - f.start_time);
     }
     finetuner_free(&f);
     return rc;

@@ -9,6 +9,7 @@
  *       grad norm; not finite → skip the update (abort after K in a row); else StableAdamW at lr(tokens)
  *       log, validate, checkpoint (every N steps / M minutes, at phase ends, on SIGINT/SIGTERM)
  */
+#include "common/clock.h"
 #include "train/trainer.h"
 
 #include <cjson/cJSON.h>
@@ -71,11 +72,6 @@ typedef struct trainer {
 
 static int collect_special_ids(trainer *t, mb_error *err);
 
-static double now_seconds(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
 
 /* ---- setup ---- */
 
@@ -455,7 +451,7 @@ static void log_step(trainer *t, const step_result *r, int force) {
     t->loss_sum_since_log += r->skipped ? 0.0 : r->loss * (double)r->labels;
     t->labels_since_log += r->skipped ? 0 : r->labels;
     t->flops_since_log += r->flops;
-    double now = now_seconds();
+    double now = mb_monotonic_seconds();
     double tokens_per_second = (double)(t->state.tokens_seen - t->tokens_at_start) / fmax(now - t->start_time, 1e-9);
     int interval = t->batch_files ? 1 : t->cfg->logging.every_steps;
     if (isatty(STDOUT_FILENO) && t->cfg->logging.progress_bar) {
@@ -524,14 +520,14 @@ static int save_checkpoint(trainer *t, mb_error *err) {
     if (mb_checkpoint_write(t->cfg->run.output_dir, &contents, t->cfg->checkpoint.keep, written, sizeof written, err))
         return -1;
     printf("checkpoint: %s\n", written);
-    t->last_checkpoint_time = now_seconds();
+    t->last_checkpoint_time = mb_monotonic_seconds();
     return 0;
 }
 
 static int checkpoint_due(const trainer *t) {
     const mb_run_config *c = t->cfg;
     if (c->checkpoint.every_steps > 0 && t->state.step % c->checkpoint.every_steps == 0) return 1;
-    return c->checkpoint.every_minutes > 0 && now_seconds() - t->last_checkpoint_time >= 60 * c->checkpoint.every_minutes;
+    return c->checkpoint.every_minutes > 0 && mb_monotonic_seconds() - t->last_checkpoint_time >= 60 * c->checkpoint.every_minutes;
 }
 
 /* ---- the loop ---- */
@@ -676,7 +672,7 @@ int mb_pretrain(const mb_run_config *config, const mb_pretrain_options *options,
     t.cfg = config;
     t.options = options;
     int rc = setup(&t, err);
-    t.start_time = t.last_log_time = t.last_checkpoint_time = now_seconds();
+    t.start_time = t.last_log_time = t.last_checkpoint_time = mb_monotonic_seconds();
     t.tokens_at_start = t.tokens_at_last_log = t.state.tokens_seen;
     if (rc == 0 && t.state.step == 0 && t.val_set != NULL) {  /* the starting point of the validation curve */
         double val_loss;
