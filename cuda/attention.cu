@@ -8,30 +8,36 @@
  *
  * Layout: qkv [n, 3H] bf16 (Q | K | V, heads contiguous), out/dout [n, H] bf16, lse [n, heads] fp32 (natural log).
  *
- * Tiling (FlashAttention-2 style, v1: correctness first):
- *  - Every sequence is cut into tiles of 64 tokens that never straddle sequences; a tiny plan kernel writes the
- *    exclusive scan of tiles per sequence, and block x of a launch binary-searches it for its (sequence, tile).
- *    The grid is sized from n and num_seqs alone (ceil(n/64) + num_seqs bounds the tile count), so nothing is read
- *    back to the host.
- *  - A block is 4 warps; each warp owns 16 rows of the tile. Products use mma.sync m16n8k16 (bf16 in, fp32
- *    accumulate) with operands from shared memory through ldmatrix (rows padded by 16 bytes: conflict-free).
- *    The score accumulators are re-packed in registers as the A operand of the next product (P·V, dS·K, ...).
- *  - Forward: per 64-query tile, loop over 64-key tiles of the visible key range [max(b, q0 − w), min(e, q1 + w));
- *    online softmax in fp32 with exp2 (scores pre-multiplied by scale·log2 e); keys outside the window or the
- *    sequence get −inf. Output normalised at the end; lse saved per (token, head).
- *  - Backward without atomics (deterministic): a preprocess kernel computes D_i; one kernel per key tile owns dK and
- *    dV in registers and loops over the query tiles that can see it; a second kernel per query tile owns dQ and loops
- *    over key tiles (recomputing P and dP: 7 tile products instead of 5, the price of determinism in v1).
+ * Tiling (FlashAttention-2 style, v2; design and floors in docs/kernels/attention.md):
+ *  - Sequences are cut into tiles (128 tokens for the forward and the atomic backward, 64 for the deterministic
+ *    backward) that never straddle a sequence. A one-block plan kernel orders the sequences longest first (buckets of
+ *    floor(log2(tiles)), index order inside a bucket) and writes, per sequence, its first tile and, per tile, its
+ *    sequence. Block x of a launch is (tile x / heads, head x % heads): all heads of the longest tiles start first.
+ *    The grid is sized from n and num_seqs alone (ceil(n/tile) + num_seqs bounds the tile count): no host read-back.
+ *  - Warps own 16 rows each. Products use mma.sync m16n8k16 (bf16 in, fp32 accumulate) with operands from shared
+ *    memory through ldmatrix (rows padded by 16 bytes: conflict-free); score accumulators are re-packed in registers
+ *    as the A operand of the next product (P·V, dS·K, ...). Global -> shared copies are cp.async (16 bytes, zero-fill
+ *    past the sequence), double-buffered: the next tile loads while the current one is multiplied.
+ *  - Forward: 8 warps, 128 queries per block, Q fragments held in registers; 64-key tiles over the visible key range
+ *    [max(b, q0 − w), min(e, q1 + w)); a warp skips key tiles outside its own rows' window; masks only on boundary
+ *    tiles; online softmax in fp32 with exp2 (scores times scale·log2 e folded into one FMA).
+ *  - Backward, deterministic = 0 (FlashAttention-2): one block of 8 warps per 128-key tile owns dK and dV in registers,
+ *    loops over the query tiles that see it (5 tile products); dS goes through shared memory and the block's
+ *    contribution dS·K to dQ is added with fp32 atomics into a [n, H] accumulator (zeroed by the D_i kernel), which
+ *    a last kernel scales and converts into the dQ block of dqkv.
+ *  - Backward, deterministic = 1 (no atomics): one kernel per 64-key tile owns dK and dV, a second per 64-query tile
+ *    owns dQ and recomputes P and dP (7 tile products). Every element of dqkv is written exactly once.
  *  - head_dim 32, 64 and 128 (template); any sequence length, tails masked and zero-filled. */
 #include "common.cuh"
 #include "ops.h"
 
 namespace {
 
-constexpr int kTile = 64;     /* tokens per tile (queries or keys) */
-constexpr int kWarps = 4;     /* 16 rows each */
-constexpr int kThreads = kWarps * mb::kWarpSize;
 constexpr int kPlanThreads = 1024;
+constexpr int kMinTile = 64;                  /* smallest tile of any launch: sizes the tile -> sequence map */
+constexpr int kFwdWarps = 8, kFwdQueries = 16 * kFwdWarps, kKeyTile = 64;
+constexpr int kDetWarps = 4, kDetTile = 16 * kDetWarps;
+constexpr int kBwdWarps = 8;                  /* atomic backward: 16·8 = 128 keys per block */
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
 template <int D>
@@ -39,19 +45,61 @@ struct shape {
     static constexpr int stride = D + 8;         /* bf16 per shared-memory row: 16-byte pad */
     static constexpr int d_tiles = D / 8;        /* n-tiles of 8 columns over the head dimension */
     static constexpr int k_steps = D / 16;       /* k-steps of 16 over the head dimension */
-    static constexpr int dkdv_queries = D > 64 ? 32 : 64; /* query step of the dK/dV kernel (register budget) */
+    static constexpr int dkdv_queries = D > 64 ? 32 : 64; /* query step of the dK/dV kernels (register budget) */
     static constexpr size_t tile_bytes(int rows) { return (size_t)rows * stride * sizeof(mb::bf16); }
 };
 
-/* ---- the tile plan ---- */
+/* ---- cp.async (sm_80+): 16-byte global -> shared copies that bypass registers; src_size 0 writes zeros ---- */
 
-__global__ void __launch_bounds__(kPlanThreads)
-    tile_plan_kernel(int32_t *tile_offsets, const int32_t *cu_seqlens, int num_seqs) {
-    __shared__ int warp_totals[kPlanThreads / mb::kWarpSize];
-    int per_thread = mb::ceil_div(num_seqs, kPlanThreads);
-    int begin = min(num_seqs, (int)threadIdx.x * per_thread), end = min(num_seqs, begin + per_thread);
-    int local = 0;
-    for (int s = begin; s < end; s++) local += mb::ceil_div(cu_seqlens[s + 1] - cu_seqlens[s], kTile);
+__device__ __forceinline__ void cp_async_16(void *shared, const void *global, bool valid) {
+    uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
+    int bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_4(void *shared, const void *global, bool valid) {
+    uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
+    int bytes = valid ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(address), "l"(global), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+/* Waits until at most `kPending` of this thread's committed groups are still in flight. */
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+/* Queues rows [r0, r0 + rows) of a [*, D] slice (row stride in elements) into shared memory; rows >= r_end become
+ * zeros, so tails never read past the sequence (their source address is the slice start, which is never read). */
+template <int D, int kThreads>
+__device__ __forceinline__ void load_rows_async(mb::bf16 *dst, const mb::bf16 *src, size_t row_stride, int r0,
+                                                int r_end, int rows) {
+    constexpr int pieces = D / 8;
+    for (int c = threadIdx.x; c < rows * pieces; c += kThreads) {
+        int r = c / pieces, k = c % pieces;
+        bool valid = r0 + r < r_end;
+        const mb::bf16 *from = valid ? src + (size_t)(r0 + r) * row_stride + k * 8 : src;
+        cp_async_16(dst + r * shape<D>::stride + k * 8, from, valid);
+    }
+}
+
+/* The same for one float per row (lse or D_i of one head: element stride `stride`). */
+template <int kThreads>
+__device__ __forceinline__ void load_floats_async(float *dst, const float *src, int stride, int r0, int r_end,
+                                                  int rows) {
+    for (int r = threadIdx.x; r < rows; r += kThreads) {
+        bool valid = r0 + r < r_end;
+        cp_async_4(dst + r, valid ? src + (size_t)(r0 + r) * stride : src, valid);
+    }
+}
+
+/* ---- the tile plan: longest sequences first ---- */
+
+/* Exclusive scan of `local` over the block (kPlanThreads threads); *total gets the block sum. `warp_totals` holds 32
+ * ints; the leading barrier lets the function be called in a loop. */
+__device__ void plan_scan(int local, int *exclusive, int *total, int *warp_totals) {
     int lane = threadIdx.x % mb::kWarpSize, warp = threadIdx.x / mb::kWarpSize;
     int inclusive = local;
 #pragma unroll
@@ -59,45 +107,85 @@ __global__ void __launch_bounds__(kPlanThreads)
         int value = __shfl_up_sync(0xffffffffu, inclusive, offset);
         if (lane >= offset) inclusive += value;
     }
+    __syncthreads(); /* the previous call's readers are done with warp_totals */
     if (lane == mb::kWarpSize - 1) warp_totals[warp] = inclusive;
     __syncthreads();
     if (warp == 0) {
-        int total = warp_totals[lane];
+        int sum = warp_totals[lane];
 #pragma unroll
         for (int offset = 1; offset < mb::kWarpSize; offset <<= 1) {
-            int value = __shfl_up_sync(0xffffffffu, total, offset);
-            if (lane >= offset) total += value;
+            int value = __shfl_up_sync(0xffffffffu, sum, offset);
+            if (lane >= offset) sum += value;
         }
-        warp_totals[lane] = total;
+        warp_totals[lane] = sum;
     }
     __syncthreads();
-    int running = inclusive - local + (warp > 0 ? warp_totals[warp - 1] : 0);
-    for (int s = begin; s < end; s++) {
-        tile_offsets[s] = running;
-        running += mb::ceil_div(cu_seqlens[s + 1] - cu_seqlens[s], kTile);
+    *exclusive = inclusive - local + (warp > 0 ? warp_totals[warp - 1] : 0);
+    *total = warp_totals[kPlanThreads / mb::kWarpSize - 1];
+}
+
+__device__ __forceinline__ int tile_count(const int32_t *cu_seqlens, int s, int tile) {
+    return mb::ceil_div(cu_seqlens[s + 1] - cu_seqlens[s], tile);
+}
+
+/* Length bucket: floor(log2(tiles)), tiles >= 1. Larger buckets are placed first. */
+__device__ __forceinline__ int length_bucket(int tiles) { return 31 - __clz(tiles); }
+
+/* seq_first[s] = the first tile of sequence s in launch order, seq_first[num_seqs] = the tile count;
+ * tile_seq[x] = the sequence of tile x. Sequences in descending length buckets, index order inside a bucket. */
+__global__ void __launch_bounds__(kPlanThreads)
+    tile_plan_kernel(int32_t *seq_first, int32_t *tile_seq, const int32_t *cu_seqlens, int num_seqs, int tile) {
+    static_assert(kPlanThreads == mb::kWarpSize * mb::kWarpSize, "plan_scan scans 32 warp totals in one warp");
+    __shared__ int warp_totals[kPlanThreads / mb::kWarpSize];
+    __shared__ unsigned present;
+    if (threadIdx.x == 0) present = 0;
+    __syncthreads();
+    int per_thread = mb::ceil_div(num_seqs, kPlanThreads);
+    int begin = min(num_seqs, (int)threadIdx.x * per_thread), end = min(num_seqs, begin + per_thread);
+    unsigned mine = 0;
+    for (int s = begin; s < end; s++) mine |= 1u << length_bucket(tile_count(cu_seqlens, s, tile));
+    if (mine != 0) atomicOr(&present, mine);
+    __syncthreads();
+    unsigned buckets = present; /* the same in every thread */
+    int placed = 0;             /* tiles of the buckets already placed */
+    while (buckets != 0) {
+        int bucket = 31 - __clz(buckets);
+        buckets &= ~(1u << bucket);
+        int local = 0;
+        for (int s = begin; s < end; s++) {
+            int tiles = tile_count(cu_seqlens, s, tile);
+            if (length_bucket(tiles) == bucket) local += tiles;
+        }
+        int exclusive, total;
+        plan_scan(local, &exclusive, &total, warp_totals);
+        int running = placed + exclusive;
+        for (int s = begin; s < end; s++) {
+            int tiles = tile_count(cu_seqlens, s, tile);
+            if (length_bucket(tiles) != bucket) continue;
+            seq_first[s] = running;
+            for (int t = 0; t < tiles; t++) tile_seq[running + t] = s;
+            running += tiles;
+        }
+        placed += total;
     }
-    if (threadIdx.x == kPlanThreads - 1) tile_offsets[num_seqs] = running;
+    if (threadIdx.x == 0) seq_first[num_seqs] = placed;
 }
 
 struct tile_position {
     int seq_begin, seq_end, start, end; /* the tile is [start, end) inside [seq_begin, seq_end) */
 };
 
-/* Which tile this block owns; false for the spare blocks past the last tile. Uniform over the block. */
-__device__ bool find_tile(tile_position *tile, const int32_t *tile_offsets, const int32_t *cu_seqlens,
-                          int num_seqs) {
-    int b = blockIdx.x;
-    if (b >= tile_offsets[num_seqs]) return false;
-    int lo = 0, hi = num_seqs; /* last s with tile_offsets[s] <= b */
-    while (hi - lo > 1) {
-        int mid = (lo + hi) / 2;
-        if (tile_offsets[mid] <= b) lo = mid;
-        else hi = mid;
-    }
-    tile->seq_begin = cu_seqlens[lo];
-    tile->seq_end = cu_seqlens[lo + 1];
-    tile->start = tile->seq_begin + (b - tile_offsets[lo]) * kTile;
-    tile->end = min(tile->start + kTile, tile->seq_end);
+/* Which (tile, head) this block owns; false for the spare blocks past the last tile. Uniform over the block. */
+__device__ bool find_tile(tile_position *t, int *head, const int32_t *seq_first, const int32_t *tile_seq,
+                          const int32_t *cu_seqlens, int num_seqs, int heads, int tile) {
+    int x = blockIdx.x / heads;
+    *head = blockIdx.x % heads;
+    if (x >= seq_first[num_seqs]) return false;
+    int s = tile_seq[x];
+    t->seq_begin = cu_seqlens[s];
+    t->seq_end = cu_seqlens[s + 1];
+    t->start = t->seq_begin + (x - seq_first[s]) * tile;
+    t->end = min(t->start + tile, t->seq_end);
     return true;
 }
 
@@ -111,40 +199,38 @@ __device__ __forceinline__ bool visible(int query, int key, int window) {
     return window < 0 || abs(query - key) <= window;
 }
 
-/* Copies rows [r0, r0 + rows) of a [*, D] slice (row stride in elements) into shared memory; rows >= r_end get
- * zeros, so tails never read past the sequence. 16-byte pieces. */
-template <int D>
-__device__ __forceinline__ void load_rows(mb::bf16 *dst, const mb::bf16 *src, size_t row_stride, int r0, int r_end,
-                                          int rows) {
-    constexpr int pieces = D / 8;
-    for (int c = threadIdx.x; c < rows * pieces; c += kThreads) {
-        int r = c / pieces, k = c % pieces;
-        uint4 value = make_uint4(0, 0, 0, 0);
-        if (r0 + r < r_end) value = *reinterpret_cast<const uint4 *>(src + (size_t)(r0 + r) * row_stride + k * 8);
-        *reinterpret_cast<uint4 *>(dst + r * shape<D>::stride + k * 8) = value;
-    }
+/* Whether rows [r0, r_last] and columns [c0, c_last] hold any pair within the window. */
+__device__ __forceinline__ bool blocks_meet(int r0, int r_last, int c0, int c_last, int window) {
+    return window < 0 || (c0 <= r_last + window && c_last >= r0 - window);
 }
 
+/* Whether every pair of rows [r0, r_last] and columns [c0, c_last] is within the window. */
+__device__ __forceinline__ bool blocks_inside(int r0, int r_last, int c0, int c_last, int window) {
+    return window < 0 || (r_last - c0 <= window && c_last - r0 <= window);
+}
+
+/* ---- tensor-core fragments (v1 layouts; kStride = bf16 elements per shared-memory row) ---- */
+
 /* A fragment (16×16) at (row0, col0) of a row-major shared tile. */
-template <int D>
+template <int kStride>
 __device__ __forceinline__ void load_a(uint32_t a[4], const mb::bf16 *tile, int row0, int col0) {
     int lane = threadIdx.x % mb::kWarpSize;
-    mb::ldmatrix_x4(a, tile + (row0 + (lane & 15)) * shape<D>::stride + col0 + (lane >> 4) * 8);
+    mb::ldmatrix_x4(a, tile + (row0 + (lane & 15)) * kStride + col0 + (lane >> 4) * 8);
 }
 
 /* B fragments of two n-tiles (rows n0..n0+15 of the tile are the N dimension, columns k0..k0+15 the K dimension):
  * for S = X·Yᵀ with Y stored row-major [N, K]. b[0..1] for n-tile n0, b[2..3] for n0 + 8. */
-template <int D>
+template <int kStride>
 __device__ __forceinline__ void load_b_rows(uint32_t b[4], const mb::bf16 *tile, int n0, int k0) {
     int lane = threadIdx.x % mb::kWarpSize;
-    mb::ldmatrix_x4(b, tile + (n0 + (lane & 7) + ((lane >> 4) << 3)) * shape<D>::stride + k0 + ((lane >> 3) & 1) * 8);
+    mb::ldmatrix_x4(b, tile + (n0 + (lane & 7) + ((lane >> 4) << 3)) * kStride + k0 + ((lane >> 3) & 1) * 8);
 }
 
 /* B fragments of two n-tiles for O = P·Y with Y stored row-major [K, N] (rows k0..k0+15, columns n0..n0+15). */
-template <int D>
+template <int kStride>
 __device__ __forceinline__ void load_b_cols(uint32_t b[4], const mb::bf16 *tile, int k0, int n0) {
     int lane = threadIdx.x % mb::kWarpSize;
-    mb::ldmatrix_x4_trans(b, tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * shape<D>::stride + n0 + (lane >> 4) * 8);
+    mb::ldmatrix_x4_trans(b, tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * kStride + n0 + (lane >> 4) * 8);
 }
 
 /* acc[16 × 8·kN] += X[warp rows] · Y[rows 0..8·kN)ᵀ over the head dimension, X and Y in shared memory. */
@@ -153,15 +239,30 @@ __device__ __forceinline__ void scores(float acc[kN][4], const mb::bf16 *x_tile,
 #pragma unroll
     for (int ks = 0; ks < shape<D>::k_steps; ks++) {
         uint32_t a[4];
-        load_a<D>(a, x_tile, x_row0, ks * 16);
+        load_a<shape<D>::stride>(a, x_tile, x_row0, ks * 16);
 #pragma unroll
         for (int j = 0; j < kN; j += 2) {
             uint32_t b[4];
-            load_b_rows<D>(b, y_tile, j * 8, ks * 16);
+            load_b_rows<shape<D>::stride>(b, y_tile, j * 8, ks * 16);
             mb::mma_bf16_16816(acc[j], a, b[0], b[1]);
             mb::mma_bf16_16816(acc[j + 1], a, b[2], b[3]);
         }
     }
+}
+
+/* The same with X's A fragments already in registers (x[k-step][4], loaded once by load_a). */
+template <int D, int kN>
+__device__ __forceinline__ void scores_reg(float acc[kN][4], const uint32_t x[shape<D>::k_steps][4],
+                                           const mb::bf16 *y_tile) {
+#pragma unroll
+    for (int ks = 0; ks < shape<D>::k_steps; ks++)
+#pragma unroll
+        for (int j = 0; j < kN; j += 2) {
+            uint32_t b[4];
+            load_b_rows<shape<D>::stride>(b, y_tile, j * 8, ks * 16);
+            mb::mma_bf16_16816(acc[j], x[ks], b[0], b[1]);
+            mb::mma_bf16_16816(acc[j + 1], x[ks], b[2], b[3]);
+        }
 }
 
 /* out[16 × D] += P[16 × 8·kN] · Y[8·kN × D], P given as score-layout accumulators (re-packed to bf16 A fragments). */
@@ -176,7 +277,7 @@ __device__ __forceinline__ void accumulate_pv(float out[shape<D>::d_tiles][4], c
 #pragma unroll
         for (int dt = 0; dt < shape<D>::d_tiles; dt += 2) {
             uint32_t b[4];
-            load_b_cols<D>(b, y_tile, kk * 16, dt * 8);
+            load_b_cols<shape<D>::stride>(b, y_tile, kk * 16, dt * 8);
             mb::mma_bf16_16816(out[dt], a, b[0], b[1]);
             mb::mma_bf16_16816(out[dt + 1], a, b[2], b[3]);
         }
@@ -211,71 +312,97 @@ __device__ __forceinline__ void store_rows(mb::bf16 *dst, size_t row_stride, con
 /* ---- forward ---- */
 
 template <int D>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kFwdWarps *mb::kWarpSize, D <= 64 ? 2 : 1) /* 2 blocks: <= 128 registers */
     attention_forward_kernel(mb::bf16 *out, float *lse, const mb::bf16 *qkv, const int32_t *cu_seqlens,
-                             const int32_t *tile_offsets, int num_seqs, int heads, int window, float scale_log2) {
+                             const int32_t *seq_first, const int32_t *tile_seq, int num_seqs, int heads, int window,
+                             float scale_log2) {
+    constexpr int kThreads = kFwdWarps * mb::kWarpSize, kStride = shape<D>::stride, kN = kKeyTile / 8;
     extern __shared__ uint4 shared_raw[];
     mb::bf16 *q_tile = reinterpret_cast<mb::bf16 *>(shared_raw);
-    mb::bf16 *k_tile = q_tile + kTile * shape<D>::stride, *v_tile = k_tile + kTile * shape<D>::stride;
+    mb::bf16 *kv_tiles = q_tile + kFwdQueries * kStride; /* [stage][K, V][kKeyTile rows] */
     tile_position t;
-    if (!find_tile(&t, tile_offsets, cu_seqlens, num_seqs)) return;
-    const int head = blockIdx.y, hidden = heads * D;
+    int head;
+    if (!find_tile(&t, &head, seq_first, tile_seq, cu_seqlens, num_seqs, heads, kFwdQueries)) return;
+    const int hidden = heads * D;
     const size_t qkv_stride = 3 * (size_t)hidden;
     const mb::bf16 *q_base = qkv + head * D, *k_base = q_base + hidden, *v_base = q_base + 2 * hidden;
     int key_lo, key_hi;
     partner_range(t, window, &key_lo, &key_hi);
-    load_rows<D>(q_tile, q_base, qkv_stride, t.start, t.end, kTile);
+    const int key_tiles = mb::ceil_div(key_hi - key_lo, kKeyTile);
 
-    const int warp = threadIdx.x / mb::kWarpSize, lane = threadIdx.x % mb::kWarpSize;
-    const int quad = lane % 4, row_a = t.start + warp * 16 + lane / 4;
+    /* group 0: the query tile and the first key/value tile */
+    load_rows_async<D, kThreads>(q_tile, q_base, qkv_stride, t.start, t.end, kFwdQueries);
+    load_rows_async<D, kThreads>(kv_tiles, k_base, qkv_stride, key_lo, key_hi, kKeyTile);
+    load_rows_async<D, kThreads>(kv_tiles + kKeyTile * kStride, v_base, qkv_stride, key_lo, key_hi, kKeyTile);
+    cp_async_commit();
+
+    const int warp = threadIdx.x / mb::kWarpSize, lane = threadIdx.x % mb::kWarpSize, quad = lane % 4;
+    const int row0 = t.start + warp * 16, row_a = row0 + lane / 4, row_last = min(row0 + 15, t.end - 1);
+    const bool warp_rows = row0 < t.end; /* false: this warp's rows are past the tile (a short tile) */
+    uint32_t q_frag[shape<D>::k_steps][4];
     float o[shape<D>::d_tiles][4];
     zero<shape<D>::d_tiles>(o);
-    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f}; /* row_max in scaled (log2) units */
 
-    for (int k0 = key_lo; k0 < key_hi; k0 += kTile) {
-        __syncthreads(); /* the previous key tile is no longer read */
-        load_rows<D>(k_tile, k_base, qkv_stride, k0, key_hi, kTile);
-        load_rows<D>(v_tile, v_base, qkv_stride, k0, key_hi, kTile);
+    for (int i = 0; i < key_tiles; i++) {
+        const int k0 = key_lo + i * kKeyTile;
+        if (i + 1 < key_tiles) { /* prefetch the next key/value tile into the other stage */
+            mb::bf16 *next = kv_tiles + ((i + 1) & 1) * 2 * kKeyTile * kStride;
+            load_rows_async<D, kThreads>(next, k_base, qkv_stride, k0 + kKeyTile, key_hi, kKeyTile);
+            load_rows_async<D, kThreads>(next + kKeyTile * kStride, v_base, qkv_stride, k0 + kKeyTile, key_hi,
+                                         kKeyTile);
+        }
+        cp_async_commit(); /* possibly empty: keeps "all but the newest group" meaning tile i */
+        cp_async_wait<1>();
         __syncthreads();
-        float s[kTile / 8][4];
-        zero<kTile / 8>(s);
-        scores<D, kTile / 8>(s, q_tile, warp * 16, k_tile);
+        if (i == 0) {
 #pragma unroll
-        for (int half = 0; half < 2; half++) {
-            int query = row_a + 8 * half;
-            float tile_max = -INFINITY;
+            for (int ks = 0; ks < shape<D>::k_steps; ks++) load_a<kStride>(q_frag[ks], q_tile, warp * 16, ks * 16);
+        }
+        const mb::bf16 *k_tile = kv_tiles + (i & 1) * 2 * kKeyTile * kStride, *v_tile = k_tile + kKeyTile * kStride;
+        const int k_last = k0 + kKeyTile - 1;
+        if (warp_rows && blocks_meet(row0, row_last, k0, k_last, window)) {
+            float s[kN][4];
+            zero<kN>(s);
+            scores_reg<D, kN>(s, q_frag, k_tile);
+            if (k_last >= key_hi || !blocks_inside(row0, row_last, k0, k_last, window)) {
 #pragma unroll
-            for (int j = 0; j < kTile / 8; j++)
+                for (int j = 0; j < kN; j++)
 #pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    int key = k0 + j * 8 + 2 * quad + e;
-                    float value = key < key_hi && visible(query, key, window) ? s[j][2 * half + e] * scale_log2
-                                                                               : -INFINITY;
-                    s[j][2 * half + e] = value;
-                    tile_max = fmaxf(tile_max, value);
-                }
-            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-            float new_max = fmaxf(row_max[half], tile_max);
-            float reference = new_max == -INFINITY ? 0.0f : new_max; /* a row with nothing visible yet */
-            float correction = exp2f(row_max[half] - reference);
-            row_sum[half] *= correction;
-#pragma unroll
-            for (int dt = 0; dt < shape<D>::d_tiles; dt++) {
-                o[dt][2 * half] *= correction;
-                o[dt][2 * half + 1] *= correction;
+                    for (int e = 0; e < 4; e++) {
+                        int query = row_a + 8 * (e / 2), key = k0 + j * 8 + 2 * quad + (e & 1);
+                        if (!(key < key_hi && visible(query, key, window))) s[j][e] = -INFINITY;
+                    }
             }
 #pragma unroll
-            for (int j = 0; j < kTile / 8; j++)
+            for (int half = 0; half < 2; half++) {
+                float tile_max = -INFINITY;
 #pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    float p = exp2f(s[j][2 * half + e] - reference);
-                    s[j][2 * half + e] = p;
-                    row_sum[half] += p;
+                for (int j = 0; j < kN; j++) tile_max = fmaxf(tile_max, fmaxf(s[j][2 * half], s[j][2 * half + 1]));
+                tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+                tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+                float new_max = fmaxf(row_max[half], tile_max * scale_log2);
+                float reference = new_max == -INFINITY ? 0.0f : new_max; /* a row with nothing visible yet */
+                float correction = exp2f(row_max[half] - reference);
+                row_sum[half] *= correction;
+#pragma unroll
+                for (int dt = 0; dt < shape<D>::d_tiles; dt++) {
+                    o[dt][2 * half] *= correction;
+                    o[dt][2 * half + 1] *= correction;
                 }
-            row_max[half] = new_max;
+#pragma unroll
+                for (int j = 0; j < kN; j++)
+#pragma unroll
+                    for (int e = 2 * half; e < 2 * half + 2; e++) {
+                        float p = exp2f(fmaf(s[j][e], scale_log2, -reference)); /* -inf (masked) -> 0 */
+                        s[j][e] = p;
+                        row_sum[half] += p;
+                    }
+                row_max[half] = new_max;
+            }
+            accumulate_pv<D, kN>(o, s, v_tile);
         }
-        accumulate_pv<D, kTile / 8>(o, s, v_tile);
+        __syncthreads(); /* the stage read here is refilled by the next iteration's prefetch */
     }
 
 #pragma unroll
@@ -299,9 +426,10 @@ __global__ void __launch_bounds__(kThreads)
 
 /* ---- backward ---- */
 
-/* D_i = do_i · o_i per (token, head): one warp each. */
-__global__ void attention_delta_kernel(float *delta, const mb::bf16 *dout, const mb::bf16 *out, int n, int heads,
-                                       int head_dim) {
+/* D_i = do_i · o_i per (token, head): one warp each. With dq_accum, also zeroes that (token, head)'s head_dim floats
+ * of the dQ accumulator of the atomic backward. */
+__global__ void attention_delta_kernel(float *delta, float *dq_accum, const mb::bf16 *dout, const mb::bf16 *out, int n,
+                                       int heads, int head_dim) {
     size_t pair = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) / mb::kWarpSize;
     int lane = threadIdx.x % mb::kWarpSize;
     if (pair >= (size_t)n * heads) return;
@@ -310,27 +438,35 @@ __global__ void attention_delta_kernel(float *delta, const mb::bf16 *dout, const
     for (int d = lane; d < head_dim; d += mb::kWarpSize) sum += mb::to_float(dout[base + d]) * mb::to_float(out[base + d]);
     sum = mb::warp_sum(sum);
     if (lane == 0) delta[pair] = sum;
+    if (dq_accum != nullptr)
+        for (int d = lane; d < head_dim; d += mb::kWarpSize) dq_accum[base + d] = 0.0f;
 }
 
-/* dQ for one query tile: loops over the visible key tiles, recomputing P and dP. */
+/* Deterministic dQ for one 64-query tile: loops over the visible key tiles (double-buffered), recomputing P and dP. */
 template <int D>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kDetWarps *mb::kWarpSize)
     attention_dq_kernel(mb::bf16 *dqkv, const mb::bf16 *dout, const float *lse, const float *delta,
-                        const mb::bf16 *qkv, const int32_t *cu_seqlens, const int32_t *tile_offsets, int num_seqs,
-                        int heads, int window, float scale, float scale_log2) {
+                        const mb::bf16 *qkv, const int32_t *cu_seqlens, const int32_t *seq_first,
+                        const int32_t *tile_seq, int num_seqs, int heads, int window, float scale, float scale_log2) {
+    constexpr int kThreads = kDetWarps * mb::kWarpSize, kStride = shape<D>::stride, kN = kDetTile / 8;
     extern __shared__ uint4 shared_raw[];
     mb::bf16 *q_tile = reinterpret_cast<mb::bf16 *>(shared_raw);
-    mb::bf16 *do_tile = q_tile + kTile * shape<D>::stride;
-    mb::bf16 *k_tile = do_tile + kTile * shape<D>::stride, *v_tile = k_tile + kTile * shape<D>::stride;
+    mb::bf16 *do_tile = q_tile + kDetTile * kStride;
+    mb::bf16 *kv_tiles = do_tile + kDetTile * kStride; /* [stage][K, V][kDetTile rows] */
     tile_position t;
-    if (!find_tile(&t, tile_offsets, cu_seqlens, num_seqs)) return;
-    const int head = blockIdx.y, hidden = heads * D;
+    int head;
+    if (!find_tile(&t, &head, seq_first, tile_seq, cu_seqlens, num_seqs, heads, kDetTile)) return;
+    const int hidden = heads * D;
     const size_t qkv_stride = 3 * (size_t)hidden;
     const mb::bf16 *q_base = qkv + head * D, *k_base = q_base + hidden, *v_base = q_base + 2 * hidden;
     int key_lo, key_hi;
     partner_range(t, window, &key_lo, &key_hi);
-    load_rows<D>(q_tile, q_base, qkv_stride, t.start, t.end, kTile);
-    load_rows<D>(do_tile, dout + head * D, hidden, t.start, t.end, kTile);
+    const int key_tiles = mb::ceil_div(key_hi - key_lo, kDetTile);
+    load_rows_async<D, kThreads>(q_tile, q_base, qkv_stride, t.start, t.end, kDetTile);
+    load_rows_async<D, kThreads>(do_tile, dout + head * D, hidden, t.start, t.end, kDetTile);
+    load_rows_async<D, kThreads>(kv_tiles, k_base, qkv_stride, key_lo, key_hi, kDetTile);
+    load_rows_async<D, kThreads>(kv_tiles + kDetTile * kStride, v_base, qkv_stride, key_lo, key_hi, kDetTile);
+    cp_async_commit();
 
     const int warp = threadIdx.x / mb::kWarpSize, lane = threadIdx.x % mb::kWarpSize;
     const int quad = lane % 4, row_a = t.start + warp * 16 + lane / 4;
@@ -345,18 +481,25 @@ __global__ void __launch_bounds__(kThreads)
     float dq[shape<D>::d_tiles][4];
     zero<shape<D>::d_tiles>(dq);
 
-    for (int k0 = key_lo; k0 < key_hi; k0 += kTile) {
+    for (int i = 0; i < key_tiles; i++) {
+        const int k0 = key_lo + i * kDetTile;
+        if (i + 1 < key_tiles) {
+            mb::bf16 *next = kv_tiles + ((i + 1) & 1) * 2 * kDetTile * kStride;
+            load_rows_async<D, kThreads>(next, k_base, qkv_stride, k0 + kDetTile, key_hi, kDetTile);
+            load_rows_async<D, kThreads>(next + kDetTile * kStride, v_base, qkv_stride, k0 + kDetTile, key_hi,
+                                         kDetTile);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
         __syncthreads();
-        load_rows<D>(k_tile, k_base, qkv_stride, k0, key_hi, kTile);
-        load_rows<D>(v_tile, v_base, qkv_stride, k0, key_hi, kTile);
-        __syncthreads();
-        float s[kTile / 8][4], dp[kTile / 8][4];
-        zero<kTile / 8>(s);
-        zero<kTile / 8>(dp);
-        scores<D, kTile / 8>(s, q_tile, warp * 16, k_tile);
-        scores<D, kTile / 8>(dp, do_tile, warp * 16, v_tile);
+        const mb::bf16 *k_tile = kv_tiles + (i & 1) * 2 * kDetTile * kStride, *v_tile = k_tile + kDetTile * kStride;
+        float s[kN][4], dp[kN][4];
+        zero<kN>(s);
+        zero<kN>(dp);
+        scores<D, kN>(s, q_tile, warp * 16, k_tile);
+        scores<D, kN>(dp, do_tile, warp * 16, v_tile);
 #pragma unroll
-        for (int j = 0; j < kTile / 8; j++)
+        for (int j = 0; j < kN; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 int half = e / 2, query = row_a + 8 * half, key = k0 + j * 8 + 2 * quad + (e & 1);
@@ -364,32 +507,64 @@ __global__ void __launch_bounds__(kThreads)
                 float p = ok ? exp2f(s[j][e] * scale_log2 - row_lse[half]) : 0.0f;
                 s[j][e] = p * (dp[j][e] - row_delta[half]); /* dS */
             }
-        accumulate_pv<D, kTile / 8>(dq, s, k_tile);
+        accumulate_pv<D, kN>(dq, s, k_tile);
+        __syncthreads();
     }
     store_rows<D>(dqkv + head * D, qkv_stride, dq, row_a, t.end, scale);
 }
 
-/* dK and dV for one key tile: loops over the query tiles that see it. */
+/* Shared-memory layout of the query side of the dK/dV kernels: per stage Q and dO tiles [kQ rows], then per stage
+ * lse and D_i [kQ floats]. */
 template <int D>
-__global__ void __launch_bounds__(kThreads)
+struct query_stages {
+    static constexpr int kQ = shape<D>::dkdv_queries;
+    static constexpr int kRows = kQ * shape<D>::stride; /* bf16 per tile */
+    static constexpr size_t bytes = 2 * 2 * shape<D>::tile_bytes(kQ) + 2 * 2 * kQ * sizeof(float);
+    mb::bf16 *base;
+    float *floats;
+    __device__ explicit query_stages(mb::bf16 *start) : base(start), floats(reinterpret_cast<float *>(start + 4 * kRows)) {}
+    /* computed, not indexed arrays: a run-time index into a pointer array would live in local memory */
+    __device__ mb::bf16 *q(int stage) const { return base + 2 * stage * kRows; }
+    __device__ mb::bf16 *dout(int stage) const { return base + (2 * stage + 1) * kRows; }
+    __device__ float *lse(int stage) const { return floats + 2 * stage * kQ; }
+    __device__ float *delta(int stage) const { return floats + (2 * stage + 1) * kQ; }
+    /* queues Q, dO, lse and D_i of queries [q0, q0 + kQ) (zeros past q_hi) into `stage` */
+    template <int kThreads>
+    __device__ void load(int stage, const mb::bf16 *q_base, size_t qkv_stride, const mb::bf16 *dout_base, int hidden,
+                         const float *lse_base, const float *delta_base, int heads, int q0, int q_hi) const {
+        load_rows_async<D, kThreads>(q(stage), q_base, qkv_stride, q0, q_hi, kQ);
+        load_rows_async<D, kThreads>(dout(stage), dout_base, hidden, q0, q_hi, kQ);
+        load_floats_async<kThreads>(lse(stage), lse_base, heads, q0, q_hi, kQ);
+        load_floats_async<kThreads>(delta(stage), delta_base, heads, q0, q_hi, kQ);
+    }
+};
+
+/* Deterministic dK and dV for one 64-key tile: loops over the query tiles that see it (double-buffered). */
+template <int D>
+__global__ void __launch_bounds__(kDetWarps *mb::kWarpSize)
     attention_dkdv_kernel(mb::bf16 *dqkv, const mb::bf16 *dout, const float *lse, const float *delta,
-                          const mb::bf16 *qkv, const int32_t *cu_seqlens, const int32_t *tile_offsets, int num_seqs,
-                          int heads, int window, float scale, float scale_log2) {
-    constexpr int kQ = shape<D>::dkdv_queries;
+                          const mb::bf16 *qkv, const int32_t *cu_seqlens, const int32_t *seq_first,
+                          const int32_t *tile_seq, int num_seqs, int heads, int window, float scale,
+                          float scale_log2) {
+    constexpr int kThreads = kDetWarps * mb::kWarpSize, kStride = shape<D>::stride, kQ = shape<D>::dkdv_queries;
     extern __shared__ uint4 shared_raw[];
     mb::bf16 *k_tile = reinterpret_cast<mb::bf16 *>(shared_raw);
-    mb::bf16 *v_tile = k_tile + kTile * shape<D>::stride, *q_tile = v_tile + kTile * shape<D>::stride;
-    mb::bf16 *do_tile = q_tile + kQ * shape<D>::stride;
-    float *lse_tile = reinterpret_cast<float *>(do_tile + kQ * shape<D>::stride), *delta_tile = lse_tile + kQ;
+    mb::bf16 *v_tile = k_tile + kDetTile * kStride;
+    query_stages<D> stages(v_tile + kDetTile * kStride);
     tile_position t;
-    if (!find_tile(&t, tile_offsets, cu_seqlens, num_seqs)) return;
-    const int head = blockIdx.y, hidden = heads * D;
+    int head;
+    if (!find_tile(&t, &head, seq_first, tile_seq, cu_seqlens, num_seqs, heads, kDetTile)) return;
+    const int hidden = heads * D;
     const size_t qkv_stride = 3 * (size_t)hidden;
     const mb::bf16 *q_base = qkv + head * D, *k_base = q_base + hidden, *v_base = q_base + 2 * hidden;
     int query_lo, query_hi;
     partner_range(t, window, &query_lo, &query_hi);
-    load_rows<D>(k_tile, k_base, qkv_stride, t.start, t.end, kTile);
-    load_rows<D>(v_tile, v_base, qkv_stride, t.start, t.end, kTile);
+    const int query_steps = mb::ceil_div(query_hi - query_lo, kQ);
+    load_rows_async<D, kThreads>(k_tile, k_base, qkv_stride, t.start, t.end, kDetTile);
+    load_rows_async<D, kThreads>(v_tile, v_base, qkv_stride, t.start, t.end, kDetTile);
+    stages.template load<kThreads>(0, q_base, qkv_stride, dout + head * D, hidden, lse + head, delta + head, heads,
+                                   query_lo, query_hi);
+    cp_async_commit();
 
     const int warp = threadIdx.x / mb::kWarpSize, lane = threadIdx.x % mb::kWarpSize;
     const int quad = lane % 4, key_a = t.start + warp * 16 + lane / 4;
@@ -397,16 +572,16 @@ __global__ void __launch_bounds__(kThreads)
     zero<shape<D>::d_tiles>(dk);
     zero<shape<D>::d_tiles>(dv);
 
-    for (int q0 = query_lo; q0 < query_hi; q0 += kQ) {
+    for (int i = 0; i < query_steps; i++) {
+        const int q0 = query_lo + i * kQ;
+        if (i + 1 < query_steps)
+            stages.template load<kThreads>((i + 1) & 1, q_base, qkv_stride, dout + head * D, hidden, lse + head,
+                                           delta + head, heads, q0 + kQ, query_hi);
+        cp_async_commit();
+        cp_async_wait<1>();
         __syncthreads();
-        load_rows<D>(q_tile, q_base, qkv_stride, q0, query_hi, kQ);
-        load_rows<D>(do_tile, dout + head * D, hidden, q0, query_hi, kQ);
-        for (int r = threadIdx.x; r < kQ; r += kThreads) {
-            bool valid = q0 + r < query_hi;
-            lse_tile[r] = valid ? lse[(size_t)(q0 + r) * heads + head] * kLog2e : 0.0f;
-            delta_tile[r] = valid ? delta[(size_t)(q0 + r) * heads + head] : 0.0f;
-        }
-        __syncthreads();
+        const mb::bf16 *q_tile = stages.q(i & 1), *do_tile = stages.dout(i & 1);
+        const float *lse_tile = stages.lse(i & 1), *delta_tile = stages.delta(i & 1);
         float s[kQ / 8][4], dp[kQ / 8][4]; /* transposed: rows are this warp's keys, columns the queries */
         zero<kQ / 8>(s);
         zero<kQ / 8>(dp);
@@ -418,35 +593,191 @@ __global__ void __launch_bounds__(kThreads)
             for (int e = 0; e < 4; e++) {
                 int key = key_a + 8 * (e / 2), column = j * 8 + 2 * quad + (e & 1), query = q0 + column;
                 bool ok = query < query_hi && key < t.end && visible(query, key, window);
-                float p = ok ? exp2f(s[j][e] * scale_log2 - lse_tile[column]) : 0.0f;
+                float p = ok ? exp2f(fmaf(s[j][e], scale_log2, -lse_tile[column] * kLog2e)) : 0.0f;
                 s[j][e] = p;
                 dp[j][e] = p * (dp[j][e] - delta_tile[column]); /* dSᵀ */
             }
         accumulate_pv<D, kQ / 8>(dv, s, do_tile);
         accumulate_pv<D, kQ / 8>(dk, dp, q_tile);
+        __syncthreads();
     }
     store_rows<D>(dqkv + hidden + head * D, qkv_stride, dk, key_a, t.end, scale);
     store_rows<D>(dqkv + 2 * hidden + head * D, qkv_stride, dv, key_a, t.end, 1.0f);
 }
 
+/* Adds two consecutive floats (8-byte aligned) to global memory: one vector reduction on sm_90. */
+__device__ __forceinline__ void atomic_add_pair(float *address, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    atomicAdd(reinterpret_cast<float2 *>(address), make_float2(x, y));
+#else
+    atomicAdd(address, x);
+    atomicAdd(address + 1, y);
+#endif
+}
+
+/* The atomic backward's split of the dQ product dS[kQ × keys]·K[keys × D] over the block's warps: each warp owns a
+ * 16-query chunk and n_cols columns of the head dimension. */
+template <int D, int kWarps>
+struct dq_split {
+    static constexpr int kQ = shape<D>::dkdv_queries;
+    static constexpr int m_chunks = kQ / 16, n_parts = kWarps / m_chunks, n_cols = D / n_parts;
+    static_assert(kWarps % m_chunks == 0 && D % n_parts == 0 && n_cols % 16 == 0, "dQ split of the warps");
+};
+
+/* FlashAttention-2 backward for one key tile of 16·kWarps keys: dK and dV in registers over the query tiles that see
+ * it (double-buffered); per query tile dS goes to shared memory as [query][key] bf16 and the block adds dS·K into the
+ * fp32 dQ accumulator [n, H] (unscaled; the convert kernel applies the scale). */
+template <int D, int kWarps>
+__global__ void __launch_bounds__(kWarps *mb::kWarpSize)
+    attention_backward_kernel(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout, const float *lse,
+                              const float *delta, const mb::bf16 *qkv, const int32_t *cu_seqlens,
+                              const int32_t *seq_first, const int32_t *tile_seq, int num_seqs, int heads, int window,
+                              float scale, float scale_log2) {
+    constexpr int kThreads = kWarps * mb::kWarpSize, kKeys = 16 * kWarps, kStride = shape<D>::stride;
+    constexpr int kQ = shape<D>::dkdv_queries, kDsStride = kKeys + 8;
+    using split = dq_split<D, kWarps>;
+    extern __shared__ uint4 shared_raw[];
+    mb::bf16 *k_tile = reinterpret_cast<mb::bf16 *>(shared_raw);
+    mb::bf16 *v_tile = k_tile + kKeys * kStride, *ds_tile = v_tile + kKeys * kStride; /* ds: [kQ][kDsStride] */
+    query_stages<D> stages(ds_tile + kQ * kDsStride);
+    tile_position t;
+    int head;
+    if (!find_tile(&t, &head, seq_first, tile_seq, cu_seqlens, num_seqs, heads, kKeys)) return;
+    const int hidden = heads * D;
+    const size_t qkv_stride = 3 * (size_t)hidden;
+    const mb::bf16 *q_base = qkv + head * D, *k_base = q_base + hidden, *v_base = q_base + 2 * hidden;
+    int query_lo, query_hi;
+    partner_range(t, window, &query_lo, &query_hi);
+    const int query_steps = mb::ceil_div(query_hi - query_lo, kQ);
+    load_rows_async<D, kThreads>(k_tile, k_base, qkv_stride, t.start, t.end, kKeys);
+    load_rows_async<D, kThreads>(v_tile, v_base, qkv_stride, t.start, t.end, kKeys);
+    stages.template load<kThreads>(0, q_base, qkv_stride, dout + head * D, hidden, lse + head, delta + head, heads,
+                                   query_lo, query_hi);
+    cp_async_commit();
+
+    const int warp = threadIdx.x / mb::kWarpSize, lane = threadIdx.x % mb::kWarpSize, quad = lane % 4;
+    const int key0 = t.start + warp * 16, key_a = key0 + lane / 4, key_last = min(key0 + 15, t.end - 1);
+    const bool warp_keys = key0 < t.end; /* false: this warp's keys are past the tile (a short tile) */
+    const int m0 = (warp % split::m_chunks) * 16, n0 = (warp / split::m_chunks) * split::n_cols;
+    float dk[shape<D>::d_tiles][4], dv[shape<D>::d_tiles][4];
+    zero<shape<D>::d_tiles>(dk);
+    zero<shape<D>::d_tiles>(dv);
+
+    for (int i = 0; i < query_steps; i++) {
+        const int q0 = query_lo + i * kQ, q_last = q0 + kQ - 1;
+        if (i + 1 < query_steps)
+            stages.template load<kThreads>((i + 1) & 1, q_base, qkv_stride, dout + head * D, hidden, lse + head,
+                                           delta + head, heads, q0 + kQ, query_hi);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const mb::bf16 *q_tile = stages.q(i & 1), *do_tile = stages.dout(i & 1);
+        const float *lse_tile = stages.lse(i & 1), *delta_tile = stages.delta(i & 1);
+        float s[kQ / 8][4], dp[kQ / 8][4]; /* transposed: rows are this warp's keys, columns the queries */
+        zero<kQ / 8>(s);
+        zero<kQ / 8>(dp);
+        if (warp_keys && blocks_meet(key0, key_last, q0, q_last, window)) {
+            scores<D, kQ / 8>(s, k_tile, warp * 16, q_tile);
+            scores<D, kQ / 8>(dp, v_tile, warp * 16, do_tile);
+            const bool masked = q_last >= query_hi || key0 + 15 >= t.end ||
+                                !blocks_inside(key0, key_last, q0, q_last, window);
+#pragma unroll
+            for (int j = 0; j < kQ / 8; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int key = key_a + 8 * (e / 2), column = j * 8 + 2 * quad + (e & 1), query = q0 + column;
+                    bool ok = !masked || (query < query_hi && key < t.end && visible(query, key, window));
+                    float p = ok ? exp2f(fmaf(s[j][e], scale_log2, -lse_tile[column] * kLog2e)) : 0.0f;
+                    s[j][e] = p;
+                    dp[j][e] = p * (dp[j][e] - delta_tile[column]); /* dSᵀ */
+                }
+            accumulate_pv<D, kQ / 8>(dv, s, do_tile);
+            accumulate_pv<D, kQ / 8>(dk, dp, q_tile);
+        }
+        /* dSᵀ (zeros for a warp that skipped) -> ds_tile[query][key] */
+#pragma unroll
+        for (int j = 0; j < kQ / 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int key_row = warp * 16 + lane / 4 + 8 * (e / 2), column = j * 8 + 2 * quad + (e & 1);
+                ds_tile[column * kDsStride + key_row] = mb::to_bf16(dp[j][e]);
+            }
+        __syncthreads();
+        /* dQ[q0 + m0 .., n0 ..] += dS[m0 .., all keys] · K[all keys, n0 ..] */
+        float dq[split::n_cols / 8][4];
+        zero<split::n_cols / 8>(dq);
+#pragma unroll
+        for (int ks = 0; ks < kKeys / 16; ks++) {
+            uint32_t a[4];
+            load_a<kDsStride>(a, ds_tile, m0, ks * 16);
+#pragma unroll
+            for (int nt = 0; nt < split::n_cols / 8; nt += 2) {
+                uint32_t b[4];
+                load_b_cols<kStride>(b, k_tile, ks * 16, n0 + nt * 8);
+                mb::mma_bf16_16816(dq[nt], a, b[0], b[1]);
+                mb::mma_bf16_16816(dq[nt + 1], a, b[2], b[3]);
+            }
+        }
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            int query = q0 + m0 + lane / 4 + 8 * half;
+            if (query >= query_hi) continue;
+            float *row = dq_accum + (size_t)query * hidden + head * D + n0 + 2 * quad;
+#pragma unroll
+            for (int nt = 0; nt < split::n_cols / 8; nt++)
+                atomic_add_pair(row + nt * 8, dq[nt][2 * half], dq[nt][2 * half + 1]);
+        }
+        __syncthreads(); /* ds_tile and this query stage are rewritten next */
+    }
+    store_rows<D>(dqkv + hidden + head * D, qkv_stride, dk, key_a, t.end, scale);
+    store_rows<D>(dqkv + 2 * hidden + head * D, qkv_stride, dv, key_a, t.end, 1.0f);
+}
+
+/* dQ block of dqkv = bf16(scale · dq_accum), eight elements per thread. */
+__global__ void attention_dq_convert_kernel(mb::bf16 *dqkv, const float *dq_accum, size_t groups, int hidden,
+                                            float scale) {
+    size_t g = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (g >= groups) return;
+    size_t element = g * 8, token = element / hidden, column = element % hidden;
+    const float4 *from = reinterpret_cast<const float4 *>(dq_accum + element);
+    float4 lo = from[0], hi = from[1];
+    float values[8] = {lo.x * scale, lo.y * scale, lo.z * scale, lo.w * scale,
+                       hi.x * scale, hi.y * scale, hi.z * scale, hi.w * scale};
+    mb::store_bf16x8(dqkv + token * 3 * hidden + column, mb::pack_bf16x8(values));
+}
+
 /* ---- launch helpers ---- */
 
 struct workspace_layout {
-    int32_t *tile_offsets;
-    float *delta;
+    int32_t *seq_first; /* [num_seqs + 1] */
+    int32_t *tile_seq;  /* [max_tiles(n, num_seqs, kMinTile)] */
+    float *delta;       /* [n, heads] */
+    float *dq_accum;    /* [n, heads·head_dim] */
 };
 
 size_t align256(size_t bytes) { return (bytes + 255) & ~(size_t)255; }
 
-workspace_layout carve_workspace(void *base, int num_seqs) {
+int max_tiles(int n, int num_seqs, int tile) { return mb::ceil_div(n, tile) + num_seqs; }
+
+size_t seq_first_bytes(int num_seqs) { return align256((size_t)(num_seqs + 1) * sizeof(int32_t)); }
+size_t tile_seq_bytes(int n, int num_seqs) { return align256((size_t)max_tiles(n, num_seqs, kMinTile) * sizeof(int32_t)); }
+size_t delta_bytes(int n, int heads) { return align256((size_t)n * heads * sizeof(float)); }
+
+workspace_layout carve_workspace(void *base, int n, int num_seqs, int heads) {
     char *p = static_cast<char *>(base);
     workspace_layout w;
-    w.tile_offsets = reinterpret_cast<int32_t *>(p);
-    w.delta = reinterpret_cast<float *>(p + align256((size_t)(num_seqs + 1) * sizeof(int32_t)));
+    w.seq_first = reinterpret_cast<int32_t *>(p);
+    p += seq_first_bytes(num_seqs);
+    w.tile_seq = reinterpret_cast<int32_t *>(p);
+    p += tile_seq_bytes(n, num_seqs);
+    w.delta = reinterpret_cast<float *>(p);
+    p += delta_bytes(n, heads);
+    w.dq_accum = reinterpret_cast<float *>(p);
     return w;
 }
 
-int max_tiles(int n, int num_seqs) { return mb::ceil_div(n, kTile) + num_seqs; }
+/* The 1-D grid of a launch over tiles of `tile` tokens: (tile, head) pairs, heads fastest. */
+unsigned grid_blocks(int n, int num_seqs, int heads, int tile) { return (unsigned)max_tiles(n, num_seqs, tile) * heads; }
 
 template <typename Kernel>
 int set_shared_limit(Kernel kernel, size_t bytes, mb_error *err) {
@@ -462,12 +793,16 @@ int check_arguments(const char *what, const void *qkv, const int32_t *cu_seqlens
                "%s: bad shape num_seqs %d, n %d, heads %d", what, num_seqs, n, heads);
     MB_REQUIRE(err, head_dim == 32 || head_dim == 64 || head_dim == 128,
                "%s: head_dim %d is not supported (32, 64 or 128)", what, head_dim);
-    MB_REQUIRE(err, reinterpret_cast<uintptr_t>(qkv) % 16 == 0, "%s: qkv must be 16-byte aligned", what);
+    MB_REQUIRE(err, (size_t)max_tiles(n, num_seqs, kMinTile) * heads <= 0x7fffffffu,
+               "%s: n %d × heads %d is too large for one launch", what, n, heads);
+    MB_REQUIRE(err, reinterpret_cast<uintptr_t>(qkv) % 16 == 0 && reinterpret_cast<uintptr_t>(workspace) % 16 == 0,
+               "%s: qkv and workspace must be 16-byte aligned", what);
     return 0;
 }
 
-int plan_tiles(workspace_layout w, const int32_t *cu_seqlens, int num_seqs, cudaStream_t stream, mb_error *err) {
-    tile_plan_kernel<<<1, kPlanThreads, 0, stream>>>(w.tile_offsets, cu_seqlens, num_seqs);
+int plan_tiles(workspace_layout w, const int32_t *cu_seqlens, int num_seqs, int tile, cudaStream_t stream,
+               mb_error *err) {
+    tile_plan_kernel<<<1, kPlanThreads, 0, stream>>>(w.seq_first, w.tile_seq, cu_seqlens, num_seqs, tile);
     MB_CUDA_CHECK_LAUNCH(err, "tile_plan_kernel");
     return 0;
 }
@@ -475,41 +810,77 @@ int plan_tiles(workspace_layout w, const int32_t *cu_seqlens, int num_seqs, cuda
 template <int D>
 int launch_forward(mb::bf16 *out, float *lse, workspace_layout w, const mb::bf16 *qkv, const int32_t *cu_seqlens,
                    int num_seqs, int n, int heads, int window, cudaStream_t stream, mb_error *err) {
-    size_t shared = 3 * shape<D>::tile_bytes(kTile);
+    if (plan_tiles(w, cu_seqlens, num_seqs, kFwdQueries, stream, err) != 0) return -1;
+    size_t shared = shape<D>::tile_bytes(kFwdQueries) + 4 * shape<D>::tile_bytes(kKeyTile);
     if (set_shared_limit(attention_forward_kernel<D>, shared, err) != 0) return -1;
     float scale_log2 = kLog2e / sqrtf((float)D);
-    attention_forward_kernel<D><<<dim3(max_tiles(n, num_seqs), heads), kThreads, shared, stream>>>(
-        out, lse, qkv, cu_seqlens, w.tile_offsets, num_seqs, heads, window, scale_log2);
+    attention_forward_kernel<D><<<grid_blocks(n, num_seqs, heads, kFwdQueries), kFwdWarps * mb::kWarpSize, shared,
+                                  stream>>>(out, lse, qkv, cu_seqlens, w.seq_first, w.tile_seq, num_seqs, heads,
+                                            window, scale_log2);
     MB_CUDA_CHECK_LAUNCH(err, "attention_forward_kernel");
     return 0;
 }
 
 template <int D>
-int launch_backward(mb::bf16 *dqkv, workspace_layout w, const mb::bf16 *dout, const float *lse, const mb::bf16 *qkv,
-                    const int32_t *cu_seqlens, int num_seqs, int n, int heads, int window, cudaStream_t stream,
-                    mb_error *err) {
+int launch_backward_deterministic(mb::bf16 *dqkv, workspace_layout w, const mb::bf16 *dout, const float *lse,
+                                  const mb::bf16 *qkv, const int32_t *cu_seqlens, int num_seqs, int n, int heads,
+                                  int window, cudaStream_t stream, mb_error *err) {
     float scale = 1.0f / sqrtf((float)D), scale_log2 = kLog2e * scale;
-    dim3 grid(max_tiles(n, num_seqs), heads);
-    size_t dq_shared = 4 * shape<D>::tile_bytes(kTile);
+    if (plan_tiles(w, cu_seqlens, num_seqs, kDetTile, stream, err) != 0) return -1;
+    unsigned blocks = grid_blocks(n, num_seqs, heads, kDetTile);
+    size_t dq_shared = 6 * shape<D>::tile_bytes(kDetTile);
     if (set_shared_limit(attention_dq_kernel<D>, dq_shared, err) != 0) return -1;
-    attention_dq_kernel<D><<<grid, kThreads, dq_shared, stream>>>(dqkv, dout, lse, w.delta, qkv, cu_seqlens,
-                                                                  w.tile_offsets, num_seqs, heads, window, scale,
-                                                                  scale_log2);
+    attention_dq_kernel<D><<<blocks, kDetWarps * mb::kWarpSize, dq_shared, stream>>>(
+        dqkv, dout, lse, w.delta, qkv, cu_seqlens, w.seq_first, w.tile_seq, num_seqs, heads, window, scale,
+        scale_log2);
     MB_CUDA_CHECK_LAUNCH(err, "attention_dq_kernel");
-    constexpr int kQ = shape<D>::dkdv_queries;
-    size_t dkdv_shared = 2 * shape<D>::tile_bytes(kTile) + 2 * shape<D>::tile_bytes(kQ) + 2 * kQ * sizeof(float);
+    size_t dkdv_shared = 2 * shape<D>::tile_bytes(kDetTile) + query_stages<D>::bytes;
     if (set_shared_limit(attention_dkdv_kernel<D>, dkdv_shared, err) != 0) return -1;
-    attention_dkdv_kernel<D><<<grid, kThreads, dkdv_shared, stream>>>(dqkv, dout, lse, w.delta, qkv, cu_seqlens,
-                                                                      w.tile_offsets, num_seqs, heads, window, scale,
-                                                                      scale_log2);
+    attention_dkdv_kernel<D><<<blocks, kDetWarps * mb::kWarpSize, dkdv_shared, stream>>>(
+        dqkv, dout, lse, w.delta, qkv, cu_seqlens, w.seq_first, w.tile_seq, num_seqs, heads, window, scale,
+        scale_log2);
     MB_CUDA_CHECK_LAUNCH(err, "attention_dkdv_kernel");
     return 0;
 }
 
+template <int D>
+int launch_backward_atomic(mb::bf16 *dqkv, workspace_layout w, const mb::bf16 *dout, const float *lse,
+                           const mb::bf16 *qkv, const int32_t *cu_seqlens, int num_seqs, int n, int heads, int window,
+                           cudaStream_t stream, mb_error *err) {
+    constexpr int kKeys = 16 * kBwdWarps, kQ = shape<D>::dkdv_queries;
+    float scale = 1.0f / sqrtf((float)D), scale_log2 = kLog2e * scale;
+    if (plan_tiles(w, cu_seqlens, num_seqs, kKeys, stream, err) != 0) return -1;
+    size_t shared = 2 * shape<D>::tile_bytes(kKeys) + (size_t)kQ * (kKeys + 8) * sizeof(mb::bf16) +
+                    query_stages<D>::bytes;
+    auto kernel = attention_backward_kernel<D, kBwdWarps>;
+    if (set_shared_limit(kernel, shared, err) != 0) return -1;
+    kernel<<<grid_blocks(n, num_seqs, heads, kKeys), kBwdWarps * mb::kWarpSize, shared, stream>>>(
+        dqkv, w.dq_accum, dout, lse, w.delta, qkv, cu_seqlens, w.seq_first, w.tile_seq, num_seqs, heads, window,
+        scale, scale_log2);
+    MB_CUDA_CHECK_LAUNCH(err, "attention_backward_kernel");
+    int hidden = heads * D;
+    size_t groups = (size_t)n * hidden / 8;
+    attention_dq_convert_kernel<<<(unsigned)mb::ceil_div(groups, (size_t)256), 256, 0, stream>>>(dqkv, w.dq_accum,
+                                                                                                 groups, hidden, scale);
+    MB_CUDA_CHECK_LAUNCH(err, "attention_dq_convert_kernel");
+    return 0;
+}
+
+template <int D>
+int launch_backward(mb::bf16 *dqkv, workspace_layout w, const mb::bf16 *dout, const float *lse, const mb::bf16 *qkv,
+                    const int32_t *cu_seqlens, int num_seqs, int n, int heads, int window, int deterministic,
+                    cudaStream_t stream, mb_error *err) {
+    if (deterministic)
+        return launch_backward_deterministic<D>(dqkv, w, dout, lse, qkv, cu_seqlens, num_seqs, n, heads, window,
+                                                stream, err);
+    return launch_backward_atomic<D>(dqkv, w, dout, lse, qkv, cu_seqlens, num_seqs, n, heads, window, stream, err);
+}
+
 }  // namespace
 
-extern "C" size_t mb_cuda_attention_workspace_bytes(int n, int num_seqs, int heads) {
-    return align256((size_t)(num_seqs + 1) * sizeof(int32_t)) + align256((size_t)n * heads * sizeof(float));
+extern "C" size_t mb_cuda_attention_workspace_bytes(int n, int num_seqs, int heads, int head_dim) {
+    return seq_first_bytes(num_seqs) + tile_seq_bytes(n, num_seqs) + delta_bytes(n, heads) +
+           align256((size_t)n * heads * head_dim * sizeof(float));
 }
 
 extern "C" int mb_cuda_attention_forward(mb_bf16 *out, float *lse, void *workspace, const mb_bf16 *qkv,
@@ -519,8 +890,7 @@ extern "C" int mb_cuda_attention_forward(mb_bf16 *out, float *lse, void *workspa
         return -1;
     MB_REQUIRE(err, out && lse, "attention_forward: missing out or lse");
     MB_NVTX_RANGE("attention_forward");
-    workspace_layout w = carve_workspace(workspace, num_seqs);
-    if (plan_tiles(w, cu_seqlens, num_seqs, stream, err) != 0) return -1;
+    workspace_layout w = carve_workspace(workspace, n, num_seqs, heads);
     mb::bf16 *o = reinterpret_cast<mb::bf16 *>(out);
     const mb::bf16 *x = reinterpret_cast<const mb::bf16 *>(qkv);
     switch (head_dim) {
@@ -532,25 +902,29 @@ extern "C" int mb_cuda_attention_forward(mb_bf16 *out, float *lse, void *workspa
 
 extern "C" int mb_cuda_attention_backward(mb_bf16 *dqkv, void *workspace, const mb_bf16 *dout, const mb_bf16 *out,
                                           const float *lse, const mb_bf16 *qkv, const int32_t *cu_seqlens,
-                                          int num_seqs, int n, int heads, int head_dim, int window,
+                                          int num_seqs, int n, int heads, int head_dim, int window, int deterministic,
                                           cudaStream_t stream, mb_error *err) {
     if (check_arguments("attention_backward", qkv, cu_seqlens, workspace, num_seqs, n, heads, head_dim, err) != 0)
         return -1;
     MB_REQUIRE(err, dqkv && dout && out && lse, "attention_backward: missing dqkv, dout, out or lse");
-    MB_REQUIRE(err, reinterpret_cast<uintptr_t>(dout) % 16 == 0, "attention_backward: dout must be 16-byte aligned");
+    MB_REQUIRE(err, reinterpret_cast<uintptr_t>(dout) % 16 == 0 && reinterpret_cast<uintptr_t>(dqkv) % 16 == 0,
+               "attention_backward: dout and dqkv must be 16-byte aligned");
     MB_NVTX_RANGE("attention_backward");
-    workspace_layout w = carve_workspace(workspace, num_seqs);
-    if (plan_tiles(w, cu_seqlens, num_seqs, stream, err) != 0) return -1;
+    workspace_layout w = carve_workspace(workspace, n, num_seqs, heads);
     size_t pairs = (size_t)n * heads;
     attention_delta_kernel<<<(unsigned)mb::ceil_div(pairs * mb::kWarpSize, (size_t)256), 256, 0, stream>>>(
-        w.delta, reinterpret_cast<const mb::bf16 *>(dout), reinterpret_cast<const mb::bf16 *>(out), n, heads,
-        head_dim);
+        w.delta, deterministic ? nullptr : w.dq_accum, reinterpret_cast<const mb::bf16 *>(dout),
+        reinterpret_cast<const mb::bf16 *>(out), n, heads, head_dim);
     MB_CUDA_CHECK_LAUNCH(err, "attention_delta_kernel");
     mb::bf16 *d = reinterpret_cast<mb::bf16 *>(dqkv);
     const mb::bf16 *g = reinterpret_cast<const mb::bf16 *>(dout), *x = reinterpret_cast<const mb::bf16 *>(qkv);
     switch (head_dim) {
-    case 32: return launch_backward<32>(d, w, g, lse, x, cu_seqlens, num_seqs, n, heads, window, stream, err);
-    case 64: return launch_backward<64>(d, w, g, lse, x, cu_seqlens, num_seqs, n, heads, window, stream, err);
-    default: return launch_backward<128>(d, w, g, lse, x, cu_seqlens, num_seqs, n, heads, window, stream, err);
+    case 32:
+        return launch_backward<32>(d, w, g, lse, x, cu_seqlens, num_seqs, n, heads, window, deterministic, stream, err);
+    case 64:
+        return launch_backward<64>(d, w, g, lse, x, cu_seqlens, num_seqs, n, heads, window, deterministic, stream, err);
+    default:
+        return launch_backward<128>(d, w, g, lse, x, cu_seqlens, num_seqs, n, heads, window, deterministic, stream,
+                                    err);
     }
 }

@@ -40,9 +40,14 @@
 #include <string.h>
 
 #include "backend_cuda.h"
+#include "comm.h"
 #include "common.cuh"
 #include "device.h"
 #include "ops.h"
+
+extern "C" {
+#include "model/zero_plan.h" /* a C header without extern "C" guards of its own */
+}
 
 namespace {
 
@@ -66,6 +71,21 @@ struct layer_activations {
 
 struct budget {
     int tokens, sequences, rows;
+};
+
+/* MB_PROFILE=1: cudaEvents between the op families of the step; the time from one mark to the next is charged to
+ * the first mark's label (collected at each host synchronisation of the compute stream). For `bench train
+ * --profile`; the events themselves cost a few microseconds each. */
+constexpr int kMaxMarks = 4096, kMaxLabels = 64;
+struct profiler {
+    int enabled;
+    cudaEvent_t events[kMaxMarks];
+    const char *mark_labels[kMaxMarks];
+    int marks;
+    const char *labels[kMaxLabels];
+    double milliseconds[kMaxLabels];
+    long calls[kMaxLabels];
+    int label_count;
 };
 
 /* Host-side metadata of the batch of the last forward. */
@@ -112,6 +132,17 @@ struct cuda_backend {
     float *host_logits; /* malloc'ed, fp32 */
     batch_state batch;
     size_t peak_used, device_total;
+    /* data parallelism (ZeRO-1, attach_dist): NULL comm = one GPU */
+    mb_comm *comm;
+    cudaStream_t comm_stream;        /* the communicator's stream: reductions, the sharded optimizer, gathers */
+    mb_zero_plan plan;
+    cudaEvent_t *stage_events;       /* [plan.stage_count]: backward stage s done on the compute stream */
+    cudaEvent_t join_event;
+    int sync_armed;                  /* this backward reduces gradient buckets as their stage finishes */
+    char *bucket_issued;             /* [plan.bucket_count] this step */
+    double *dp_host;                 /* pinned: the reduced gradient norm */
+    int deterministic;               /* MB_DETERMINISTIC=1: bit-reproducible attention backward (slower) */
+    profiler *prof;                  /* NULL unless MB_PROFILE=1 */
 };
 
 cuda_backend *impl_of(mb_backend *b) { return static_cast<cuda_backend *>(b->impl); }
@@ -140,6 +171,58 @@ int record_memory(cuda_backend *c, mb_error *err) {
     MB_CUDA_CHECK(err, cudaMemGetInfo(&free_bytes, &total_bytes));
     c->device_total = total_bytes;
     if (total_bytes - free_bytes > c->peak_used) c->peak_used = total_bytes - free_bytes;
+    return 0;
+}
+
+/* Profiling: the op family that starts now on the compute stream (a string literal). */
+void mark(cuda_backend *c, const char *label) {
+    profiler *p = c->prof;
+    if (p == nullptr || p->marks == kMaxMarks) return;
+    if (cudaEventRecord(p->events[p->marks], c->stream) != cudaSuccess) return;
+    p->mark_labels[p->marks++] = label;
+}
+
+void charge(profiler *p, const char *label, double milliseconds) {
+    int k = 0;
+    while (k < p->label_count && strcmp(p->labels[k], label) != 0) k++;
+    if (k == p->label_count) {
+        if (k == kMaxLabels) return;
+        p->labels[p->label_count++] = label;
+    }
+    p->milliseconds[k] += milliseconds;
+    p->calls[k]++;
+}
+
+/* After the compute stream went idle: charge every interval between consecutive marks. */
+void collect_marks(cuda_backend *c) {
+    profiler *p = c->prof;
+    for (int k = 0; k + 1 < p->marks; k++) {
+        float milliseconds = 0.0f;
+        if (cudaEventElapsedTime(&milliseconds, p->events[k], p->events[k + 1]) == cudaSuccess)
+            charge(p, p->mark_labels[k], milliseconds);
+    }
+    cudaGetLastError();
+    p->marks = 0;
+}
+
+/* Waits for everything queued on `stream`: a plain synchronisation on one GPU; with data parallelism a polled wait
+ * that notices NCCL errors, failed peers and the timeout (a collective on the other stream may be what blocks). */
+int wait_for(cuda_backend *c, cudaStream_t stream, const char *what, mb_error *err) {
+    int profiling = c->prof != nullptr && stream == c->stream;
+    if (profiling) mark(c, "(end of marks)");
+    if (c->comm != nullptr) {
+        TRY(mb_comm_wait_stream(c->comm, stream, what, err));
+    } else {
+        MB_CUDA_CHECK(err, cudaStreamSynchronize(stream));
+    }
+    if (profiling) collect_marks(c);
+    return 0;
+}
+
+/* `to` waits (on the device) for what is queued on `from` so far. */
+int join(cuda_backend *c, cudaStream_t from, cudaStream_t to, mb_error *err) {
+    MB_CUDA_CHECK(err, cudaEventRecord(c->join_event, from));
+    MB_CUDA_CHECK(err, cudaStreamWaitEvent(to, c->join_event, 0));
     return 0;
 }
 
@@ -232,7 +315,7 @@ void carve_layers(cuda_backend *c, carver *k, const mb_config *cfg, size_t n) {
 int scratch_need(const mb_config *cfg, const budget *bud, size_t *bytes, mb_error *err) {
     int n = bud->tokens, rows = bud->rows, H = cfg->hidden_size, I = cfg->intermediate_size;
     int classes = head_classes(cfg);
-    size_t need = mb_cuda_attention_workspace_bytes(n, bud->sequences, cfg->num_attention_heads);
+    size_t need = mb_cuda_attention_workspace_bytes(n, bud->sequences, cfg->num_attention_heads, cfg->head_dim);
     const int linear_shapes[][2] = {{n, 3 * H}, {n, H}, {n, 2 * I}, {rows, H}, {rows, classes}};
     for (const auto &shape : linear_shapes) {
         size_t s = mb_cuda_linear_backward_scratch_bytes(shape[0], shape[1]);
@@ -410,6 +493,7 @@ int upload_batch(cuda_backend *c, const mb_config *cfg, const mb_batch *batch, i
 
 int embeddings_forward(cuda_backend *c, const mb_config *cfg, int n, mb_error *err) {
     int H = cfg->hidden_size;
+    mark(c, "embeddings fwd");
     TRY(mb_cuda_positions(c->positions, c->cu_seqlens, c->batch.sequences, n, c->stream, err));
     TRY(mb_cuda_embedding_forward(c->embedded, c->ids, copy_of(c, c->w.tok_embeddings), n, H, c->stream, err));
     TRY(mb_cuda_layernorm_forward(c->hidden0, c->embedded_mean, c->embedded_rstd, c->embedded, c->w.embedding_norm,
@@ -424,16 +508,22 @@ int attention_block_forward(cuda_backend *c, const mb_config *cfg, int l, mb_err
     layer_activations *a = &c->layers[l];
     int n = c->batch.tokens, H = cfg->hidden_size, heads = cfg->num_attention_heads;
     const mb_bf16 *h_in = layer_input(c, l), *attn_in = h_in;
+    int global = mb_layer_window(cfg, l) < 0;
     if (w->attn_norm != nullptr) {
+        mark(c, "layernorm fwd");
         TRY(mb_cuda_layernorm_forward(a->attn_in, a->attn_mean, a->attn_rstd, h_in, w->attn_norm, w->attn_norm_bias,
                                       n, H, (float)cfg->norm_eps, c->stream, err));
         attn_in = a->attn_in;
     }
+    mark(c, "gemm Wqkv fwd");
     TRY(mb_cuda_linear_forward(c->matmul, a->qkv, attn_in, copy_of(c, w->wqkv), copy_of(c, w->wqkv_bias), nullptr, n,
                                H, 3 * H, c->stream, err));
+    mark(c, "rope fwd");
     TRY(mb_cuda_rope(a->qkv, c->positions, n, heads, cfg->head_dim, mb_layer_rope_theta(cfg, l), +1, c->stream, err));
+    mark(c, global ? "attention fwd (global)" : "attention fwd (local)");
     TRY(mb_cuda_attention_forward(a->attn_out, a->lse, c->scratch, a->qkv, c->cu_seqlens, c->batch.sequences, n,
                                   heads, cfg->head_dim, mb_layer_window(cfg, l), c->stream, err));
+    mark(c, "gemm Wo fwd");
     TRY(mb_cuda_linear_forward(c->matmul, a->h_mid, a->attn_out, copy_of(c, w->wo), copy_of(c, w->wo_bias), h_in, n,
                                H, H, c->stream, err));
     return 0;
@@ -443,11 +533,15 @@ int mlp_block_forward(cuda_backend *c, const mb_config *cfg, int l, mb_error *er
     const mb_layer_weights *w = &c->w.layers[l];
     layer_activations *a = &c->layers[l];
     int n = c->batch.tokens, H = cfg->hidden_size, I = cfg->intermediate_size;
+    mark(c, "layernorm fwd");
     TRY(mb_cuda_layernorm_forward(a->mlp_in, a->mlp_mean, a->mlp_rstd, a->h_mid, w->mlp_norm, w->mlp_norm_bias, n, H,
                                   (float)cfg->norm_eps, c->stream, err));
+    mark(c, "gemm Wi fwd");
     TRY(mb_cuda_linear_forward(c->matmul, a->wi_out, a->mlp_in, copy_of(c, w->wi), copy_of(c, w->wi_bias), nullptr, n,
                                H, 2 * I, c->stream, err));
+    mark(c, "geglu fwd");
     TRY(mb_cuda_glu_forward(a->glu_out, a->wi_out, n, I, cfg->hidden_activation, c->stream, err));
+    mark(c, "gemm mlp Wo fwd");
     TRY(mb_cuda_linear_forward(c->matmul, a->h_out, a->glu_out, copy_of(c, w->mlp_wo), copy_of(c, w->mlp_wo_bias),
                                a->h_mid, n, I, H, c->stream, err));
     return 0;
@@ -460,6 +554,7 @@ int head_forward(cuda_backend *c, const mb_config *cfg, mb_error *err) {
     int H = cfg->hidden_size, rows = c->batch.rows, classes = c->batch.classes;
     int is_mlm = cfg->head == MB_HEAD_MASKED_LM;
     MB_NVTX_RANGE("head_forward");
+    mark(c, "head fwd (gather, dense, norm, decoder, loss)");
     if (!is_mlm && cfg->classifier_pooling == MB_POOLING_MEAN)
         TRY(mean_pool_forward(c, rows, H, err));
     else
@@ -493,7 +588,7 @@ int finish_forward(cuda_backend *c, const mb_config *cfg, mb_forward_result *res
     if (want_logits && logit_count > 0)
         MB_CUDA_CHECK(err, cudaMemcpyAsync(c->host_logits_bf16, c->logits, logit_count * sizeof(mb_bf16),
                                            cudaMemcpyDeviceToHost, c->stream));
-    MB_CUDA_CHECK(err, cudaStreamSynchronize(c->stream));
+    TRY(wait_for(c, c->stream, "forward", err));
     result->loss_sum = c->host_scalars[0];
     result->loss_count = rows;
     result->logit_rows = rows;
@@ -524,6 +619,7 @@ int cuda_forward(mb_backend *b, const mb_batch *batch, mb_forward_result *result
         TRY(attention_block_forward(c, cfg, l, err));
         TRY(mlp_block_forward(c, cfg, l, err));
     }
+    mark(c, "layernorm fwd");
     TRY(mb_cuda_layernorm_forward(c->final_out, c->final_mean, c->final_rstd, layer_input(c, cfg->num_hidden_layers),
                                   c->w.final_norm, c->w.final_norm_bias, batch->token_count, cfg->hidden_size,
                                   (float)cfg->norm_eps, c->stream, err));
@@ -540,6 +636,7 @@ int head_backward(cuda_backend *c, const mb_config *cfg, mb_bf16 *d_final, float
     int n = c->batch.tokens, H = cfg->hidden_size, rows = c->batch.rows, classes = c->batch.classes;
     int is_mlm = cfg->head == MB_HEAD_MASKED_LM;
     MB_NVTX_RANGE("head_backward");
+    mark(c, "head bwd");
     if (rows == 0) {
         MB_CUDA_CHECK(err, cudaMemsetAsync(d_final, 0, (size_t)n * H * sizeof(mb_bf16), c->stream));
         return 0;
@@ -568,11 +665,15 @@ int mlp_block_backward(cuda_backend *c, const mb_config *cfg, int l, mb_error *e
     mb_layer_weights *g = &c->g.layers[l];
     layer_activations *a = &c->layers[l];
     int n = c->batch.tokens, H = cfg->hidden_size, I = cfg->intermediate_size;
+    mark(c, "gemm mlp Wo bwd");
     TRY(mb_cuda_linear_backward(c->matmul, c->d_glu, g->mlp_wo, g->mlp_wo_bias, c->scratch, c->dh, a->glu_out,
                                 copy_of(c, w->mlp_wo), n, I, H, 0, c->stream, err));
+    mark(c, "geglu bwd");
     TRY(mb_cuda_glu_backward(c->d_wi, c->d_glu, a->wi_out, n, I, cfg->hidden_activation, c->stream, err));
+    mark(c, "gemm Wi bwd");
     TRY(mb_cuda_linear_backward(c->matmul, c->d_normed, g->wi, g->wi_bias, c->scratch, c->d_wi, a->mlp_in,
                                 copy_of(c, w->wi), n, H, 2 * I, 0, c->stream, err));
+    mark(c, "layernorm bwd");
     TRY(mb_cuda_layernorm_backward(c->dh, g->mlp_norm, g->mlp_norm_bias, c->scratch, c->d_normed, a->h_mid,
                                    a->mlp_mean, a->mlp_rstd, w->mlp_norm, n, H, 1, c->stream, err));
     return 0;
@@ -585,18 +686,23 @@ int attention_block_backward(cuda_backend *c, const mb_config *cfg, int l, mb_er
     int n = c->batch.tokens, H = cfg->hidden_size, heads = cfg->num_attention_heads;
     const mb_bf16 *h_in = layer_input(c, l);
     const mb_bf16 *attn_in = w->attn_norm != nullptr ? a->attn_in : h_in;
+    mark(c, "gemm Wo bwd");
     TRY(mb_cuda_linear_backward(c->matmul, c->d_attn, g->wo, g->wo_bias, c->scratch, c->dh, a->attn_out,
                                 copy_of(c, w->wo), n, H, H, 0, c->stream, err));
+    mark(c, mb_layer_window(cfg, l) < 0 ? "attention bwd (global)" : "attention bwd (local)");
     TRY(mb_cuda_attention_backward(c->dqkv, c->scratch, c->d_attn, a->attn_out, a->lse, a->qkv, c->cu_seqlens,
-                                   c->batch.sequences, n, heads, cfg->head_dim, mb_layer_window(cfg, l), c->stream,
-                                   err));
+                                   c->batch.sequences, n, heads, cfg->head_dim, mb_layer_window(cfg, l),
+                                   c->deterministic, c->stream, err));
+    mark(c, "rope bwd");
     TRY(mb_cuda_rope(c->dqkv, c->positions, n, heads, cfg->head_dim, mb_layer_rope_theta(cfg, l), -1, c->stream,
                      err));
+    mark(c, "gemm Wqkv bwd");
     if (w->attn_norm == nullptr)
         return mb_cuda_linear_backward(c->matmul, c->dh, g->wqkv, g->wqkv_bias, c->scratch, c->dqkv, attn_in,
                                        copy_of(c, w->wqkv), n, H, 3 * H, 1, c->stream, err);
     TRY(mb_cuda_linear_backward(c->matmul, c->d_normed, g->wqkv, g->wqkv_bias, c->scratch, c->dqkv, attn_in,
                                 copy_of(c, w->wqkv), n, H, 3 * H, 0, c->stream, err));
+    mark(c, "layernorm bwd");
     TRY(mb_cuda_layernorm_backward(c->dh, g->attn_norm, g->attn_norm_bias, c->scratch, c->d_normed, h_in,
                                    a->attn_mean, a->attn_rstd, w->attn_norm, n, H, 1, c->stream, err));
     return 0;
@@ -605,6 +711,7 @@ int attention_block_backward(cuda_backend *c, const mb_config *cfg, int l, mb_er
 int embeddings_backward(cuda_backend *c, const mb_config *cfg, mb_error *err) {
     int n = c->batch.tokens, H = cfg->hidden_size;
     MB_NVTX_RANGE("embeddings_backward");
+    mark(c, "embeddings bwd");
     TRY(mb_cuda_layernorm_backward(c->d_normed, c->g.embedding_norm, c->g.embedding_norm_bias, c->scratch, c->dh,
                                    c->embedded, c->embedded_mean, c->embedded_rstd, c->w.embedding_norm, n, H, 0,
                                    c->stream, err));
@@ -612,27 +719,71 @@ int embeddings_backward(cuda_backend *c, const mb_config *cfg, mb_error *err) {
                                       cfg->vocab_size, cfg->pad_token_id, c->stream, err);
 }
 
+/* ---- data parallelism: gradient buckets reduced while the backward goes on (model/zero_plan.h) ---- */
+
+/* Backward stage `stage` is queued on the compute stream: reduce-scatter, on the comm stream, every bucket whose
+ * gradients it completes. Every rank issues the buckets in the same order (stage ascending, bucket descending). */
+int reduce_finished_buckets(cuda_backend *c, int stage, mb_error *err) {
+    if (c->comm == nullptr || !c->sync_armed) return 0;
+    int waited = 0;
+    for (int k = c->plan.bucket_count - 1; k >= 0; k--) {
+        const mb_zero_bucket *bucket = &c->plan.buckets[k];
+        if (bucket->ready_stage != stage || c->bucket_issued[k]) continue;
+        if (!waited) {
+            MB_CUDA_CHECK(err, cudaEventRecord(c->stage_events[stage], c->stream));
+            MB_CUDA_CHECK(err, cudaStreamWaitEvent(c->comm_stream, c->stage_events[stage], 0));
+            waited = 1;
+        }
+        TRY(mb_comm_reduce_scatter(c->comm, c->grads + bucket->begin, mb_zero_slice_numel(bucket, c->plan.world_size),
+                                   err));
+        c->bucket_issued[k] = 1;
+    }
+    return 0;
+}
+
+/* Issues the buckets the backward did not (none was armed, or this rank had no labelled micro-batch), in the same
+ * order, and re-arms nothing: afterwards each rank's slices hold the gradient summed over all ranks. */
+int finish_reduction(cuda_backend *c, mb_error *err) {
+    c->sync_armed = 1;
+    for (int stage = 0; stage < c->plan.stage_count; stage++) TRY(reduce_finished_buckets(c, stage, err));
+    c->sync_armed = 0;
+    memset(c->bucket_issued, 0, (size_t)c->plan.bucket_count);
+    return 0;
+}
+
 int cuda_backward(mb_backend *b, float grad_scale, mb_error *err) {
     cuda_backend *c = impl_of(b);
     const mb_config *cfg = &b->config;
     if (!c->batch.forward_done) return mb_fail(err, "backward called without a forward");
     MB_NVTX_RANGE("backward");
-    int n = c->batch.tokens, H = cfg->hidden_size;
+    int n = c->batch.tokens, H = cfg->hidden_size, L = cfg->num_hidden_layers;
     TRY(head_backward(c, cfg, c->d_normed, grad_scale, err));
+    mark(c, "layernorm bwd");
     TRY(mb_cuda_layernorm_backward(c->dh, c->g.final_norm, c->g.final_norm_bias, c->scratch, c->d_normed,
-                                   layer_input(c, cfg->num_hidden_layers), c->final_mean, c->final_rstd,
-                                   c->w.final_norm, n, H, 0, c->stream, err));
+                                   layer_input(c, L), c->final_mean, c->final_rstd, c->w.final_norm, n, H, 0,
+                                   c->stream, err));
+    TRY(reduce_finished_buckets(c, 0, err));
     char name[64];
-    for (int l = cfg->num_hidden_layers - 1; l >= 0; l--) {
+    for (int l = L - 1; l >= 0; l--) {
         snprintf(name, sizeof name, "layer %d backward", l);
         MB_NVTX_RANGE(name);
         TRY(mlp_block_backward(c, cfg, l, err));
         TRY(attention_block_backward(c, cfg, l, err));
+        TRY(reduce_finished_buckets(c, L - l, err));
     }
     TRY(embeddings_backward(c, cfg, err));
+    TRY(reduce_finished_buckets(c, L + 1, err));
     c->batch.forward_done = 0;
     /* reports asynchronous faults of this step here rather than at some later call */
     MB_CUDA_CHECK(err, cudaGetLastError());
+    return 0;
+}
+
+int cuda_begin_grad_sync(mb_backend *b, mb_error *err) {
+    cuda_backend *c = impl_of(b);
+    if (c->comm == nullptr) return 0;
+    c->sync_armed = 1;
+    memset(c->bucket_issued, 0, (size_t)c->plan.bucket_count);
     return 0;
 }
 
@@ -640,20 +791,44 @@ int cuda_backward(mb_backend *b, float grad_scale, mb_error *err) {
 
 size_t arena_bytes(const mb_backend *b) { return b->table.total_numel * sizeof(float); }
 
+/* Floats in the master / gradient arenas: the table, padded for ZeRO-1 slices. */
+size_t padded_numel(const mb_backend *b) {
+    const cuda_backend *c = static_cast<const cuda_backend *>(b->impl);
+    return c->comm != nullptr ? c->plan.arena_numel : b->table.total_numel;
+}
+
 int copy_and_wait(cuda_backend *c, void *dst, const void *src, size_t bytes, cudaMemcpyKind kind, mb_error *err) {
+    TRY(wait_for(c, c->stream, "copy", err)); /* a pageable copy must not block behind a collective */
     MB_CUDA_CHECK(err, cudaMemcpyAsync(dst, src, bytes, kind, c->stream));
-    MB_CUDA_CHECK(err, cudaStreamSynchronize(c->stream));
-    return 0;
+    return wait_for(c, c->stream, "copy", err);
 }
 
 int cuda_zero_grads(mb_backend *b, mb_error *err) {
     cuda_backend *c = impl_of(b);
-    MB_CUDA_CHECK(err, cudaMemsetAsync(c->grads, 0, arena_bytes(b), c->stream));
+    mark(c, "zero grads");
+    MB_CUDA_CHECK(err, cudaMemsetAsync(c->grads, 0, padded_numel(b) * sizeof(float), c->stream));
+    return 0;
+}
+
+/* ZeRO-1: finish the reductions, Σ g² over this rank's slices, summed over ranks, square root. */
+int sharded_grad_norm(mb_backend *b, cuda_backend *c, double *norm, mb_error *err) {
+    (void)b;
+    TRY(finish_reduction(c, err));
+    TRY(mb_cuda_grad_square_sum(c->adamw, &c->device_scalars[1], c->comm_stream, err));
+    TRY(mb_comm_all_reduce_doubles(c->comm, &c->device_scalars[1], 1, err));
+    TRY(mb_cuda_sqrt_in_place(&c->device_scalars[1], c->comm_stream, err));
+    MB_CUDA_CHECK(err, cudaMemcpyAsync(c->dp_host, &c->device_scalars[1], sizeof(double), cudaMemcpyDeviceToHost,
+                                       c->comm_stream));
+    TRY(wait_for(c, c->comm_stream, "gradient reduction", err));
+    TRY(join(c, c->comm_stream, c->stream, err));
+    *norm = c->dp_host[0];
     return 0;
 }
 
 int cuda_grad_norm(mb_backend *b, double *norm, mb_error *err) {
     cuda_backend *c = impl_of(b);
+    if (c->comm != nullptr) return sharded_grad_norm(b, c, norm, err);
+    mark(c, "grad norm");
     TRY(mb_cuda_grad_norm(c->adamw, &c->device_scalars[1], c->stream, err));
     double value = 0.0;
     TRY(copy_and_wait(c, &value, &c->device_scalars[1], sizeof value, cudaMemcpyDeviceToHost, err));
@@ -661,9 +836,26 @@ int cuda_grad_norm(mb_backend *b, double *norm, mb_error *err) {
     return 0;
 }
 
+/* ZeRO-1 step on the comm stream: moments of this rank's slices → per-tensor sums all-reduced (so the RMS is the
+ * whole tensor's) → update of the slices → all-gather of the updated fp32 parameters → bf16 copy. */
+int sharded_optimizer_step(mb_backend *b, cuda_backend *c, mb_stableadamw *opt, double lr, mb_error *err) {
+    cudaStream_t s = c->comm_stream;
+    TRY(join(c, c->stream, s, err));
+    TRY(mb_cuda_adamw_moments(c->adamw, opt, s, err));
+    TRY(mb_comm_all_reduce_doubles(c->comm, mb_cuda_adamw_group_sums(c->adamw), (size_t)b->table.count, err));
+    TRY(mb_cuda_adamw_apply(c->adamw, opt, lr, s, err));
+    for (int k = 0; k < c->plan.bucket_count; k++)
+        TRY(mb_comm_all_gather(c->comm, c->master + c->plan.buckets[k].begin,
+                               mb_zero_slice_numel(&c->plan.buckets[k], c->plan.world_size), err));
+    TRY(mb_cuda_to_bf16(c->copy, c->master, b->table.total_numel, s, err));
+    return join(c, s, c->stream, err);
+}
+
 int cuda_optimizer_step(mb_backend *b, mb_stableadamw *opt, double lr, mb_error *err) {
     cuda_backend *c = impl_of(b);
     MB_NVTX_RANGE("optimizer_step");
+    if (c->comm != nullptr) return sharded_optimizer_step(b, c, opt, lr, err);
+    mark(c, "optimizer");
     return mb_cuda_adamw_step(c->adamw, opt, lr, c->stream, err); /* advances opt->step */
 }
 
@@ -674,10 +866,9 @@ int cuda_read_params(mb_backend *b, float *host, mb_error *err) {
 
 int cuda_write_params(mb_backend *b, const float *host, mb_error *err) {
     cuda_backend *c = impl_of(b);
-    MB_CUDA_CHECK(err, cudaMemcpyAsync(c->master, host, arena_bytes(b), cudaMemcpyHostToDevice, c->stream));
+    TRY(copy_and_wait(c, c->master, host, arena_bytes(b), cudaMemcpyHostToDevice, err));
     TRY(mb_cuda_to_bf16(c->copy, c->master, b->table.total_numel, c->stream, err));
-    MB_CUDA_CHECK(err, cudaStreamSynchronize(c->stream));
-    return 0;
+    return wait_for(c, c->stream, "parameter upload", err);
 }
 
 int cuda_read_grads(mb_backend *b, float *host, mb_error *err) {
@@ -685,14 +876,53 @@ int cuda_read_grads(mb_backend *b, float *host, mb_error *err) {
     return copy_and_wait(c, host, c->grads, arena_bytes(b), cudaMemcpyDeviceToHost, err);
 }
 
+/* ZeRO-1, collective: every rank gathers the full moment (through the gradient arena, free between steps). */
+int gather_moment(mb_backend *b, cuda_backend *c, const float *shard, float *host, mb_error *err) {
+    TRY(join(c, c->stream, c->comm_stream, err));
+    for (int k = 0; k < c->plan.bucket_count; k++) {
+        const mb_zero_bucket *bucket = &c->plan.buckets[k];
+        TRY(mb_comm_all_gather_into(c->comm, shard + bucket->shard_offset, c->grads + bucket->begin,
+                                    mb_zero_slice_numel(bucket, c->plan.world_size), err));
+    }
+    TRY(wait_for(c, c->comm_stream, "gathering the optimizer state", err));
+    MB_CUDA_CHECK(err, cudaMemcpyAsync(host, c->grads, arena_bytes(b), cudaMemcpyDeviceToHost, c->comm_stream));
+    MB_CUDA_CHECK(err, cudaMemsetAsync(c->grads, 0, padded_numel(b) * sizeof(float), c->comm_stream));
+    TRY(wait_for(c, c->comm_stream, "gathering the optimizer state", err));
+    return 0;
+}
+
+/* ZeRO-1: this rank keeps its slices of a full host moment. */
+int scatter_moment(mb_backend *b, cuda_backend *c, float *shard, const float *host, mb_error *err) {
+    TRY(wait_for(c, c->stream, "optimizer state upload", err));
+    size_t total = b->table.total_numel;
+    for (int k = 0; k < c->plan.bucket_count; k++) {
+        const mb_zero_bucket *bucket = &c->plan.buckets[k];
+        size_t begin = mb_zero_slice_begin(bucket, c->plan.world_size, c->plan.rank);
+        size_t count = mb_zero_slice_numel(bucket, c->plan.world_size);
+        size_t real = begin >= total ? 0 : (begin + count <= total ? count : total - begin);
+        if (real > 0)
+            MB_CUDA_CHECK(err, cudaMemcpyAsync(shard + bucket->shard_offset, host + begin, real * sizeof(float),
+                                               cudaMemcpyHostToDevice, c->stream));
+    }
+    return wait_for(c, c->stream, "optimizer state upload", err);
+}
+
 int cuda_read_optimizer_state(mb_backend *b, float *m, float *v, mb_error *err) {
     cuda_backend *c = impl_of(b);
+    if (c->comm != nullptr) {
+        TRY(gather_moment(b, c, c->m, m, err));
+        return gather_moment(b, c, c->v, v, err);
+    }
     TRY(copy_and_wait(c, m, c->m, arena_bytes(b), cudaMemcpyDeviceToHost, err));
     return copy_and_wait(c, v, c->v, arena_bytes(b), cudaMemcpyDeviceToHost, err);
 }
 
 int cuda_write_optimizer_state(mb_backend *b, const float *m, const float *v, mb_error *err) {
     cuda_backend *c = impl_of(b);
+    if (c->comm != nullptr) {
+        TRY(scatter_moment(b, c, c->m, m, err));
+        return scatter_moment(b, c, c->v, v, err);
+    }
     TRY(copy_and_wait(c, c->m, m, arena_bytes(b), cudaMemcpyHostToDevice, err));
     return copy_and_wait(c, c->v, v, arena_bytes(b), cudaMemcpyHostToDevice, err);
 }
@@ -714,23 +944,48 @@ void cuda_memory_report(mb_backend *b, char *out, size_t size) {
     size_t used = total_bytes - free_bytes;
     if (used > c->peak_used) c->peak_used = used;
     const double mib = 1024.0 * 1024.0, gib = mib * 1024.0;
+    char sharding[160] = "";
+    if (c->comm != nullptr)
+        snprintf(sharding, sizeof sharding, "; ZeRO-1 over %d ranks: m and v sharded (%zu of %zu floats here), %d "
+                 "gradient buckets", c->plan.world_size, c->plan.shard_numel, c->plan.arena_numel,
+                 c->plan.bucket_count);
     snprintf(out, size,
-             "cuda: state %.1f MiB (fp32 master + bf16 copy + fp32 grads + m + v), activations %.1f MiB for %d "
+             "cuda: state %.1f MiB (fp32 master + bf16 copy + fp32 grads + m + v%s), activations %.1f MiB for %d "
              "tokens / %d sequences / %d head rows (scratch %.1f MiB), pinned %.1f MiB; device %.2f of %.2f GiB in "
              "use, peak %.2f GiB",
-             (double)c->state_bytes / mib, (double)c->acts_bytes / mib, c->cap.tokens, c->cap.sequences, c->cap.rows,
-             (double)c->scratch_bytes / mib, (double)c->pinned_bytes / mib, (double)used / gib,
+             (double)c->state_bytes / mib, sharding, (double)c->acts_bytes / mib, c->cap.tokens, c->cap.sequences,
+             c->cap.rows, (double)c->scratch_bytes / mib, (double)c->pinned_bytes / mib, (double)used / gib,
              (double)total_bytes / gib, (double)c->peak_used / gib);
+}
+
+void release_data_parallel(cuda_backend *c) {
+    if (c->stage_events != nullptr)
+        for (int k = 0; k < c->plan.stage_count; k++)
+            if (c->stage_events[k] != nullptr) cudaEventDestroy(c->stage_events[k]);
+    free(c->stage_events);
+    free(c->bucket_issued);
+    if (c->dp_host != nullptr) cudaFreeHost(c->dp_host);
+    mb_zero_plan_free(&c->plan);
+    c->stage_events = nullptr;
+    c->bucket_issued = nullptr;
+    c->dp_host = nullptr;
 }
 
 void cuda_destroy(mb_backend *b) {
     cuda_backend *c = impl_of(b);
     if (c != nullptr) {
-        if (c->stream != nullptr) cudaStreamSynchronize(c->stream);
+        if (c->stream != nullptr && c->comm == nullptr) cudaStreamSynchronize(c->stream);
         release_activations(c);
         mb_cuda_adamw_destroy(c->adamw);
         mb_cuda_matmul_destroy(c->matmul);
         if (c->state != nullptr) cudaFree(c->state);
+        release_data_parallel(c);
+        if (c->join_event != nullptr) cudaEventDestroy(c->join_event);
+        if (c->prof != nullptr) {
+            for (int k = 0; k < kMaxMarks; k++)
+                if (c->prof->events[k] != nullptr) cudaEventDestroy(c->prof->events[k]);
+            free(c->prof);
+        }
         if (c->stream != nullptr) cudaStreamDestroy(c->stream);
         cudaGetLastError(); /* nothing to report from a destructor */
         free(c);
@@ -753,6 +1008,42 @@ int cuda_device_name(mb_backend *b, char *out, size_t size) {
     return 0;
 }
 
+int cuda_attach_dist(mb_backend *b, mb_dist *dist, mb_error *err);
+
+/* The profile so far (MB_PROFILE=1), one line per op family, largest first; reset clears it. */
+int cuda_profile(mb_backend *b, int reset, char *out, size_t size) {
+    profiler *p = impl_of(b)->prof;
+    if (p == nullptr) return -1;
+    if (reset) {
+        p->label_count = 0;
+        p->marks = 0;
+        return 0;
+    }
+    double total = 0.0;
+    int order[kMaxLabels];
+    for (int k = 0; k < p->label_count; k++) {
+        total += p->milliseconds[k];
+        order[k] = k;
+    }
+    for (int i = 1; i < p->label_count; i++)
+        for (int j = i; j > 0 && p->milliseconds[order[j]] > p->milliseconds[order[j - 1]]; j--) {
+            int swap = order[j];
+            order[j] = order[j - 1];
+            order[j - 1] = swap;
+        }
+    size_t used = 0;
+    out[0] = '\0';
+    for (int i = 0; i < p->label_count && used + 1 < size; i++) {
+        int k = order[i];
+        if (strcmp(p->labels[k], "(end of marks)") == 0) continue;
+        int written = snprintf(out + used, size - used, "%-46s %10.3f ms %6.1f %% %8ld calls\n", p->labels[k],
+                               p->milliseconds[k], total > 0 ? 100.0 * p->milliseconds[k] / total : 0.0, p->calls[k]);
+        if (written < 0) break;
+        used += (size_t)written;
+    }
+    return 0;
+}
+
 const mb_backend_ops cuda_ops = {
     "cuda",
     cuda_destroy,
@@ -770,29 +1061,34 @@ const mb_backend_ops cuda_ops = {
     cuda_memory_report,
     cuda_reserve,
     cuda_device_name,
+    cuda_attach_dist,
+    cuda_begin_grad_sync,
+    cuda_profile,
 };
 
-/* The state arena: master | grads | m | v (fp32, table layout each) | bf16 copy | two device doubles. */
-int allocate_state(mb_backend *b, cuda_backend *c, mb_error *err) {
-    size_t N = b->table.total_numel;
+/* The state arena: master | grads | m | v (fp32) | bf16 copy | two device doubles. On one GPU every part has the
+ * table's layout (N floats); with ZeRO-1 master, grads and copy are padded to the plan's arena and m, v hold only
+ * this rank's shard. */
+int allocate_state(mb_backend *b, cuda_backend *c, size_t params_numel, size_t moments_numel, mb_error *err) {
     carver measure{nullptr, 0};
-    for (int k = 0; k < 4; k++) measure.take<float>(N);
-    measure.take<mb_bf16>(N);
+    for (int k = 0; k < 2; k++) measure.take<float>(params_numel);
+    for (int k = 0; k < 2; k++) measure.take<float>(moments_numel);
+    measure.take<mb_bf16>(params_numel);
     measure.take<double>(2);
     cudaError_t status = cudaMalloc(&c->state, measure.used);
     if (status != cudaSuccess) {
         c->state = nullptr;
         return mb_fail(err, "cuda backend: cannot allocate %.1f MiB for %zu parameters (weights, gradients, "
                             "optimizer state): %s",
-                       (double)measure.used / (1 << 20), N, cudaGetErrorString(status));
+                       (double)measure.used / (1 << 20), b->table.total_numel, cudaGetErrorString(status));
     }
     c->state_bytes = measure.used;
     carver real{static_cast<char *>(c->state), 0};
-    c->master = real.take<float>(N);
-    c->grads = real.take<float>(N);
-    c->m = real.take<float>(N);
-    c->v = real.take<float>(N);
-    c->copy = real.take<mb_bf16>(N);
+    c->master = real.take<float>(params_numel);
+    c->grads = real.take<float>(params_numel);
+    c->m = real.take<float>(moments_numel);
+    c->v = real.take<float>(moments_numel);
+    c->copy = real.take<mb_bf16>(params_numel);
     c->device_scalars = real.take<double>(2);
     MB_CUDA_CHECK(err, cudaMemsetAsync(c->state, 0, c->state_bytes, c->stream));
     MB_CUDA_CHECK(err, cudaStreamSynchronize(c->stream));
@@ -809,11 +1105,53 @@ int create_optimizer(mb_backend *b, cuda_backend *c, mb_error *err) {
         const mb_param_info *p = &b->table.params[i];
         tensors[i] = mb_cuda_adamw_tensor{c->master + p->offset, c->grads + p->offset, c->m + p->offset,
                                           c->v + p->offset,      c->copy + p->offset,  p->numel,
-                                          p->decays != 0};
+                                          p->decays != 0,        i};
     }
     int rc = mb_cuda_adamw_create(&c->adamw, tensors, count, err);
     free(tensors);
     return rc;
+}
+
+/* ZeRO-1: the optimizer sees this rank's pieces of every tensor; the bf16 copy is refreshed after the gather. */
+int create_sharded_optimizer(mb_backend *b, cuda_backend *c, mb_error *err) {
+    const mb_zero_plan *plan = &c->plan;
+    int count = b->table.count;
+    mb_cuda_adamw_tensor *pieces =
+        static_cast<mb_cuda_adamw_tensor *>(calloc((size_t)(plan->piece_count ? plan->piece_count : 1), sizeof *pieces));
+    mb_cuda_adamw_group *groups = static_cast<mb_cuda_adamw_group *>(calloc((size_t)count, sizeof *groups));
+    int rc = pieces && groups ? 0 : mb_fail(err, "cuda backend: out of host memory");
+    for (int i = 0; rc == 0 && i < count; i++)
+        groups[i] = mb_cuda_adamw_group{b->table.params[i].numel, b->table.params[i].decays != 0};
+    for (int k = 0; rc == 0 && k < plan->piece_count; k++) {
+        const mb_zero_piece *piece = &plan->pieces[k];
+        pieces[k] = mb_cuda_adamw_tensor{c->master + piece->arena_offset, c->grads + piece->arena_offset,
+                                         c->m + piece->shard_offset,      c->v + piece->shard_offset,
+                                         nullptr,                         piece->numel,
+                                         groups[piece->tensor].decay,     piece->tensor};
+    }
+    if (rc == 0) rc = mb_cuda_adamw_create_grouped(&c->adamw, pieces, plan->piece_count, groups, count, err);
+    free(pieces);
+    free(groups);
+    return rc;
+}
+
+/* Target gradient bucket: 16 Mi floats (64 MiB), or MB_ZERO_BUCKET_MIB. */
+size_t bucket_numel_target() {
+    const char *text = getenv("MB_ZERO_BUCKET_MIB");
+    long mib = text != nullptr ? strtol(text, nullptr, 10) : 64;
+    if (mib < 1) mib = 64;
+    return (size_t)mib * 1024 * 1024 / sizeof(float);
+}
+
+int allocate_data_parallel(cuda_backend *c, mb_error *err) {
+    int stages = c->plan.stage_count;
+    c->stage_events = static_cast<cudaEvent_t *>(calloc((size_t)stages, sizeof(cudaEvent_t)));
+    c->bucket_issued = static_cast<char *>(calloc((size_t)c->plan.bucket_count, 1));
+    if (c->stage_events == nullptr || c->bucket_issued == nullptr) return mb_fail(err, "out of host memory");
+    for (int k = 0; k < stages; k++)
+        MB_CUDA_CHECK(err, cudaEventCreateWithFlags(&c->stage_events[k], cudaEventDisableTiming));
+    MB_CUDA_CHECK(err, cudaMallocHost(&c->dp_host, 2 * sizeof(double)));
+    return 0;
 }
 
 int check_config(const mb_config *cfg, mb_error *err) {
@@ -832,9 +1170,39 @@ int build(mb_backend *b, cuda_backend *c, mb_error *err) {
         return mb_fail(err, "cuda backend: no usable GPU (%s)", device_err.message);
     TRY(mb_param_table_build(&b->table, &b->config, err));
     MB_CUDA_CHECK(err, cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking));
+    MB_CUDA_CHECK(err, cudaEventCreateWithFlags(&c->join_event, cudaEventDisableTiming));
+    const char *deterministic = getenv("MB_DETERMINISTIC");
+    c->deterministic = deterministic != nullptr && strcmp(deterministic, "1") == 0;
+    const char *profile = getenv("MB_PROFILE");
+    if (profile != nullptr && strcmp(profile, "1") == 0) {
+        c->prof = static_cast<profiler *>(calloc(1, sizeof(profiler)));
+        if (c->prof == nullptr) return mb_fail(err, "out of host memory");
+        for (int k = 0; k < kMaxMarks; k++) MB_CUDA_CHECK(err, cudaEventCreate(&c->prof->events[k]));
+    }
     TRY(mb_cuda_matmul_create(&c->matmul, err));
-    TRY(allocate_state(b, c, err));
+    TRY(allocate_state(b, c, b->table.total_numel, b->table.total_numel, err));
     TRY(create_optimizer(b, c, err));
+    return record_memory(c, err);
+}
+
+/* Switches a fresh backend to ZeRO-1 over the communicator's ranks (before write_params: the state is re-carved). */
+int cuda_attach_dist(mb_backend *b, mb_dist *dist, mb_error *err) {
+    cuda_backend *c = impl_of(b);
+    mb_comm *comm = mb_comm_of(dist);
+    if (comm == nullptr) return mb_fail(err, "cuda backend: data parallelism needs an NCCL group (mb_dist_create_nccl)");
+    if (c->comm != nullptr) return mb_fail(err, "cuda backend: already attached to a data-parallel group");
+    TRY(mb_zero_plan_build(&c->plan, &b->table, b->config.num_hidden_layers, mb_comm_world_size(comm),
+                           mb_comm_rank(comm), bucket_numel_target(), err));
+    MB_CUDA_CHECK(err, cudaStreamSynchronize(c->stream));
+    mb_cuda_adamw_destroy(c->adamw);
+    c->adamw = nullptr;
+    MB_CUDA_CHECK(err, cudaFree(c->state));
+    c->state = nullptr;
+    c->comm = comm;
+    c->comm_stream = mb_comm_stream(comm);
+    TRY(allocate_data_parallel(c, err));
+    TRY(allocate_state(b, c, c->plan.arena_numel, c->plan.shard_numel, err));
+    TRY(create_sharded_optimizer(b, c, err));
     return record_memory(c, err);
 }
 

@@ -14,7 +14,8 @@
  *     returns 0, or -1 with a message in err for bad arguments or a failed launch (an asynchronous fault inside a
  *     kernel shows up at a later check or synchronization).
  *   - Deterministic: every reduction runs in an order fixed by the shapes (no floating-point atomics), so two runs
- *     on the same GPU model give bit-identical results (tested for the embedding and attention backward).
+ *     on the same GPU model give bit-identical results (tested for the embedding and attention backward). The one
+ *     exception is mb_cuda_attention_backward with deterministic = 0 (fp32 atomics into dQ), chosen by the caller.
  *   - Launchers that need temporary device memory take a `scratch`/`workspace` pointer sized by the matching
  *     *_bytes function, so the training loop allocates nothing. */
 #ifndef MB_CUDA_OPS_H
@@ -115,17 +116,20 @@ int mb_cuda_rope(mb_bf16 *qkv, const int32_t *positions, int n, int heads, int h
  * qkv [n, 3H] (Q | K | V, heads contiguous, H = heads·head_dim), out [n, H], lse [n, heads] (natural log).
  * window < 0: each query sees its whole sequence; else keys with |i − j| <= window. head_dim 32, 64 or 128.
  * cu_seqlens has num_seqs + 1 entries on the device, n = cu_seqlens[num_seqs], sequences of any length >= 1.
- * workspace: mb_cuda_attention_workspace_bytes(n, num_seqs, heads) bytes, shared by forward and backward
- * (not preserved between calls). */
-size_t mb_cuda_attention_workspace_bytes(int n, int num_seqs, int heads);
+ * workspace: mb_cuda_attention_workspace_bytes(n, num_seqs, heads, head_dim) bytes, shared by forward and backward
+ * (not preserved between calls; the backward's fp32 dQ accumulator [n, heads·head_dim] is most of it). */
+size_t mb_cuda_attention_workspace_bytes(int n, int num_seqs, int heads, int head_dim);
 int mb_cuda_attention_forward(mb_bf16 *out, float *lse, void *workspace, const mb_bf16 *qkv, const int32_t *cu_seqlens,
                               int num_seqs, int n, int heads, int head_dim, int window, cudaStream_t stream,
                               mb_error *err);
-/* dqkv [n, 3H] is written completely (no memset needed); deterministic (no atomics: dK/dV and dQ are computed by
- * separate passes that each own their outputs). */
+/* dqkv [n, 3H] is written completely (no memset needed); dqkv and dout 16-byte aligned.
+ * deterministic = 0 (training default): FlashAttention-2 scheme, dQ summed with fp32 atomics (bits may differ
+ * between runs, by rounding only); deterministic = 1: no atomics (dK/dV and dQ by separate passes that each own their
+ * outputs; 7 tile products instead of 5), bit-identical between runs. */
 int mb_cuda_attention_backward(mb_bf16 *dqkv, void *workspace, const mb_bf16 *dout, const mb_bf16 *out,
                                const float *lse, const mb_bf16 *qkv, const int32_t *cu_seqlens, int num_seqs, int n,
-                               int heads, int head_dim, int window, cudaStream_t stream, mb_error *err);
+                               int heads, int head_dim, int window, int deterministic, cudaStream_t stream,
+                               mb_error *err);
 
 /* ---- activation.cu ---- */
 
@@ -164,12 +168,30 @@ typedef struct mb_cuda_adamw_tensor {
     mb_bf16 *param_bf16; /* refreshed bf16 copy for the GEMMs (round to nearest); may be NULL */
     size_t numel;
     int decay;           /* apply weight decay (mb_param_decays) */
+    int group;           /* mb_cuda_adamw_create_grouped only: the tensor (group) this piece belongs to */
 } mb_cuda_adamw_tensor;
+
+/* A whole parameter tensor whose pieces may live on several ranks (ZeRO-1): its full size sets the RMS's mean. */
+typedef struct mb_cuda_adamw_group {
+    size_t numel;
+    int decay;
+} mb_cuda_adamw_group;
 
 /* Copies the tensor table (host array of device pointers) to the device once and allocates the per-chunk partial
  * sums; the pointers must stay valid while the optimizer lives. */
 typedef struct mb_cuda_adamw mb_cuda_adamw;
 int mb_cuda_adamw_create(mb_cuda_adamw **adamw, const mb_cuda_adamw_tensor *tensors, int count, mb_error *err);
+/* ZeRO-1: `count` pieces (may be 0) of `group_count` tensors; tensors[i].group names the piece's tensor and the pieces
+ * of one tensor are consecutive. The RMS of a tensor needs the sum over every rank's pieces: call
+ * mb_cuda_adamw_moments, sum mb_cuda_adamw_group_sums over ranks, then mb_cuda_adamw_apply. */
+int mb_cuda_adamw_create_grouped(mb_cuda_adamw **adamw, const mb_cuda_adamw_tensor *tensors, int count,
+                                 const mb_cuda_adamw_group *groups, int group_count, mb_error *err);
+/* Stage 1-2 of step t = opt->step + 1: m, v and the per-group Σ g²/max(v, ε²) of this rank's pieces. */
+int mb_cuda_adamw_moments(mb_cuda_adamw *adamw, const mb_stableadamw *opt, cudaStream_t stream, mb_error *err);
+/* Device array [group_count] written by mb_cuda_adamw_moments (the data-parallel caller all-reduces it in place). */
+double *mb_cuda_adamw_group_sums(mb_cuda_adamw *adamw);
+/* Stage 3-4: RMS, η, decay and the parameter update from the group sums; advances opt->step. */
+int mb_cuda_adamw_apply(mb_cuda_adamw *adamw, mb_stableadamw *opt, double lr, cudaStream_t stream, mb_error *err);
 void mb_cuda_adamw_destroy(mb_cuda_adamw *adamw);
 /* One step t = ++opt->step with learning rate lr, hyperparameters from *opt (host struct of train/stableadamw.h),
  * same operation order as mb_stableadamw_step. Per-tensor RMS and η are computed on the device (no host round trip).
@@ -179,6 +201,10 @@ int mb_cuda_adamw_step(mb_cuda_adamw *adamw, mb_stableadamw *opt, double lr, cud
 const double *mb_cuda_adamw_rms(const mb_cuda_adamw *adamw);
 /* *norm (one device double) = sqrt(Σ g²) over all tensors' gradients, summed in a fixed order. */
 int mb_cuda_grad_norm(mb_cuda_adamw *adamw, double *norm, cudaStream_t stream, mb_error *err);
+/* *sum (device double) = Σ g² over this optimizer's tensors (pieces), before the data-parallel all-reduce; then
+ * mb_cuda_sqrt_in_place turns the reduced sum into the norm. */
+int mb_cuda_grad_square_sum(mb_cuda_adamw *adamw, double *sum, cudaStream_t stream, mb_error *err);
+int mb_cuda_sqrt_in_place(double *value, cudaStream_t stream, mb_error *err);
 /* dst = bf16(src), round to nearest even (e.g. the first bf16 copy of freshly loaded master weights). */
 int mb_cuda_to_bf16(mb_bf16 *dst, const float *src, size_t count, cudaStream_t stream, mb_error *err);
 

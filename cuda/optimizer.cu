@@ -6,10 +6,14 @@
  * Global grad norm: sqrt(Σ g²) over all tensors.
  *
  * Multi-tensor: the tensors are cut into fixed chunks of kChunk elements; a chunk table (tensor, offset) built once at
- * creation lets one launch cover every tensor. A step is three launches and no host round trip:
+ * creation lets one launch cover every tensor. A step is four launches and no host round trip:
  *   1. moments: update m, v per chunk and write the chunk's Σ g²/max(v, ε²) (double) to a partial array;
- *   2. scalars: one block per tensor adds its chunks' partials in chunk order → RMS, η and the decay factor;
- *   3. params:  apply decay and the Adam step with the tensor's η, refresh the bf16 copy.
+ *   2. group sums: one block per group (a parameter tensor) adds its chunks' partials in chunk order;
+ *   3. scalars: RMS over the group's full size, η and the decay factor per group;
+ *   4. params:  apply decay and the Adam step with the group's η, refresh the bf16 copy.
+ * Groups exist for ZeRO-1 (model/zero_plan.h): a rank then holds only pieces of each tensor, and the data-parallel
+ * caller sums the group sums over all ranks between stages 2 and 3 (mb_cuda_adamw_moments / _apply), so the RMS, and
+ * with it the update, is the one a single GPU would compute. Without groups each tensor is its own group.
  * The elementwise arithmetic uses explicitly rounded fp32 intrinsics (no FMA contraction) in the CPU's operation
  * order, so m and v match the CPU bit for bit; only the order of the double RMS sum differs. Every sum has a fixed
  * order: results are bit-reproducible. */
@@ -28,8 +32,15 @@ struct device_tensor {
     float *m, *v;
     mb::bf16 *param_bf16;
     size_t numel;
-    int decay;
+    int group;
     int first_chunk, chunk_count;
+};
+
+/* A parameter tensor as the RMS sees it: all its pieces, on every rank. */
+struct device_group {
+    size_t numel;
+    int decay;
+    int first_chunk, chunk_count; /* this rank's chunks of the group's pieces (consecutive) */
 };
 
 struct chunk_ref {
@@ -71,28 +82,35 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 __global__ void __launch_bounds__(kThreads)
-    adamw_scalars_kernel(tensor_step *steps, double *rms_out, const double *chunk_partial,
-                         const device_tensor *tensors, double lr, double max_lr, double weight_decay) {
+    adamw_group_sums_kernel(double *group_sums, const double *chunk_partial, const device_group *groups) {
     __shared__ double reduce[32];
-    const device_tensor t = tensors[blockIdx.x];
+    const device_group g = groups[blockIdx.x];
     double sum = 0.0;
-    for (int c = threadIdx.x; c < t.chunk_count; c += blockDim.x) sum += chunk_partial[t.first_chunk + c];
+    for (int c = threadIdx.x; c < g.chunk_count; c += blockDim.x) sum += chunk_partial[g.first_chunk + c];
     sum = mb::block_sum(sum, reduce);
-    if (threadIdx.x != 0) return;
-    double rms = sqrt(sum / (double)t.numel);
-    rms_out[blockIdx.x] = rms;
+    if (threadIdx.x == 0) group_sums[blockIdx.x] = sum;
+}
+
+__global__ void adamw_scalars_kernel(tensor_step *steps, double *rms_out, const double *group_sums,
+                                     const device_group *groups, int group_count, double lr, double max_lr,
+                                     double weight_decay) {
+    int index = blockIdx.x * blockDim.x + threadIdx.x;
+    if (index >= group_count) return;
+    const device_group g = groups[index];
+    double rms = sqrt(group_sums[index] / (double)g.numel);
+    rms_out[index] = rms;
     double step_size = lr / fmax(1.0, rms); /* fmax(1, NaN) = 1, as the CPU */
-    int apply_decay = t.decay && weight_decay != 0.0;
-    steps[blockIdx.x].neg_lr = (float)-step_size;
-    steps[blockIdx.x].decay_factor = apply_decay ? (float)(1.0 - (step_size / max_lr) * weight_decay) : 1.0f;
-    steps[blockIdx.x].apply_decay = apply_decay;
+    int apply_decay = g.decay && weight_decay != 0.0;
+    steps[index].neg_lr = (float)-step_size;
+    steps[index].decay_factor = apply_decay ? (float)(1.0 - (step_size / max_lr) * weight_decay) : 1.0f;
+    steps[index].apply_decay = apply_decay;
 }
 
 __global__ void __launch_bounds__(kThreads)
     adamw_params_kernel(const device_tensor *tensors, const chunk_ref *chunks, const tensor_step *steps, float eps) {
     chunk_ref chunk = chunks[blockIdx.x];
     const device_tensor t = tensors[chunk.tensor];
-    const tensor_step s = steps[chunk.tensor];
+    const tensor_step s = steps[t.group];
     size_t end = chunk.offset + kChunk < t.numel ? chunk.offset + kChunk : t.numel;
     for (size_t i = chunk.offset + threadIdx.x; i < end; i += blockDim.x) {
         float theta = t.param[i];
@@ -116,13 +134,15 @@ __global__ void __launch_bounds__(kThreads)
     if (threadIdx.x == 0) chunk_partial[blockIdx.x] = sum;
 }
 
-__global__ void __launch_bounds__(1024) sum_sqrt_kernel(double *norm, const double *partial, int count) {
+__global__ void __launch_bounds__(1024) sum_sqrt_kernel(double *norm, const double *partial, int count, int root) {
     __shared__ double reduce[32];
     double sum = 0.0;
     for (int i = threadIdx.x; i < count; i += blockDim.x) sum += partial[i];
     sum = mb::block_sum(sum, reduce);
-    if (threadIdx.x == 0) *norm = sqrt(sum);
+    if (threadIdx.x == 0) *norm = root ? sqrt(sum) : sum;
 }
+
+__global__ void sqrt_kernel(double *value) { *value = sqrt(*value); }
 
 __global__ void to_bf16_kernel(mb::bf16 *dst, const float *src, size_t count) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < count; i += (size_t)gridDim.x * blockDim.x)
@@ -152,61 +172,95 @@ double debias_beta(double beta, int64_t t) {
 }  // namespace
 
 struct mb_cuda_adamw {
-    int tensor_count, chunk_count;
+    int tensor_count, chunk_count, group_count;
     device_tensor *tensors; /* device */
     chunk_ref *chunks;      /* device */
+    device_group *groups;   /* device [group_count] */
     double *chunk_partial;  /* device [chunk_count] */
-    tensor_step *steps;     /* device [tensor_count] */
-    double *rms;            /* device [tensor_count] */
+    double *group_sums;     /* device [group_count] */
+    tensor_step *steps;     /* device [group_count] */
+    double *rms;            /* device [group_count] */
 };
 
 extern "C" void mb_cuda_adamw_destroy(mb_cuda_adamw *a) {
     if (a == nullptr) return;
     cudaFree(a->tensors);
     cudaFree(a->chunks);
+    cudaFree(a->groups);
     cudaFree(a->chunk_partial);
+    cudaFree(a->group_sums);
     cudaFree(a->steps);
     cudaFree(a->rms);
     free(a);
 }
 
-static int upload_tables(mb_cuda_adamw *a, const mb_cuda_adamw_tensor *tensors, mb_error *err) {
-    device_tensor *host_tensors = static_cast<device_tensor *>(calloc((size_t)a->tensor_count, sizeof(device_tensor)));
-    chunk_ref *host_chunks = static_cast<chunk_ref *>(calloc((size_t)a->chunk_count, sizeof(chunk_ref)));
-    if (host_tensors == nullptr || host_chunks == nullptr) {
-        free(host_tensors);
-        free(host_chunks);
-        return mb_fail(err, "stableadamw: out of host memory for the chunk table");
-    }
-    int chunk = 0;
+/* Host copies of the tables; pieces of one group must be consecutive (their chunks then are too). */
+static int build_tables(mb_cuda_adamw *a, const mb_cuda_adamw_tensor *tensors, const mb_cuda_adamw_group *groups,
+                        device_tensor *host_tensors, chunk_ref *host_chunks, device_group *host_groups, mb_error *err) {
+    for (int g = 0; g < a->group_count; g++) host_groups[g] = device_group{groups[g].numel, groups[g].decay, 0, 0};
+    int chunk = 0, previous_group = -1;
     for (int i = 0; i < a->tensor_count; i++) {
         const mb_cuda_adamw_tensor *src = &tensors[i];
         device_tensor *t = &host_tensors[i];
-        t->param = src->param;
-        t->grad = src->grad;
-        t->m = src->m;
-        t->v = src->v;
-        t->param_bf16 = reinterpret_cast<mb::bf16 *>(src->param_bf16);
-        t->numel = src->numel;
-        t->decay = src->decay;
-        t->first_chunk = chunk;
-        t->chunk_count = (int)mb::ceil_div(src->numel, (size_t)kChunk);
+        MB_REQUIRE(err, src->group >= 0 && src->group < a->group_count, "stableadamw: piece %d: group %d of %d", i,
+                   src->group, a->group_count);
+        device_group *g = &host_groups[src->group];
+        MB_REQUIRE(err, src->group == previous_group || g->chunk_count == 0,
+                   "stableadamw: the pieces of group %d are not consecutive", src->group);
+        *t = device_tensor{src->param, src->grad, src->m, src->v, reinterpret_cast<mb::bf16 *>(src->param_bf16),
+                           src->numel, src->group, chunk, (int)mb::ceil_div(src->numel, (size_t)kChunk)};
+        if (g->chunk_count == 0) g->first_chunk = chunk;
+        g->chunk_count += t->chunk_count;
         for (int c = 0; c < t->chunk_count; c++) host_chunks[chunk++] = {i, (size_t)c * kChunk};
+        previous_group = src->group;
     }
-    cudaError_t status = cudaMemcpy(a->tensors, host_tensors, (size_t)a->tensor_count * sizeof(device_tensor),
-                                    cudaMemcpyHostToDevice);
-    if (status == cudaSuccess)
+    return 0;
+}
+
+static int upload_tables(mb_cuda_adamw *a, const mb_cuda_adamw_tensor *tensors, const mb_cuda_adamw_group *groups,
+                         mb_error *err) {
+    device_tensor *host_tensors = static_cast<device_tensor *>(calloc((size_t)a->tensor_count, sizeof(device_tensor)));
+    chunk_ref *host_chunks = static_cast<chunk_ref *>(calloc((size_t)a->chunk_count, sizeof(chunk_ref)));
+    device_group *host_groups = static_cast<device_group *>(calloc((size_t)a->group_count, sizeof(device_group)));
+    int rc = 0;
+    if (host_tensors == nullptr || host_chunks == nullptr || host_groups == nullptr)
+        rc = mb_fail(err, "stableadamw: out of host memory for the chunk table");
+    if (rc == 0) rc = build_tables(a, tensors, groups, host_tensors, host_chunks, host_groups, err);
+    cudaError_t status = cudaSuccess;
+    if (rc == 0)
+        status = cudaMemcpy(a->tensors, host_tensors, (size_t)a->tensor_count * sizeof(device_tensor),
+                            cudaMemcpyHostToDevice);
+    if (rc == 0 && status == cudaSuccess)
         status = cudaMemcpy(a->chunks, host_chunks, (size_t)a->chunk_count * sizeof(chunk_ref), cudaMemcpyHostToDevice);
+    if (rc == 0 && status == cudaSuccess)
+        status = cudaMemcpy(a->groups, host_groups, (size_t)a->group_count * sizeof(device_group),
+                            cudaMemcpyHostToDevice);
     free(host_tensors);
     free(host_chunks);
+    free(host_groups);
+    if (rc != 0) return -1;
     if (status != cudaSuccess) return mb_fail(err, "stableadamw: uploading the tensor table: %s", cudaGetErrorString(status));
     return 0;
 }
 
-extern "C" int mb_cuda_adamw_create(mb_cuda_adamw **out, const mb_cuda_adamw_tensor *tensors, int count,
-                                    mb_error *err) {
+static int allocate_tables(mb_cuda_adamw *a, mb_error *err) {
+    size_t tensors = (size_t)a->tensor_count, chunks = (size_t)a->chunk_count, groups = (size_t)a->group_count;
+    cudaError_t status = cudaMalloc(&a->tensors, (tensors ? tensors : 1) * sizeof(device_tensor));
+    if (status == cudaSuccess) status = cudaMalloc(&a->chunks, (chunks ? chunks : 1) * sizeof(chunk_ref));
+    if (status == cudaSuccess) status = cudaMalloc(&a->groups, groups * sizeof(device_group));
+    if (status == cudaSuccess) status = cudaMalloc(&a->chunk_partial, (chunks ? chunks : 1) * sizeof(double));
+    if (status == cudaSuccess) status = cudaMalloc(&a->group_sums, groups * sizeof(double));
+    if (status == cudaSuccess) status = cudaMalloc(&a->steps, groups * sizeof(tensor_step));
+    if (status == cudaSuccess) status = cudaMalloc(&a->rms, groups * sizeof(double));
+    if (status != cudaSuccess) return mb_fail(err, "stableadamw: cudaMalloc: %s", cudaGetErrorString(status));
+    return 0;
+}
+
+extern "C" int mb_cuda_adamw_create_grouped(mb_cuda_adamw **out, const mb_cuda_adamw_tensor *tensors, int count,
+                                            const mb_cuda_adamw_group *groups, int group_count, mb_error *err) {
     *out = nullptr;
-    MB_REQUIRE(err, tensors != nullptr && count > 0, "stableadamw: no tensors");
+    MB_REQUIRE(err, tensors != nullptr || count == 0, "stableadamw: no tensors");
+    MB_REQUIRE(err, count >= 0 && groups != nullptr && group_count > 0, "stableadamw: no groups");
     size_t chunks = 0;
     for (int i = 0; i < count; i++) {
         const mb_cuda_adamw_tensor *t = &tensors[i];
@@ -214,21 +268,14 @@ extern "C" int mb_cuda_adamw_create(mb_cuda_adamw **out, const mb_cuda_adamw_ten
         MB_REQUIRE(err, t->param && t->grad && t->m && t->v, "stableadamw: tensor %d: missing param/grad/m/v", i);
         chunks += mb::ceil_div(t->numel, (size_t)kChunk);
     }
+    for (int g = 0; g < group_count; g++) MB_REQUIRE(err, groups[g].numel > 0, "stableadamw: group %d is empty", g);
     MB_REQUIRE(err, chunks < (1u << 31), "stableadamw: %zu chunks are too many", chunks);
     mb_cuda_adamw *a = static_cast<mb_cuda_adamw *>(calloc(1, sizeof(mb_cuda_adamw)));
     if (a == nullptr) return mb_fail(err, "stableadamw: out of host memory");
     a->tensor_count = count;
     a->chunk_count = (int)chunks;
-    cudaError_t status = cudaMalloc(&a->tensors, (size_t)count * sizeof(device_tensor));
-    if (status == cudaSuccess) status = cudaMalloc(&a->chunks, chunks * sizeof(chunk_ref));
-    if (status == cudaSuccess) status = cudaMalloc(&a->chunk_partial, chunks * sizeof(double));
-    if (status == cudaSuccess) status = cudaMalloc(&a->steps, (size_t)count * sizeof(tensor_step));
-    if (status == cudaSuccess) status = cudaMalloc(&a->rms, (size_t)count * sizeof(double));
-    if (status != cudaSuccess) {
-        mb_cuda_adamw_destroy(a);
-        return mb_fail(err, "stableadamw: cudaMalloc: %s", cudaGetErrorString(status));
-    }
-    if (upload_tables(a, tensors, err) != 0) {
+    a->group_count = group_count;
+    if (allocate_tables(a, err) != 0 || (count > 0 && upload_tables(a, tensors, groups, err) != 0)) {
         mb_cuda_adamw_destroy(a);
         return -1;
     }
@@ -236,35 +283,92 @@ extern "C" int mb_cuda_adamw_create(mb_cuda_adamw **out, const mb_cuda_adamw_ten
     return 0;
 }
 
-extern "C" int mb_cuda_adamw_step(mb_cuda_adamw *a, mb_stableadamw *opt, double lr, cudaStream_t stream,
-                                  mb_error *err) {
+extern "C" int mb_cuda_adamw_create(mb_cuda_adamw **out, const mb_cuda_adamw_tensor *tensors, int count,
+                                    mb_error *err) {
+    *out = nullptr;
+    MB_REQUIRE(err, tensors != nullptr && count > 0, "stableadamw: no tensors");
+    mb_cuda_adamw_tensor *pieces = static_cast<mb_cuda_adamw_tensor *>(calloc((size_t)count, sizeof *pieces));
+    mb_cuda_adamw_group *groups = static_cast<mb_cuda_adamw_group *>(calloc((size_t)count, sizeof *groups));
+    int rc = pieces && groups ? 0 : mb_fail(err, "stableadamw: out of host memory");
+    for (int i = 0; rc == 0 && i < count; i++) {
+        pieces[i] = tensors[i];
+        pieces[i].group = i;
+        groups[i] = mb_cuda_adamw_group{tensors[i].numel, tensors[i].decay};
+    }
+    if (rc == 0) rc = mb_cuda_adamw_create_grouped(out, pieces, count, groups, count, err);
+    free(pieces);
+    free(groups);
+    return rc;
+}
+
+extern "C" int mb_cuda_adamw_moments(mb_cuda_adamw *a, const mb_stableadamw *opt, cudaStream_t stream,
+                                     mb_error *err) {
     MB_REQUIRE(err, a != nullptr && opt != nullptr, "stableadamw: missing optimizer");
-    if (check_hyperparameters(opt, lr, err) != 0) return -1;
-    MB_NVTX_RANGE("stableadamw_step");
+    if (check_hyperparameters(opt, 0.0, err) != 0) return -1;
+    MB_NVTX_RANGE("stableadamw_moments");
     int64_t t = opt->step + 1;
     double beta1_hat = debias_beta(opt->beta1, t), beta2_hat = debias_beta(opt->beta2, t);
-    float eps = (float)opt->eps, eps_sq = (float)(opt->eps * opt->eps);
-    adamw_moments_kernel<<<a->chunk_count, kThreads, 0, stream>>>(a->chunk_partial, a->tensors, a->chunks,
-                                                                 (float)(1.0 - beta1_hat), (float)beta2_hat,
-                                                                 (float)(1.0 - beta2_hat), eps_sq);
-    MB_CUDA_CHECK_LAUNCH(err, "adamw_moments_kernel");
-    adamw_scalars_kernel<<<a->tensor_count, kThreads, 0, stream>>>(a->steps, a->rms, a->chunk_partial, a->tensors, lr,
-                                                                  opt->max_lr, opt->weight_decay);
-    MB_CUDA_CHECK_LAUNCH(err, "adamw_scalars_kernel");
-    adamw_params_kernel<<<a->chunk_count, kThreads, 0, stream>>>(a->tensors, a->chunks, a->steps, eps);
-    MB_CUDA_CHECK_LAUNCH(err, "adamw_params_kernel");
-    opt->step = t;
+    float eps_sq = (float)(opt->eps * opt->eps);
+    if (a->chunk_count > 0) {
+        adamw_moments_kernel<<<a->chunk_count, kThreads, 0, stream>>>(a->chunk_partial, a->tensors, a->chunks,
+                                                                     (float)(1.0 - beta1_hat), (float)beta2_hat,
+                                                                     (float)(1.0 - beta2_hat), eps_sq);
+        MB_CUDA_CHECK_LAUNCH(err, "adamw_moments_kernel");
+    }
+    adamw_group_sums_kernel<<<a->group_count, kThreads, 0, stream>>>(a->group_sums, a->chunk_partial, a->groups);
+    MB_CUDA_CHECK_LAUNCH(err, "adamw_group_sums_kernel");
     return 0;
+}
+
+extern "C" double *mb_cuda_adamw_group_sums(mb_cuda_adamw *a) { return a->group_sums; }
+
+extern "C" int mb_cuda_adamw_apply(mb_cuda_adamw *a, mb_stableadamw *opt, double lr, cudaStream_t stream,
+                                   mb_error *err) {
+    MB_REQUIRE(err, a != nullptr && opt != nullptr, "stableadamw: missing optimizer");
+    if (check_hyperparameters(opt, lr, err) != 0) return -1;
+    MB_NVTX_RANGE("stableadamw_apply");
+    adamw_scalars_kernel<<<mb::ceil_div(a->group_count, kThreads), kThreads, 0, stream>>>(
+        a->steps, a->rms, a->group_sums, a->groups, a->group_count, lr, opt->max_lr, opt->weight_decay);
+    MB_CUDA_CHECK_LAUNCH(err, "adamw_scalars_kernel");
+    if (a->chunk_count > 0) {
+        adamw_params_kernel<<<a->chunk_count, kThreads, 0, stream>>>(a->tensors, a->chunks, a->steps,
+                                                                    (float)opt->eps);
+        MB_CUDA_CHECK_LAUNCH(err, "adamw_params_kernel");
+    }
+    opt->step++;
+    return 0;
+}
+
+extern "C" int mb_cuda_adamw_step(mb_cuda_adamw *a, mb_stableadamw *opt, double lr, cudaStream_t stream,
+                                  mb_error *err) {
+    if (mb_cuda_adamw_moments(a, opt, stream, err) != 0) return -1;
+    return mb_cuda_adamw_apply(a, opt, lr, stream, err);
 }
 
 extern "C" const double *mb_cuda_adamw_rms(const mb_cuda_adamw *a) { return a->rms; }
 
-extern "C" int mb_cuda_grad_norm(mb_cuda_adamw *a, double *norm, cudaStream_t stream, mb_error *err) {
-    MB_REQUIRE(err, a != nullptr && norm != nullptr, "grad_norm: missing optimizer or output");
-    grad_squares_kernel<<<a->chunk_count, kThreads, 0, stream>>>(a->chunk_partial, a->tensors, a->chunks);
-    MB_CUDA_CHECK_LAUNCH(err, "grad_squares_kernel");
-    sum_sqrt_kernel<<<1, 1024, 0, stream>>>(norm, a->chunk_partial, a->chunk_count);
+static int grad_squares(mb_cuda_adamw *a, double *out, int root, cudaStream_t stream, mb_error *err) {
+    MB_REQUIRE(err, a != nullptr && out != nullptr, "grad_norm: missing optimizer or output");
+    if (a->chunk_count > 0) {
+        grad_squares_kernel<<<a->chunk_count, kThreads, 0, stream>>>(a->chunk_partial, a->tensors, a->chunks);
+        MB_CUDA_CHECK_LAUNCH(err, "grad_squares_kernel");
+    }
+    sum_sqrt_kernel<<<1, 1024, 0, stream>>>(out, a->chunk_partial, a->chunk_count, root);
     MB_CUDA_CHECK_LAUNCH(err, "sum_sqrt_kernel");
+    return 0;
+}
+
+extern "C" int mb_cuda_grad_norm(mb_cuda_adamw *a, double *norm, cudaStream_t stream, mb_error *err) {
+    return grad_squares(a, norm, 1, stream, err);
+}
+
+extern "C" int mb_cuda_grad_square_sum(mb_cuda_adamw *a, double *sum, cudaStream_t stream, mb_error *err) {
+    return grad_squares(a, sum, 0, stream, err);
+}
+
+extern "C" int mb_cuda_sqrt_in_place(double *value, cudaStream_t stream, mb_error *err) {
+    sqrt_kernel<<<1, 1, 0, stream>>>(value);
+    MB_CUDA_CHECK_LAUNCH(err, "sqrt_kernel");
     return 0;
 }
 

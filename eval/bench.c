@@ -12,6 +12,9 @@
 #include "../tools/bench_tokenize.h"
 #include "../tools/commands.h"
 #include "common/rng.h"
+#ifdef MB_HAVE_CUDA
+#include "bench_attention.h"
+#endif
 #include "model/backend.h"
 #include "model/flops.h"
 #include "model/model.h"
@@ -23,6 +26,7 @@ typedef struct train_bench_options {
     int micro_tokens;
     int steps;
     int warmup;
+    int profile;
 } train_bench_options;
 
 
@@ -50,6 +54,7 @@ static int run_train_bench(const train_bench_options *o) {
         return 2;
     }
     mb_backend *backend;
+    if (o->profile) setenv("MB_PROFILE", "1", 1); /* read by the CUDA backend when it is created */
     if (mb_backend_create(&backend, o->backend, &config, &err) != 0) {
         fprintf(stderr, "modernbert bench: %s\n", err.message);
         return 1;
@@ -78,6 +83,8 @@ static int run_train_bench(const train_bench_options *o) {
         if (rc == 0) rc = backend->ops->backward(backend, (float)(1.0 / result.loss_count), &err);
         if (rc == 0) rc = backend->ops->optimizer_step(backend, &adamw, 1e-4, &err);
         if (step >= o->warmup) total += mb_monotonic_seconds() - start;
+        if (rc == 0 && step + 1 == o->warmup && o->profile && backend->ops->profile != NULL)
+            backend->ops->profile(backend, 1, NULL, 0);
     }
     if (rc != 0) {
         fprintf(stderr, "modernbert bench: %s\n", err.message);
@@ -92,6 +99,12 @@ static int run_train_bench(const train_bench_options *o) {
                o->seq_len, o->micro_tokens);
         printf("  step time %.3f s | %.0f tokens/s | %.2f TFLOP/s model FLOPs (%.3g GFLOP/token)%s | %s\n", step_time,
                tokens_per_second, tokens_per_second * flops * 1e-12, flops * 1e-9, mfu, memory);
+        static char profile[8192];
+        if (o->profile && backend->ops->profile != NULL && backend->ops->profile(backend, 0, profile, sizeof profile) == 0)
+            printf("  device time per op family over the %d timed steps (cudaEvents between families; the step time "
+                   "above includes their small overhead):\n%s", o->steps, profile);
+        else if (o->profile)
+            printf("  (no profile: the backend supports one only on CUDA)\n");
     }
     free(ids);
     free(labels);
@@ -106,8 +119,8 @@ static int bench_train(int argc, char **argv) {
         {"model", required_argument, NULL, 'm'}, {"backend", required_argument, NULL, 'b'},
         {"seq", required_argument, NULL, 's'},   {"tokens", required_argument, NULL, 't'},
         {"steps", required_argument, NULL, 'n'}, {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0}};
-    train_bench_options o = {"tiny", "auto", 1024, 8192, 5, 1};
+        {"profile", no_argument, NULL, 'p'},     {NULL, 0, NULL, 0}};
+    train_bench_options o = {"tiny", "auto", 1024, 8192, 5, 1, 0};
     optind = 1;
     int c;
     while ((c = getopt_long(argc, argv, "", long_options, NULL)) != -1) {
@@ -117,12 +130,13 @@ static int bench_train(int argc, char **argv) {
         case 's': o.seq_len = atoi(optarg); break;
         case 't': o.micro_tokens = atoi(optarg); break;
         case 'n': o.steps = atoi(optarg); break;
+        case 'p': o.profile = 1; break;
         case 'h':
             printf("usage: modernbert bench train [--model tiny|base|large] [--backend auto|cpu|cuda] [--seq N]\n"
-                   "                              [--tokens N] [--steps N]\n"
+                   "                              [--tokens N] [--steps N] [--profile]\n"
                    "Times forward + backward + optimizer steps on random packed batches of --tokens tokens made of\n"
                    "--seq-token documents, and prints the step time, tokens/s and model TFLOP/s (FLOP convention of\n"
-                   "docs/performance.md).\n");
+                   "docs/performance.md). --profile adds the device time per op family (CUDA; MB_PROFILE=1).\n");
             return 0;
         default: return 2;
         }
@@ -136,12 +150,15 @@ static int bench_train(int argc, char **argv) {
 
 int mb_cmd_bench(int argc, char **argv) {
     if (argc < 2 || strcmp(argv[1], "--help") == 0) {
-        printf("usage: modernbert bench train|data|tokenize [options]   (each with --help)\n");
+        printf("usage: modernbert bench train|data|tokenize|attention [options]   (each with --help)\n");
         return argc < 2 ? 2 : 0;
     }
     if (strcmp(argv[1], "train") == 0) return bench_train(argc - 1, argv + 1);
     if (strcmp(argv[1], "data") == 0) return mb_bench_data(argc - 1, argv + 1);
     if (strcmp(argv[1], "tokenize") == 0) return mb_bench_tokenize(argc - 1, argv + 1);
+#ifdef MB_HAVE_CUDA
+    if (strcmp(argv[1], "attention") == 0) return mb_bench_attention(argc - 1, argv + 1);
+#endif
     fprintf(stderr, "modernbert bench: unknown benchmark '%s' (train, data, tokenize)\n", argv[1]);
     return 2;
 }

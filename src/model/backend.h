@@ -17,6 +17,7 @@
 #include "train/stableadamw.h"
 
 typedef struct mb_backend mb_backend;
+struct mb_dist; /* dist/dist.h */
 
 typedef struct mb_backend_ops {
     const char *name;
@@ -46,6 +47,18 @@ typedef struct mb_backend_ops {
     int (*reserve)(mb_backend *backend, int max_tokens, int max_sequences, int max_head_rows, mb_error *err);
     /* Optional: the device's name (for the MFU peak table); 0 on success. */
     int (*device_name)(mb_backend *backend, char *out, size_t size);
+    /* Optional, data parallelism (NULL: the backend runs on one device only). Joins a fresh backend to the group:
+     * from then on the gradients are summed over ranks, the optimizer state is sharded (ZeRO-1) and every
+     * optimizer_step leaves the same parameters on every rank. read_optimizer_state becomes a collective that
+     * returns the full state on every rank; write_optimizer_state takes the full state and keeps this rank's part.
+     * Call before write_params. */
+    int (*attach_dist)(mb_backend *backend, struct mb_dist *dist, mb_error *err);
+    /* Data parallelism: the next backward is the step's last; it starts reducing each bucket of gradients as soon as
+     * the bucket is final. grad_norm completes the reduction (so a rank without a backward this step still joins). */
+    int (*begin_grad_sync)(mb_backend *backend, mb_error *err);
+    /* Optional profiling (CUDA with MB_PROFILE=1): device time per op family so far, one line each, into out;
+     * reset != 0 clears the tally. Returns -1 when the backend is not profiling. */
+    int (*profile)(mb_backend *backend, int reset, char *out, size_t size);
 } mb_backend_ops;
 
 struct mb_backend {

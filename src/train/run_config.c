@@ -64,6 +64,10 @@ const mb_cfg_field mb_run_config_schema[] = {
      .help = "auto (GPU when available), cpu or cuda"},
     {.path = "run.threads", .type = MB_CFG_INT, .offset = RUN(run.threads), .default_value = "0", .min = "0",
      .help = "CPU threads (0 = all cores)"},
+    {.path = "run.comm_timeout_seconds", .type = MB_CFG_FLOAT, .offset = RUN(run.comm_timeout_seconds),
+     .default_value = "600", .min = "1",
+     .help = "data parallelism: a collective (or the rendezvous) that does not complete in this time aborts every "
+             "rank with an error (a dead rank is noticed at once; this bounds a hung one)"},
     {.path = "model.preset", .type = MB_CFG_ENUM, .offset = RUN(model.preset), .default_value = "tiny",
      .enum_names = preset_names, .help = "tiny, base, large (architecture; the fields below override it)"},
     {.path = "model.init", .type = MB_CFG_STRING, .offset = RUN(model.init), .size = MB_PATH_SIZE,

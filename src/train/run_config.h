@@ -40,6 +40,7 @@ typedef struct mb_run_config {
         int64_t seed;
         char backend[16];
         int threads;
+        double comm_timeout_seconds;
     } run;
     struct {
         int preset;                

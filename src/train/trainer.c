@@ -26,6 +26,8 @@
 #include "data/loader.h"
 #include "data/shards.h"
 #include "data/tokenizer.h"
+#include "dist/dist.h"
+#include "dist/env.h"
 #include "io/batch_file.h"
 #include "model/backend.h"
 #include "model/flops.h"
@@ -38,6 +40,7 @@ typedef struct step_batch {
     size_t token_capacity, sequence_capacity;
     mb_batch batch;
     int64_t label_count;
+    uint64_t digest;               /* of ids and labels, < 2^40: summed over a step's micro-batches on all ranks */
 } step_batch;
 
 typedef struct trainer {
@@ -68,7 +71,19 @@ typedef struct trainer {
     int64_t labels_since_log;
     int64_t run_tokens_total;
     int64_t tokens_at_start;
+    /* data parallelism: NULL dist = one process; only rank 0 writes files */
+    mb_dist *dist;
+    mb_dist_env env;
+    int rank, world_size;
+    int stop_agreed;               /* some rank asked to stop (signal): every rank stops after the same step */
 } trainer;
+
+static int is_main(const trainer *t) { return t->rank == 0; }
+
+/* Σ over ranks in place (a no-op for one process). */
+static int all_ranks_sum(trainer *t, double *values, int count, mb_error *err) {
+    return t->dist != NULL ? mb_dist_all_reduce_sum(t->dist, values, count, err) : 0;
+}
 
 static int collect_special_ids(trainer *t, mb_error *err);
 
@@ -128,7 +143,12 @@ static int setup_model(trainer *t, mb_error *err) {
     t->m = calloc(t->host.table.total_numel, sizeof(float));
     t->v = calloc(t->host.table.total_numel, sizeof(float));
     if (t->m == NULL || t->v == NULL) return mb_fail(err, "out of memory for optimizer state");
-    if (mb_backend_create(&t->backend, t->cfg->run.backend, &config, err) != 0) return -1;
+    if (mb_backend_create(&t->backend, t->dist != NULL ? "cuda" : t->cfg->run.backend, &config, err) != 0) return -1;
+    if (t->dist != NULL) {
+        if (t->backend->ops->attach_dist == NULL)
+            return mb_fail(err, "the %s backend cannot train data-parallel", t->backend->ops->name);
+        if (t->backend->ops->attach_dist(t->backend, t->dist, err) != 0) return -1;
+    }
     return t->backend->ops->write_params(t->backend, t->host.params, err);
 }
 
@@ -165,6 +185,7 @@ static int setup_resume(trainer *t, mb_error *err) {
 static int open_metrics(trainer *t, mb_error *err) {
     char path[4096];
     snprintf(path, sizeof path, "%s/metrics.jsonl", t->cfg->run.output_dir);
+    if (!is_main(t)) snprintf(path, sizeof path, "/dev/null");
     t->metrics = fopen(path, t->state.step > 0 ? "a" : "w");
     if (t->metrics == NULL) return mb_fail(err, "%s: cannot open for writing", path);
     return 0;
@@ -176,7 +197,7 @@ static int save_effective_config(trainer *t, mb_error *err) {
     printf("---- effective configuration ----\n%s---------------------------------\n", yaml);
     char path[4096];
     snprintf(path, sizeof path, "%s/config.yaml", t->cfg->run.output_dir);
-    int rc = mb_write_file_atomic(path, yaml, strlen(yaml), err);
+    int rc = is_main(t) ? mb_write_file_atomic(path, yaml, strlen(yaml), err) : 0;
     free(yaml);
     return rc;
 }
@@ -226,6 +247,10 @@ static int open_loader(trainer *t, mb_shard_set *set, const mb_phase_config *pha
     lc.warmup_min_rows = phase->batch_warmup_min_rows;
     lc.warmup_unit_rows = phase->batch_warmup_unit_rows;
     lc.prefetch = prefetch;
+    if (set == t->train_set) {  /* the training stream is split across ranks; validation batches are dealt below */
+        lc.rank = t->rank;
+        lc.world_size = t->world_size;
+    }
     masking_config(t, &lc.masking);
     mb_doc_source source;
     if (mb_doc_source_shards(&source, set, 0, err) != 0) return -1;
@@ -279,7 +304,13 @@ static int store_batch(step_batch *b, const mb_batch *batch, mb_error *err) {
     memcpy(b->cu_seqlens, batch->cu_seqlens, ((size_t)batch->sequence_count + 1) * sizeof(int32_t));
     b->batch = (mb_batch){batch->token_count, batch->sequence_count, b->input_ids, b->cu_seqlens, b->labels, NULL};
     b->label_count = 0;
-    for (int i = 0; i < batch->token_count; i++) b->label_count += batch->labels[i] != -100;
+    uint64_t hash = 1469598103934665603ULL;  /* FNV-1a over (id, label) pairs */
+    for (int i = 0; i < batch->token_count; i++) {
+        b->label_count += batch->labels[i] != -100;
+        hash = (hash ^ (uint32_t)batch->input_ids[i]) * 1099511628211ULL;
+        hash = (hash ^ (uint32_t)batch->labels[i]) * 1099511628211ULL;
+    }
+    b->digest = hash & ((1ULL << 40) - 1);
     return 0;
 }
 
@@ -360,31 +391,50 @@ typedef struct step_result {
     int64_t tokens;
     int64_t labels;
     double flops;
+    uint64_t batch_digest;  /* Σ of the micro-batch digests mod 2^40: the same for any world size (docs/distributed.md) */
     int skipped;
 } step_result;
 
+/* The step's totals over all ranks: labelled tokens (the loss is their mean), tokens, model FLOPs. */
+static int step_totals(trainer *t, int count, step_result *r, mb_error *err) {
+    double totals[4] = {0.0, 0.0, 0.0, 0.0};  /* integers below 2^53 add exactly in double */
+    for (int i = 0; i < count; i++) {
+        totals[0] += (double)t->step_batches[i].label_count;
+        totals[1] += (double)t->step_batches[i].batch.token_count;
+        totals[2] += mb_batch_model_flops(&t->host.config, &t->step_batches[i].batch, t->step_batches[i].label_count);
+        totals[3] += (double)t->step_batches[i].digest;
+    }
+    if (all_ranks_sum(t, totals, 4, err) != 0) return -1;
+    r->labels = (int64_t)totals[0];
+    r->tokens = (int64_t)totals[1];
+    r->flops = totals[2];
+    r->batch_digest = (uint64_t)totals[3] & ((1ULL << 40) - 1);
+    return 0;
+}
+
 static int forward_backward_step(trainer *t, int count, step_result *r, mb_error *err) {
     mb_backend *b = t->backend;
-    int64_t labels = 0, tokens = 0;
-    r->flops = 0.0;
-    for (int i = 0; i < count; i++) {
-        labels += t->step_batches[i].label_count;
-        tokens += t->step_batches[i].batch.token_count;
-        r->flops += mb_batch_model_flops(&t->host.config, &t->step_batches[i].batch, t->step_batches[i].label_count);
-    }
+    if (step_totals(t, count, r, err) != 0) return -1;
     if (b->ops->zero_grads(b, err) != 0) return -1;
+    int last = -1;  /* the last micro-batch with labels: its backward also reduces gradients across ranks */
+    for (int i = 0; i < count; i++)
+        if (t->step_batches[i].label_count > 0) last = i;
     double loss_sum = 0.0;
-    for (int i = 0; i < count && labels > 0; i++) {
+    for (int i = 0; i < count && r->labels > 0; i++) {
         if (t->step_batches[i].label_count == 0) continue;
         mb_forward_result result;
         if (b->ops->forward(b, &t->step_batches[i].batch, &result, err) != 0) return -1;
-        if (b->ops->backward(b, (float)(1.0 / (double)labels), err) != 0) return -1;
+        if (i == last && t->dist != NULL && b->ops->begin_grad_sync(b, err) != 0) return -1;
+        if (b->ops->backward(b, (float)(1.0 / (double)r->labels), err) != 0) return -1;
         loss_sum += result.loss_sum;
     }
-    r->loss = labels > 0 ? loss_sum / (double)labels : NAN;
-    r->labels = labels;
-    r->tokens = tokens;
-    return b->ops->grad_norm(b, &r->grad_norm, err);
+    if (b->ops->grad_norm(b, &r->grad_norm, err) != 0) return -1;
+    /* the loss over all ranks, and the stop decision (a signal may reach the ranks at different steps) */
+    double shared[2] = {loss_sum, t->options->stop_flag != NULL && *t->options->stop_flag ? 1.0 : 0.0};
+    if (all_ranks_sum(t, shared, 2, err) != 0) return -1;
+    t->stop_agreed = shared[1] > 0.0;
+    r->loss = r->labels > 0 ? shared[0] / (double)r->labels : NAN;
+    return 0;
 }
 
 static int train_step(trainer *t, int count, step_result *r, mb_error *err) {
@@ -424,14 +474,17 @@ static int validate(trainer *t, double *val_loss, mb_error *err) {
         mb_loader_batch lb;
         mb_forward_result result;
         rc = mb_loader_next(loader, &lb, err);
-        if (rc == 0 && lb.label_count > 0) rc = t->backend->ops->forward(t->backend, &lb.batch, &result, err);
-        if (rc == 0 && lb.label_count > 0) {
+        int mine = i % t->world_size == t->rank;  /* validation batches are dealt round-robin to the ranks */
+        if (rc == 0 && mine && lb.label_count > 0) rc = t->backend->ops->forward(t->backend, &lb.batch, &result, err);
+        if (rc == 0 && mine && lb.label_count > 0) {
             loss_sum += result.loss_sum;
             labels += result.loss_count;
         }
     }
     mb_loader_close(loader);
-    if (rc == 0 && labels > 0) *val_loss = loss_sum / (double)labels;
+    double totals[2] = {loss_sum, (double)labels};
+    if (rc == 0) rc = all_ranks_sum(t, totals, 2, err);
+    if (rc == 0 && totals[1] > 0) *val_loss = totals[0] / totals[1];
     return rc;
 }
 
@@ -477,9 +530,10 @@ static void log_step(trainer *t, const step_result *r, int force) {
     fflush(stdout);
     fprintf(t->metrics, "{\"step\": %" PRId64 ", \"phase\": %d, \"tokens\": %" PRId64 ", \"loss\": %.9g, "
             "\"step_loss\": %.9g, \"lr\": %.9g, \"grad_norm\": %.9g, \"tokens_per_second\": %.1f, "
-            "\"mfu\": %.4f, \"elapsed_seconds\": %.3f%s}\n", t->state.step, t->state.phase, t->state.tokens_seen,
-            isfinite(loss) ? loss : -1.0, isfinite(r->loss) ? r->loss : -1.0, r->lr,
-            isfinite(r->grad_norm) ? r->grad_norm : -1.0, window_tps, mfu_value, now - t->start_time,
+            "\"mfu\": %.4f, \"elapsed_seconds\": %.3f, \"batch_digest\": %" PRIu64 ", \"world_size\": %d%s}\n",
+            t->state.step, t->state.phase, t->state.tokens_seen, isfinite(loss) ? loss : -1.0,
+            isfinite(r->loss) ? r->loss : -1.0, r->lr, isfinite(r->grad_norm) ? r->grad_norm : -1.0, window_tps,
+            mfu_value, now - t->start_time, r->batch_digest, t->world_size,
             r->skipped ? ", \"skipped\": true" : "");
     fflush(t->metrics);
     t->last_log_time = now;
@@ -515,6 +569,8 @@ static int save_checkpoint(trainer *t, mb_error *err) {
     t->state.config_hash = t->config_hash;
     t->state.seed = (uint64_t)t->cfg->run.seed;
     t->state.max_lr = t->adamw.max_lr;
+    t->last_checkpoint_time = mb_monotonic_seconds();
+    if (!is_main(t)) return 0;  /* every rank gathered the state above (a collective); rank 0 writes it */
     mb_checkpoint_contents contents = {&t->host, t->m, t->v, &t->state, t->cfg->data.tokenizer};
     char written[4200];
     if (mb_checkpoint_write(t->cfg->run.output_dir, &contents, t->cfg->checkpoint.keep, written, sizeof written, err))
@@ -565,7 +621,11 @@ static int end_phase(trainer *t) {
 }
 
 static int stop_requested(const trainer *t) {
-    if (t->options->stop_flag != NULL && *t->options->stop_flag) return 1;
+    if (t->dist != NULL) {
+        if (t->stop_agreed) return 1;
+    } else if (t->options->stop_flag != NULL && *t->options->stop_flag) {
+        return 1;
+    }
     return t->options->max_steps > 0 && t->state.step >= t->options->max_steps;
 }
 
@@ -608,6 +668,7 @@ static void trainer_free(trainer *t) {
     if (t->train_set) mb_shard_set_close(t->train_set);
     if (t->val_set) mb_shard_set_close(t->val_set);
     mb_backend_destroy(t->backend);
+    mb_dist_destroy(t->dist);
     mb_model_free(&t->host);
     mb_tokenizer_free(t->tokenizer);
     free(t->m);
@@ -639,9 +700,31 @@ static int reserve_activations(trainer *t, mb_error *err) {
     return t->backend->ops->reserve(t->backend, (int)tokens, (int)tokens, rows, err);
 }
 
+/* One process, or rank `env.rank` of a data-parallel group found in the environment (torchrun-style variables,
+ * Slurm, Open MPI or `modernbert pretrain --nproc-per-node`; docs/distributed.md). */
+static int setup_dist(trainer *t, mb_error *err) {
+    const mb_run_config *c = t->cfg;
+    if (mb_dist_env_detect(&t->env, NULL, NULL, err) != 0) return -1;
+    t->rank = t->env.rank;
+    t->world_size = t->env.world_size;
+    if (t->world_size == 1) return 0;
+    if (c->data.batches[0] != '\0')
+        return mb_fail(err, "data.batches (step-by-step batch files) runs in one process only, not %d",
+                       t->world_size);
+    if (strcmp(c->run.backend, "cpu") == 0)
+        return mb_fail(err, "data parallelism over %d processes needs the CUDA backend (run.backend is cpu)",
+                       t->world_size);
+    if (mb_dist_create_nccl(&t->dist, &t->env, c->run.comm_timeout_seconds, err) != 0) return -1;
+    printf("data parallel: rank %d of %d (%s), local rank %d of %d, node %d, rendezvous %s:%d, timeout %.0f s\n",
+           t->rank, t->world_size, mb_launch_kind_name(t->env.kind), t->env.local_rank, t->env.local_world_size,
+           t->env.node_rank, t->env.master_addr, t->env.master_port, c->run.comm_timeout_seconds);
+    return 0;
+}
+
 static int setup(trainer *t, mb_error *err) {
     const mb_run_config *c = t->cfg;
     if (mb_make_dirs(c->run.output_dir, err) != 0) return -1;
+    if (setup_dist(t, err) != 0) return -1;
     if (mb_cfg_hash(mb_run_config_schema, c, &t->config_hash, err) != 0) return -1;
     if (save_effective_config(t, err) != 0 || setup_model(t, err) != 0) return -1;
     mb_stableadamw_init(&t->adamw, c->phases[0].lr, c->phases[0].weight_decay);
@@ -658,7 +741,7 @@ static int setup(trainer *t, mb_error *err) {
     if (t->options->resume && setup_resume(t, err) != 0) return -1;
     for (int p = 0; p < c->phase_count; p++) t->run_tokens_total += c->phases[p].tokens;
     if (reserve_activations(t, err) != 0) return -1;
-    t->peak_flops = mb_backend_peak_flops(t->backend);
+    t->peak_flops = mb_backend_peak_flops(t->backend) * t->world_size;  /* MFU: per GPU */
     char memory[256];
     t->backend->ops->memory_report(t->backend, memory, sizeof memory);
     printf("model: %d layers, hidden %d, vocab %d, %zu parameters; backend %s\n", t->host.config.num_hidden_layers,
@@ -669,6 +752,7 @@ static int setup(trainer *t, mb_error *err) {
 int mb_pretrain(const mb_run_config *config, const mb_pretrain_options *options, mb_error *err) {
     trainer t;
     memset(&t, 0, sizeof t);
+    t.world_size = 1;
     t.cfg = config;
     t.options = options;
     int rc = setup(&t, err);
@@ -682,9 +766,10 @@ int mb_pretrain(const mb_run_config *config, const mb_pretrain_options *options,
     while (rc == 0 && t.state.phase < config->phase_count && !stop_requested(&t)) rc = run_phase(&t, err);
     if (rc == 0 && stop_requested(&t) && t.state.phase < config->phase_count) {
         printf("stopping at step %" PRId64 " (%s)\n", t.state.step,
-               options->stop_flag && *options->stop_flag ? "signal" : "--max-steps");
+               t.stop_agreed || (options->stop_flag && *options->stop_flag) ? "signal" : "--max-steps");
     }
     if (rc == 0) printf("done: %" PRId64 " steps, %" PRId64 " tokens\n", t.state.step, t.state.tokens_seen);
+    if (rc != 0 && t.dist != NULL) mb_dist_abort(t.dist, err->message);  /* the other ranks stop at once */
     trainer_free(&t);
     return rc;
 }

@@ -574,7 +574,7 @@ static void run_attention(const char *name, const int *lengths, int num_seqs, in
     float *qkv, *dout;
     mb_bf16 *d_qkv = random_bf16(&rng, qkv_count, 0.0, 1.0, &qkv);
     int32_t *d_cu = to_device(cu, (size_t)(num_seqs + 1) * sizeof(int32_t));
-    void *workspace = dev_alloc(mb_cuda_attention_workspace_bytes(n, num_seqs, heads));
+    void *workspace = dev_alloc(mb_cuda_attention_workspace_bytes(n, num_seqs, heads, head_dim));
     mb_bf16 *d_out = dev_alloc(out_count * sizeof(mb_bf16));
     float *d_lse = dev_alloc(lse_count * sizeof(float));
     dev_poison(d_out, out_count * sizeof(mb_bf16));
@@ -604,15 +604,18 @@ static void run_attention(const char *name, const int *lengths, int num_seqs, in
     snprintf(what, sizeof what, "attention %s lse", name);
     expect_close(what, lse, lse_ref, lse_count, FP32_TOLERANCE);
 
-    /* backward from the GPU's own out and lse (checked above), on both sides */
+    /* backward from the GPU's own out and lse (checked above), on both sides; both modes: deterministic = 1 twice
+     * (must be bit-identical), deterministic = 0 (fp32 atomics into dQ) once */
     mb_bf16 *d_dout = random_bf16(&rng, out_count, 0.0, 1.0, &dout);
     mb_bf16 *d_dqkv = dev_alloc(qkv_count * sizeof(mb_bf16));
-    float *runs[2];
-    for (int run = 0; run < 2; run++) {
+    float *runs[3];
+    static const int run_deterministic[3] = {1, 1, 0};
+    for (int run = 0; run < 3; run++) {
         dev_poison(d_dqkv, qkv_count * sizeof(mb_bf16));
-        dev_poison(workspace, mb_cuda_attention_workspace_bytes(n, num_seqs, heads));
+        dev_poison(workspace, mb_cuda_attention_workspace_bytes(n, num_seqs, heads, head_dim));
         launched(mb_cuda_attention_backward(d_dqkv, workspace, d_dout, d_out, d_lse, d_qkv, d_cu, num_seqs, n, heads,
-                                            head_dim, window, test_stream, &err), &err, "attention_backward");
+                                            head_dim, window, run_deterministic[run], test_stream, &err),
+                 &err, "attention_backward");
         runs[run] = download_bf16(d_dqkv, qkv_count);
     }
     float *dqkv_ref = malloc(qkv_count * sizeof(float) + 1);
@@ -627,16 +630,19 @@ static void run_attention(const char *name, const int *lengths, int num_seqs, in
         reference_attention_backward(dqkv_ref, dout, out, lse, qkv, &shape, n);
     }
     static const char *block_names[3] = {"dQ", "dK", "dV"};
-    for (int block = 0; block < 3; block++) {
-        float *got = qkv_block(runs[0], n, hidden, block), *want = qkv_block(dqkv_ref, n, hidden, block);
-        snprintf(what, sizeof what, "attention %s %s (window %d)", name, block_names[block], window);
-        expect_close(what, got, want, out_count, BF16_TOLERANCE);
-        free(got), free(want);
-    }
-    snprintf(what, sizeof what, "attention %s backward (window %d)", name, window);
+    for (int run = 1; run < 3; run++)
+        for (int block = 0; block < 3; block++) {
+            float *got = qkv_block(runs[run], n, hidden, block), *want = qkv_block(dqkv_ref, n, hidden, block);
+            snprintf(what, sizeof what, "attention %s %s (window %d, deterministic %d)", name, block_names[block],
+                     window, run_deterministic[run]);
+            expect_close(what, got, want, out_count, BF16_TOLERANCE);
+            free(got), free(want);
+        }
+    snprintf(what, sizeof what, "attention %s deterministic backward (window %d)", name, window);
     expect_same_bits(what, runs[0], runs[1], qkv_count * sizeof(float));
 
     free(cu), free(qkv), free(dout), free(out), free(lse), free(out_ref), free(lse_ref), free(runs[0]), free(runs[1]);
+    free(runs[2]);
     free(dqkv_ref);
     cudaFree(d_qkv), cudaFree(d_cu), cudaFree(workspace), cudaFree(d_out), cudaFree(d_lse), cudaFree(d_dout);
     cudaFree(d_dqkv);
@@ -903,7 +909,7 @@ Test(gpu_ops, stableadamw) {
                                   calloc(numel, sizeof(float)), numel, t % 2 == 0};
         gpu[t] = (mb_cuda_adamw_tensor){to_device(host_param[t], numel * sizeof(float)), dev_alloc(numel * sizeof(float)),
                                         dev_alloc(numel * sizeof(float)), dev_alloc(numel * sizeof(float)),
-                                        dev_alloc(numel * sizeof(mb_bf16)), numel, t % 2 == 0};
+                                        dev_alloc(numel * sizeof(mb_bf16)), numel, t % 2 == 0, t};
         cudaMemset(gpu[t].m, 0, numel * sizeof(float));
         cudaMemset(gpu[t].v, 0, numel * sizeof(float));
         dev_poison(gpu[t].param_bf16, numel * sizeof(mb_bf16));
