@@ -9,6 +9,7 @@
 #   faults   (a) torchrun-style workers, rank 2 killed with SIGKILL: the others' exit codes, messages and times;
 #            (b) rank 1 stopped (SIGSTOP, a hang): the others time out (run.comm_timeout_seconds=20);
 #            (c) `--nproc-per-node 4`, one worker killed: the launcher's exit code and time
+#            (d) SIGTERM to the launcher: every rank stops at the same step, one checkpoint, exit 0
 #   elastic  checkpoint on 4 GPUs at step 60, resume on 2 GPUs to step 80: batches and losses vs the 1-GPU run
 #   nodes    two "nodes" of 2 processes each on this host (NODE_RANK 0/1, loopback rendezvous) vs the 4-GPU run
 # Logs go to $OUT (or /tmp).
@@ -150,6 +151,19 @@ if [[ $steps == *faults* ]] && [ "$gpus" -ge 4 ]; then
     code=$?
     echo "launcher: exit $code after $(since "$killed") s; workers left: $(pgrep -P "$launcher" | wc -l)"
     grep -E "launcher|rank" "$work/launcher.err" | head -8
+
+    echo "== faults (d): --nproc-per-node 4, SIGTERM to the launcher at step 20 (a preemption): one agreed checkpoint"
+    p=$(next_port)
+    # shellcheck disable=SC2086
+    "$binary" pretrain --nproc-per-node 4 --master-port "$p" $curve_args run.output_dir="$work/preempt" \
+        >"$work/preempt.out" 2>"$work/preempt.err" &
+    launcher=$!
+    wait_for_step "$work/preempt.out" 20 || echo "never reached step 20"
+    kill -TERM "$launcher"
+    signalled=$(date +%s.%N)
+    wait "$launcher"
+    code=$?
+    echo "launcher: exit $code after $(since "$signalled") s; $(grep -E '^(stopping|checkpoint)' "$work/preempt.out" | tr '\n' ' ')"
 fi
 
 if [[ $steps == *elastic* ]] && [ "$gpus" -ge 4 ]; then

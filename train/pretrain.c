@@ -127,7 +127,7 @@ int mb_cmd_pretrain(int argc, char **argv) {
         fprintf(stderr, "modernbert pretrain: %s\n", launch_err.message);
         return 2;
     }
-    int nproc_per_node = 0;
+    int nproc_per_node = 0, launch_requested = 0; /* without --nproc-per-node this process is a worker */
     char **original_argv = malloc(((size_t)argc + 1) * sizeof *original_argv);  /* getopt reorders argv */
     if (original_argv == NULL) return 1;
     memcpy(original_argv, argv, ((size_t)argc + 1) * sizeof *original_argv);
@@ -141,7 +141,10 @@ int mb_cmd_pretrain(int argc, char **argv) {
         case 'i': init_dir = optarg; break;
         case 'd': mb_cfg_describe(mb_run_config_schema, stdout); free(original_argv); return 0;
         case 'h': print_help(stdout); free(original_argv); return 0;
-        case 'N': nproc_per_node = (int)strtol(optarg, &end, 10); break;
+        case 'N':
+            nproc_per_node = (int)strtol(optarg, &end, 10);
+            launch_requested = 1;
+            break;
         case 'n': launch.nnodes = (int)strtol(optarg, &end, 10); break;
         case 'k': launch.node_rank = (int)strtol(optarg, &end, 10); break;
         case 'a': snprintf(launch.master_addr, sizeof launch.master_addr, "%s", optarg); break;
@@ -155,7 +158,7 @@ int mb_cmd_pretrain(int argc, char **argv) {
         }
         end = NULL;
     }
-    if (nproc_per_node != 0) {
+    if (launch_requested) {
         if (nproc_per_node < 1 || launch.nnodes < 1 || launch.node_rank < 0 || launch.node_rank >= launch.nnodes) {
             fprintf(stderr, "modernbert pretrain: --nproc-per-node must be >= 1 and --node-rank in [0, --nnodes)\n");
             free(original_argv);

@@ -207,10 +207,13 @@ typedef struct supervisor {
     double grace_seconds;
 } supervisor;
 
-static void begin_stopping(supervisor *s, int signal_number) {
+/* with_deadline: after a worker failed, the others get grace_seconds before SIGKILL. A signal the user sent to the
+ * launcher (SIGINT/SIGTERM: stop, e.g. a Slurm preemption) has no deadline: the workers agree on a step, write a
+ * checkpoint (which may take minutes for a large model) and exit; a second signal kills them at once. */
+static void begin_stopping(supervisor *s, int signal_number, int with_deadline) {
+    if (with_deadline && s->kill_deadline < 0) s->kill_deadline = now_seconds() + s->grace_seconds;
     if (s->stopping) return;
     s->stopping = 1;
-    s->kill_deadline = now_seconds() + s->grace_seconds;
     signal_live(s->workers, s->count, signal_number);
 }
 
@@ -233,7 +236,7 @@ static void reap_finished(supervisor *s) {
         if (s->live > 0 && !s->stopping)
             fprintf(stderr, "launcher: stopping the other %d worker(s): SIGTERM now, SIGKILL after %g s\n", s->live,
                     s->grace_seconds);
-        begin_stopping(s, SIGTERM);
+        begin_stopping(s, SIGTERM, 1);
     }
 }
 
@@ -247,7 +250,7 @@ static void supervise(supervisor *s, int wake_read_fd) {
             fprintf(stderr, "launcher: received signal %d (%s), forwarding it to the workers\n", received,
                     strsignal(received));
             if (s->stopping) signal_live(s->workers, s->count, received);
-            begin_stopping(s, received);
+            begin_stopping(s, received, 0);
         }
         if (launcher_signal_count >= 2 && !s->killed) { /* a second Ctrl-C: no more grace */
             fprintf(stderr, "launcher: second signal received, sending SIGKILL to the workers\n");
@@ -256,7 +259,7 @@ static void supervise(supervisor *s, int wake_read_fd) {
         }
         if (s->live == 0) break;
         int timeout_ms = 1000;
-        if (s->stopping && !s->killed) {
+        if (s->stopping && !s->killed && s->kill_deadline >= 0) {
             double left = s->kill_deadline - now_seconds();
             if (left <= 0) {
                 for (int i = 0; i < s->count; i++)
@@ -276,7 +279,6 @@ static void supervise(supervisor *s, int wake_read_fd) {
             }
         }
     }
-    if (s->first_failure == 0 && forwarded != 0) s->first_failure = 128 + forwarded;
 }
 
 typedef struct saved_handlers {
@@ -338,7 +340,7 @@ int mb_launch_workers(const mb_launch_options *options, const char *path, char *
         signal_live(workers, options->nproc_per_node, SIGKILL);
         reap_all(workers, options->nproc_per_node);
     } else {
-        supervisor s = {workers, options->nproc_per_node, options->nproc_per_node, 0, 0, 0, 0.0, options->grace_seconds};
+        supervisor s = {workers, options->nproc_per_node, options->nproc_per_node, 0, 0, 0, -1.0, options->grace_seconds};
         supervise(&s, wake[0]);
         *exit_code = s.first_failure;
     }

@@ -30,8 +30,9 @@ int mb_launch_options_from_env(mb_launch_options *options, mb_getenv_fn getenv_f
  * inherited) and waits for them. The first worker that exits non-zero or dies by a signal → prints
  * "launcher: rank R exited with code C" (or "was killed by signal S") to stderr, SIGTERMs every other live worker,
  * SIGKILLs those still alive after grace_seconds, and returns that first failure as *exit_code (128 + S for a
- * signal). SIGINT/SIGTERM received by the launcher are forwarded to all workers, which then get the same grace
- * (*exit_code = 128 + that signal if every worker still exits 0); a second such signal SIGKILLs them at once.
+ * signal). SIGINT/SIGTERM received by the launcher are forwarded to all workers, which stop on their own
+ * (pretrain: an agreed step, a checkpoint) without a deadline, and *exit_code is 0 when they all exit 0; a second
+ * such signal SIGKILLs them at once.
  * All exit 0 → *exit_code = 0. Returns -1 only for
  * launcher errors (bad options, fork or exec failure; the started workers are killed then). Every worker is reaped
  * before returning. Not reentrant: it installs SIGCHLD/SIGINT/SIGTERM handlers for its duration and restores the

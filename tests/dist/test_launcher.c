@@ -273,7 +273,8 @@ Test(launcher, bad_options_are_rejected) {
     cr_expect(strstr(err.message, "node-rank") != NULL, "%s", err.message);
 }
 
-/* SIGTERM sent to the launcher reaches every worker; they exit 0 from their trap, so the result is 128 + 15. */
+/* SIGTERM sent to the launcher reaches every worker; they stop cleanly (exit 0 from their trap), so the launcher
+ * reports a clean stop (0), as a single pretrain process does after SIGTERM. */
 Test(launcher, sigterm_to_the_launcher_is_forwarded, .timeout = 30) {
     char dir[64];
     make_temp_dir(dir, sizeof dir);
@@ -298,7 +299,7 @@ Test(launcher, sigterm_to_the_launcher_is_forwarded, .timeout = 30) {
     kill(launcher, SIGTERM);
     int status = 0;
     waitpid(launcher, &status, 0);
-    cr_expect(WIFEXITED(status) && WEXITSTATUS(status) == 128 + SIGTERM, "launcher status %d", status);
+    cr_expect(WIFEXITED(status) && WEXITSTATUS(status) == 0, "launcher status %d", status);
     for (int i = 0; i < 2; i++) {
         char name[32];
         snprintf(name, sizeof name, "got.%d", i);

@@ -319,6 +319,16 @@ Test(gpu_ops, layernorm) {
     run_layernorm(size_for(1000, 40), 96, 0, 0, 1, 3);
     run_layernorm(33, 1000, 1, 0, 0, 4); /* width not a multiple of 32 */
     run_layernorm(size_for(4100, 300), 1024, 0, 1, 0, 5);
+    /* register-resident kernels (h % 8 == 0, h <= 2048): every chunk count's edge, both accumulate modes, aliasing */
+    run_layernorm(size_for(300, 30), 768, 0, 0, 1, 6);   /* ModernBERT-base width, dx written over dy */
+    run_layernorm(size_for(300, 30), 768, 0, 1, 0, 7);   /* ModernBERT-base width, += dx (the residual stream) */
+    run_layernorm(17, 1024, 1, 0, 1, 8);                 /* ModernBERT-large width, aliased, with bias */
+    run_layernorm(9, 2048, 0, 1, 0, 9);                  /* widest register-resident row: 8 chunks */
+    run_layernorm(9, 264, 1, 1, 0, 10);                  /* one full chunk and one of a single lane */
+    /* general fallback: widths not a multiple of 8, or wider than 2048 */
+    run_layernorm(size_for(70, 11), 100, 1, 1, 0, 11);
+    run_layernorm(size_for(70, 11), 100, 0, 0, 1, 12);
+    run_layernorm(5, 2056, 0, 0, 0, 13);
 }
 
 /* ================================================================================================= embedding */
@@ -438,6 +448,9 @@ Test(gpu_ops, rope) {
     run_rope(lengths, 5, 2, 32, 10000.0, 22);
     int long_one[] = {size_for(8192, 600), 5};
     run_rope(long_one, 2, 2, 64, 160000.0, 23);
+    run_rope(lengths, 7, 2, 128, 160000.0, 24); /* 16-byte path, head_dim 128 */
+    run_rope(lengths, 4, 3, 12, 10000.0, 25);   /* d/2 = 6: the 4-byte (bf16x2) path */
+    run_rope(lengths, 4, 2, 6, 10000.0, 26);    /* d/2 = 3: the 2-byte path */
 }
 
 /* ================================================================================================= attention */
@@ -761,6 +774,11 @@ Test(gpu_ops, activation) {
         run_glu(size_for(37, 5), 1152, kActivations[a], 0, 70 + (uint64_t)a);
         run_glu(5, 13, kActivations[a], 1, 80 + (uint64_t)a);
         run_activation((size_t)size_for(10007, 999), kActivations[a], 90 + (uint64_t)a);
+        run_glu(size_for(33, 4), 1152, kActivations[a], 1, 150 + (uint64_t)a); /* 16-byte path, du over u */
+        run_glu(7, 24, kActivations[a], 0, 160 + (uint64_t)a);                 /* 16-byte path, 3 vectors a row */
+        run_glu(6, 100, kActivations[a], 0, 170 + (uint64_t)a);                /* inner % 8 != 0: scalar path */
+        run_activation(4096, kActivations[a], 180 + (uint64_t)a);              /* whole 16-byte vectors only */
+        run_activation(5, kActivations[a], 190 + (uint64_t)a);                 /* shorter than one vector */
     }
 }
 
