@@ -8,9 +8,9 @@
  *
  * Layout: qkv [n, 3H] bf16 (Q | K | V, heads contiguous), out/dout [n, H] bf16, lse [n, heads] fp32 (natural log).
  *
- * Tiling (FlashAttention-2 style, v2; design and floors in docs/kernels/attention.md):
- *  - Sequences are cut into tiles (128 tokens for the forward and the atomic backward, 64 for the deterministic
- *    backward) that never straddle a sequence. A one-block plan kernel orders the sequences longest first (buckets of
+ * Tiling (FlashAttention-2 style; forward v2, backward v3; design and floors in docs/kernels/attention.md):
+ *  - Sequences are cut into tiles (128 tokens for the forward, 64 for the backward) that never straddle a sequence.
+ *    A one-block plan kernel orders the sequences longest first (buckets of
  *    floor(log2(tiles)), index order inside a bucket) and writes, per sequence, its first tile and, per tile, its
  *    sequence. Block x of a launch is (tile x / heads, head x % heads): all heads of the longest tiles start first.
  *    The grid is sized from n and num_seqs alone (ceil(n/tile) + num_seqs bounds the tile count): no host read-back.
@@ -21,13 +21,18 @@
  *  - Forward: 8 warps, 128 queries per block, Q fragments held in registers; 64-key tiles over the visible key range
  *    [max(b, q0 − w), min(e, q1 + w)); a warp skips key tiles outside its own rows' window; masks only on boundary
  *    tiles; online softmax in fp32 with exp2 (scores times scale·log2 e folded into one FMA).
- *  - Backward, deterministic = 0 (FlashAttention-2): one block of 8 warps per 128-key tile owns dK and dV in registers,
- *    loops over the query tiles that see it (5 tile products); dS goes through shared memory and the block's
- *    contribution dS·K to dQ is added with fp32 atomics into a [n, H] accumulator (zeroed by the D_i kernel), which
- *    a last kernel scales and converts into the dQ block of dqkv.
+ *  - Backward, deterministic = 0 (FlashAttention-2, v3): one block of 4 warps per 64-key tile (3 blocks per SM at
+ *    head_dim 64) owns dK and dV in registers and loops over 32-query steps of the queries that see it (5 tile
+ *    products, 2 barriers per step); Pᵀ and dSᵀ are packed to bf16 in registers, dSᵀ goes to shared memory as
+ *    [key][query] and the block's contribution dS·K to dQ is added with 16-byte vector reductions
+ *    (red.global.add.v4.f32) into an fp32 [n, H] accumulator (zeroed by the D_i kernel), which a last kernel scales
+ *    and converts into the dQ block of dqkv. A 128-key, 8-warp instantiation is kept for benchmarks.
  *  - Backward, deterministic = 1 (no atomics): one kernel per 64-key tile owns dK and dV, a second per 64-query tile
  *    owns dQ and recomputes P and dP (7 tile products). Every element of dqkv is written exactly once.
  *  - head_dim 32, 64 and 128 (template); any sequence length, tails masked and zero-filled. */
+#include <cstdlib>
+#include <cstring>
+
 #include "common.cuh"
 #include "ops.h"
 
@@ -37,7 +42,6 @@ constexpr int kPlanThreads = 1024;
 constexpr int kMinTile = 64;                  /* smallest tile of any launch: sizes the tile -> sequence map */
 constexpr int kFwdWarps = 8, kFwdQueries = 16 * kFwdWarps, kKeyTile = 64;
 constexpr int kDetWarps = 4, kDetTile = 16 * kDetWarps;
-constexpr int kBwdWarps = 8;                  /* atomic backward: 16·8 = 128 keys per block */
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
 template <int D>
@@ -284,6 +288,23 @@ __device__ __forceinline__ void accumulate_pv(float out[shape<D>::d_tiles][4], c
     }
 }
 
+/* The same with P already packed: pk[n-tile][0] = bf16 pair of row group (columns 2·quad, +1), [1] of row group + 8. */
+template <int D, int kN>
+__device__ __forceinline__ void accumulate_packed(float out[shape<D>::d_tiles][4], const uint32_t pk[kN][2],
+                                                  const mb::bf16 *y_tile) {
+#pragma unroll
+    for (int kk = 0; kk < kN / 2; kk++) {
+        uint32_t a[4] = {pk[2 * kk][0], pk[2 * kk][1], pk[2 * kk + 1][0], pk[2 * kk + 1][1]};
+#pragma unroll
+        for (int dt = 0; dt < shape<D>::d_tiles; dt += 2) {
+            uint32_t b[4];
+            load_b_cols<shape<D>::stride>(b, y_tile, kk * 16, dt * 8);
+            mb::mma_bf16_16816(out[dt], a, b[0], b[1]);
+            mb::mma_bf16_16816(out[dt + 1], a, b[2], b[3]);
+        }
+    }
+}
+
 template <int kN>
 __device__ __forceinline__ void zero(float acc[kN][4]) {
 #pragma unroll
@@ -426,20 +447,31 @@ __global__ void __launch_bounds__(kFwdWarps *mb::kWarpSize, D <= 64 ? 2 : 1) /* 
 
 /* ---- backward ---- */
 
-/* D_i = do_i · o_i per (token, head): one warp each. With dq_accum, also zeroes that (token, head)'s head_dim floats
- * of the dQ accumulator of the atomic backward. */
-__global__ void attention_delta_kernel(float *delta, float *dq_accum, const mb::bf16 *dout, const mb::bf16 *out, int n,
-                                       int heads, int head_dim) {
-    size_t pair = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) / mb::kWarpSize;
-    int lane = threadIdx.x % mb::kWarpSize;
-    if (pair >= (size_t)n * heads) return;
-    size_t token = pair / heads, head = pair % heads, base = token * heads * head_dim + head * head_dim;
+/* D_i = do_i · o_i per (token, head) = pair (dout and out are [pairs, D]): one thread per 8 elements (16-byte loads),
+ * the D/8 threads of a pair summed by shuffles in a fixed order. With dq_accum, also zeroes the pair's D floats of
+ * the dQ accumulator of the atomic backward (two 16-byte stores per thread). */
+template <int D>
+__global__ void attention_delta_kernel(float *delta, float *dq_accum, const mb::bf16 *dout, const mb::bf16 *out,
+                                       size_t pairs) {
+    constexpr int kLanes = D / 8; /* 4, 8 or 16: a pair's threads sit inside one warp */
+    static_assert(mb::kWarpSize % kLanes == 0, "a pair's threads must share a warp");
+    size_t g = blockIdx.x * (size_t)blockDim.x + threadIdx.x, pair = g / kLanes, element = g * 8;
     float sum = 0.0f;
-    for (int d = lane; d < head_dim; d += mb::kWarpSize) sum += mb::to_float(dout[base + d]) * mb::to_float(out[base + d]);
-    sum = mb::warp_sum(sum);
-    if (lane == 0) delta[pair] = sum;
-    if (dq_accum != nullptr)
-        for (int d = lane; d < head_dim; d += mb::kWarpSize) dq_accum[base + d] = 0.0f;
+    if (pair < pairs) {
+        float x[8], y[8];
+        mb::unpack_bf16x8(mb::load_bf16x8(dout + element), x);
+        mb::unpack_bf16x8(mb::load_bf16x8(out + element), y);
+#pragma unroll
+        for (int k = 0; k < 8; k++) sum = fmaf(x[k], y[k], sum);
+        if (dq_accum != nullptr) {
+            float4 *to = reinterpret_cast<float4 *>(dq_accum + element);
+            to[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            to[1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+    }
+#pragma unroll
+    for (int offset = kLanes / 2; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (pair < pairs && g % kLanes == 0) delta[pair] = sum;
 }
 
 /* Deterministic dQ for one 64-query tile: loops over the visible key tiles (double-buffered), recomputing P and dP. */
@@ -515,9 +547,9 @@ __global__ void __launch_bounds__(kDetWarps *mb::kWarpSize)
 
 /* Shared-memory layout of the query side of the dK/dV kernels: per stage Q and dO tiles [kQ rows], then per stage
  * lse and D_i [kQ floats]. */
-template <int D>
+template <int D, int kQueries = shape<D>::dkdv_queries>
 struct query_stages {
-    static constexpr int kQ = shape<D>::dkdv_queries;
+    static constexpr int kQ = kQueries;
     static constexpr int kRows = kQ * shape<D>::stride; /* bf16 per tile */
     static constexpr size_t bytes = 2 * 2 * shape<D>::tile_bytes(kQ) + 2 * 2 * kQ * sizeof(float);
     mb::bf16 *base;
@@ -605,41 +637,60 @@ __global__ void __launch_bounds__(kDetWarps *mb::kWarpSize)
     store_rows<D>(dqkv + 2 * hidden + head * D, qkv_stride, dv, key_a, t.end, 1.0f);
 }
 
-/* Adds two consecutive floats (8-byte aligned) to global memory: one vector reduction on sm_90. */
-__device__ __forceinline__ void atomic_add_pair(float *address, float x, float y) {
+/* Adds four consecutive floats (16-byte aligned) to global memory without reading them back: one vector reduction
+ * on sm_90 (red.global.add.v4.f32), four scalar ones before. */
+__device__ __forceinline__ void reduce_add4(float *address, float x, float y, float z, float w) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    atomicAdd(reinterpret_cast<float2 *>(address), make_float2(x, y));
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(address), "f"(x), "f"(y), "f"(z), "f"(w)
+                 : "memory");
 #else
     atomicAdd(address, x);
     atomicAdd(address + 1, y);
+    atomicAdd(address + 2, z);
+    atomicAdd(address + 3, w);
 #endif
 }
 
-/* The atomic backward's split of the dQ product dS[kQ × keys]·K[keys × D] over the block's warps: each warp owns a
- * 16-query chunk and n_cols columns of the head dimension. */
+/* A fragment (16×16) at (row0, col0) of the TRANSPOSE of a row-major shared tile: element (r, c) of the fragment is
+ * tile[col0 + c][row0 + r] (ldmatrix .trans; the row addresses are those of load_b_rows). */
+template <int kStride>
+__device__ __forceinline__ void load_a_trans(uint32_t a[4], const mb::bf16 *tile, int row0, int col0) {
+    int lane = threadIdx.x % mb::kWarpSize;
+    mb::ldmatrix_x4_trans(a, tile + (col0 + (lane & 7) + ((lane >> 4) << 3)) * kStride + row0 + ((lane >> 3) & 1) * 8);
+}
+
+/* The atomic backward's shape: 16·kWarps keys per block, query steps of kQ (register budget: S and dP hold kQ/2
+ * floats each per thread), kMinBlocks blocks per SM (caps the registers at 65536 / (kMinBlocks·32·kWarps)); the dQ
+ * product dS[kQ × keys]·K[keys × D] is split over the warps: each owns a 16-query chunk and n_cols columns of D. */
 template <int D, int kWarps>
-struct dq_split {
-    static constexpr int kQ = shape<D>::dkdv_queries;
+struct bwd_shape {
+    static constexpr int kKeys = 16 * kWarps, kQ = kWarps == 4 ? 32 : shape<D>::dkdv_queries, kDsStride = kQ + 8;
+    static constexpr int kMinBlocks = kWarps == 4 ? (D <= 32 ? 4 : D <= 64 ? 3 : 2) : 1;
     static constexpr int m_chunks = kQ / 16, n_parts = kWarps / m_chunks, n_cols = D / n_parts;
     static_assert(kWarps % m_chunks == 0 && D % n_parts == 0 && n_cols % 16 == 0, "dQ split of the warps");
+    static constexpr size_t shared_bytes() {
+        return 2 * shape<D>::tile_bytes(kKeys) + (size_t)kKeys * kDsStride * sizeof(mb::bf16) +
+               query_stages<D, kQ>::bytes;
+    }
 };
 
-/* FlashAttention-2 backward for one key tile of 16·kWarps keys: dK and dV in registers over the query tiles that see
- * it (double-buffered); per query tile dS goes to shared memory as [query][key] bf16 and the block adds dS·K into the
- * fp32 dQ accumulator [n, H] (unscaled; the convert kernel applies the scale). */
+/* FlashAttention-2 backward (v3) for one key tile of 16·kWarps keys: dK and dV in registers over the query steps that
+ * see the tile (Q, dO, lse, D_i double-buffered); per step dSᵀ goes to shared memory as [key][query] bf16 (paired
+ * 32-bit stores) and the block adds dS·K (A fragments by ldmatrix .trans) into the fp32 dQ accumulator [n, H]
+ * (unscaled; the convert kernel applies the scale) with 16-byte vector reductions. Two barriers per step. */
 template <int D, int kWarps>
-__global__ void __launch_bounds__(kWarps *mb::kWarpSize)
+__global__ void __launch_bounds__(kWarps *mb::kWarpSize, bwd_shape<D, kWarps>::kMinBlocks)
     attention_backward_kernel(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout, const float *lse,
                               const float *delta, const mb::bf16 *qkv, const int32_t *cu_seqlens,
                               const int32_t *seq_first, const int32_t *tile_seq, int num_seqs, int heads, int window,
                               float scale, float scale_log2) {
-    constexpr int kThreads = kWarps * mb::kWarpSize, kKeys = 16 * kWarps, kStride = shape<D>::stride;
-    constexpr int kQ = shape<D>::dkdv_queries, kDsStride = kKeys + 8;
-    using split = dq_split<D, kWarps>;
+    using config = bwd_shape<D, kWarps>;
+    constexpr int kThreads = kWarps * mb::kWarpSize, kKeys = config::kKeys, kStride = shape<D>::stride;
+    constexpr int kQ = config::kQ, kDsStride = config::kDsStride, kNq = kQ / 8;
     extern __shared__ uint4 shared_raw[];
     mb::bf16 *k_tile = reinterpret_cast<mb::bf16 *>(shared_raw);
-    mb::bf16 *v_tile = k_tile + kKeys * kStride, *ds_tile = v_tile + kKeys * kStride; /* ds: [kQ][kDsStride] */
-    query_stages<D> stages(ds_tile + kQ * kDsStride);
+    mb::bf16 *v_tile = k_tile + kKeys * kStride, *ds_tile = v_tile + kKeys * kStride; /* ds: [kKeys][kDsStride] */
+    query_stages<D, kQ> stages(ds_tile + kKeys * kDsStride);
     tile_position t;
     int head;
     if (!find_tile(&t, &head, seq_first, tile_seq, cu_seqlens, num_seqs, heads, kKeys)) return;
@@ -658,13 +709,16 @@ __global__ void __launch_bounds__(kWarps *mb::kWarpSize)
     const int warp = threadIdx.x / mb::kWarpSize, lane = threadIdx.x % mb::kWarpSize, quad = lane % 4;
     const int key0 = t.start + warp * 16, key_a = key0 + lane / 4, key_last = min(key0 + 15, t.end - 1);
     const bool warp_keys = key0 < t.end; /* false: this warp's keys are past the tile (a short tile) */
-    const int m0 = (warp % split::m_chunks) * 16, n0 = (warp / split::m_chunks) * split::n_cols;
+    const int m0 = (warp % config::m_chunks) * 16, n0 = (warp / config::m_chunks) * config::n_cols;
+    mb::bf16 *ds_rows = ds_tile + (warp * 16 + lane / 4) * kDsStride + 2 * quad; /* this thread's dSᵀ row, pair */
     float dk[shape<D>::d_tiles][4], dv[shape<D>::d_tiles][4];
     zero<shape<D>::d_tiles>(dk);
     zero<shape<D>::d_tiles>(dv);
 
     for (int i = 0; i < query_steps; i++) {
         const int q0 = query_lo + i * kQ, q_last = q0 + kQ - 1;
+        /* The stage refilled here was last read before the previous step's second barrier, and ds_tile is rewritten
+         * only after this step's first barrier, which every warp reaches after its dQ product: no third barrier. */
         if (i + 1 < query_steps)
             stages.template load<kThreads>((i + 1) & 1, q_base, qkv_stride, dout + head * D, hidden, lse + head,
                                            delta + head, heads, q0 + kQ, query_hi);
@@ -673,61 +727,86 @@ __global__ void __launch_bounds__(kWarps *mb::kWarpSize)
         __syncthreads();
         const mb::bf16 *q_tile = stages.q(i & 1), *do_tile = stages.dout(i & 1);
         const float *lse_tile = stages.lse(i & 1), *delta_tile = stages.delta(i & 1);
-        float s[kQ / 8][4], dp[kQ / 8][4]; /* transposed: rows are this warp's keys, columns the queries */
-        zero<kQ / 8>(s);
-        zero<kQ / 8>(dp);
+        /* Sᵀ, then Pᵀ packed to bf16 pairs (the A operand of dV += Pᵀ·dO) so that only 16 registers of it live while
+         * dPᵀ is computed; dSᵀ = Pᵀ(dPᵀ − D) from the bf16 Pᵀ, packed likewise for dK += dSᵀ·Q and the dS store. */
+        uint32_t p_pk[kNq][2], ds_pk[kNq][2]; /* [n-tile][row half]: bf16 pairs of columns 2·quad, 2·quad + 1 */
         if (warp_keys && blocks_meet(key0, key_last, q0, q_last, window)) {
-            scores<D, kQ / 8>(s, k_tile, warp * 16, q_tile);
-            scores<D, kQ / 8>(dp, v_tile, warp * 16, do_tile);
             const bool masked = q_last >= query_hi || key0 + 15 >= t.end ||
                                 !blocks_inside(key0, key_last, q0, q_last, window);
+            {
+                float s[kNq][4]; /* transposed: rows are this warp's keys, columns the queries */
+                zero<kNq>(s);
+                scores<D, kNq>(s, k_tile, warp * 16, q_tile);
 #pragma unroll
-            for (int j = 0; j < kQ / 8; j++)
+                for (int j = 0; j < kNq; j++) {
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int key = key_a + 8 * (e / 2), column = j * 8 + 2 * quad + (e & 1), query = q0 + column;
-                    bool ok = !masked || (query < query_hi && key < t.end && visible(query, key, window));
-                    float p = ok ? exp2f(fmaf(s[j][e], scale_log2, -lse_tile[column] * kLog2e)) : 0.0f;
-                    s[j][e] = p;
-                    dp[j][e] = p * (dp[j][e] - delta_tile[column]); /* dSᵀ */
+                    for (int e = 0; e < 4; e++) {
+                        int key = key_a + 8 * (e / 2), column = j * 8 + 2 * quad + (e & 1), query = q0 + column;
+                        bool ok = !masked || (query < query_hi && key < t.end && visible(query, key, window));
+                        s[j][e] = ok ? exp2f(fmaf(s[j][e], scale_log2, -lse_tile[column] * kLog2e)) : 0.0f;
+                    }
+                    p_pk[j][0] = mb::pack_bf16x2(s[j][0], s[j][1]);
+                    p_pk[j][1] = mb::pack_bf16x2(s[j][2], s[j][3]);
                 }
-            accumulate_pv<D, kQ / 8>(dv, s, do_tile);
-            accumulate_pv<D, kQ / 8>(dk, dp, q_tile);
-        }
-        /* dSᵀ (zeros for a warp that skipped) -> ds_tile[query][key] */
-#pragma unroll
-        for (int j = 0; j < kQ / 8; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int key_row = warp * 16 + lane / 4 + 8 * (e / 2), column = j * 8 + 2 * quad + (e & 1);
-                ds_tile[column * kDsStride + key_row] = mb::to_bf16(dp[j][e]);
             }
+            accumulate_packed<D, kNq>(dv, p_pk, do_tile);
+            float dp[kNq][4];
+            zero<kNq>(dp);
+            scores<D, kNq>(dp, v_tile, warp * 16, do_tile);
+#pragma unroll
+            for (int j = 0; j < kNq; j++) {
+                float delta0 = delta_tile[j * 8 + 2 * quad], delta1 = delta_tile[j * 8 + 2 * quad + 1];
+#pragma unroll
+                for (int half = 0; half < 2; half++) {
+                    float2 p = __bfloat1622float2(*reinterpret_cast<const mb::bf162 *>(&p_pk[j][half]));
+                    ds_pk[j][half] = mb::pack_bf16x2(p.x * (dp[j][2 * half] - delta0), p.y * (dp[j][2 * half + 1] - delta1));
+                }
+            }
+            accumulate_packed<D, kNq>(dk, ds_pk, q_tile);
+        } else {
+#pragma unroll
+            for (int j = 0; j < kNq; j++) ds_pk[j][0] = ds_pk[j][1] = 0u;
+        }
+        /* dSᵀ (zeros for a warp that skipped) -> ds_tile[key][query], two queries per 32-bit store */
+#pragma unroll
+        for (int j = 0; j < kNq; j++)
+#pragma unroll
+            for (int half = 0; half < 2; half++)
+                *reinterpret_cast<uint32_t *>(ds_rows + 8 * half * kDsStride + j * 8) = ds_pk[j][half];
         __syncthreads();
-        /* dQ[q0 + m0 .., n0 ..] += dS[m0 .., all keys] · K[all keys, n0 ..] */
-        float dq[split::n_cols / 8][4];
-        zero<split::n_cols / 8>(dq);
+        /* dQ[q0 + m0 .., n0 ..] += dS[m0 .., all keys] · K[all keys, n0 ..]; skipped (exactly: those dS rows are zero)
+         * when the warp's 16 queries are past the sequence or see none of the tile's keys (warp-uniform). */
+        const int chunk0 = q0 + m0;
+        if (chunk0 < query_hi && blocks_meet(chunk0, chunk0 + 15, t.start, t.end - 1, window)) {
+            float dq[config::n_cols / 8][4];
+            zero<config::n_cols / 8>(dq);
 #pragma unroll
-        for (int ks = 0; ks < kKeys / 16; ks++) {
-            uint32_t a[4];
-            load_a<kDsStride>(a, ds_tile, m0, ks * 16);
+            for (int ks = 0; ks < kKeys / 16; ks++) {
+                uint32_t a[4];
+                load_a_trans<kDsStride>(a, ds_tile, m0, ks * 16);
 #pragma unroll
-            for (int nt = 0; nt < split::n_cols / 8; nt += 2) {
-                uint32_t b[4];
-                load_b_cols<kStride>(b, k_tile, ks * 16, n0 + nt * 8);
-                mb::mma_bf16_16816(dq[nt], a, b[0], b[1]);
-                mb::mma_bf16_16816(dq[nt + 1], a, b[2], b[3]);
+                for (int nt = 0; nt < config::n_cols / 8; nt += 2) {
+                    uint32_t b[4];
+                    load_b_cols<kStride>(b, k_tile, ks * 16, n0 + nt * 8);
+                    mb::mma_bf16_16816(dq[nt], a, b[0], b[1]);
+                    mb::mma_bf16_16816(dq[nt + 1], a, b[2], b[3]);
+                }
+            }
+            /* Lane pairs (quad 2c, 2c + 1) swap halves: the even lane gets row g, columns 4c..4c+3 of each n-tile,
+             * the odd lane row g + 8, the same columns; then one 16-byte reduction per n-tile. */
+            const bool odd = quad & 1;
+            const int query = chunk0 + lane / 4 + (odd ? 8 : 0);
+            float *row = dq_accum + (size_t)query * hidden + head * D + n0 + 2 * (quad & ~1);
+#pragma unroll
+            for (int nt = 0; nt < config::n_cols / 8; nt++) {
+                float send0 = odd ? dq[nt][0] : dq[nt][2], send1 = odd ? dq[nt][1] : dq[nt][3];
+                float got0 = __shfl_xor_sync(0xffffffffu, send0, 1), got1 = __shfl_xor_sync(0xffffffffu, send1, 1);
+                if (query < query_hi) {
+                    if (odd) reduce_add4(row + nt * 8, got0, got1, dq[nt][2], dq[nt][3]);
+                    else reduce_add4(row + nt * 8, dq[nt][0], dq[nt][1], got0, got1);
+                }
             }
         }
-#pragma unroll
-        for (int half = 0; half < 2; half++) {
-            int query = q0 + m0 + lane / 4 + 8 * half;
-            if (query >= query_hi) continue;
-            float *row = dq_accum + (size_t)query * hidden + head * D + n0 + 2 * quad;
-#pragma unroll
-            for (int nt = 0; nt < split::n_cols / 8; nt++)
-                atomic_add_pair(row + nt * 8, dq[nt][2 * half], dq[nt][2 * half + 1]);
-        }
-        __syncthreads(); /* ds_tile and this query stage are rewritten next */
     }
     store_rows<D>(dqkv + hidden + head * D, qkv_stride, dk, key_a, t.end, scale);
     store_rows<D>(dqkv + 2 * hidden + head * D, qkv_stride, dv, key_a, t.end, 1.0f);
@@ -843,18 +922,17 @@ int launch_backward_deterministic(mb::bf16 *dqkv, workspace_layout w, const mb::
     return 0;
 }
 
-template <int D>
+template <int D, int kWarps>
 int launch_backward_atomic(mb::bf16 *dqkv, workspace_layout w, const mb::bf16 *dout, const float *lse,
                            const mb::bf16 *qkv, const int32_t *cu_seqlens, int num_seqs, int n, int heads, int window,
                            cudaStream_t stream, mb_error *err) {
-    constexpr int kKeys = 16 * kBwdWarps, kQ = shape<D>::dkdv_queries;
+    using config = bwd_shape<D, kWarps>;
     float scale = 1.0f / sqrtf((float)D), scale_log2 = kLog2e * scale;
-    if (plan_tiles(w, cu_seqlens, num_seqs, kKeys, stream, err) != 0) return -1;
-    size_t shared = 2 * shape<D>::tile_bytes(kKeys) + (size_t)kQ * (kKeys + 8) * sizeof(mb::bf16) +
-                    query_stages<D>::bytes;
-    auto kernel = attention_backward_kernel<D, kBwdWarps>;
+    if (plan_tiles(w, cu_seqlens, num_seqs, config::kKeys, stream, err) != 0) return -1;
+    size_t shared = config::shared_bytes();
+    auto kernel = attention_backward_kernel<D, kWarps>;
     if (set_shared_limit(kernel, shared, err) != 0) return -1;
-    kernel<<<grid_blocks(n, num_seqs, heads, kKeys), kBwdWarps * mb::kWarpSize, shared, stream>>>(
+    kernel<<<grid_blocks(n, num_seqs, heads, config::kKeys), kWarps * mb::kWarpSize, shared, stream>>>(
         dqkv, w.dq_accum, dout, lse, w.delta, qkv, cu_seqlens, w.seq_first, w.tile_seq, num_seqs, heads, window,
         scale, scale_log2);
     MB_CUDA_CHECK_LAUNCH(err, "attention_backward_kernel");
@@ -866,14 +944,45 @@ int launch_backward_atomic(mb::bf16 *dqkv, workspace_layout w, const mb::bf16 *d
     return 0;
 }
 
+/* Which backward runs. deterministic = 1: the ordered kernels. deterministic = 0: the atomic kernel with 64-key
+ * blocks, except local layers (0 <= window <= kLocalMaxWindow) when kLocalPrefersOrdered. Benchmark overrides
+ * (docs/kernels/attention.md), read per call: MB_ATTENTION_BWD_LOCAL=ordered|atomic picks the local layers' path,
+ * MB_ATTENTION_BWD_KEYS=128 the 8-warp, 128-key blocks of the atomic kernel. */
+enum class backward_path { ordered, atomic_64, atomic_128 };
+
+constexpr bool kLocalPrefersOrdered = false; /* v2: ordered 0.709 ms vs atomic 0.799 at window 64; v3: to measure */
+constexpr int kLocalMaxWindow = 256;
+
+bool env_is(const char *name, const char *value) {
+    const char *set = getenv(name);
+    return set != nullptr && strcmp(set, value) == 0;
+}
+
+backward_path choose_backward(int window, int deterministic) {
+    if (deterministic) return backward_path::ordered;
+    if (window >= 0 && window <= kLocalMaxWindow) {
+        bool ordered = env_is("MB_ATTENTION_BWD_LOCAL", "ordered") ||
+                       (kLocalPrefersOrdered && !env_is("MB_ATTENTION_BWD_LOCAL", "atomic"));
+        if (ordered) return backward_path::ordered;
+    }
+    return env_is("MB_ATTENTION_BWD_KEYS", "128") ? backward_path::atomic_128 : backward_path::atomic_64;
+}
+
 template <int D>
 int launch_backward(mb::bf16 *dqkv, workspace_layout w, const mb::bf16 *dout, const float *lse, const mb::bf16 *qkv,
-                    const int32_t *cu_seqlens, int num_seqs, int n, int heads, int window, int deterministic,
+                    const int32_t *cu_seqlens, int num_seqs, int n, int heads, int window, backward_path path,
                     cudaStream_t stream, mb_error *err) {
-    if (deterministic)
+    switch (path) {
+    case backward_path::ordered:
         return launch_backward_deterministic<D>(dqkv, w, dout, lse, qkv, cu_seqlens, num_seqs, n, heads, window,
                                                 stream, err);
-    return launch_backward_atomic<D>(dqkv, w, dout, lse, qkv, cu_seqlens, num_seqs, n, heads, window, stream, err);
+    case backward_path::atomic_128:
+        return launch_backward_atomic<D, 8>(dqkv, w, dout, lse, qkv, cu_seqlens, num_seqs, n, heads, window, stream,
+                                            err);
+    default:
+        return launch_backward_atomic<D, 4>(dqkv, w, dout, lse, qkv, cu_seqlens, num_seqs, n, heads, window, stream,
+                                            err);
+    }
 }
 
 }  // namespace
@@ -907,24 +1016,32 @@ extern "C" int mb_cuda_attention_backward(mb_bf16 *dqkv, void *workspace, const 
     if (check_arguments("attention_backward", qkv, cu_seqlens, workspace, num_seqs, n, heads, head_dim, err) != 0)
         return -1;
     MB_REQUIRE(err, dqkv && dout && out && lse, "attention_backward: missing dqkv, dout, out or lse");
-    MB_REQUIRE(err, reinterpret_cast<uintptr_t>(dout) % 16 == 0 && reinterpret_cast<uintptr_t>(dqkv) % 16 == 0,
-               "attention_backward: dout and dqkv must be 16-byte aligned");
+    MB_REQUIRE(err,
+               reinterpret_cast<uintptr_t>(dout) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(dqkv) % 16 == 0,
+               "attention_backward: dout, out and dqkv must be 16-byte aligned");
     MB_NVTX_RANGE("attention_backward");
     workspace_layout w = carve_workspace(workspace, n, num_seqs, heads);
+    backward_path path = choose_backward(window, deterministic);
     size_t pairs = (size_t)n * heads;
-    attention_delta_kernel<<<(unsigned)mb::ceil_div(pairs * mb::kWarpSize, (size_t)256), 256, 0, stream>>>(
-        w.delta, deterministic ? nullptr : w.dq_accum, reinterpret_cast<const mb::bf16 *>(dout),
-        reinterpret_cast<const mb::bf16 *>(out), n, heads, head_dim);
+    float *dq_accum = path == backward_path::ordered ? nullptr : w.dq_accum;
+    const mb::bf16 *g = reinterpret_cast<const mb::bf16 *>(dout), *o = reinterpret_cast<const mb::bf16 *>(out);
+    unsigned delta_blocks = (unsigned)mb::ceil_div(pairs * head_dim / 8, (size_t)256);
+    switch (head_dim) {
+    case 32: attention_delta_kernel<32><<<delta_blocks, 256, 0, stream>>>(w.delta, dq_accum, g, o, pairs); break;
+    case 64: attention_delta_kernel<64><<<delta_blocks, 256, 0, stream>>>(w.delta, dq_accum, g, o, pairs); break;
+    default: attention_delta_kernel<128><<<delta_blocks, 256, 0, stream>>>(w.delta, dq_accum, g, o, pairs); break;
+    }
     MB_CUDA_CHECK_LAUNCH(err, "attention_delta_kernel");
     mb::bf16 *d = reinterpret_cast<mb::bf16 *>(dqkv);
-    const mb::bf16 *g = reinterpret_cast<const mb::bf16 *>(dout), *x = reinterpret_cast<const mb::bf16 *>(qkv);
+    const mb::bf16 *x = reinterpret_cast<const mb::bf16 *>(qkv);
     switch (head_dim) {
     case 32:
-        return launch_backward<32>(d, w, g, lse, x, cu_seqlens, num_seqs, n, heads, window, deterministic, stream, err);
+        return launch_backward<32>(d, w, g, lse, x, cu_seqlens, num_seqs, n, heads, window, path, stream, err);
     case 64:
-        return launch_backward<64>(d, w, g, lse, x, cu_seqlens, num_seqs, n, heads, window, deterministic, stream, err);
+        return launch_backward<64>(d, w, g, lse, x, cu_seqlens, num_seqs, n, heads, window, path, stream, err);
     default:
-        return launch_backward<128>(d, w, g, lse, x, cu_seqlens, num_seqs, n, heads, window, deterministic, stream,
+        return launch_backward<128>(d, w, g, lse, x, cu_seqlens, num_seqs, n, heads, window, path, stream,
                                     err);
     }
 }

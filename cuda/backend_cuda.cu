@@ -1017,8 +1017,12 @@ int cuda_profile(mb_backend *b, int reset, char *out, size_t size) {
     if (reset) {
         p->label_count = 0;
         p->marks = 0;
+        memset(p->milliseconds, 0, sizeof p->milliseconds);
+        memset(p->calls, 0, sizeof p->calls);
         return 0;
     }
+    mb_error err = {{0}};
+    if (wait_for(impl_of(b), impl_of(b)->stream, "profile", &err) != 0) return -1; /* collects the last marks */
     double total = 0.0;
     int order[kMaxLabels];
     for (int k = 0; k < p->label_count; k++) {

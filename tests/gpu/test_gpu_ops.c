@@ -710,6 +710,25 @@ Test(gpu_ops, attention_long_local) {
     free(lengths);
 }
 
+/* The backward variants that only the benchmark overrides select (cuda/attention.cu, docs/kernels/attention.md):
+ * the atomic kernel with 128-key blocks of 8 warps, and local layers routed to the ordered kernels under
+ * deterministic = 0 (the dQ accumulator then stays unused). Each process of this test sets its own environment. */
+Test(gpu_ops, attention_backward_variants) {
+    require_gpu();
+    int count = (int)(sizeof kShortLengths / sizeof kShortLengths[0]);
+    int lengths[] = {1, 100, 64, 129, 7, 300};
+    setenv("MB_ATTENTION_BWD_KEYS", "128", 1);
+    run_attention("keys128", kShortLengths, count, 2, 64, -1, 71);
+    run_attention("keys128", kShortLengths, count, 2, 64, 3, 72);
+    run_attention("keys128 d32", lengths, 6, 3, 32, 5, 73);
+    run_attention("keys128 d128", lengths, 6, 2, 128, -1, 74);
+    unsetenv("MB_ATTENTION_BWD_KEYS");
+    setenv("MB_ATTENTION_BWD_LOCAL", "ordered", 1);
+    run_attention("local ordered", kShortLengths, count, 2, 64, 64, 75);
+    unsetenv("MB_ATTENTION_BWD_LOCAL");
+    run_attention("window 150", lengths, 6, 2, 64, 150, 76); /* windows wider than a 64-key tile's step */
+}
+
 /* ================================================================================================ activation */
 
 static const mb_activation kActivations[] = {MB_ACT_GELU, MB_ACT_GELU_TANH, MB_ACT_SILU, MB_ACT_RELU};
