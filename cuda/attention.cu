@@ -8,7 +8,11 @@
  *
  * Layout: qkv [n, 3H] bf16 (Q | K | V, heads contiguous), out/dout [n, H] bf16, lse [n, heads] fp32 (natural log).
  *
- * Tiling (FlashAttention-2 style; forward v2, backward v3; design and floors in docs/kernels/attention.md):
+ * Tiling (FlashAttention-2 style; v4, design and floors in docs/kernels/attention.md). v4 gives each warp kRB = 2
+ * row blocks of 16 (32 rows) so that every K/V (forward) or Q/dO (backward) fragment from shared memory feeds two
+ * MMAs per n-tile: forward <D, 4, 2> and atomic backward <D, 4, 2> (128-key blocks) for head_dim <= 64; kRB = 1 is
+ * v3 (8 × 16 forward rows, 4 × 16 backward keys), kept for head_dim 128, local layers' backward, and selectable per
+ * call with MB_ATTENTION_FWD=v3 / MB_ATTENTION_BWD=v3. The v3 description below reads per row block:
  *  - Sequences are cut into tiles (128 tokens for the forward, 64 for the backward) that never straddle a sequence.
  *    A one-block plan kernel orders the sequences longest first (buckets of
  *    floor(log2(tiles)), index order inside a bucket) and writes, per sequence, its first tile and, per tile, its
@@ -40,7 +44,7 @@ namespace {
 
 constexpr int kPlanThreads = 1024;
 constexpr int kMinTile = 64;                  /* smallest tile of any launch: sizes the tile -> sequence map */
-constexpr int kFwdWarps = 8, kFwdQueries = 16 * kFwdWarps, kKeyTile = 64;
+constexpr int kFwdQueries = 128, kKeyTile = 64; /* forward: queries per block, keys per K/V tile */
 constexpr int kDetWarps = 4, kDetTile = 16 * kDetWarps;
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
@@ -305,6 +309,105 @@ __device__ __forceinline__ void accumulate_packed(float out[shape<D>::d_tiles][4
     }
 }
 
+/* ---- v4: kRB row blocks of 16 per warp. Every B fragment loaded by ldmatrix feeds kRB row blocks (2·kRB MMAs),
+ * which halves the shared-memory traffic per MMA at kRB = 2 and gives each warp twice the independent MMA chains;
+ * with kRB = 1 these are the v3 products above. ---- */
+
+/* acc[rb][16 × 8·kN] += X[x_row0 + 16·rb ..] · Y[rows 0..8·kN)ᵀ over the head dimension, X and Y in shared memory. */
+template <int D, int kN, int kRB>
+__device__ __forceinline__ void scores_rb(float acc[kRB][kN][4], const mb::bf16 *x_tile, int x_row0,
+                                          const mb::bf16 *y_tile) {
+#pragma unroll
+    for (int ks = 0; ks < shape<D>::k_steps; ks++) {
+        uint32_t a[kRB][4];
+#pragma unroll
+        for (int rb = 0; rb < kRB; rb++) load_a<shape<D>::stride>(a[rb], x_tile, x_row0 + 16 * rb, ks * 16);
+#pragma unroll
+        for (int j = 0; j < kN; j += 2) {
+            uint32_t b[4];
+            load_b_rows<shape<D>::stride>(b, y_tile, j * 8, ks * 16);
+#pragma unroll
+            for (int rb = 0; rb < kRB; rb++) {
+                mb::mma_bf16_16816(acc[rb][j], a[rb], b[0], b[1]);
+                mb::mma_bf16_16816(acc[rb][j + 1], a[rb], b[2], b[3]);
+            }
+        }
+    }
+}
+
+/* The same with X's A fragments in registers (x[rb][k-step][4]). */
+template <int D, int kN, int kRB>
+__device__ __forceinline__ void scores_reg_rb(float acc[kRB][kN][4], const uint32_t x[kRB][shape<D>::k_steps][4],
+                                              const mb::bf16 *y_tile) {
+#pragma unroll
+    for (int ks = 0; ks < shape<D>::k_steps; ks++)
+#pragma unroll
+        for (int j = 0; j < kN; j += 2) {
+            uint32_t b[4];
+            load_b_rows<shape<D>::stride>(b, y_tile, j * 8, ks * 16);
+#pragma unroll
+            for (int rb = 0; rb < kRB; rb++) {
+                mb::mma_bf16_16816(acc[rb][j], x[rb][ks], b[0], b[1]);
+                mb::mma_bf16_16816(acc[rb][j + 1], x[rb][ks], b[2], b[3]);
+            }
+        }
+}
+
+/* out[rb] += P[rb] · Y[8·kN × D], P as score-layout fp32 accumulators (re-packed to bf16 A fragments). */
+template <int D, int kN, int kRB>
+__device__ __forceinline__ void accumulate_pv_rb(float out[kRB][shape<D>::d_tiles][4], const float p[kRB][kN][4],
+                                                 const mb::bf16 *y_tile) {
+#pragma unroll
+    for (int kk = 0; kk < kN / 2; kk++) {
+        uint32_t a[kRB][4];
+#pragma unroll
+        for (int rb = 0; rb < kRB; rb++) {
+            a[rb][0] = mb::pack_bf16x2(p[rb][2 * kk][0], p[rb][2 * kk][1]);
+            a[rb][1] = mb::pack_bf16x2(p[rb][2 * kk][2], p[rb][2 * kk][3]);
+            a[rb][2] = mb::pack_bf16x2(p[rb][2 * kk + 1][0], p[rb][2 * kk + 1][1]);
+            a[rb][3] = mb::pack_bf16x2(p[rb][2 * kk + 1][2], p[rb][2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int dt = 0; dt < shape<D>::d_tiles; dt += 2) {
+            uint32_t b[4];
+            load_b_cols<shape<D>::stride>(b, y_tile, kk * 16, dt * 8);
+#pragma unroll
+            for (int rb = 0; rb < kRB; rb++) {
+                mb::mma_bf16_16816(out[rb][dt], a[rb], b[0], b[1]);
+                mb::mma_bf16_16816(out[rb][dt + 1], a[rb], b[2], b[3]);
+            }
+        }
+    }
+}
+
+/* The same with P already packed (pk[rb][n-tile][row half], as accumulate_packed). */
+template <int D, int kN, int kRB>
+__device__ __forceinline__ void accumulate_packed_rb(float out[kRB][shape<D>::d_tiles][4], const uint32_t pk[kRB][kN][2],
+                                                     const mb::bf16 *y_tile) {
+#pragma unroll
+    for (int kk = 0; kk < kN / 2; kk++) {
+#pragma unroll
+        for (int dt = 0; dt < shape<D>::d_tiles; dt += 2) {
+            uint32_t b[4];
+            load_b_cols<shape<D>::stride>(b, y_tile, kk * 16, dt * 8);
+#pragma unroll
+            for (int rb = 0; rb < kRB; rb++) {
+                uint32_t a[4] = {pk[rb][2 * kk][0], pk[rb][2 * kk][1], pk[rb][2 * kk + 1][0], pk[rb][2 * kk + 1][1]};
+                mb::mma_bf16_16816(out[rb][dt], a, b[0], b[1]);
+                mb::mma_bf16_16816(out[rb][dt + 1], a, b[2], b[3]);
+            }
+        }
+    }
+}
+
+/* 2^x in one MUFU.EX2: ex2.approx.ftz (relative error ~2^-22, results below 2^-126 flush to 0, far under the bf16
+ * tolerance; -inf -> +0 as masks need). exp2f without --use_fast_math adds a denormal range fix-up around it. */
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 template <int kN>
 __device__ __forceinline__ void zero(float acc[kN][4]) {
 #pragma unroll
@@ -332,12 +435,23 @@ __device__ __forceinline__ void store_rows(mb::bf16 *dst, size_t row_stride, con
 
 /* ---- forward ---- */
 
-template <int D>
-__global__ void __launch_bounds__(kFwdWarps *mb::kWarpSize, D <= 64 ? 2 : 1) /* 2 blocks: <= 128 registers */
+/* Forward block shapes: 128 queries (kFwdQueries) = kWarps warps × kRB row blocks of 16. v4 (<4, 2>, head_dim <= 64):
+ * 4 warps of 32 rows, every K/V fragment feeds two row blocks, up to 255 registers (2 blocks per SM); v3 (<8, 1>,
+ * head_dim 128 and MB_ATTENTION_FWD=v3): 8 warps of 16 rows, 2 blocks per SM at head_dim <= 64 (128 registers). */
+template <int D, int kWarps, int kRB>
+struct fwd_shape {
+    static_assert(kWarps * 16 * kRB == kFwdQueries, "a forward block covers kFwdQueries rows");
+    static constexpr int kThreads = kWarps * mb::kWarpSize;
+    static constexpr int kMinBlocks = kRB == 2 ? 2 : (D <= 64 ? 2 : 1);
+};
+
+template <int D, int kWarps, int kRB>
+__global__ void __launch_bounds__(fwd_shape<D, kWarps, kRB>::kThreads, fwd_shape<D, kWarps, kRB>::kMinBlocks)
     attention_forward_kernel(mb::bf16 *out, float *lse, const mb::bf16 *qkv, const int32_t *cu_seqlens,
                              const int32_t *seq_first, const int32_t *tile_seq, int num_seqs, int heads, int window,
                              float scale_log2) {
-    constexpr int kThreads = kFwdWarps * mb::kWarpSize, kStride = shape<D>::stride, kN = kKeyTile / 8;
+    constexpr int kThreads = fwd_shape<D, kWarps, kRB>::kThreads, kStride = shape<D>::stride, kN = kKeyTile / 8;
+    constexpr int kRows = 16 * kRB; /* rows per warp */
     extern __shared__ uint4 shared_raw[];
     mb::bf16 *q_tile = reinterpret_cast<mb::bf16 *>(shared_raw);
     mb::bf16 *kv_tiles = q_tile + kFwdQueries * kStride; /* [stage][K, V][kKeyTile rows] */
@@ -358,12 +472,18 @@ __global__ void __launch_bounds__(kFwdWarps *mb::kWarpSize, D <= 64 ? 2 : 1) /* 
     cp_async_commit();
 
     const int warp = threadIdx.x / mb::kWarpSize, lane = threadIdx.x % mb::kWarpSize, quad = lane % 4;
-    const int row0 = t.start + warp * 16, row_a = row0 + lane / 4, row_last = min(row0 + 15, t.end - 1);
+    /* row block rb of this warp: rows row0 + 16·rb ..; this thread's rows row_a + 16·rb (+ 8 for the upper half) */
+    const int row0 = t.start + warp * kRows, row_a = row0 + lane / 4, row_last = min(row0 + kRows - 1, t.end - 1);
     const bool warp_rows = row0 < t.end; /* false: this warp's rows are past the tile (a short tile) */
-    uint32_t q_frag[shape<D>::k_steps][4];
-    float o[shape<D>::d_tiles][4];
-    zero<shape<D>::d_tiles>(o);
-    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f}; /* row_max in scaled (log2) units */
+    uint32_t q_frag[kRB][shape<D>::k_steps][4];
+    float o[kRB][shape<D>::d_tiles][4];
+    float row_max[kRB][2], row_sum[kRB][2]; /* row_max in scaled (log2) units */
+#pragma unroll
+    for (int rb = 0; rb < kRB; rb++) {
+        zero<shape<D>::d_tiles>(o[rb]);
+        row_max[rb][0] = row_max[rb][1] = -INFINITY;
+        row_sum[rb][0] = row_sum[rb][1] = 0.0f;
+    }
 
     for (int i = 0; i < key_tiles; i++) {
         const int k0 = key_lo + i * kKeyTile;
@@ -378,71 +498,82 @@ __global__ void __launch_bounds__(kFwdWarps *mb::kWarpSize, D <= 64 ? 2 : 1) /* 
         __syncthreads();
         if (i == 0) {
 #pragma unroll
-            for (int ks = 0; ks < shape<D>::k_steps; ks++) load_a<kStride>(q_frag[ks], q_tile, warp * 16, ks * 16);
+            for (int rb = 0; rb < kRB; rb++)
+#pragma unroll
+                for (int ks = 0; ks < shape<D>::k_steps; ks++)
+                    load_a<kStride>(q_frag[rb][ks], q_tile, warp * kRows + 16 * rb, ks * 16);
         }
         const mb::bf16 *k_tile = kv_tiles + (i & 1) * 2 * kKeyTile * kStride, *v_tile = k_tile + kKeyTile * kStride;
         const int k_last = k0 + kKeyTile - 1;
         if (warp_rows && blocks_meet(row0, row_last, k0, k_last, window)) {
-            float s[kN][4];
-            zero<kN>(s);
-            scores_reg<D, kN>(s, q_frag, k_tile);
+            float s[kRB][kN][4];
+#pragma unroll
+            for (int rb = 0; rb < kRB; rb++) zero<kN>(s[rb]);
+            scores_reg_rb<D, kN, kRB>(s, q_frag, k_tile);
             if (k_last >= key_hi || !blocks_inside(row0, row_last, k0, k_last, window)) {
 #pragma unroll
-                for (int j = 0; j < kN; j++)
+                for (int rb = 0; rb < kRB; rb++)
 #pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        int query = row_a + 8 * (e / 2), key = k0 + j * 8 + 2 * quad + (e & 1);
-                        if (!(key < key_hi && visible(query, key, window))) s[j][e] = -INFINITY;
-                    }
+                    for (int j = 0; j < kN; j++)
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            int query = row_a + 16 * rb + 8 * (e / 2), key = k0 + j * 8 + 2 * quad + (e & 1);
+                            if (!(key < key_hi && visible(query, key, window))) s[rb][j][e] = -INFINITY;
+                        }
             }
 #pragma unroll
-            for (int half = 0; half < 2; half++) {
-                float tile_max = -INFINITY;
+            for (int rb = 0; rb < kRB; rb++)
 #pragma unroll
-                for (int j = 0; j < kN; j++) tile_max = fmaxf(tile_max, fmaxf(s[j][2 * half], s[j][2 * half + 1]));
-                tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-                tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-                float new_max = fmaxf(row_max[half], tile_max * scale_log2);
-                float reference = new_max == -INFINITY ? 0.0f : new_max; /* a row with nothing visible yet */
-                float correction = exp2f(row_max[half] - reference);
-                row_sum[half] *= correction;
+                for (int half = 0; half < 2; half++) {
+                    float tile_max = -INFINITY;
 #pragma unroll
-                for (int dt = 0; dt < shape<D>::d_tiles; dt++) {
-                    o[dt][2 * half] *= correction;
-                    o[dt][2 * half + 1] *= correction;
+                    for (int j = 0; j < kN; j++)
+                        tile_max = fmaxf(tile_max, fmaxf(s[rb][j][2 * half], s[rb][j][2 * half + 1]));
+                    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+                    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+                    float new_max = fmaxf(row_max[rb][half], tile_max * scale_log2);
+                    float reference = new_max == -INFINITY ? 0.0f : new_max; /* a row with nothing visible yet */
+                    float correction = fast_exp2(row_max[rb][half] - reference);
+                    row_sum[rb][half] *= correction;
+#pragma unroll
+                    for (int dt = 0; dt < shape<D>::d_tiles; dt++) {
+                        o[rb][dt][2 * half] *= correction;
+                        o[rb][dt][2 * half + 1] *= correction;
+                    }
+#pragma unroll
+                    for (int j = 0; j < kN; j++)
+#pragma unroll
+                        for (int e = 2 * half; e < 2 * half + 2; e++) {
+                            /* scale and max folded into one FMA; -inf (masked) -> 0 */
+                            float p = fast_exp2(fmaf(s[rb][j][e], scale_log2, -reference));
+                            s[rb][j][e] = p;
+                            row_sum[rb][half] += p;
+                        }
+                    row_max[rb][half] = new_max;
                 }
-#pragma unroll
-                for (int j = 0; j < kN; j++)
-#pragma unroll
-                    for (int e = 2 * half; e < 2 * half + 2; e++) {
-                        float p = exp2f(fmaf(s[j][e], scale_log2, -reference)); /* -inf (masked) -> 0 */
-                        s[j][e] = p;
-                        row_sum[half] += p;
-                    }
-                row_max[half] = new_max;
-            }
-            accumulate_pv<D, kN>(o, s, v_tile);
+            accumulate_pv_rb<D, kN, kRB>(o, s, v_tile);
         }
         __syncthreads(); /* the stage read here is refilled by the next iteration's prefetch */
     }
 
 #pragma unroll
-    for (int half = 0; half < 2; half++) {
-        row_sum[half] += __shfl_xor_sync(0xffffffffu, row_sum[half], 1);
-        row_sum[half] += __shfl_xor_sync(0xffffffffu, row_sum[half], 2);
-    }
+    for (int rb = 0; rb < kRB; rb++)
 #pragma unroll
-    for (int half = 0; half < 2; half++) {
-        int query = row_a + 8 * half;
-        if (query >= t.end) continue;
-        float inverse = 1.0f / row_sum[half];
+        for (int half = 0; half < 2; half++) {
+            float sum = row_sum[rb][half];
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            int query = row_a + 16 * rb + 8 * half;
+            if (query >= t.end) continue;
+            float inverse = 1.0f / sum;
 #pragma unroll
-        for (int dt = 0; dt < shape<D>::d_tiles; dt++) {
-            mb::bf162 pair = __floats2bfloat162_rn(o[dt][2 * half] * inverse, o[dt][2 * half + 1] * inverse);
-            *reinterpret_cast<mb::bf162 *>(out + (size_t)query * hidden + head * D + dt * 8 + 2 * quad) = pair;
+            for (int dt = 0; dt < shape<D>::d_tiles; dt++) {
+                mb::bf162 pair =
+                    __floats2bfloat162_rn(o[rb][dt][2 * half] * inverse, o[rb][dt][2 * half + 1] * inverse);
+                *reinterpret_cast<mb::bf162 *>(out + (size_t)query * hidden + head * D + dt * 8 + 2 * quad) = pair;
+            }
+            if (quad == 0) lse[(size_t)query * heads + head] = (row_max[rb][half] + log2f(sum)) * kLn2;
         }
-        if (quad == 0) lse[(size_t)query * heads + head] = (row_max[half] + log2f(row_sum[half])) * kLn2;
-    }
 }
 
 /* ---- backward ---- */
@@ -536,7 +667,7 @@ __global__ void __launch_bounds__(kDetWarps *mb::kWarpSize)
             for (int e = 0; e < 4; e++) {
                 int half = e / 2, query = row_a + 8 * half, key = k0 + j * 8 + 2 * quad + (e & 1);
                 bool ok = query < t.end && key < key_hi && visible(query, key, window);
-                float p = ok ? exp2f(s[j][e] * scale_log2 - row_lse[half]) : 0.0f;
+                float p = ok ? fast_exp2(s[j][e] * scale_log2 - row_lse[half]) : 0.0f;
                 s[j][e] = p * (dp[j][e] - row_delta[half]); /* dS */
             }
         accumulate_pv<D, kN>(dq, s, k_tile);
@@ -625,7 +756,7 @@ __global__ void __launch_bounds__(kDetWarps *mb::kWarpSize)
             for (int e = 0; e < 4; e++) {
                 int key = key_a + 8 * (e / 2), column = j * 8 + 2 * quad + (e & 1), query = q0 + column;
                 bool ok = query < query_hi && key < t.end && visible(query, key, window);
-                float p = ok ? exp2f(fmaf(s[j][e], scale_log2, -lse_tile[column] * kLog2e)) : 0.0f;
+                float p = ok ? fast_exp2(fmaf(s[j][e], scale_log2, -lse_tile[column] * kLog2e)) : 0.0f;
                 s[j][e] = p;
                 dp[j][e] = p * (dp[j][e] - delta_tile[column]); /* dSᵀ */
             }
@@ -659,13 +790,18 @@ __device__ __forceinline__ void load_a_trans(uint32_t a[4], const mb::bf16 *tile
     mb::ldmatrix_x4_trans(a, tile + (col0 + (lane & 7) + ((lane >> 4) << 3)) * kStride + row0 + ((lane >> 3) & 1) * 8);
 }
 
-/* The atomic backward's shape: 16·kWarps keys per block, query steps of kQ (register budget: S and dP hold kQ/2
- * floats each per thread), kMinBlocks blocks per SM (caps the registers at 65536 / (kMinBlocks·32·kWarps)); the dQ
- * product dS[kQ × keys]·K[keys × D] is split over the warps: each owns a 16-query chunk and n_cols columns of D. */
-template <int D, int kWarps>
+/* The atomic backward's shape: kWarps warps of kRB row blocks of 16 keys (16·kRB·kWarps keys per block), query steps
+ * of kQ (register budget: S and dP hold kRB·kQ/2 floats each per thread), kMinBlocks blocks per SM (caps the registers
+ * at 65536 / (kMinBlocks·32·kWarps)); the dQ product dS[kQ × keys]·K[keys × D] is split over the warps: each owns a
+ * 16-query chunk and n_cols columns of D. Instances: <D, 4, 2> v4 default for head_dim <= 64 (128 keys, 32 per warp);
+ * <D, 4, 1> v3 (64 keys; default at head_dim 128, MB_ATTENTION_BWD=v3 elsewhere); <D, 8, 1> the 128-key 8-warp
+ * variant (MB_ATTENTION_BWD_KEYS=128). */
+template <int D, int kWarps, int kRB>
 struct bwd_shape {
-    static constexpr int kKeys = 16 * kWarps, kQ = kWarps == 4 ? 32 : shape<D>::dkdv_queries, kDsStride = kQ + 8;
-    static constexpr int kMinBlocks = kWarps == 4 ? (D <= 32 ? 4 : D <= 64 ? 3 : 2) : 1;
+    static constexpr int kRows = 16 * kRB; /* keys per warp */
+    static constexpr int kKeys = kRows * kWarps, kQ = kWarps == 4 ? 32 : shape<D>::dkdv_queries, kDsStride = kQ + 8;
+    static constexpr int kMinBlocks =
+        kRB == 2 ? (D <= 32 ? 3 : 2) : (kWarps == 4 ? (D <= 32 ? 4 : D <= 64 ? 3 : 2) : 1);
     static constexpr int m_chunks = kQ / 16, n_parts = kWarps / m_chunks, n_cols = D / n_parts;
     static_assert(kWarps % m_chunks == 0 && D % n_parts == 0 && n_cols % 16 == 0, "dQ split of the warps");
     static constexpr size_t shared_bytes() {
@@ -674,19 +810,20 @@ struct bwd_shape {
     }
 };
 
-/* FlashAttention-2 backward (v3) for one key tile of 16·kWarps keys: dK and dV in registers over the query steps that
- * see the tile (Q, dO, lse, D_i double-buffered); per step dSᵀ goes to shared memory as [key][query] bf16 (paired
- * 32-bit stores) and the block adds dS·K (A fragments by ldmatrix .trans) into the fp32 dQ accumulator [n, H]
- * (unscaled; the convert kernel applies the scale) with 16-byte vector reductions. Two barriers per step. */
-template <int D, int kWarps>
-__global__ void __launch_bounds__(kWarps *mb::kWarpSize, bwd_shape<D, kWarps>::kMinBlocks)
+/* FlashAttention-2 backward (v3 / v4) for one key tile of kKeys keys: dK and dV in registers over the query steps
+ * that see the tile (Q, dO, lse, D_i double-buffered); per step dSᵀ goes to shared memory as [key][query] bf16
+ * (paired 32-bit stores) and the block adds dS·K (A fragments by ldmatrix .trans) into the fp32 dQ accumulator [n, H]
+ * (unscaled; the convert kernel applies the scale) with 16-byte vector reductions. Two barriers per step. With
+ * kRB = 2 each Q / dO fragment read from shared memory feeds both of a warp's 16-key row blocks. */
+template <int D, int kWarps, int kRB>
+__global__ void __launch_bounds__(kWarps *mb::kWarpSize, bwd_shape<D, kWarps, kRB>::kMinBlocks)
     attention_backward_kernel(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout, const float *lse,
                               const float *delta, const mb::bf16 *qkv, const int32_t *cu_seqlens,
                               const int32_t *seq_first, const int32_t *tile_seq, int num_seqs, int heads, int window,
                               float scale, float scale_log2) {
-    using config = bwd_shape<D, kWarps>;
+    using config = bwd_shape<D, kWarps, kRB>;
     constexpr int kThreads = kWarps * mb::kWarpSize, kKeys = config::kKeys, kStride = shape<D>::stride;
-    constexpr int kQ = config::kQ, kDsStride = config::kDsStride, kNq = kQ / 8;
+    constexpr int kQ = config::kQ, kDsStride = config::kDsStride, kNq = kQ / 8, kRows = config::kRows;
     extern __shared__ uint4 shared_raw[];
     mb::bf16 *k_tile = reinterpret_cast<mb::bf16 *>(shared_raw);
     mb::bf16 *v_tile = k_tile + kKeys * kStride, *ds_tile = v_tile + kKeys * kStride; /* ds: [kKeys][kDsStride] */
@@ -707,13 +844,17 @@ __global__ void __launch_bounds__(kWarps *mb::kWarpSize, bwd_shape<D, kWarps>::k
     cp_async_commit();
 
     const int warp = threadIdx.x / mb::kWarpSize, lane = threadIdx.x % mb::kWarpSize, quad = lane % 4;
-    const int key0 = t.start + warp * 16, key_a = key0 + lane / 4, key_last = min(key0 + 15, t.end - 1);
+    /* row block rb: keys key0 + 16·rb ..; this thread's keys key_a + 16·rb (+ 8 for the upper half) */
+    const int key0 = t.start + warp * kRows, key_a = key0 + lane / 4, key_last = min(key0 + kRows - 1, t.end - 1);
     const bool warp_keys = key0 < t.end; /* false: this warp's keys are past the tile (a short tile) */
     const int m0 = (warp % config::m_chunks) * 16, n0 = (warp / config::m_chunks) * config::n_cols;
-    mb::bf16 *ds_rows = ds_tile + (warp * 16 + lane / 4) * kDsStride + 2 * quad; /* this thread's dSᵀ row, pair */
-    float dk[shape<D>::d_tiles][4], dv[shape<D>::d_tiles][4];
-    zero<shape<D>::d_tiles>(dk);
-    zero<shape<D>::d_tiles>(dv);
+    mb::bf16 *ds_rows = ds_tile + (warp * kRows + lane / 4) * kDsStride + 2 * quad; /* this thread's dSᵀ row, pair */
+    float dk[kRB][shape<D>::d_tiles][4], dv[kRB][shape<D>::d_tiles][4];
+#pragma unroll
+    for (int rb = 0; rb < kRB; rb++) {
+        zero<shape<D>::d_tiles>(dk[rb]);
+        zero<shape<D>::d_tiles>(dv[rb]);
+    }
 
     for (int i = 0; i < query_steps; i++) {
         const int q0 = query_lo + i * kQ, q_last = q0 + kQ - 1;
@@ -727,52 +868,74 @@ __global__ void __launch_bounds__(kWarps *mb::kWarpSize, bwd_shape<D, kWarps>::k
         __syncthreads();
         const mb::bf16 *q_tile = stages.q(i & 1), *do_tile = stages.dout(i & 1);
         const float *lse_tile = stages.lse(i & 1), *delta_tile = stages.delta(i & 1);
-        /* Sᵀ, then Pᵀ packed to bf16 pairs (the A operand of dV += Pᵀ·dO) so that only 16 registers of it live while
-         * dPᵀ is computed; dSᵀ = Pᵀ(dPᵀ − D) from the bf16 Pᵀ, packed likewise for dK += dSᵀ·Q and the dS store. */
-        uint32_t p_pk[kNq][2], ds_pk[kNq][2]; /* [n-tile][row half]: bf16 pairs of columns 2·quad, 2·quad + 1 */
+        /* Sᵀ, then Pᵀ packed to bf16 pairs (the A operand of dV += Pᵀ·dO) so that only half the registers of it live
+         * while dPᵀ is computed; dSᵀ = Pᵀ(dPᵀ − D) from the bf16 Pᵀ, packed likewise for dK += dSᵀ·Q and the dS
+         * store. [rb][n-tile][row half]: bf16 pairs of columns 2·quad, 2·quad + 1. */
+        uint32_t p_pk[kRB][kNq][2], ds_pk[kRB][kNq][2];
         if (warp_keys && blocks_meet(key0, key_last, q0, q_last, window)) {
-            const bool masked = q_last >= query_hi || key0 + 15 >= t.end ||
-                                !blocks_inside(key0, key_last, q0, q_last, window);
             {
-                float s[kNq][4]; /* transposed: rows are this warp's keys, columns the queries */
-                zero<kNq>(s);
-                scores<D, kNq>(s, k_tile, warp * 16, q_tile);
+                float s[kRB][kNq][4]; /* transposed: rows are this warp's keys, columns the queries */
+#pragma unroll
+                for (int rb = 0; rb < kRB; rb++) zero<kNq>(s[rb]);
+                scores_rb<D, kNq, kRB>(s, k_tile, warp * kRows, q_tile);
+                if (q_last >= query_hi || key0 + kRows - 1 >= t.end ||
+                    !blocks_inside(key0, key_last, q0, q_last, window)) { /* warp-uniform: boundary steps only */
+#pragma unroll
+                    for (int rb = 0; rb < kRB; rb++)
+#pragma unroll
+                        for (int j = 0; j < kNq; j++)
+#pragma unroll
+                            for (int e = 0; e < 4; e++) {
+                                int key = key_a + 16 * rb + 8 * (e / 2), query = q0 + j * 8 + 2 * quad + (e & 1);
+                                if (!(query < query_hi && key < t.end && visible(query, key, window)))
+                                    s[rb][j][e] = -INFINITY; /* exp2 -> +0 */
+                            }
+                }
 #pragma unroll
                 for (int j = 0; j < kNq; j++) {
+                    const float lse0 = lse_tile[j * 8 + 2 * quad] * kLog2e, lse1 = lse_tile[j * 8 + 2 * quad + 1] * kLog2e;
 #pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        int key = key_a + 8 * (e / 2), column = j * 8 + 2 * quad + (e & 1), query = q0 + column;
-                        bool ok = !masked || (query < query_hi && key < t.end && visible(query, key, window));
-                        s[j][e] = ok ? exp2f(fmaf(s[j][e], scale_log2, -lse_tile[column] * kLog2e)) : 0.0f;
-                    }
-                    p_pk[j][0] = mb::pack_bf16x2(s[j][0], s[j][1]);
-                    p_pk[j][1] = mb::pack_bf16x2(s[j][2], s[j][3]);
+                    for (int rb = 0; rb < kRB; rb++)
+#pragma unroll
+                        for (int half = 0; half < 2; half++)
+                            p_pk[rb][j][half] =
+                                mb::pack_bf16x2(fast_exp2(fmaf(s[rb][j][2 * half], scale_log2, -lse0)),
+                                                fast_exp2(fmaf(s[rb][j][2 * half + 1], scale_log2, -lse1)));
                 }
             }
-            accumulate_packed<D, kNq>(dv, p_pk, do_tile);
-            float dp[kNq][4];
-            zero<kNq>(dp);
-            scores<D, kNq>(dp, v_tile, warp * 16, do_tile);
+            accumulate_packed_rb<D, kNq, kRB>(dv, p_pk, do_tile);
+            float dp[kRB][kNq][4];
+#pragma unroll
+            for (int rb = 0; rb < kRB; rb++) zero<kNq>(dp[rb]);
+            scores_rb<D, kNq, kRB>(dp, v_tile, warp * kRows, do_tile);
 #pragma unroll
             for (int j = 0; j < kNq; j++) {
-                float delta0 = delta_tile[j * 8 + 2 * quad], delta1 = delta_tile[j * 8 + 2 * quad + 1];
+                const float delta0 = delta_tile[j * 8 + 2 * quad], delta1 = delta_tile[j * 8 + 2 * quad + 1];
 #pragma unroll
-                for (int half = 0; half < 2; half++) {
-                    float2 p = __bfloat1622float2(*reinterpret_cast<const mb::bf162 *>(&p_pk[j][half]));
-                    ds_pk[j][half] = mb::pack_bf16x2(p.x * (dp[j][2 * half] - delta0), p.y * (dp[j][2 * half + 1] - delta1));
-                }
+                for (int rb = 0; rb < kRB; rb++)
+#pragma unroll
+                    for (int half = 0; half < 2; half++) {
+                        float2 p = __bfloat1622float2(*reinterpret_cast<const mb::bf162 *>(&p_pk[rb][j][half]));
+                        ds_pk[rb][j][half] = mb::pack_bf16x2(p.x * (dp[rb][j][2 * half] - delta0),
+                                                             p.y * (dp[rb][j][2 * half + 1] - delta1));
+                    }
             }
-            accumulate_packed<D, kNq>(dk, ds_pk, q_tile);
+            accumulate_packed_rb<D, kNq, kRB>(dk, ds_pk, q_tile);
         } else {
 #pragma unroll
-            for (int j = 0; j < kNq; j++) ds_pk[j][0] = ds_pk[j][1] = 0u;
+            for (int rb = 0; rb < kRB; rb++)
+#pragma unroll
+                for (int j = 0; j < kNq; j++) ds_pk[rb][j][0] = ds_pk[rb][j][1] = 0u;
         }
         /* dSᵀ (zeros for a warp that skipped) -> ds_tile[key][query], two queries per 32-bit store */
 #pragma unroll
-        for (int j = 0; j < kNq; j++)
+        for (int rb = 0; rb < kRB; rb++)
 #pragma unroll
-            for (int half = 0; half < 2; half++)
-                *reinterpret_cast<uint32_t *>(ds_rows + 8 * half * kDsStride + j * 8) = ds_pk[j][half];
+            for (int j = 0; j < kNq; j++)
+#pragma unroll
+                for (int half = 0; half < 2; half++)
+                    *reinterpret_cast<uint32_t *>(ds_rows + (16 * rb + 8 * half) * kDsStride + j * 8) =
+                        ds_pk[rb][j][half];
         __syncthreads();
         /* dQ[q0 + m0 .., n0 ..] += dS[m0 .., all keys] · K[all keys, n0 ..]; skipped (exactly: those dS rows are zero)
          * when the warp's 16 queries are past the sequence or see none of the tile's keys (warp-uniform). */
@@ -808,8 +971,11 @@ __global__ void __launch_bounds__(kWarps *mb::kWarpSize, bwd_shape<D, kWarps>::k
             }
         }
     }
-    store_rows<D>(dqkv + hidden + head * D, qkv_stride, dk, key_a, t.end, scale);
-    store_rows<D>(dqkv + 2 * hidden + head * D, qkv_stride, dv, key_a, t.end, 1.0f);
+#pragma unroll
+    for (int rb = 0; rb < kRB; rb++) {
+        store_rows<D>(dqkv + hidden + head * D, qkv_stride, dk[rb], key_a + 16 * rb, t.end, scale);
+        store_rows<D>(dqkv + 2 * hidden + head * D, qkv_stride, dv[rb], key_a + 16 * rb, t.end, 1.0f);
+    }
 }
 
 /* dQ block of dqkv = bf16(scale · dq_accum), eight elements per thread. */
@@ -886,18 +1052,41 @@ int plan_tiles(workspace_layout w, const int32_t *cu_seqlens, int num_seqs, int 
     return 0;
 }
 
+template <int D, int kWarps, int kRB>
+int launch_forward_shape(mb::bf16 *out, float *lse, workspace_layout w, const mb::bf16 *qkv,
+                         const int32_t *cu_seqlens, int num_seqs, int n, int heads, int window, cudaStream_t stream,
+                         mb_error *err) {
+    if (plan_tiles(w, cu_seqlens, num_seqs, kFwdQueries, stream, err) != 0) return -1;
+    size_t shared = shape<D>::tile_bytes(kFwdQueries) + 4 * shape<D>::tile_bytes(kKeyTile);
+    auto kernel = attention_forward_kernel<D, kWarps, kRB>;
+    if (set_shared_limit(kernel, shared, err) != 0) return -1;
+    float scale_log2 = kLog2e / sqrtf((float)D);
+    kernel<<<grid_blocks(n, num_seqs, heads, kFwdQueries), fwd_shape<D, kWarps, kRB>::kThreads, shared, stream>>>(
+        out, lse, qkv, cu_seqlens, w.seq_first, w.tile_seq, num_seqs, heads, window, scale_log2);
+    MB_CUDA_CHECK_LAUNCH(err, "attention_forward_kernel");
+    return 0;
+}
+
+bool env_is(const char *name, const char *value) {
+    const char *set = getenv(name);
+    return set != nullptr && strcmp(set, value) == 0;
+}
+
+/* v4 (4 warps × 32 rows) for global layers at head_dim <= 64 unless MB_ATTENTION_FWD=v3 (read per call); head_dim
+ * 128 keeps v3's 8 warps × 16 rows (two 16 × 128 fp32 O blocks per warp would not fit the registers), and so do
+ * sliding-window layers (measured on an H200 at window 64: v3 0.195 ms, v4 0.258 ms; MB_ATTENTION_FWD=v4 forces v4). */
+constexpr int kLocalForwardMaxWindow = 256;
+
 template <int D>
 int launch_forward(mb::bf16 *out, float *lse, workspace_layout w, const mb::bf16 *qkv, const int32_t *cu_seqlens,
                    int num_seqs, int n, int heads, int window, cudaStream_t stream, mb_error *err) {
-    if (plan_tiles(w, cu_seqlens, num_seqs, kFwdQueries, stream, err) != 0) return -1;
-    size_t shared = shape<D>::tile_bytes(kFwdQueries) + 4 * shape<D>::tile_bytes(kKeyTile);
-    if (set_shared_limit(attention_forward_kernel<D>, shared, err) != 0) return -1;
-    float scale_log2 = kLog2e / sqrtf((float)D);
-    attention_forward_kernel<D><<<grid_blocks(n, num_seqs, heads, kFwdQueries), kFwdWarps * mb::kWarpSize, shared,
-                                  stream>>>(out, lse, qkv, cu_seqlens, w.seq_first, w.tile_seq, num_seqs, heads,
-                                            window, scale_log2);
-    MB_CUDA_CHECK_LAUNCH(err, "attention_forward_kernel");
-    return 0;
+    if constexpr (D <= 64) {
+        const bool local = window >= 0 && window <= kLocalForwardMaxWindow;
+        if (env_is("MB_ATTENTION_FWD", "v4") || (!local && !env_is("MB_ATTENTION_FWD", "v3")))
+            return launch_forward_shape<D, 4, 2>(out, lse, w, qkv, cu_seqlens, num_seqs, n, heads, window, stream,
+                                                 err);
+    }
+    return launch_forward_shape<D, 8, 1>(out, lse, w, qkv, cu_seqlens, num_seqs, n, heads, window, stream, err);
 }
 
 template <int D>
@@ -922,15 +1111,15 @@ int launch_backward_deterministic(mb::bf16 *dqkv, workspace_layout w, const mb::
     return 0;
 }
 
-template <int D, int kWarps>
+template <int D, int kWarps, int kRB>
 int launch_backward_atomic(mb::bf16 *dqkv, workspace_layout w, const mb::bf16 *dout, const float *lse,
                            const mb::bf16 *qkv, const int32_t *cu_seqlens, int num_seqs, int n, int heads, int window,
                            cudaStream_t stream, mb_error *err) {
-    using config = bwd_shape<D, kWarps>;
+    using config = bwd_shape<D, kWarps, kRB>;
     float scale = 1.0f / sqrtf((float)D), scale_log2 = kLog2e * scale;
     if (plan_tiles(w, cu_seqlens, num_seqs, config::kKeys, stream, err) != 0) return -1;
     size_t shared = config::shared_bytes();
-    auto kernel = attention_backward_kernel<D, kWarps>;
+    auto kernel = attention_backward_kernel<D, kWarps, kRB>;
     if (set_shared_limit(kernel, shared, err) != 0) return -1;
     kernel<<<grid_blocks(n, num_seqs, heads, config::kKeys), kWarps * mb::kWarpSize, shared, stream>>>(
         dqkv, w.dq_accum, dout, lse, w.delta, qkv, cu_seqlens, w.seq_first, w.tile_seq, num_seqs, heads, window,
@@ -944,28 +1133,29 @@ int launch_backward_atomic(mb::bf16 *dqkv, workspace_layout w, const mb::bf16 *d
     return 0;
 }
 
-/* Which backward runs. deterministic = 1: the ordered kernels. deterministic = 0: the atomic kernel with 64-key
- * blocks, except local layers (0 <= window <= kLocalMaxWindow) when kLocalPrefersOrdered. Benchmark overrides
- * (docs/kernels/attention.md), read per call: MB_ATTENTION_BWD_LOCAL=ordered|atomic picks the local layers' path,
- * MB_ATTENTION_BWD_KEYS=128 the 8-warp, 128-key blocks of the atomic kernel. */
-enum class backward_path { ordered, atomic_64, atomic_128 };
+/* Which backward runs. deterministic = 1: the ordered kernels. deterministic = 0: the atomic kernel, v4 (4 warps ×
+ * 32 keys, 128-key blocks) on global layers, v3 (4 warps × 16 keys, 64-key blocks: less work outside a narrow band)
+ * on local layers (0 <= window <= kLocalMaxWindow), or the ordered kernels there when kLocalPrefersOrdered; head_dim
+ * 128 always takes v3 (v4's dK/dV would not fit the registers). Overrides (docs/kernels/attention.md), read per call:
+ * MB_ATTENTION_BWD=v3|v4 forces the atomic kernel's version on every layer, MB_ATTENTION_BWD_LOCAL=ordered|atomic
+ * picks the local layers' path, MB_ATTENTION_BWD_KEYS=128 the 8-warp, 128-key blocks of v3 (benchmarks). */
+enum class backward_path { ordered, atomic_v3, atomic_v3_128, atomic_v4 };
 
-constexpr bool kLocalPrefersOrdered = false; /* v2: ordered 0.709 ms vs atomic 0.799 at window 64; v3: to measure */
+constexpr bool kLocalPrefersOrdered = false; /* v3: ordered 0.669 ms vs atomic 0.506 at window 64 (1024 tokens) */
 constexpr int kLocalMaxWindow = 256;
-
-bool env_is(const char *name, const char *value) {
-    const char *set = getenv(name);
-    return set != nullptr && strcmp(set, value) == 0;
-}
 
 backward_path choose_backward(int window, int deterministic) {
     if (deterministic) return backward_path::ordered;
-    if (window >= 0 && window <= kLocalMaxWindow) {
+    const bool local = window >= 0 && window <= kLocalMaxWindow;
+    if (local) {
         bool ordered = env_is("MB_ATTENTION_BWD_LOCAL", "ordered") ||
                        (kLocalPrefersOrdered && !env_is("MB_ATTENTION_BWD_LOCAL", "atomic"));
         if (ordered) return backward_path::ordered;
     }
-    return env_is("MB_ATTENTION_BWD_KEYS", "128") ? backward_path::atomic_128 : backward_path::atomic_64;
+    if (env_is("MB_ATTENTION_BWD_KEYS", "128")) return backward_path::atomic_v3_128;
+    if (env_is("MB_ATTENTION_BWD", "v3")) return backward_path::atomic_v3;
+    if (env_is("MB_ATTENTION_BWD", "v4")) return backward_path::atomic_v4;
+    return local ? backward_path::atomic_v3 : backward_path::atomic_v4;
 }
 
 template <int D>
@@ -976,12 +1166,17 @@ int launch_backward(mb::bf16 *dqkv, workspace_layout w, const mb::bf16 *dout, co
     case backward_path::ordered:
         return launch_backward_deterministic<D>(dqkv, w, dout, lse, qkv, cu_seqlens, num_seqs, n, heads, window,
                                                 stream, err);
-    case backward_path::atomic_128:
-        return launch_backward_atomic<D, 8>(dqkv, w, dout, lse, qkv, cu_seqlens, num_seqs, n, heads, window, stream,
-                                            err);
+    case backward_path::atomic_v3_128:
+        return launch_backward_atomic<D, 8, 1>(dqkv, w, dout, lse, qkv, cu_seqlens, num_seqs, n, heads, window,
+                                               stream, err);
+    case backward_path::atomic_v4:
+        if constexpr (D <= 64)
+            return launch_backward_atomic<D, 4, 2>(dqkv, w, dout, lse, qkv, cu_seqlens, num_seqs, n, heads, window,
+                                                   stream, err);
+        [[fallthrough]];
     default:
-        return launch_backward_atomic<D, 4>(dqkv, w, dout, lse, qkv, cu_seqlens, num_seqs, n, heads, window, stream,
-                                            err);
+        return launch_backward_atomic<D, 4, 1>(dqkv, w, dout, lse, qkv, cu_seqlens, num_seqs, n, heads, window,
+                                               stream, err);
     }
 }
 

@@ -729,6 +729,33 @@ Test(gpu_ops, attention_backward_variants) {
     run_attention("window 150", lengths, 6, 2, 64, 150, 76); /* windows wider than a 64-key tile's step */
 }
 
+/* Attention v4 against v3 (cuda/attention.cu): by default global layers run the 32-rows-per-warp forward and
+ * backward (head_dim <= 64) and local layers the v3 forward and backward; MB_ATTENTION_FWD=v4 and MB_ATTENTION_BWD=v4
+ * put local windows (narrow and wide) and head_dim 32 / 128 (which falls back to v3) through the v4 kernels,
+ * MB_ATTENTION_FWD=v3 and MB_ATTENTION_BWD=v3 keep the v3 kernels tested on global layers. */
+Test(gpu_ops, attention_v4_variants) {
+    require_gpu();
+    int count = (int)(sizeof kShortLengths / sizeof kShortLengths[0]);
+    int lengths[] = {1, 100, 64, 129, 7, 300, 257, 128};
+    setenv("MB_ATTENTION_BWD", "v4", 1);
+    setenv("MB_ATTENTION_FWD", "v4", 1);
+    run_attention("v4 local", kShortLengths, count, 2, 64, 64, 81);
+    run_attention("v4 local", kShortLengths, count, 2, 64, 5, 82);
+    run_attention("v4 local", kShortLengths, count, 2, 64, 1, 83);
+    run_attention("v4 window 150", lengths, 8, 2, 64, 150, 84);
+    run_attention("v4 d32", lengths, 8, 3, 32, 3, 85);
+    run_attention("v4 d128", lengths, 8, 2, 128, 64, 86);
+    unsetenv("MB_ATTENTION_BWD");
+    unsetenv("MB_ATTENTION_FWD");
+    setenv("MB_ATTENTION_FWD", "v3", 1);
+    setenv("MB_ATTENTION_BWD", "v3", 1);
+    run_attention("v3", kShortLengths, count, 2, 64, -1, 87);
+    run_attention("v3 d32", lengths, 8, 3, 32, -1, 88);
+    unsetenv("MB_ATTENTION_FWD");
+    unsetenv("MB_ATTENTION_BWD");
+    run_attention("v4 global", lengths, 8, 4, 64, -1, 89); /* 257, 300: tiles of 128 with short tails */
+}
+
 /* ================================================================================================ activation */
 
 static const mb_activation kActivations[] = {MB_ACT_GELU, MB_ACT_GELU_TANH, MB_ACT_SILU, MB_ACT_RELU};
