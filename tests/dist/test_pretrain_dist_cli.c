@@ -8,17 +8,14 @@
 #include <string.h>
 #include <sys/wait.h>
 
+#include "../support/run_command.h"
+
 static int run(const char *environment, const char *arguments, char *output, size_t output_size) {
     char command[4096];
     snprintf(command, sizeof command, "env -u RANK -u WORLD_SIZE -u LOCAL_RANK -u OMPI_COMM_WORLD_RANK "
              "-u OMPI_COMM_WORLD_SIZE -u SLURM_STEP_ID -u SLURM_STEPID %s %s/modernbert pretrain %s 2>&1",
              environment, MB_BUILD_DIR, arguments);
-    FILE *pipe = popen(command, "r");
-    cr_assert_not_null(pipe);
-    size_t length = fread(output, 1, output_size - 1, pipe);
-    output[length] = '\0';
-    int status = pclose(pipe);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    return run_command(command, output, output_size);
 }
 
 #define CONFIG MB_SOURCE_DIR "/configs/tiny.yaml"

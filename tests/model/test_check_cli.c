@@ -9,18 +9,14 @@
 #include <unistd.h>
 
 #include "io/safetensors.h"
+#include "../support/run_command.h"
 
 #define FIXTURE MB_SOURCE_DIR "/tests/fixtures/hf/mlm_hd64_window_large_every3"
 
 static int run(const char *arguments, char *output, size_t output_size) {
     char command[4096];
     snprintf(command, sizeof command, "%s/modernbert %s 2>&1", MB_BUILD_DIR, arguments);
-    FILE *pipe = popen(command, "r");
-    cr_assert_not_null(pipe);
-    size_t length = fread(output, 1, output_size - 1, pipe);
-    output[length] = '\0';
-    int status = pclose(pipe);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    return run_command(command, output, output_size);
 }
 
 static float read_scalar(const char *path, const char *name) {

@@ -14,24 +14,9 @@
 #include "io/safetensors.h"
 #include "model/model.h"
 #include "train/checkpoint.h"
+#include "../support/run_command.h"
 
 static char workdir[256];
-
-static int run_command(const char *command, char *output, size_t output_size) {
-    FILE *pipe = popen(command, "r");
-    cr_assert_not_null(pipe);
-    size_t length = 0, got;
-    char scratch[4096];
-    while ((got = fread(scratch, 1, sizeof scratch, pipe)) > 0) {
-        size_t room = output_size - 1 - length;
-        size_t take = got < room ? got : room;
-        memcpy(output + length, scratch, take);
-        length += take;
-    }
-    output[length] = '\0';
-    int status = pclose(pipe);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
 
 /* A small corpus of varied sentences, tokenized once for all tests of this file. */
 static void make_shards(void) {
