@@ -28,6 +28,7 @@
 #include "io/batch_file.h"
 #include "io/safetensors.h"
 #include "model/model.h"
+#include "../support/hf_fixture.h"
 
 #define LOSS_TOLERANCE 1e-2
 #define LOGIT_TOLERANCE 2e-2
@@ -48,15 +49,6 @@ static bool small_mode(void) {
 static const char *source_dir(void) {
     const char *dir = getenv("MB_SOURCE_DIR");
     return dir != NULL && dir[0] != '\0' ? dir : MB_SOURCE_DIR;
-}
-
-static double relative_error(const float *a, const float *b, size_t count) {
-    double diff = 0.0, norm = 0.0;
-    for (size_t i = 0; i < count; i++) {
-        diff += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-        norm += (double)b[i] * b[i];
-    }
-    return norm > 0 ? sqrt(diff / norm) : sqrt(diff);
 }
 
 static bool all_finite(const float *a, size_t count) {
@@ -136,17 +128,6 @@ static void expect_loss(const char *what, double gpu, double ref) {
 }
 
 /* ---- fixtures: CPU backend and transformers ---- */
-
-static float *expected_tensor(const mb_safetensors *st, const char *name, size_t count) {
-    const mb_st_tensor *t = mb_st_find(st, name);
-    cr_assert_not_null(t, "expected.safetensors has no '%s'", name);
-    cr_assert_eq((size_t)mb_st_numel(t), count, "'%s': %lld elements, want %zu", name, (long long)mb_st_numel(t),
-                 count);
-    float *data = malloc(count * sizeof(float));
-    mb_error err;
-    cr_assert_eq(mb_st_read_f32(st, t, data, (int64_t)count, &err), 0, "%s", err.message);
-    return data;
-}
 
 static void check_fixture(const char *name) {
     require_gpu();
