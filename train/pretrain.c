@@ -98,13 +98,11 @@ static int launch_workers(int argc, char **original_argv, const mb_launch_option
 
 /* Ranks other than 0 keep stderr (errors, prefixed with their rank) but not stdout: rank 0 logs for the run.
  * MB_LOG_ALL_RANKS=1 keeps every rank's output (debugging). */
-static void quiet_other_ranks(void) {
-    mb_dist_env env;
-    mb_error err = {{0}};
-    if (mb_dist_env_detect(&env, NULL, NULL, &err) != 0 || env.rank == 0) return;
+static void quiet_other_ranks(const mb_dist_env *env) {
+    if (env->rank == 0) return;
     const char *keep = getenv("MB_LOG_ALL_RANKS");
     if (keep != NULL && strcmp(keep, "1") == 0) return;
-    if (freopen("/dev/null", "w", stdout) == NULL) fprintf(stderr, "rank %d: cannot silence stdout\n", env.rank);
+    if (freopen("/dev/null", "w", stdout) == NULL) fprintf(stderr, "rank %d: cannot silence stdout\n", env->rank);
 }
 
 int mb_cmd_pretrain(int argc, char **argv) {
@@ -170,7 +168,15 @@ int mb_cmd_pretrain(int argc, char **argv) {
         return exit_code;
     }
     free(original_argv);
-    quiet_other_ranks();
+    /* where this process stands (one process, or a rank of a group the environment describes): read once */
+    mb_dist_env env;
+    mb_error env_err = {{0}};
+    if (mb_dist_env_detect(&env, NULL, NULL, &env_err) != 0) {
+        fprintf(stderr, "modernbert pretrain: %s\n", env_err.message);
+        return 1;
+    }
+    quiet_other_ranks(&env);
+    options.dist_env = &env;
     if (optind >= argc) {
         fprintf(stderr, "modernbert pretrain: a CONFIG.yaml is required (see --help)\n");
         return 2;
@@ -205,10 +211,7 @@ int mb_cmd_pretrain(int argc, char **argv) {
     sigaction(SIGTERM, &action, NULL);
     int rc = mb_pretrain(config, &options, &err);
     if (rc != 0) {
-        mb_dist_env env;
-        mb_error env_err = {{0}};
-        if (mb_dist_env_detect(&env, NULL, NULL, &env_err) == 0 && env.world_size > 1 &&
-            strncmp(err.message, "rank ", 5) != 0)
+        if (env.world_size > 1 && strncmp(err.message, "rank ", 5) != 0)
             fprintf(stderr, "modernbert pretrain: rank %d: %s\n", env.rank, err.message);
         else
             fprintf(stderr, "modernbert pretrain: %s\n", err.message);

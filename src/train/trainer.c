@@ -700,11 +700,12 @@ static int reserve_activations(trainer *t, mb_error *err) {
     return t->backend->ops->reserve(t->backend, (int)tokens, (int)tokens, rows, err);
 }
 
-/* One process, or rank `env.rank` of a data-parallel group found in the environment (torchrun-style variables,
- * Slurm, Open MPI or `modernbert pretrain --nproc-per-node`; docs/distributed.md). */
+/* One process, or rank `env.rank` of the data-parallel group the caller found in the environment (torchrun-style
+ * variables, Slurm, Open MPI or `modernbert pretrain --nproc-per-node`; docs/distributed.md). */
 static int setup_dist(trainer *t, mb_error *err) {
     const mb_run_config *c = t->cfg;
-    if (mb_dist_env_detect(&t->env, NULL, NULL, err) != 0) return -1;
+    if (t->options->dist_env == NULL) return 0;  /* one process: rank 0 of 1 */
+    t->env = *t->options->dist_env;
     t->rank = t->env.rank;
     t->world_size = t->env.world_size;
     if (t->world_size == 1) return 0;

@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include "common/error.h"
+#include "dist/env.h"
 #include "train/run_config.h"
 
 typedef struct mb_pretrain_options {
@@ -18,6 +19,8 @@ typedef struct mb_pretrain_options {
     int resume;                         /* continue from the newest complete checkpoint of run.output_dir */
     int64_t max_steps;                  /* stop (with a checkpoint) after this many steps in total; 0 = no limit */
     volatile sig_atomic_t *stop_flag;   /* set by SIGINT/SIGTERM: checkpoint and return */
+    const mb_dist_env *dist_env;        /* this process's place in a data-parallel group (mb_dist_env_detect);
+                                           NULL = a single process */
 } mb_pretrain_options;
 
 /* Runs (or resumes) the run the config describes. Returns 0 on completion or a clean stop. */
