@@ -78,7 +78,6 @@ struct budget {
  * --profile`; the events themselves cost a few microseconds each. */
 constexpr int kMaxMarks = 4096, kMaxLabels = 64;
 struct profiler {
-    int enabled;
     cudaEvent_t events[kMaxMarks];
     const char *mark_labels[kMaxMarks];
     int marks;
@@ -811,8 +810,7 @@ int cuda_zero_grads(mb_backend *b, mb_error *err) {
 }
 
 /* ZeRO-1: finish the reductions, Σ g² over this rank's slices, summed over ranks, square root. */
-int sharded_grad_norm(mb_backend *b, cuda_backend *c, double *norm, mb_error *err) {
-    (void)b;
+int sharded_grad_norm(cuda_backend *c, double *norm, mb_error *err) {
     TRY(finish_reduction(c, err));
     TRY(mb_cuda_grad_square_sum(c->adamw, &c->device_scalars[1], c->comm_stream, err));
     TRY(mb_comm_all_reduce_doubles(c->comm, &c->device_scalars[1], 1, err));
@@ -827,7 +825,7 @@ int sharded_grad_norm(mb_backend *b, cuda_backend *c, double *norm, mb_error *er
 
 int cuda_grad_norm(mb_backend *b, double *norm, mb_error *err) {
     cuda_backend *c = impl_of(b);
-    if (c->comm != nullptr) return sharded_grad_norm(b, c, norm, err);
+    if (c->comm != nullptr) return sharded_grad_norm(c, norm, err);
     mark(c, "grad norm");
     TRY(mb_cuda_grad_norm(c->adamw, &c->device_scalars[1], c->stream, err));
     double value = 0.0;
