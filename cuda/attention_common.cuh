@@ -1,0 +1,126 @@
+/* Device pieces shared by every attention kernel family (cuda/attention.cu: mma.sync v3/v4; the sliding-window and
+ * sm_90a kernels beside it): cp.async copies, the tile a block owns in the launch plan, window tests, exp2.
+ *
+ * The plan (built by attention.cu's tile_plan_kernel for a tile size T): sequences are cut into tiles of T tokens that
+ * never straddle a sequence, longest sequences first; block x of a launch owns (tile x / heads, head x % heads).
+ * seq_first[s] is the first tile of sequence s in launch order (seq_first[num_seqs] = the tile count) and tile_seq[x]
+ * the sequence of tile x. A launch has (ceil(n / T) + num_seqs) · heads blocks; the spare ones return at once.
+ *
+ * Only attention .cu files include this header; everything here is internal (anonymous namespace per file). */
+#ifndef MB_CUDA_ATTENTION_COMMON_CUH
+#define MB_CUDA_ATTENTION_COMMON_CUH
+
+#include "common.cuh"
+
+namespace mb {
+/* What a launcher beside attention.cu receives (external linkage: the launchers live in other files): the plan for
+ * its tile size and the grid that covers it. */
+struct attention_plan {
+    const int32_t *seq_first, *tile_seq;
+    int tile;        /* tokens per tile */
+    unsigned blocks; /* (ceil(n / tile) + num_seqs) · heads */
+};
+}  // namespace mb
+
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+
+
+/* ---- cp.async (sm_80+): 16-byte global -> shared copies that bypass registers; src_size 0 writes zeros ---- */
+
+__device__ __forceinline__ void cp_async_16(void *shared, const void *global, bool valid) {
+    uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
+    int bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_4(void *shared, const void *global, bool valid) {
+    uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
+    int bytes = valid ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(address), "l"(global), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+/* Waits until at most `kPending` of this thread's committed groups are still in flight. */
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+/* Queues rows [r0, r0 + rows) of a [*, D] slice (row stride in elements) into shared memory (kStride bf16 per
+ * shared row); rows >= r_end become
+ * zeros, so tails never read past the sequence (their source address is the slice start, which is never read). */
+template <int D, int kThreads, int kStride = D + 8>
+__device__ __forceinline__ void load_rows_async(mb::bf16 *dst, const mb::bf16 *src, size_t row_stride, int r0,
+                                                int r_end, int rows) {
+    constexpr int pieces = D / 8;
+    for (int c = threadIdx.x; c < rows * pieces; c += kThreads) {
+        int r = c / pieces, k = c % pieces;
+        bool valid = r0 + r < r_end;
+        const mb::bf16 *from = valid ? src + (size_t)(r0 + r) * row_stride + k * 8 : src;
+        cp_async_16(dst + r * kStride + k * 8, from, valid);
+    }
+}
+
+/* The same for one float per row (lse or D_i of one head: element stride `stride`). */
+template <int kThreads>
+__device__ __forceinline__ void load_floats_async(float *dst, const float *src, int stride, int r0, int r_end,
+                                                  int rows) {
+    for (int r = threadIdx.x; r < rows; r += kThreads) {
+        bool valid = r0 + r < r_end;
+        cp_async_4(dst + r, valid ? src + (size_t)(r0 + r) * stride : src, valid);
+    }
+}
+
+struct tile_position {
+    int seq_begin, seq_end, start, end; /* the tile is [start, end) inside [seq_begin, seq_end) */
+};
+
+/* Which (tile, head) this block owns; false for the spare blocks past the last tile. Uniform over the block. */
+__device__ bool find_tile(tile_position *t, int *head, const int32_t *seq_first, const int32_t *tile_seq,
+                          const int32_t *cu_seqlens, int num_seqs, int heads, int tile) {
+    int x = blockIdx.x / heads;
+    *head = blockIdx.x % heads;
+    if (x >= seq_first[num_seqs]) return false;
+    int s = tile_seq[x];
+    t->seq_begin = cu_seqlens[s];
+    t->seq_end = cu_seqlens[s + 1];
+    t->start = t->seq_begin + (x - seq_first[s]) * tile;
+    t->end = min(t->start + tile, t->seq_end);
+    return true;
+}
+
+/* Range of tokens [lo, hi) of the sequence that the tile [start, end) interacts with (symmetric window). */
+__device__ __forceinline__ void partner_range(const tile_position &t, int window, int *lo, int *hi) {
+    *lo = window < 0 ? t.seq_begin : max(t.seq_begin, t.start - window);
+    *hi = window < 0 ? t.seq_end : min(t.seq_end, t.end - 1 + window + 1);
+}
+
+__device__ __forceinline__ bool visible(int query, int key, int window) {
+    return window < 0 || abs(query - key) <= window;
+}
+
+/* Whether rows [r0, r_last] and columns [c0, c_last] hold any pair within the window. */
+__device__ __forceinline__ bool blocks_meet(int r0, int r_last, int c0, int c_last, int window) {
+    return window < 0 || (c0 <= r_last + window && c_last >= r0 - window);
+}
+
+/* Whether every pair of rows [r0, r_last] and columns [c0, c_last] is within the window. */
+__device__ __forceinline__ bool blocks_inside(int r0, int r_last, int c0, int c_last, int window) {
+    return window < 0 || (r_last - c0 <= window && c_last - r0 <= window);
+}
+
+/* 2^x in one MUFU.EX2: ex2.approx.ftz (relative error ~2^-22, results below 2^-126 flush to 0, far under the bf16
+ * tolerance; -inf -> +0 as masks need). exp2f without --use_fast_math adds a denormal range fix-up around it. */
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+
+}  // namespace
+
+#endif
