@@ -119,6 +119,9 @@ struct cuda_backend {
     float *head_mean, *head_rstd;
     mb_bf16 *logits;
     mb_bf16 *dh, *d_normed, *dqkv, *d_attn, *d_wi, *d_glu, *d_head, *d_head2;
+    /* recompute >= MB_RECOMPUTE_NORMS: one layer's LayerNorm output / Wi product / GLU product, rebuilt in the
+     * backward (every layer's attn_in, mlp_in, glu_out and, at MB_RECOMPUTE_MLP, wi_out point here) */
+    mb_bf16 *shared_normed, *shared_wi, *shared_glu;
     void *scratch;
     size_t scratch_bytes;
     /* pinned host staging, same budget */
@@ -141,6 +144,7 @@ struct cuda_backend {
     char *bucket_issued;             /* [plan.bucket_count] this step */
     double *dp_host;                 /* pinned: the reduced gradient norm */
     int deterministic;               /* MB_DETERMINISTIC=1: bit-reproducible attention backward (slower) */
+    int recompute;                   /* mb_recompute: which activations the backward rebuilds instead of keeping */
     profiler *prof;                  /* NULL unless MB_PROFILE=1 */
 };
 
@@ -290,22 +294,29 @@ int scatter_rows(cuda_backend *c, mb_bf16 *dhidden, const mb_bf16 *drows, int ro
 
 /* ---- the activation arena ---- */
 
+/* Per layer: what the backward needs. With recompute, the LayerNorm outputs and the GLU product (and at
+ * MB_RECOMPUTE_MLP the Wi product) of every layer share one buffer each, overwritten layer after layer in the forward
+ * and rebuilt for one layer at a time in the backward (recompute_layer_inputs). */
 void carve_layers(cuda_backend *c, carver *k, const mb_config *cfg, size_t n) {
     size_t H = (size_t)cfg->hidden_size, I = (size_t)cfg->intermediate_size, heads = (size_t)cfg->num_attention_heads;
+    int shared_norms = c->recompute >= MB_RECOMPUTE_NORMS, shared_wi = c->recompute >= MB_RECOMPUTE_MLP;
+    c->shared_normed = shared_norms ? k->take<mb_bf16>(n * H) : nullptr;
+    c->shared_glu = shared_norms ? k->take<mb_bf16>(n * I) : nullptr;
+    c->shared_wi = shared_wi ? k->take<mb_bf16>(n * 2 * I) : nullptr;
     for (int l = 0; l < cfg->num_hidden_layers; l++) {
         layer_activations *a = &c->layers[l];
-        a->attn_in = l == 0 ? nullptr : k->take<mb_bf16>(n * H);
+        a->attn_in = l == 0 ? nullptr : shared_norms ? c->shared_normed : k->take<mb_bf16>(n * H);
         a->attn_mean = k->take<float>(n);
         a->attn_rstd = k->take<float>(n);
         a->qkv = k->take<mb_bf16>(n * 3 * H);
         a->attn_out = k->take<mb_bf16>(n * H);
         a->lse = k->take<float>(n * heads);
         a->h_mid = k->take<mb_bf16>(n * H);
-        a->mlp_in = k->take<mb_bf16>(n * H);
+        a->mlp_in = shared_norms ? c->shared_normed : k->take<mb_bf16>(n * H);
         a->mlp_mean = k->take<float>(n);
         a->mlp_rstd = k->take<float>(n);
-        a->wi_out = k->take<mb_bf16>(n * 2 * I);
-        a->glu_out = k->take<mb_bf16>(n * I);
+        a->wi_out = shared_wi ? c->shared_wi : k->take<mb_bf16>(n * 2 * I);
+        a->glu_out = shared_norms ? c->shared_glu : k->take<mb_bf16>(n * I);
         a->h_out = k->take<mb_bf16>(n * H);
     }
 }
@@ -358,10 +369,11 @@ void carve_activations(cuda_backend *c, carver *k, const mb_config *cfg, const b
     c->logits = k->take<mb_bf16>(R * C);
     c->dh = k->take<mb_bf16>(n * H);
     c->d_normed = k->take<mb_bf16>(n * H);
-    c->dqkv = k->take<mb_bf16>(n * 3 * H);
-    c->d_attn = k->take<mb_bf16>(n * H);
-    c->d_wi = k->take<mb_bf16>(n * 2 * I);
-    c->d_glu = k->take<mb_bf16>(n * I);
+    /* the attention block's and the MLP block's backward buffers are never live at the same time: shared */
+    c->dqkv = k->take<mb_bf16>(n * (3 * H > 2 * I ? 3 * H : 2 * I));
+    c->d_wi = c->dqkv;
+    c->d_attn = k->take<mb_bf16>(n * (H > I ? H : I));
+    c->d_glu = c->d_attn;
     c->d_head = k->take<mb_bf16>(R * H);
     c->d_head2 = k->take<mb_bf16>(R * H);
     c->scratch = k->take<char>(scratch_bytes);
@@ -659,11 +671,39 @@ int head_backward(cuda_backend *c, const mb_config *cfg, mb_bf16 *d_final, float
     return scatter_rows(c, d_final, c->d_head2, rows, n, H, err);
 }
 
+/* Recompute: rebuilds the MLP block's inputs of layer l that the forward did not keep — the same kernels on the same
+ * inputs, so the values are bit-identical to the forward's (mean and rstd are rewritten with equal values). */
+int recompute_mlp_inputs(cuda_backend *c, const mb_config *cfg, int l, mb_error *err) {
+    const mb_layer_weights *w = &c->w.layers[l];
+    layer_activations *a = &c->layers[l];
+    int n = c->batch.tokens, H = cfg->hidden_size, I = cfg->intermediate_size;
+    if (c->recompute < MB_RECOMPUTE_NORMS) return 0;
+    mark(c, "recompute (layernorm, Wi, geglu)");
+    TRY(mb_cuda_layernorm_forward(a->mlp_in, a->mlp_mean, a->mlp_rstd, a->h_mid, w->mlp_norm, w->mlp_norm_bias, n, H,
+                                  (float)cfg->norm_eps, c->stream, err));
+    if (c->recompute >= MB_RECOMPUTE_MLP)
+        TRY(mb_cuda_linear_forward(c->matmul, a->wi_out, a->mlp_in, copy_of(c, w->wi), copy_of(c, w->wi_bias), nullptr,
+                                   n, H, 2 * I, c->stream, err));
+    return mb_cuda_glu_forward(a->glu_out, a->wi_out, n, I, cfg->hidden_activation, c->stream, err);
+}
+
+/* The same for the attention block: its LayerNorm output (layer 0 has none). */
+int recompute_attention_input(cuda_backend *c, const mb_config *cfg, int l, mb_error *err) {
+    const mb_layer_weights *w = &c->w.layers[l];
+    layer_activations *a = &c->layers[l];
+    if (c->recompute < MB_RECOMPUTE_NORMS || w->attn_norm == nullptr) return 0;
+    mark(c, "recompute (layernorm, Wi, geglu)");
+    return mb_cuda_layernorm_forward(a->attn_in, a->attn_mean, a->attn_rstd, layer_input(c, l), w->attn_norm,
+                                     w->attn_norm_bias, c->batch.tokens, cfg->hidden_size, (float)cfg->norm_eps,
+                                     c->stream, err);
+}
+
 int mlp_block_backward(cuda_backend *c, const mb_config *cfg, int l, mb_error *err) {
     const mb_layer_weights *w = &c->w.layers[l];
     mb_layer_weights *g = &c->g.layers[l];
     layer_activations *a = &c->layers[l];
     int n = c->batch.tokens, H = cfg->hidden_size, I = cfg->intermediate_size;
+    TRY(recompute_mlp_inputs(c, cfg, l, err));
     mark(c, "gemm mlp Wo bwd");
     TRY(mb_cuda_linear_backward(c->matmul, c->d_glu, g->mlp_wo, g->mlp_wo_bias, c->scratch, c->dh, a->glu_out,
                                 copy_of(c, w->mlp_wo), n, I, H, 0, c->stream, err));
@@ -685,6 +725,7 @@ int attention_block_backward(cuda_backend *c, const mb_config *cfg, int l, mb_er
     int n = c->batch.tokens, H = cfg->hidden_size, heads = cfg->num_attention_heads;
     const mb_bf16 *h_in = layer_input(c, l);
     const mb_bf16 *attn_in = w->attn_norm != nullptr ? a->attn_in : h_in;
+    TRY(recompute_attention_input(c, cfg, l, err));
     mark(c, "gemm Wo bwd");
     TRY(mb_cuda_linear_backward(c->matmul, c->d_attn, g->wo, g->wo_bias, c->scratch, c->dh, a->attn_out,
                                 copy_of(c, w->wo), n, H, H, 0, c->stream, err));
@@ -949,10 +990,10 @@ void cuda_memory_report(mb_backend *b, char *out, size_t size) {
                  c->plan.bucket_count);
     snprintf(out, size,
              "cuda: state %.1f MiB (fp32 master + bf16 copy + fp32 grads + m + v%s), activations %.1f MiB for %d "
-             "tokens / %d sequences / %d head rows (scratch %.1f MiB), pinned %.1f MiB; device %.2f of %.2f GiB in "
-             "use, peak %.2f GiB",
+             "tokens / %d sequences / %d head rows (recompute %s; scratch %.1f MiB), pinned %.1f MiB; device %.2f of "
+             "%.2f GiB in use, peak %.2f GiB",
              (double)c->state_bytes / mib, sharding, (double)c->acts_bytes / mib, c->cap.tokens, c->cap.sequences,
-             c->cap.rows, (double)c->scratch_bytes / mib, (double)c->pinned_bytes / mib, (double)used / gib,
+             c->cap.rows, mb_recompute_name((mb_recompute)c->recompute), (double)c->scratch_bytes / mib, (double)c->pinned_bytes / mib, (double)used / gib,
              (double)total_bytes / gib, (double)c->peak_used / gib);
 }
 
@@ -990,6 +1031,14 @@ void cuda_destroy(mb_backend *b) {
     }
     mb_param_table_free(&b->table);
     free(b);
+}
+
+int cuda_set_recompute(mb_backend *b, mb_recompute level, mb_error *err) {
+    cuda_backend *c = impl_of(b);
+    if ((int)level == c->recompute) return 0;
+    c->recompute = (int)level;
+    if (c->acts == nullptr) return 0;
+    return carve_budget(c, &b->config, c->cap, err); /* the next forward starts over anyway */
 }
 
 int cuda_reserve(mb_backend *b, int max_tokens, int max_sequences, int max_head_rows, mb_error *err) {
@@ -1066,6 +1115,7 @@ const mb_backend_ops cuda_ops = {
     cuda_attach_dist,
     cuda_begin_grad_sync,
     cuda_profile,
+    cuda_set_recompute,
 };
 
 /* The state arena: master | grads | m | v (fp32) | bf16 copy | two device doubles. On one GPU every part has the

@@ -27,6 +27,7 @@ typedef struct train_bench_options {
     int steps;
     int warmup;
     int profile;
+    mb_recompute recompute;
 } train_bench_options;
 
 
@@ -57,6 +58,11 @@ static int run_train_bench(const train_bench_options *o) {
     if (o->profile) setenv("MB_PROFILE", "1", 1); /* read by the CUDA backend when it is created */
     if (mb_backend_create(&backend, o->backend, &config, &err) != 0) {
         fprintf(stderr, "modernbert bench: %s\n", err.message);
+        return 1;
+    }
+    if (mb_backend_set_recompute(backend, o->recompute, &err) != 0) {
+        fprintf(stderr, "modernbert bench: %s\n", err.message);
+        mb_backend_destroy(backend);
         return 1;
     }
     mb_model host;
@@ -95,8 +101,8 @@ static int run_train_bench(const train_bench_options *o) {
         if (peak > 0) snprintf(mfu, sizeof mfu, " | MFU %.1f%% of %.0f TFLOP/s", 100.0 * tokens_per_second * flops / peak,
                                peak * 1e-12);
         backend->ops->memory_report(backend, memory, sizeof memory);
-        printf("bench train: model %s, backend %s, seq_len %d, %d tokens per step\n", o->model, backend->ops->name,
-               o->seq_len, o->micro_tokens);
+        printf("bench train: model %s, backend %s, seq_len %d, %d tokens per step, recompute %s\n", o->model,
+               backend->ops->name, o->seq_len, o->micro_tokens, mb_recompute_name(o->recompute));
         printf("  step time %.3f s | %.0f tokens/s | %.2f TFLOP/s model FLOPs (%.3g GFLOP/token)%s | %s\n", step_time,
                tokens_per_second, tokens_per_second * flops * 1e-12, flops * 1e-9, mfu, memory);
         static char profile[8192];
@@ -119,8 +125,9 @@ static int bench_train(int argc, char **argv) {
         {"model", required_argument, NULL, 'm'}, {"backend", required_argument, NULL, 'b'},
         {"seq", required_argument, NULL, 's'},   {"tokens", required_argument, NULL, 't'},
         {"steps", required_argument, NULL, 'n'}, {"help", no_argument, NULL, 'h'},
-        {"profile", no_argument, NULL, 'p'},     {NULL, 0, NULL, 0}};
-    train_bench_options o = {"tiny", "auto", 1024, 8192, 5, 1, 0};
+        {"profile", no_argument, NULL, 'p'},     {"recompute", required_argument, NULL, 'r'},
+        {NULL, 0, NULL, 0}};
+    train_bench_options o = {"tiny", "auto", 1024, 8192, 5, 1, 0, MB_RECOMPUTE_NONE};
     optind = 1;
     int c;
     while ((c = getopt_long(argc, argv, "", long_options, NULL)) != -1) {
@@ -131,12 +138,19 @@ static int bench_train(int argc, char **argv) {
         case 't': o.micro_tokens = atoi(optarg); break;
         case 'n': o.steps = atoi(optarg); break;
         case 'p': o.profile = 1; break;
+        case 'r':
+            if (mb_recompute_from_name(optarg, &o.recompute) != 0) {
+                fprintf(stderr, "modernbert bench train: --recompute '%s' is not none, norms or mlp\n", optarg);
+                return 2;
+            }
+            break;
         case 'h':
             printf("usage: modernbert bench train [--model tiny|base|large] [--backend auto|cpu|cuda] [--seq N]\n"
-                   "                              [--tokens N] [--steps N] [--profile]\n"
+                   "                              [--tokens N] [--steps N] [--profile] [--recompute none|norms|mlp]\n"
                    "Times forward + backward + optimizer steps on random packed batches of --tokens tokens made of\n"
                    "--seq-token documents, and prints the step time, tokens/s and model TFLOP/s (FLOP convention of\n"
-                   "docs/performance.md). --profile adds the device time per op family (CUDA; MB_PROFILE=1).\n");
+                   "docs/performance.md). --profile adds the device time per op family (CUDA; MB_PROFILE=1);\n"
+                   "--recompute sets which activations the backward rebuilds (run.recompute; CUDA).\n");
             return 0;
         default: return 2;
         }

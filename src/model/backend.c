@@ -52,3 +52,25 @@ int mb_backend_create(mb_backend **backend, const char *name, const mb_config *c
     }
     return mb_fail(err, "unknown backend '%s' (cpu, cuda or auto)", name);
 }
+
+int mb_backend_set_recompute(mb_backend *backend, mb_recompute level, mb_error *err) {
+    if (level < MB_RECOMPUTE_NONE || level > MB_RECOMPUTE_MLP)
+        return mb_fail(err, "recompute level %d is not one of none, norms, mlp", (int)level);
+    if (backend->ops->set_recompute == NULL) return 0;
+    return backend->ops->set_recompute(backend, level, err);
+}
+
+static const char *const recompute_names[] = {"none", "norms", "mlp"};
+
+int mb_recompute_from_name(const char *name, mb_recompute *level) {
+    for (int k = 0; k <= MB_RECOMPUTE_MLP; k++)
+        if (strcmp(name, recompute_names[k]) == 0) {
+            *level = (mb_recompute)k;
+            return 0;
+        }
+    return -1;
+}
+
+const char *mb_recompute_name(mb_recompute level) {
+    return level >= MB_RECOMPUTE_NONE && level <= MB_RECOMPUTE_MLP ? recompute_names[level] : "?";
+}

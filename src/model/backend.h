@@ -17,6 +17,15 @@
 #include "train/stableadamw.h"
 
 typedef struct mb_backend mb_backend;
+
+/* Which activations the backward rebuilds instead of keeping them from the forward (a memory-for-time trade; the
+ * results are bit-identical at every level). Per token and layer of ModernBERT-base the CUDA backend keeps 19.3 KB
+ * at NONE, 13.9 KB at NORMS and 9.3 KB at MLP (docs/performance.md, "Memory"). */
+typedef enum mb_recompute {
+    MB_RECOMPUTE_NONE = 0,  /* keep everything */
+    MB_RECOMPUTE_NORMS = 1, /* rebuild the LayerNorm outputs and the GLU product (two cheap memory-bound passes) */
+    MB_RECOMPUTE_MLP = 2,   /* also the Wi product (one more GEMM per layer: ~1/9 of the layer's training FLOPs) */
+} mb_recompute;
 struct mb_dist; /* dist/dist.h */
 
 typedef struct mb_backend_ops {
@@ -59,6 +68,9 @@ typedef struct mb_backend_ops {
     /* Optional profiling (CUDA with MB_PROFILE=1): device time per op family so far, one line each, into out;
      * reset != 0 clears the tally. Returns -1 when the backend is not profiling. */
     int (*profile)(mb_backend *backend, int reset, char *out, size_t size);
+    /* Optional (NULL: the backend keeps every activation, as the CPU reference does): the mb_recompute level. Call
+     * before reserve; a later change re-carves the activation memory at the next forward. */
+    int (*set_recompute)(mb_backend *backend, mb_recompute level, mb_error *err);
 } mb_backend_ops;
 
 struct mb_backend {
@@ -73,6 +85,11 @@ int mb_backend_create_cpu(mb_backend **backend, const mb_config *config, mb_erro
 /* Creates the backend named "cpu", "cuda" or "auto" (cuda when a GPU is usable and the CUDA backend is built). */
 int mb_backend_create(mb_backend **backend, const char *name, const mb_config *config, mb_error *err);
 void mb_backend_destroy(mb_backend *backend);
+/* Sets the recompute level where the backend has one (a no-op returning 0 where it keeps everything). */
+int mb_backend_set_recompute(mb_backend *backend, mb_recompute level, mb_error *err);
+/* "none", "norms", "mlp" (for configs and command lines); -1 for other names. */
+int mb_recompute_from_name(const char *name, mb_recompute *level);
+const char *mb_recompute_name(mb_recompute level);
 /* The dense bf16 peak of the device the backend runs on (FLOP/s, for MFU), or 0 when unknown or on the CPU. */
 double mb_backend_peak_flops(mb_backend *backend);
 

@@ -41,6 +41,7 @@ typedef struct mb_run_config {
         char backend[16];
         int threads;
         double comm_timeout_seconds;
+        int recompute; /* mb_recompute */
     } run;
     struct {
         int preset;                

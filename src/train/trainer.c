@@ -144,6 +144,7 @@ static int setup_model(trainer *t, mb_error *err) {
     t->v = calloc(t->host.table.total_numel, sizeof(float));
     if (t->m == NULL || t->v == NULL) return mb_fail(err, "out of memory for optimizer state");
     if (mb_backend_create(&t->backend, t->dist != NULL ? "cuda" : t->cfg->run.backend, &config, err) != 0) return -1;
+    if (mb_backend_set_recompute(t->backend, (mb_recompute)t->cfg->run.recompute, err) != 0) return -1;
     if (t->dist != NULL) {
         if (t->backend->ops->attach_dist == NULL)
             return mb_fail(err, "the %s backend cannot train data-parallel", t->backend->ops->name);

@@ -466,3 +466,56 @@ Test(gpu_model, rope_theta_change_matches_cpu) {
     mb_batch_file_free(&batch);
     mb_model_free(&model);
 }
+
+/* Activation bytes from the backend's memory report ("activations X MiB for ..."). */
+static double activation_mib(mb_backend *backend) {
+    char report[1024];
+    backend->ops->memory_report(backend, report, sizeof report);
+    const char *at = strstr(report, "activations ");
+    cr_assert_not_null(at, "no activation figure in \"%s\"", report);
+    return atof(at + strlen("activations "));
+}
+
+/* run.recompute: every level gives bit-identical losses and gradients (the rebuilt activations are the forward's
+ * own values), and each level keeps less activation memory than the one before. MB_DETERMINISTIC=1 so that the
+ * attention backward itself is bit-reproducible; the model has biases (the Wi bias is part of the rebuilt product)
+ * and sequences of lengths 1 to 300. */
+Test(gpu_model, recompute_levels_are_bit_identical_and_smaller) {
+    require_gpu();
+    setenv("MB_DETERMINISTIC", "1", 1);
+    mb_error err = {{0}};
+    mb_model model;
+    char dir[1024];
+    snprintf(dir, sizeof dir, "%s/tests/fixtures/hf/mlm_biases_untied_silu_every3", source_dir());
+    cr_assert_eq(mb_model_load_hf(&model, dir, &err), 0, "%s", err.message);
+    static const int lengths[] = {1, 37, 300, 2, 129, 64};
+    random_batch rb;
+    random_batch_make(&rb, &model.config, lengths, 6, 5);
+    mb_backend *gpu = make_backend("cuda", &model.config, model.params);
+    step_output keep;
+    forward_backward(gpu, &rb.batch, &keep);
+    double keep_mib = activation_mib(gpu), previous_mib = keep_mib;
+    static const mb_recompute levels[] = {MB_RECOMPUTE_NORMS, MB_RECOMPUTE_MLP};
+    for (int k = 0; k < 2; k++) {
+        cr_assert_eq(mb_backend_set_recompute(gpu, levels[k], &err), 0, "%s", err.message);
+        step_output again;
+        forward_backward(gpu, &rb.batch, &again);
+        const char *name = mb_recompute_name(levels[k]);
+        cr_expect_eq(again.loss, keep.loss, "recompute %s: loss %.9f vs %.9f", name, again.loss, keep.loss);
+        size_t differing = 0;
+        for (size_t i = 0; i < model.table.total_numel; i++) differing += again.grads[i] != keep.grads[i];
+        cr_expect_eq(differing, 0, "recompute %s: %zu of %zu gradients differ from keeping everything", name,
+                     differing, model.table.total_numel);
+        double mib = activation_mib(gpu);
+        cr_expect_lt(mib, previous_mib, "recompute %s keeps %.2f MiB, not less than %.2f", name, mib, previous_mib);
+        cr_log_info("recompute %s: %.2f MiB of activations (none: %.2f)", name, mib, keep_mib);
+        previous_mib = mib;
+        step_output_free(&again);
+    }
+    cr_assert_eq(mb_backend_set_recompute(gpu, (mb_recompute)7, &err), -1, "level 7 must be refused");
+    step_output_free(&keep);
+    mb_backend_destroy(gpu);
+    random_batch_free(&rb);
+    mb_model_free(&model);
+    unsetenv("MB_DETERMINISTIC");
+}
