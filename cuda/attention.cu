@@ -37,7 +37,10 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "attention_band.h"
 #include "attention_mma.cuh"
+#include "attention_wgmma_bwd.h"
+#include "attention_wgmma_fwd.h"
 #include "ops.h"
 
 namespace {
@@ -762,6 +765,30 @@ bool env_is(const char *name, const char *value) {
     return set != nullptr && strcmp(set, value) == 0;
 }
 
+/* The plan of the kernel families beside this file (attention_common.cuh), built for their tile size. */
+int plan_for(mb::attention_plan *plan, workspace_layout w, const int32_t *cu_seqlens, int num_seqs, int n, int heads,
+             int tile, cudaStream_t stream, mb_error *err) {
+    if (plan_tiles(w, cu_seqlens, num_seqs, tile, stream, err) != 0) return -1;
+    *plan = mb::attention_plan{w.seq_first, w.tile_seq, tile, grid_blocks(n, num_seqs, heads, tile)};
+    return 0;
+}
+
+/* Kernel families by layer kind (the mma.sync kernels of this file are the fallback for everything else):
+ *   sliding-window layers: the band kernels (attention_band.cu) forward and backward, deterministic by construction,
+ *     unless MB_ATTENTION_LOCAL=mma;
+ *   global layers at head_dim 64 on sm_90a: the wgmma kernels (attention_wgmma_fwd.cu, attention_wgmma_bwd.cu),
+ *     unless MB_ATTENTION_FWD=v3|v4 / MB_ATTENTION_BWD=v3|v4; the wgmma backward adds dQ with atomics, so
+ *     deterministic = 1 keeps the ordered mma.sync kernels.
+ * Overrides are read per call (benchmarks compare families in one process). */
+bool use_band(int head_dim, int window) {
+    return window >= 0 && !env_is("MB_ATTENTION_LOCAL", "mma") && mb_attention_band_supports(head_dim, window);
+}
+
+bool use_wgmma_forward(int head_dim, int window) {
+    return window < 0 && !env_is("MB_ATTENTION_FWD", "v3") && !env_is("MB_ATTENTION_FWD", "v4") &&
+           mb_attention_wgmma_forward_supports(head_dim, window);
+}
+
 /* v4 (4 warps × 32 rows) for global layers at head_dim <= 64 unless MB_ATTENTION_FWD=v3 (read per call); head_dim
  * 128 keeps v3's 8 warps × 16 rows (two 16 × 128 fp32 O blocks per warp would not fit the registers), and so do
  * sliding-window layers (measured on an H200 at window 64: v3 0.195 ms, v4 0.258 ms; MB_ATTENTION_FWD=v4 forces v4). */
@@ -770,6 +797,16 @@ constexpr int kLocalForwardMaxWindow = 256;
 template <int D>
 int launch_forward(mb::bf16 *out, float *lse, workspace_layout w, const mb::bf16 *qkv, const int32_t *cu_seqlens,
                    int num_seqs, int n, int heads, int window, cudaStream_t stream, mb_error *err) {
+    mb::attention_plan plan;
+    if (use_band(D, window)) {
+        if (plan_for(&plan, w, cu_seqlens, num_seqs, n, heads, kBandTile, stream, err) != 0) return -1;
+        return mb_attention_band_forward(out, lse, qkv, cu_seqlens, plan, num_seqs, n, heads, D, window, stream, err);
+    }
+    if (use_wgmma_forward(D, window)) {
+        if (plan_for(&plan, w, cu_seqlens, num_seqs, n, heads, kWgmmaForwardTile, stream, err) != 0) return -1;
+        return mb_attention_wgmma_forward(out, lse, qkv, cu_seqlens, plan, num_seqs, n, heads, D, window, stream,
+                                          err);
+    }
     if constexpr (D <= 64) {
         const bool local = window >= 0 && window <= kLocalForwardMaxWindow;
         if (env_is("MB_ATTENTION_FWD", "v4") || (!local && !env_is("MB_ATTENTION_FWD", "v3")))
@@ -801,6 +838,18 @@ int launch_backward_deterministic(mb::bf16 *dqkv, workspace_layout w, const mb::
     return 0;
 }
 
+/* dQ = scale · dq_accum into the Q block of dqkv (after an atomic backward). */
+int convert_dq(mb::bf16 *dqkv, workspace_layout w, int n, int heads, int head_dim, cudaStream_t stream,
+               mb_error *err) {
+    int hidden = heads * head_dim;
+    size_t groups = (size_t)n * hidden / 8;
+    float scale = 1.0f / sqrtf((float)head_dim);
+    attention_dq_convert_kernel<<<(unsigned)mb::ceil_div(groups, (size_t)256), 256, 0, stream>>>(dqkv, w.dq_accum,
+                                                                                                 groups, hidden, scale);
+    MB_CUDA_CHECK_LAUNCH(err, "attention_dq_convert_kernel");
+    return 0;
+}
+
 template <int D, int kWarps, int kRB>
 int launch_backward_atomic(mb::bf16 *dqkv, workspace_layout w, const mb::bf16 *dout, const float *lse,
                            const mb::bf16 *qkv, const int32_t *cu_seqlens, int num_seqs, int n, int heads, int window,
@@ -815,12 +864,7 @@ int launch_backward_atomic(mb::bf16 *dqkv, workspace_layout w, const mb::bf16 *d
         dqkv, w.dq_accum, dout, lse, w.delta, qkv, cu_seqlens, w.seq_first, w.tile_seq, num_seqs, heads, window,
         scale, scale_log2);
     MB_CUDA_CHECK_LAUNCH(err, "attention_backward_kernel");
-    int hidden = heads * D;
-    size_t groups = (size_t)n * hidden / 8;
-    attention_dq_convert_kernel<<<(unsigned)mb::ceil_div(groups, (size_t)256), 256, 0, stream>>>(dqkv, w.dq_accum,
-                                                                                                 groups, hidden, scale);
-    MB_CUDA_CHECK_LAUNCH(err, "attention_dq_convert_kernel");
-    return 0;
+    return convert_dq(dqkv, w, n, heads, D, stream, err);
 }
 
 /* Which backward runs. deterministic = 1: the ordered kernels. deterministic = 0: the atomic kernel, v4 (4 warps ×
@@ -829,13 +873,17 @@ int launch_backward_atomic(mb::bf16 *dqkv, workspace_layout w, const mb::bf16 *d
  * 128 always takes v3 (v4's dK/dV would not fit the registers). Overrides (docs/kernels/attention.md), read per call:
  * MB_ATTENTION_BWD=v3|v4 forces the atomic kernel's version on every layer, MB_ATTENTION_BWD_LOCAL=ordered|atomic
  * picks the local layers' path, MB_ATTENTION_BWD_KEYS=128 the 8-warp, 128-key blocks of v3 (benchmarks). */
-enum class backward_path { ordered, atomic_v3, atomic_v3_128, atomic_v4 };
+enum class backward_path { ordered, atomic_v3, atomic_v3_128, atomic_v4, band, wgmma };
 
 constexpr bool kLocalPrefersOrdered = false; /* v3: ordered 0.669 ms vs atomic 0.506 at window 64 (1024 tokens) */
 constexpr int kLocalMaxWindow = 256;
 
-backward_path choose_backward(int window, int deterministic) {
+backward_path choose_backward(int head_dim, int window, int deterministic) {
+    if (use_band(head_dim, window)) return backward_path::band;
     if (deterministic) return backward_path::ordered;
+    if (window < 0 && !env_is("MB_ATTENTION_BWD", "v3") && !env_is("MB_ATTENTION_BWD", "v4") &&
+        !env_is("MB_ATTENTION_BWD_KEYS", "128") && mb_attention_wgmma_backward_supports(head_dim, window))
+        return backward_path::wgmma;
     const bool local = window >= 0 && window <= kLocalMaxWindow;
     if (local) {
         bool ordered = env_is("MB_ATTENTION_BWD_LOCAL", "ordered") ||
@@ -852,7 +900,18 @@ template <int D>
 int launch_backward(mb::bf16 *dqkv, workspace_layout w, const mb::bf16 *dout, const float *lse, const mb::bf16 *qkv,
                     const int32_t *cu_seqlens, int num_seqs, int n, int heads, int window, backward_path path,
                     cudaStream_t stream, mb_error *err) {
+    mb::attention_plan plan;
     switch (path) {
+    case backward_path::band:
+        if (plan_for(&plan, w, cu_seqlens, num_seqs, n, heads, kBandTile, stream, err) != 0) return -1;
+        return mb_attention_band_backward(dqkv, dout, lse, w.delta, qkv, cu_seqlens, plan, num_seqs, n, heads, D,
+                                          window, stream, err);
+    case backward_path::wgmma:
+        if (plan_for(&plan, w, cu_seqlens, num_seqs, n, heads, kWgmmaBackwardTile, stream, err) != 0) return -1;
+        if (mb_attention_wgmma_backward(dqkv, w.dq_accum, dout, lse, w.delta, qkv, cu_seqlens, plan, num_seqs, n,
+                                        heads, D, window, stream, err) != 0)
+            return -1;
+        return convert_dq(dqkv, w, n, heads, D, stream, err);
     case backward_path::ordered:
         return launch_backward_deterministic<D>(dqkv, w, dout, lse, qkv, cu_seqlens, num_seqs, n, heads, window,
                                                 stream, err);
@@ -907,9 +966,9 @@ extern "C" int mb_cuda_attention_backward(mb_bf16 *dqkv, void *workspace, const 
                "attention_backward: dout, out and dqkv must be 16-byte aligned");
     MB_NVTX_RANGE("attention_backward");
     workspace_layout w = carve_workspace(workspace, n, num_seqs, heads);
-    backward_path path = choose_backward(window, deterministic);
+    backward_path path = choose_backward(head_dim, window, deterministic);
     size_t pairs = (size_t)n * heads;
-    float *dq_accum = path == backward_path::ordered ? nullptr : w.dq_accum;
+    float *dq_accum = path == backward_path::ordered || path == backward_path::band ? nullptr : w.dq_accum;
     const mb::bf16 *g = reinterpret_cast<const mb::bf16 *>(dout), *o = reinterpret_cast<const mb::bf16 *>(out);
     unsigned delta_blocks = (unsigned)mb::ceil_div(pairs * head_dim / 8, (size_t)256);
     switch (head_dim) {

@@ -109,7 +109,7 @@ struct cuda_backend {
     size_t acts_bytes;
     budget cap;
     int32_t *ids, *cu_seqlens, *positions, *row_tokens, *targets;
-    float *sequence_labels, *row_loss;
+    float *sequence_labels, *row_loss, *row_lse;
     mb_bf16 *embedded, *hidden0;
     float *embedded_mean, *embedded_rstd;
     layer_activations layers[MB_MAX_LAYERS];
@@ -352,6 +352,7 @@ void carve_activations(cuda_backend *c, carver *k, const mb_config *cfg, const b
     c->targets = k->take<int32_t>(R);
     c->sequence_labels = k->take<float>(R);
     c->row_loss = k->take<float>(R);
+    c->row_lse = k->take<float>(R);
     c->embedded = k->take<mb_bf16>(n * H);
     c->embedded_mean = k->take<float>(n);
     c->embedded_rstd = k->take<float>(n);
@@ -583,7 +584,8 @@ int head_forward(cuda_backend *c, const mb_config *cfg, mb_error *err) {
     if (is_regression(cfg))
         TRY(mb_cuda_mse(nullptr, c->row_loss, c->logits, c->sequence_labels, rows, 1.0f, c->stream, err));
     else
-        TRY(mb_cuda_cross_entropy(c->logits, c->row_loss, c->targets, rows, classes, 1.0f, 0, c->stream, err));
+        TRY(mb_cuda_cross_entropy(c->logits, c->row_loss, c->row_lse, c->targets, rows, classes, 1.0f, 0, c->stream,
+                                  err));
     return mb_cuda_sum(&c->device_scalars[0], c->row_loss, rows, c->stream, err);
 }
 
@@ -655,7 +657,8 @@ int head_backward(cuda_backend *c, const mb_config *cfg, mb_bf16 *d_final, float
     if (is_regression(cfg))
         TRY(mb_cuda_mse(c->logits, c->row_loss, c->logits, c->sequence_labels, rows, grad_scale, c->stream, err));
     else
-        TRY(mb_cuda_cross_entropy(c->logits, c->row_loss, c->targets, rows, classes, grad_scale, 1, c->stream, err));
+        TRY(mb_cuda_cross_entropy_backward(c->logits, c->row_lse, c->targets, rows, classes, grad_scale, c->stream,
+                                           err));
     const float *weight = is_mlm ? c->w.decoder_weight : c->w.classifier_weight;
     float *dweight = is_mlm ? c->g.decoder_weight : c->g.classifier_weight; /* tied: the embedding gradient */
     float *dbias = is_mlm ? c->g.decoder_bias : c->g.classifier_bias;

@@ -2,31 +2,30 @@
  *
  * forward:  μ = mean(x), σ² = mean((x − μ)²) (biased), r = 1/sqrt(σ² + eps), x̂ = (x − μ)·r, y = x̂ ⊙ w (+ b)
  * backward: g = dy ⊙ w,  dx = r · (g − mean(g) − x̂ · mean(g ⊙ x̂))
- *           dw += Σ_rows dy ⊙ x̂,  db += Σ_rows dy      (deterministic column sums, common.cuh)
+ *           dw += Σ_rows dy ⊙ x̂,  db += Σ_rows dy      (summed in an order fixed by n and h: bit-reproducible)
  *
- * Two kernels per direction, one warp per row in both:
- *   - register-resident (h % 8 == 0, h <= 2048, 16-byte aligned pointers: every ModernBERT width): lane l holds the
- *     columns [256c + 8l, 256c + 8l + 8) of chunk c < ceil(h/256) as packed bf16x8, loaded with one 16-byte load
- *     each, all issued before any arithmetic. The row crosses global memory once (read x, dy and, when accumulating,
- *     the old dx; write y or dx), and the variance is the two-pass formula over the registers.
- *   - general fallback (any h): scalar loads strided by 32, the row re-read for each pass (from L1/L2).
- * Likely cause of v1's (the fallback's) ~13x slowdown with accumulate_dx (ncu, h = 768: ~750 µs vs 57 µs; not yet
- * confirmed by a profile): dx is not restrict (it may alias dy), so in the second pass no load may move above the
- * previous iteration's store (the PTX shows load-load-load-store chains, unrolled but serialized). Without accumulation the chain's loads hit L1 (the first
- * pass just read x and dy); with it, every iteration also waits for the old dx, cold from DRAM: 24 dependent DRAM
- * round trips per row with one 64-byte request in flight per warp. The register-resident kernel issues every load
- * of its row at once (3 × 16 bytes per lane and tensor at h = 768), so accumulating costs one more read stream.
+ * Register-resident path (h % 8 == 0, h <= 2048, 16-byte aligned pointers: every ModernBERT width): lane l of a
+ * warp owns the columns [256c + 8l, 256c + 8l + 8) of chunk c < ceil(h/256) of a row, moved as 16-byte bf16x8.
+ *   - forward: one warp per row; the row is loaded into registers once, the variance is the two-pass formula.
+ *   - backward (one fused pass): a persistent grid whose warps loop over rows, staging each row in shared memory by
+ *     cp.async one row ahead; per row the warp reduces mean(g) and mean(g ⊙ x̂), writes (or adds to) dx, and adds
+ *     dy ⊙ x̂ and dy of its columns into per-lane fp32 partials held in registers across its rows. Blocks then add
+ *     their warps in warp order and write one partial row per sum; a small kernel adds the blocks in block order
+ *     into dw/db. Bytes over HBM: x, dy (and the old dx) read once, dx written once, + 2·264·h floats of partials.
+ * General fallback (any h): one warp per row, scalar loads strided by 32, the row re-read for each pass (from
+ * L1/L2); the parameter gradients are the separate two-stage column sums of common.cuh.
  *
- * Aliasing: a row is read and written by one warp only, and all its loads feed the warp reductions that every store
- * depends on, so dx may alias dy (and the parameter gradients are summed before dx is written). */
+ * Aliasing: a row is read and written by one warp only, and all its loads land before its stores (every store
+ * depends on the warp reductions over the row), so dx may alias dy; the rows staged ahead are other rows, which no
+ * other warp writes. (The fallback queues the column sums before dx is written, for the same reason.) */
 #include "common.cuh"
 #include "ops.h"
 
 namespace {
 
 constexpr int kRowsPerBlock = 8;               /* fallback: one warp each */
-constexpr int kResidentRowsPerBlock = 4;       /* register-resident: small blocks, so that 70-100 registers per
-                                                  thread still leave ~20 warps per SM */
+constexpr int kResidentRowsPerBlock = 4;       /* register-resident forward: small blocks, so that 50-100 registers
+                                                  per thread still leave ~20 warps per SM */
 constexpr int kChunkWidth = 8 * mb::kWarpSize; /* 256 columns: one bf16x8 per lane */
 constexpr int kMaxChunks = 8;                  /* register-resident rows up to 2048 wide */
 
@@ -93,65 +92,224 @@ __global__ void __launch_bounds__(kResidentRowsPerBlock *mb::kWarpSize)
     }
 }
 
+
+/* ------------------------------------------------------------ backward: dx and the dw/db partials in one pass
+ * A persistent grid of fused_blocks(n) blocks of kFusedWarps warps; warp t of the grid (t = block·kFusedWarps + warp)
+ * owns rows t, t + T, t + 2T, ... (T = warps in the grid). Each row is staged in shared memory by cp.async,
+ * kFusedStages rows ahead, so every warp keeps 1-2 rows of loads in flight without spending registers on them;
+ * lane l reads only the 16-byte pieces it copied itself (columns [256c + 8l, 256c + 8l + 8)), so no barrier is
+ * needed. Lane l keeps
+ * the running sums of dy·x̂ and dy of its columns in registers over all the rows its warp owns; at the end the
+ * block adds its warps in warp order into shared memory and writes one partial row per sum to scratch, and
+ * layernorm_param_finish_kernel adds the blocks in block order into dw/db. The partition depends on n only. */
+
+constexpr int kFusedWarps = 8;       /* warps per block */
+constexpr int kFusedStages = 2;      /* rows staged per warp: the one being computed and the next */
+constexpr int kFusedMaxBlocks = 264; /* 2 blocks per SM on a 132-SM H100/H200: one resident wave */
+constexpr int kFinishLanes = 16;     /* row lanes of the finishing kernel */
+
+/* Blocks of the fused backward for n rows (shape-only, so the summation order is the same on every GPU). */
+__host__ __device__ constexpr int fused_blocks(int n) {
+    return n <= kFusedWarps ? 1 : (mb::ceil_div(n, kFusedWarps) < kFusedMaxBlocks ? mb::ceil_div(n, kFusedWarps)
+                                                                                   : kFusedMaxBlocks);
+}
+
+/* Shared-memory layout of one staged row: x, dy (and the old dx when accumulating) as bf16 rows of chunks·256
+ * elements, indexed by column, then mean and rstd once per lane (each lane reads only its own copy). */
+__host__ __device__ constexpr int staged_tensors(bool accumulate) { return accumulate ? 3 : 2; }
+__host__ __device__ constexpr int stage_stats_offset(int chunks, bool accumulate) { /* bytes, a multiple of 512 */
+    return staged_tensors(accumulate) * chunks * kChunkWidth * (int)sizeof(mb::bf16);
+}
+__host__ __device__ constexpr int stage_bytes(int chunks, bool accumulate) {
+    return stage_stats_offset(chunks, accumulate) + 2 * mb::kWarpSize * (int)sizeof(float);
+}
+/* dynamic shared memory per block: the stages of every warp */
+__host__ __device__ constexpr int fused_dynamic_bytes(int chunks, bool accumulate) {
+    return kFusedWarps * kFusedStages * stage_bytes(chunks, accumulate);
+}
+/* static shared memory per block (at most): the block's dw and db partial rows */
+__host__ __device__ constexpr int fused_static_bytes(int chunks) {
+    return 2 * chunks * kChunkWidth * (int)sizeof(float);
+}
+
+__device__ __forceinline__ void cp_async16(void *shared, const void *global) {
+    uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(global) : "memory");
+}
+
+__device__ __forceinline__ void cp_async4(void *shared, const void *global) {
+    uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(address), "l"(global) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+/* Waits until at most kPending of this thread's committed groups are still in flight. */
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+/* Queues this lane's share of row `row` into `stage` (nothing past n) and commits one group, possibly empty, so that
+ * "all but the newest kFusedStages − 1 groups" always means the row about to be computed. */
 template <int kChunks, bool kAccumulate>
-__global__ void __launch_bounds__(kResidentRowsPerBlock *mb::kWarpSize)
-    layernorm_input_grad_rows_kernel(mb::bf16 *dx, const mb::bf16 *dy, const mb::bf16 *x, const float *mean_in,
-                                     const float *rstd_in, const float *weight, int n, int h) {
-    int row = blockIdx.x * kResidentRowsPerBlock + threadIdx.x / mb::kWarpSize, lane = threadIdx.x % mb::kWarpSize;
-    if (row >= n) return;
-    size_t offset = (size_t)row * h;
-    const mb::bf16 *xr = x + offset, *dyr = dy + offset;
-    mb::bf16 *dxr = dx + offset;
-    mb::bf16x8 xs[kChunks], dys[kChunks], old_dx[kAccumulate ? kChunks : 1];
+__device__ __forceinline__ void stage_row(unsigned char *stage, int row, int n, int h, const mb::bf16 *x,
+                                          const mb::bf16 *dy, const mb::bf16 *old_dx, const float *mean,
+                                          const float *rstd, int lane) {
+    constexpr int kRowElements = kChunks * kChunkWidth;
+    if (row < n) {
+        size_t offset = (size_t)row * h;
+        mb::bf16 *tiles = reinterpret_cast<mb::bf16 *>(stage);
 #pragma unroll
-    for (int c = 0; c < kChunks; c++) {
-        int col = chunk_column(c, lane);
-        if (col >= h) continue;
-        xs[c] = mb::load_bf16x8(xr + col);
-        dys[c] = mb::load_bf16x8(dyr + col);
-        if constexpr (kAccumulate) old_dx[c] = mb::load_bf16x8(dxr + col);
+        for (int c = 0; c < kChunks; c++) {
+            int col = chunk_column(c, lane);
+            if (col >= h) continue;
+            cp_async16(tiles + col, x + offset + col);
+            cp_async16(tiles + kRowElements + col, dy + offset + col);
+            if constexpr (kAccumulate) cp_async16(tiles + 2 * kRowElements + col, old_dx + offset + col);
+        }
+        float *stats = reinterpret_cast<float *>(stage + stage_stats_offset(kChunks, kAccumulate));
+        cp_async4(stats + 2 * lane, mean + row);
+        cp_async4(stats + 2 * lane + 1, rstd + row);
     }
-    float mean = mean_in[row], rstd = rstd_in[row];
+    cp_async_commit();
+}
 
-    float sum_g = 0.0f, sum_g_xhat = 0.0f;
-#pragma unroll
-    for (int c = 0; c < kChunks; c++) {
-        int col = chunk_column(c, lane);
-        if (col >= h) continue;
-        float xv[8], dyv[8], w[8];
-        mb::unpack_bf16x8(xs[c], xv);
-        mb::unpack_bf16x8(dys[c], dyv);
-        load_floats8(weight + col, w);
-#pragma unroll
-        for (int k = 0; k < 8; k++) {
-            float g = dyv[k] * w[k];
-            sum_g += g;
-            sum_g_xhat += g * (xv[k] - mean) * rstd;
-        }
-    }
-    float mean_g = mb::warp_sum(sum_g) / (float)h, mean_g_xhat = mb::warp_sum(sum_g_xhat) / (float)h;
+/* kWriteDx: write (kAccumulate: add to) dx. kSums: 0 none, 1 dw, 2 dw and db partials into
+ * partial[s][block][h] (s = 0 dw, 1 db). */
+template <int kChunks, bool kWriteDx, bool kAccumulate, int kSums>
+__global__ void __launch_bounds__(kFusedWarps *mb::kWarpSize, kChunks <= 4 ? 2 : 1)
+    layernorm_backward_fused_kernel(mb::bf16 *dx, float *partial, const mb::bf16 *dy, const mb::bf16 *x,
+                                    const float *mean_in, const float *rstd_in, const float *weight, int n, int h) {
+    constexpr int kRowElements = kChunks * kChunkWidth, kStageBytes = stage_bytes(kChunks, kAccumulate);
+    extern __shared__ __align__(16) unsigned char fused_shared[];
+    __shared__ float block_sums[kSums > 0 ? kSums * kRowElements : 1];
+    int warp = threadIdx.x / mb::kWarpSize, lane = threadIdx.x % mb::kWarpSize;
+    int warps_in_grid = gridDim.x * kFusedWarps;
+    unsigned char *stages = fused_shared + (size_t)warp * kFusedStages * kStageBytes;
 
+    constexpr int kOwned = kChunks * 8; /* columns this lane owns (some may be >= h) */
+    float dw_part[kSums >= 1 ? kOwned : 1], db_part[kSums >= 2 ? kOwned : 1];
 #pragma unroll
-    for (int c = 0; c < kChunks; c++) {
-        int col = chunk_column(c, lane);
-        if (col >= h) continue;
-        float xv[8], dyv[8], w[8], out[8];
-        mb::unpack_bf16x8(xs[c], xv);
-        mb::unpack_bf16x8(dys[c], dyv);
-        load_floats8(weight + col, w);
-#pragma unroll
-        for (int k = 0; k < 8; k++) {
-            float xhat = (xv[k] - mean) * rstd;
-            out[k] = rstd * (dyv[k] * w[k] - mean_g - xhat * mean_g_xhat);
-        }
-        if constexpr (kAccumulate) {
-            float previous[8];
-            mb::unpack_bf16x8(old_dx[c], previous);
-#pragma unroll
-            for (int k = 0; k < 8; k++) out[k] += previous[k];
-        }
-        mb::store_bf16x8(dxr + col, mb::pack_bf16x8(out));
+    for (int i = 0; i < kOwned; i++) {
+        if constexpr (kSums >= 1) dw_part[i] = 0.0f;
+        if constexpr (kSums >= 2) db_part[i] = 0.0f;
     }
+
+    int row = blockIdx.x * kFusedWarps + warp;
+#pragma unroll
+    for (int s = 0; s < kFusedStages; s++)
+        stage_row<kChunks, kAccumulate>(stages + s * kStageBytes, row + s * warps_in_grid, n, h, x, dy, dx,
+                                        mean_in, rstd_in, lane);
+
+    for (int step = 0; row < n; row += warps_in_grid, step++) {
+        cp_async_wait<kFusedStages - 1>(); /* this row's group has landed */
+        unsigned char *stage = stages + (step % kFusedStages) * kStageBytes;
+        const mb::bf16 *xs = reinterpret_cast<const mb::bf16 *>(stage), *dys = xs + kRowElements;
+        const float *stats = reinterpret_cast<const float *>(stage + stage_stats_offset(kChunks, kAccumulate));
+        float mean = stats[2 * lane], rstd = stats[2 * lane + 1];
+
+        float mean_g = 0.0f, mean_g_xhat = 0.0f;
+        if constexpr (kWriteDx) {
+            float sum_g = 0.0f, sum_g_xhat = 0.0f;
+#pragma unroll
+            for (int c = 0; c < kChunks; c++) {
+                int col = chunk_column(c, lane);
+                if (col >= h) continue;
+                float xv[8], dyv[8], w[8];
+                mb::unpack_bf16x8(mb::load_bf16x8(xs + col), xv);
+                mb::unpack_bf16x8(mb::load_bf16x8(dys + col), dyv);
+                load_floats8(weight + col, w);
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    float g = dyv[k] * w[k];
+                    sum_g += g;
+                    sum_g_xhat += g * (xv[k] - mean) * rstd;
+                }
+            }
+            mean_g = mb::warp_sum(sum_g) / (float)h, mean_g_xhat = mb::warp_sum(sum_g_xhat) / (float)h;
+        }
+
+        size_t offset = (size_t)row * h;
+#pragma unroll
+        for (int c = 0; c < kChunks; c++) {
+            int col = chunk_column(c, lane);
+            if (col >= h) continue;
+            float xv[8], dyv[8], xhat[8];
+            mb::unpack_bf16x8(mb::load_bf16x8(xs + col), xv);
+            mb::unpack_bf16x8(mb::load_bf16x8(dys + col), dyv);
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                xhat[k] = (xv[k] - mean) * rstd;
+                if constexpr (kSums >= 1) dw_part[c * 8 + k] += dyv[k] * xhat[k];
+                if constexpr (kSums >= 2) db_part[c * 8 + k] += dyv[k];
+            }
+            if constexpr (kWriteDx) {
+                float w[8], out[8];
+                load_floats8(weight + col, w);
+#pragma unroll
+                for (int k = 0; k < 8; k++) out[k] = rstd * (dyv[k] * w[k] - mean_g - xhat[k] * mean_g_xhat);
+                if constexpr (kAccumulate) {
+                    float previous[8];
+                    mb::unpack_bf16x8(mb::load_bf16x8(xs + 2 * kRowElements + col), previous);
+#pragma unroll
+                    for (int k = 0; k < 8; k++) out[k] += previous[k];
+                }
+                mb::store_bf16x8(dx + offset + col, mb::pack_bf16x8(out));
+            }
+        }
+        /* refill the stage just read with the row kFusedStages ahead; cp.async is not ordered after earlier loads
+         * of the same thread by itself, so the warp barrier (which orders this lane's prior shared reads) goes
+         * first. With dx written every read has already fed a store; without dx it costs one WARPSYNC per row. */
+        __syncwarp();
+        stage_row<kChunks, kAccumulate>(stage, row + kFusedStages * warps_in_grid, n, h, x, dy, dx, mean_in,
+                                        rstd_in, lane);
+    }
+    cp_async_wait<0>();
+
+    if constexpr (kSums > 0) {
+        /* block partial = warp 0 + warp 1 + ... in warp order */
+        for (int w = 0; w < kFusedWarps; w++) {
+            if (warp == w) {
+#pragma unroll
+                for (int c = 0; c < kChunks; c++) {
+                    int col = chunk_column(c, lane);
+                    if (col >= h) continue;
+#pragma unroll
+                    for (int k = 0; k < 8; k++) {
+                        float *dw_sum = block_sums + col + k, *db_sum = dw_sum + kRowElements;
+                        if constexpr (kSums >= 1) *dw_sum = (w == 0 ? 0.0f : *dw_sum) + dw_part[c * 8 + k];
+                        if constexpr (kSums >= 2) *db_sum = (w == 0 ? 0.0f : *db_sum) + db_part[c * 8 + k];
+                    }
+                }
+            }
+            __syncthreads();
+        }
+        for (int i = threadIdx.x; i < kSums * h; i += blockDim.x) {
+            int s = i / h, col = i - s * h;
+            partial[((size_t)s * gridDim.x + blockIdx.x) * h + col] = block_sums[s * kRowElements + col];
+        }
+    }
+}
+
+/* dst_s[col] += Σ_blocks partial[s][block][col], blocks added in block order (row lane y takes blocks y, y + 16, ...,
+ * then the 16 lanes are added in lane order). blockIdx.y = s; a NULL destination skips its sum. */
+__global__ void __launch_bounds__(mb::kWarpSize *kFinishLanes)
+    layernorm_param_finish_kernel(float *dweight, float *dbias, const float *partial, int blocks, int h) {
+    __shared__ float lanes[kFinishLanes][mb::kWarpSize];
+    float *dst = blockIdx.y == 0 ? dweight : dbias;
+    if (dst == nullptr) return; /* the whole block */
+    int col = blockIdx.x * mb::kWarpSize + threadIdx.x;
+    const float *rows = partial + (size_t)blockIdx.y * blocks * h;
+    float sum = 0.0f;
+    if (col < h)
+        for (int b = threadIdx.y; b < blocks; b += kFinishLanes) sum += rows[(size_t)b * h + col];
+    lanes[threadIdx.y][threadIdx.x] = sum;
+    __syncthreads();
+    if (threadIdx.y != 0 || col >= h) return;
+    float total = 0.0f;
+    for (int lane = 0; lane < kFinishLanes; lane++) total += lanes[lane][threadIdx.x];
+    dst[col] += total;
 }
 
 /* ------------------------------------------------------------------------------------------ general fallback */
@@ -236,19 +394,6 @@ void launch_forward_rows(mb::bf16 *y, float *mean, float *rstd, const mb::bf16 *
     layernorm_forward_rows_kernel<kChunks><<<grid, block, 0, stream>>>(y, mean, rstd, x, weight, bias, n, h, eps);
 }
 
-template <int kChunks>
-void launch_input_grad_rows(mb::bf16 *dx, const mb::bf16 *dy, const mb::bf16 *x, const float *mean,
-                            const float *rstd, const float *weight, int n, int h, int accumulate_dx,
-                            cudaStream_t stream) {
-    dim3 grid(mb::ceil_div(n, kResidentRowsPerBlock)), block(kResidentRowsPerBlock * mb::kWarpSize);
-    if (accumulate_dx)
-        layernorm_input_grad_rows_kernel<kChunks, true>
-            <<<grid, block, 0, stream>>>(dx, dy, x, mean, rstd, weight, n, h);
-    else
-        layernorm_input_grad_rows_kernel<kChunks, false>
-            <<<grid, block, 0, stream>>>(dx, dy, x, mean, rstd, weight, n, h);
-}
-
 /* Calls launch<kChunks>(args...) for the runtime chunk count 1..kMaxChunks. */
 #define MB_LAYERNORM_DISPATCH(chunks, launch, ...)                                                               \
     switch (chunks) {                                                                                             \
@@ -261,6 +406,76 @@ void launch_input_grad_rows(mb::bf16 *dx, const mb::bf16 *dy, const mb::bf16 *x,
     case 7: launch<7>(__VA_ARGS__); break;                                                                        \
     default: launch<8>(__VA_ARGS__); break;                                                                       \
     }
+
+/* Arguments of one fused backward launch. */
+struct fused_args {
+    mb::bf16 *dx;
+    float *partial;
+    const mb::bf16 *dy, *x;
+    const float *mean, *rstd, *weight;
+    int n, h, sums; /* sums: 0, 1 (dw) or 2 (dw and db) */
+    bool write_dx, accumulate;
+};
+
+template <int kChunks, bool kWriteDx, bool kAccumulate, int kSums>
+int launch_fused_variant(const fused_args &a, cudaStream_t stream, mb_error *err) {
+    auto kernel = layernorm_backward_fused_kernel<kChunks, kWriteDx, kAccumulate, kSums>;
+    constexpr int bytes = fused_dynamic_bytes(kChunks, kAccumulate);
+    MB_CUDA_CHECK(err, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    kernel<<<fused_blocks(a.n), kFusedWarps * mb::kWarpSize, bytes, stream>>>(a.dx, a.partial, a.dy, a.x, a.mean,
+                                                                               a.rstd, a.weight, a.n, a.h);
+    MB_CUDA_CHECK_LAUNCH(err, "layernorm_backward_fused_kernel");
+    return 0;
+}
+
+template <int kChunks, bool kWriteDx, bool kAccumulate>
+int launch_fused_sums(const fused_args &a, cudaStream_t stream, mb_error *err) {
+    switch (a.sums) {
+    case 0: return launch_fused_variant<kChunks, kWriteDx, kAccumulate, 0>(a, stream, err);
+    case 1: return launch_fused_variant<kChunks, kWriteDx, kAccumulate, 1>(a, stream, err);
+    default: return launch_fused_variant<kChunks, kWriteDx, kAccumulate, 2>(a, stream, err);
+    }
+}
+
+template <int kChunks>
+int launch_fused(const fused_args &a, cudaStream_t stream, mb_error *err) {
+    if (!a.write_dx) /* parameter gradients only (sums > 0) */
+        return a.sums == 1 ? launch_fused_variant<kChunks, false, false, 1>(a, stream, err)
+                           : launch_fused_variant<kChunks, false, false, 2>(a, stream, err);
+    return a.accumulate ? launch_fused_sums<kChunks, true, true>(a, stream, err)
+                        : launch_fused_sums<kChunks, true, false>(a, stream, err);
+}
+
+/* The fused backward for 1..kMaxChunks chunks, then the finish of the parameter gradients. */
+int fused_backward(int chunks, const fused_args &a, float *dweight, float *dbias, cudaStream_t stream,
+                   mb_error *err) {
+    int rc;
+    switch (chunks) {
+    case 1: rc = launch_fused<1>(a, stream, err); break;
+    case 2: rc = launch_fused<2>(a, stream, err); break;
+    case 3: rc = launch_fused<3>(a, stream, err); break;
+    case 4: rc = launch_fused<4>(a, stream, err); break;
+    case 5: rc = launch_fused<5>(a, stream, err); break;
+    case 6: rc = launch_fused<6>(a, stream, err); break;
+    case 7: rc = launch_fused<7>(a, stream, err); break;
+    default: rc = launch_fused<8>(a, stream, err); break;
+    }
+    if (rc != 0 || a.sums == 0) return rc;
+    dim3 grid(mb::ceil_div(a.h, mb::kWarpSize), a.sums), block(mb::kWarpSize, kFinishLanes);
+    layernorm_param_finish_kernel<<<grid, block, 0, stream>>>(dweight, dbias, a.partial, fused_blocks(a.n), a.h);
+    MB_CUDA_CHECK_LAUNCH(err, "layernorm_param_finish_kernel");
+    return 0;
+}
+
+/* Whether this device grants the fused kernel's shared memory (the widest rows need ~210 KB per block: GPUs
+ * with less take the fallback). */
+int fused_fits(int chunks, bool accumulate, bool *fits, mb_error *err) {
+    int device = 0, limit = 0;
+    MB_CUDA_CHECK(err, cudaGetDevice(&device));
+    MB_CUDA_CHECK(err, cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    *fits = fused_dynamic_bytes(chunks, accumulate) + fused_static_bytes(chunks) <= limit;
+    return 0;
+}
 
 }  // namespace
 
@@ -285,8 +500,11 @@ extern "C" int mb_cuda_layernorm_forward(mb_bf16 *y, float *mean, float *rstd, c
     return 0;
 }
 
+/* The larger of the two paths' needs: the fused kernel's partial rows (2 × fused_blocks(n) × h floats) and the
+ * fallback's column-sum chunks. */
 extern "C" size_t mb_cuda_layernorm_backward_scratch_bytes(int n, int h) {
-    return mb::column_sum_scratch_floats(n, h, 2) * sizeof(float);
+    size_t fused = 2 * (size_t)fused_blocks(n) * (size_t)h, fallback = mb::column_sum_scratch_floats(n, h, 2);
+    return (fused > fallback ? fused : fallback) * sizeof(float);
 }
 
 extern "C" int mb_cuda_layernorm_backward(mb_bf16 *dx, float *dweight, float *dbias, void *scratch, const mb_bf16 *dy,
@@ -297,23 +515,27 @@ extern "C" int mb_cuda_layernorm_backward(mb_bf16 *dx, float *dweight, float *db
     MB_REQUIRE(err, (dweight == nullptr && dbias == nullptr) || scratch != nullptr,
                "layernorm_backward: parameter gradients need scratch");
     MB_REQUIRE(err, n >= 0 && h > 0, "layernorm_backward: bad shape n %d, h %d", n, h);
-    if (n == 0) return 0;
+    int sums = dbias != nullptr ? 2 : (dweight != nullptr ? 1 : 0);
+    if (n == 0 || (dx == nullptr && sums == 0)) return 0;
     MB_NVTX_RANGE("layernorm_backward");
     const mb::bf16 *dy_bf = reinterpret_cast<const mb::bf16 *>(dy), *x_bf = reinterpret_cast<const mb::bf16 *>(x);
-    if (dweight != nullptr || dbias != nullptr) { /* before dx: dx may overwrite dy */
+    mb::bf16 *dx_bf = reinterpret_cast<mb::bf16 *>(dx);
+
+    int chunks = resident_chunks(h, dx, dy, x, weight); /* a NULL dx or weight counts as aligned */
+    bool fits = false;
+    if (chunks > 0 && fused_fits(chunks, dx != nullptr && accumulate_dx, &fits, err) != 0) return -1;
+    if (chunks > 0 && fits) {
+        fused_args args = {dx_bf, static_cast<float *>(scratch), dy_bf, x_bf, mean, rstd, weight, n, h, sums,
+                           dx != nullptr, dx != nullptr && accumulate_dx != 0};
+        return fused_backward(chunks, args, dweight, dbias, stream, err);
+    }
+
+    if (sums > 0) { /* before dx: dx may overwrite dy */
         layernorm_param_terms terms = {dy_bf, x_bf, mean, rstd, h};
         if (mb::column_sums<2>(dweight, dbias, static_cast<float *>(scratch), terms, n, h, stream, err) != 0)
             return -1;
     }
     if (dx == nullptr) return 0;
-    mb::bf16 *dx_bf = reinterpret_cast<mb::bf16 *>(dx);
-    int chunks = resident_chunks(h, dx, dy, x, weight);
-    if (chunks > 0) {
-        MB_LAYERNORM_DISPATCH(chunks, launch_input_grad_rows, dx_bf, dy_bf, x_bf, mean, rstd, weight, n, h,
-                              accumulate_dx, stream);
-        MB_CUDA_CHECK_LAUNCH(err, "layernorm_input_grad_rows_kernel");
-        return 0;
-    }
     layernorm_input_grad_kernel<<<mb::ceil_div(n, kRowsPerBlock), kRowsPerBlock * mb::kWarpSize, 0, stream>>>(
         dx_bf, dy_bf, x_bf, mean, rstd, weight, n, h, accumulate_dx);
     MB_CUDA_CHECK_LAUNCH(err, "layernorm_input_grad_kernel");

@@ -130,6 +130,12 @@ int mb_cuda_attention_backward(mb_bf16 *dqkv, void *workspace, const mb_bf16 *do
                                const float *lse, const mb_bf16 *qkv, const int32_t *cu_seqlens, int num_seqs, int n,
                                int heads, int head_dim, int window, int deterministic, cudaStream_t stream,
                                mb_error *err);
+/* Device self-tests of the sm_90a attention kernels (attention_wgmma_fwd.cu, attention_wgmma_bwd.cu): one tile
+ * product through their shared-memory layouts and the whole kernel on a small packed batch, against host references;
+ * a readable summary goes into report. Forward: 0 pass, 1 skipped (no sm_90a), -1 failed. Backward: 0 pass, 1
+ * mismatch, 2 skipped, -1 CUDA error. */
+int mb_cuda_attention_wgmma_fwd_selftest(char *report, size_t size);
+int mb_cuda_attention_wgmma_backward_selftest(char *report, size_t size);
 
 /* ---- activation.cu ---- */
 
@@ -148,11 +154,17 @@ int mb_cuda_glu_backward(mb_bf16 *du, const mb_bf16 *dy, const mb_bf16 *u, int n
 
 /* Fused softmax cross-entropy over bf16 logits [rows, classes] (fp32 inside, one block per row, nothing fp32 of the
  * whole logits is stored): row_loss[r] = logsumexp(z_r) − z_r[t_r] (0 for a negative target such as -100, which is
- * ignored; a target >= classes is treated the same rather than read out of bounds);
+ * ignored; a target >= classes is treated the same rather than read out of bounds); row_lse (may be NULL) keeps
+ * logsumexp(z_r) (0 for ignored rows) for mb_cuda_cross_entropy_backward;
  * when write_dlogits, the logits are replaced in place by (softmax(z_r) − onehot(t_r))·grad_scale (zeros for an
  * ignored row). */
-int mb_cuda_cross_entropy(mb_bf16 *logits_to_dlogits, float *row_loss, const int32_t *targets, int rows, int classes,
-                          float grad_scale, int write_dlogits, cudaStream_t stream, mb_error *err);
+int mb_cuda_cross_entropy(mb_bf16 *logits_to_dlogits, float *row_loss, float *row_lse, const int32_t *targets,
+                          int rows, int classes, float grad_scale, int write_dlogits, cudaStream_t stream,
+                          mb_error *err);
+/* The gradient alone from the forward's row_lse: one read and one write of the logits, the same values as
+ * mb_cuda_cross_entropy with write_dlogits. */
+int mb_cuda_cross_entropy_backward(mb_bf16 *logits_to_dlogits, const float *row_lse, const int32_t *targets, int rows,
+                                   int classes, float grad_scale, cudaStream_t stream, mb_error *err);
 /* row_loss[r] = (p_r − t_r)²; dpredictions (may be NULL, may alias predictions) = 2(p − t)·grad_scale. */
 int mb_cuda_mse(mb_bf16 *dpredictions, float *row_loss, const mb_bf16 *predictions, const float *targets, int rows,
                 float grad_scale, cudaStream_t stream, mb_error *err);

@@ -331,6 +331,90 @@ Test(gpu_ops, layernorm) {
     run_layernorm(5, 2056, 0, 0, 0, 13);
 }
 
+/* The backward's optional outputs and its repeatability at one width: dx only (no parameter gradients, no scratch),
+ * dw and db only (dx NULL), db without dw, and two identical calls writing identical bits (dx, dw, db). */
+static void run_layernorm_backward_parts(int n, int h, uint64_t seed) {
+    mb_rng rng;
+    mb_rng_seed(&rng, seed);
+    mb_error err = {{0}};
+    size_t count = (size_t)n * h, row_bytes = (size_t)h * sizeof(float);
+    float *x, *dy;
+    mb_bf16 *d_x = random_bf16(&rng, count, 0.5, 2.0, &x), *d_dy = random_bf16(&rng, count, 0.0, 1.0, &dy);
+    float *weight = random_floats(&rng, (size_t)h, 1.0, 0.2), *d_weight = to_device(weight, row_bytes);
+    mb_bf16 *d_y = dev_alloc(count * sizeof(mb_bf16));
+    float *d_mean = dev_alloc((size_t)n * sizeof(float)), *d_rstd = dev_alloc((size_t)n * sizeof(float));
+    launched(mb_cuda_layernorm_forward(d_y, d_mean, d_rstd, d_x, d_weight, NULL, n, h, 1e-5f, test_stream, &err),
+             &err, "layernorm_forward");
+    float *mean = download_floats(d_mean, (size_t)n), *rstd = download_floats(d_rstd, (size_t)n);
+    float *dw_init = random_floats(&rng, (size_t)h, 0.0, 1.0), *db_init = random_floats(&rng, (size_t)h, 0.0, 1.0);
+    float *dx_ref = malloc(count * sizeof(float) + 1), *dw_ref = copy_floats(dw_init, (size_t)h);
+    float *db_ref = copy_floats(db_init, (size_t)h);
+    mb_cpu_layernorm_backward(dx_ref, dw_ref, db_ref, dy, x, mean, rstd, weight, n, h, 0);
+    mb_bf16 *d_dx = dev_alloc(count * sizeof(mb_bf16));
+    float *d_dw = to_device(dw_init, row_bytes), *d_db = to_device(db_init, row_bytes);
+    void *scratch = dev_alloc(mb_cuda_layernorm_backward_scratch_bytes(n, h));
+    char what[128];
+
+    dev_poison(d_dx, count * sizeof(mb_bf16)); /* dx only */
+    launched(mb_cuda_layernorm_backward(d_dx, NULL, NULL, NULL, d_dy, d_x, d_mean, d_rstd, d_weight, n, h, 0,
+                                        test_stream, &err),
+             &err, "layernorm_backward (dx only)");
+    float *dx = download_bf16(d_dx, count);
+    snprintf(what, sizeof what, "layernorm dx only (n %d, h %d)", n, h);
+    expect_close(what, dx, dx_ref, count, BF16_TOLERANCE);
+
+    launched(mb_cuda_layernorm_backward(NULL, d_dw, d_db, scratch, d_dy, d_x, d_mean, d_rstd, NULL, n, h, 0,
+                                        test_stream, &err),
+             &err, "layernorm_backward (dw, db only)");
+    float *dw = download_floats(d_dw, (size_t)h), *db = download_floats(d_db, (size_t)h);
+    snprintf(what, sizeof what, "layernorm dweight without dx (n %d, h %d)", n, h);
+    expect_close(what, dw, dw_ref, (size_t)h, FP32_TOLERANCE);
+    snprintf(what, sizeof what, "layernorm dbias without dx (n %d, h %d)", n, h);
+    expect_close(what, db, db_ref, (size_t)h, FP32_TOLERANCE);
+
+    upload(d_db, db_init, row_bytes); /* db without dw */
+    launched(mb_cuda_layernorm_backward(NULL, NULL, d_db, scratch, d_dy, d_x, d_mean, d_rstd, NULL, n, h, 0,
+                                        test_stream, &err),
+             &err, "layernorm_backward (db only)");
+    free(db);
+    db = download_floats(d_db, (size_t)h);
+    snprintf(what, sizeof what, "layernorm dbias alone (n %d, h %d)", n, h);
+    expect_close(what, db, db_ref, (size_t)h, FP32_TOLERANCE);
+
+    float *runs[2][3]; /* dx, dw, db of two identical calls */
+    for (int run = 0; run < 2; run++) {
+        dev_poison(d_dx, count * sizeof(mb_bf16));
+        upload(d_dw, dw_init, row_bytes);
+        upload(d_db, db_init, row_bytes);
+        launched(mb_cuda_layernorm_backward(d_dx, d_dw, d_db, scratch, d_dy, d_x, d_mean, d_rstd, d_weight, n, h, 0,
+                                            test_stream, &err),
+                 &err, "layernorm_backward (repeat)");
+        runs[run][0] = download_bf16(d_dx, count);
+        runs[run][1] = download_floats(d_dw, (size_t)h);
+        runs[run][2] = download_floats(d_db, (size_t)h);
+    }
+    expect_close("layernorm dweight (repeat)", runs[0][1], dw_ref, (size_t)h, FP32_TOLERANCE);
+    expect_same_bits("layernorm dx", runs[0][0], runs[1][0], count * sizeof(float));
+    expect_same_bits("layernorm dweight", runs[0][1], runs[1][1], row_bytes);
+    expect_same_bits("layernorm dbias", runs[0][2], runs[1][2], row_bytes);
+
+    for (int run = 0; run < 2; run++)
+        for (int i = 0; i < 3; i++) free(runs[run][i]);
+    free(x), free(dy), free(weight), free(mean), free(rstd), free(dw_init), free(db_init), free(dx_ref);
+    free(dw_ref), free(db_ref), free(dx), free(dw), free(db);
+    cudaFree(d_x), cudaFree(d_dy), cudaFree(d_weight), cudaFree(d_y), cudaFree(d_mean), cudaFree(d_rstd);
+    cudaFree(d_dx), cudaFree(d_dw), cudaFree(d_db), cudaFree(scratch);
+}
+
+Test(gpu_ops, layernorm_backward_parts) {
+    require_gpu();
+    /* more rows than the fused backward's 264 × 8 warps: each warp loops over several rows (staged two ahead) */
+    run_layernorm_backward_parts(size_for(5000, 2500), 768, 21);
+    run_layernorm_backward_parts(size_for(2113, 2113), 1024, 22); /* one warp with a second row */
+    run_layernorm_backward_parts(3, 264, 23);                     /* fewer rows than warps in a block */
+    run_layernorm_backward_parts(size_for(300, 40), 100, 24);     /* general fallback: column sums + dx kernel */
+}
+
 /* ================================================================================================= embedding */
 
 static void run_embedding(int n, int h, int vocab, int pad_id, uint64_t seed) {
@@ -712,11 +796,13 @@ Test(gpu_ops, attention_long_local) {
 
 /* The backward variants that only the benchmark overrides select (cuda/attention.cu, docs/kernels/attention.md):
  * the atomic kernel with 128-key blocks of 8 warps, and local layers routed to the ordered kernels under
- * deterministic = 0 (the dQ accumulator then stays unused). Each process of this test sets its own environment. */
+ * deterministic = 0 (the dQ accumulator then stays unused). Each process of this test sets its own environment;
+ * MB_ATTENTION_LOCAL=mma keeps sliding windows on the mma.sync kernels instead of the band kernels. */
 Test(gpu_ops, attention_backward_variants) {
     require_gpu();
     int count = (int)(sizeof kShortLengths / sizeof kShortLengths[0]);
     int lengths[] = {1, 100, 64, 129, 7, 300};
+    setenv("MB_ATTENTION_LOCAL", "mma", 1);
     setenv("MB_ATTENTION_BWD_KEYS", "128", 1);
     run_attention("keys128", kShortLengths, count, 2, 64, -1, 71);
     run_attention("keys128", kShortLengths, count, 2, 64, 3, 72);
@@ -727,6 +813,7 @@ Test(gpu_ops, attention_backward_variants) {
     run_attention("local ordered", kShortLengths, count, 2, 64, 64, 75);
     unsetenv("MB_ATTENTION_BWD_LOCAL");
     run_attention("window 150", lengths, 6, 2, 64, 150, 76); /* windows wider than a 64-key tile's step */
+    unsetenv("MB_ATTENTION_LOCAL");
 }
 
 /* Attention v4 against v3 (cuda/attention.cu): by default global layers run the 32-rows-per-warp forward and
@@ -737,6 +824,7 @@ Test(gpu_ops, attention_v4_variants) {
     require_gpu();
     int count = (int)(sizeof kShortLengths / sizeof kShortLengths[0]);
     int lengths[] = {1, 100, 64, 129, 7, 300, 257, 128};
+    setenv("MB_ATTENTION_LOCAL", "mma", 1);
     setenv("MB_ATTENTION_BWD", "v4", 1);
     setenv("MB_ATTENTION_FWD", "v4", 1);
     run_attention("v4 local", kShortLengths, count, 2, 64, 64, 81);
@@ -753,7 +841,41 @@ Test(gpu_ops, attention_v4_variants) {
     run_attention("v3 d32", lengths, 8, 3, 32, -1, 88);
     unsetenv("MB_ATTENTION_FWD");
     unsetenv("MB_ATTENTION_BWD");
+    unsetenv("MB_ATTENTION_LOCAL");
+    /* the mma.sync default where no sm_90a kernel applies (v4 for global layers at head_dim <= 64) */
+    setenv("MB_ATTENTION_FWD", "v4", 1);
+    setenv("MB_ATTENTION_BWD", "v4", 1);
     run_attention("v4 global", lengths, 8, 4, 64, -1, 89); /* 257, 300: tiles of 128 with short tails */
+    unsetenv("MB_ATTENTION_FWD");
+    unsetenv("MB_ATTENTION_BWD");
+}
+
+/* The band kernels (attention_band.cu) at the edges of what they take: windows 2, 16 and 17
+ * (where the strip's padding changes), 127 and 128
+ * (the widest strip at head_dim <= 64), 64 at head_dim 128, and head_dim 32; lengths around the 64-token tile. */
+Test(gpu_ops, attention_band_edges) {
+    require_gpu();
+    int lengths[] = {1, 65, 64, 129, 2, 300, 191, 192, 193, 63};
+    run_attention("band", lengths, 10, 2, 64, 2, 91);
+    run_attention("band", lengths, 10, 2, 64, 16, 96); /* the strip widths' boundaries: 16 | 17 */
+    run_attention("band", lengths, 10, 2, 64, 17, 97);
+    run_attention("band", lengths, 10, 2, 64, 127, 92);
+    run_attention("band", lengths, 10, 2, 64, 128, 93);
+    run_attention("band d128", lengths, 10, 2, 128, 64, 94);
+    run_attention("band d32", lengths, 10, 3, 32, 100, 95);
+}
+
+/* The sm_90a kernels' own device self-tests (tile products through their shared-memory descriptors, then the whole
+ * kernel against a double-precision reference); they skip on devices without sm_90a. */
+Test(gpu_ops, attention_wgmma_selftests) {
+    require_gpu();
+    char report[4096];
+    int rc = mb_cuda_attention_wgmma_fwd_selftest(report, sizeof report);
+    cr_log_info("wgmma forward self-test: %s", report);
+    cr_expect(rc == 0 || rc == 1, "wgmma forward self-test failed: %s", report);
+    rc = mb_cuda_attention_wgmma_backward_selftest(report, sizeof report);
+    cr_log_info("wgmma backward self-test: %s", report);
+    cr_expect(rc == 0 || rc == 2, "wgmma backward self-test failed: %s", report);
 }
 
 /* ================================================================================================ activation */
@@ -846,8 +968,20 @@ static void run_cross_entropy(int rows, int classes, int write_dlogits, uint64_t
     double *d_total = dev_alloc(sizeof(double));
     dev_poison(d_loss, (size_t)rows * sizeof(float));
     float scale = 1.0f / (float)rows;
-    launched(mb_cuda_cross_entropy(d_logits, d_loss, d_targets, rows, classes, scale, write_dlogits, test_stream, &err),
+    float *d_lse = dev_alloc((size_t)rows * sizeof(float));
+    mb_bf16 *d_copy = dev_alloc(count * sizeof(mb_bf16));
+    cr_assert_eq(cudaMemcpy(d_copy, d_logits, count * sizeof(mb_bf16), cudaMemcpyDeviceToDevice), cudaSuccess);
+    launched(mb_cuda_cross_entropy(d_logits, d_loss, d_lse, d_targets, rows, classes, scale, write_dlogits,
+                                   test_stream, &err),
              &err, "cross_entropy");
+    /* the split path (forward keeps lse, the backward writes the gradient) gives the same bits */
+    launched(mb_cuda_cross_entropy_backward(d_copy, d_lse, d_targets, rows, classes, scale, test_stream, &err), &err,
+             "cross_entropy_backward");
+    if (write_dlogits) {
+        float *split = download_bf16(d_copy, count), *fused = download_bf16(d_logits, count);
+        expect_same_bits("cross_entropy_backward from the kept lse", split, fused, count * sizeof(float));
+        free(split), free(fused);
+    }
     launched(mb_cuda_sum(d_total, d_loss, rows, test_stream, &err), &err, "sum");
     float *loss = download_floats(d_loss, (size_t)rows), *result = download_bf16(d_logits, count);
     double total;
@@ -891,7 +1025,7 @@ static void run_cross_entropy(int rows, int classes, int write_dlogits, uint64_t
     }
     free(logits), free(targets), free(loss), free(result), free(kept), free(kept_result), free(loss_ref);
     free(kept_loss), free(kept_targets);
-    cudaFree(d_logits), cudaFree(d_targets), cudaFree(d_loss), cudaFree(d_total);
+    cudaFree(d_logits), cudaFree(d_targets), cudaFree(d_loss), cudaFree(d_total), cudaFree(d_lse), cudaFree(d_copy);
 }
 
 Test(gpu_ops, cross_entropy) {
@@ -900,6 +1034,7 @@ Test(gpu_ops, cross_entropy) {
     run_cross_entropy(1, 50368, 1, 102);
     run_cross_entropy(size_for(100, 10), 3, 1, 103);
     run_cross_entropy(9, 1000, 0, 104); /* loss only: the logits stay untouched */
+    run_cross_entropy(5, 1003, 1, 105); /* a row length that is not a multiple of 8: the scalar path */
 }
 
 Test(gpu_ops, mse) {

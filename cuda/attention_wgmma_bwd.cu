@@ -1,0 +1,883 @@
+/* FlashAttention-3-style attention backward on Hopper (wgmma, sm_90a) for global layers at head_dim 64.
+ *
+ * For query i and key j of one sequence (scale = 1/8, s_ij = scale·q_i·k_j, lse_i = log Σ_j exp s_ij from the
+ * forward, delta_i = do_i·o_i):
+ *   P_ij = exp(s_ij − lse_i),  dP_ij = do_i·v_j,  dS_ij = P_ij (dP_ij − delta_i)
+ *   dV_j = Σ_i P_ij do_i,  dK_j = scale Σ_i dS_ij q_i  (written, bf16),  dq_accum_i += Σ_j dS_ij k_j  (fp32, unscaled)
+ *
+ * One block of 256 threads (two consumer warpgroups, no producer) per 128-key tile of the plan and head; warpgroup g
+ * owns keys 64g..64g+63 of the tile, and holds their dK and dV (64 × 64 fp32 each) in registers. The block loops over
+ * the sequence's queries in steps of 64; per step and warpgroup (m64nNk16 = one wgmma, bf16 in, fp32 accumulate):
+ *   Sᵀ  = K_g·Qᵀ        4 × m64n64k16, A = K (smem, K-major), B = Q (smem, K-major)
+ *   dPᵀ = V_g·dOᵀ       4 × m64n64k16, A = V, B = dO
+ *   Pᵀ, dSᵀ in fp32 registers (exp2 with scale·log2 e folded in), packed to bf16 A fragments in registers
+ *   dV += Pᵀ·dO         4 × m64n64k16, A = Pᵀ (registers), B = dO (smem, N-major: the transpose bit)
+ *   dK += dSᵀ·Q         4 × m64n64k16, A = dSᵀ (registers), B = Q (N-major)
+ *   dSᵀ -> smem [key][query];  barrier;
+ *   dQ[:, 32g..32g+31] = dS·K   8 × m64n32k16 over all 128 keys, A = dS (smem [key][query]: M-major), B = K (N-major,
+ *                                column offset 32g); added to dq_accum with red.global.add.v4.f32 during the NEXT step
+ *                                (its wgmma group is waited for only after the next step's Sᵀ and dPᵀ are queued).
+ * Every shared tile has rows of 64 bf16 = 128 bytes stored with the 128-byte swizzle (CUTLASS Swizzle<3,4,3>: the
+ * 16-byte chunk index, address bits [4,7), is XORed with the row index mod 8, bits [7,10)), 1024-byte aligned, so one
+ * buffer serves as a K-major operand ([row][d] with d the reduction) and as an MN-major one ([k][n] with the rows the
+ * reduction) — the layouts of the PTX ISA "Shared Memory Matrix Layout" section (canonical layouts
+ * ((8,m),(T,2k)):((8T,SBO),(1,T)) K-major and ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)) MN-major, T = 8 bf16).
+ * Q, dO, lse and delta are double-buffered with cp.async (zero-filled past the sequence), dSᵀ is double-buffered so
+ * the dQ product of step i may still read it while step i+1 begins. Two block barriers per step.
+ *
+ * Tails: the tile's keys past the sequence end and the last step's queries past it are zero-filled on load and their
+ * P is set to 0 (masks on those steps only); nothing outside [seq_begin, seq_end) is read or written. The sm_80 pass
+ * compiles an empty kernel body; mb_attention_wgmma_backward_supports refuses anything but an sm_90a binary. */
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "attention_wgmma_bwd.h"
+#include "ops.h" /* mb_bf16 host conversions (self-test) */
+
+extern "C" {
+#include "common/rng.h" /* a C header without extern "C" guards of its own */
+}
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MB_WGMMA_ENABLED 1
+#else
+#define MB_WGMMA_ENABLED 0
+#endif
+
+namespace {
+
+constexpr int kHeadDim = 64;
+constexpr int kBlockKeys = kWgmmaBackwardTile; /* 128 keys per block */
+constexpr int kGroupKeys = 64;                 /* keys per consumer warpgroup (the M of every wgmma) */
+constexpr int kStepQueries = 64;               /* queries per step */
+constexpr int kBwdThreads = 256;               /* two warpgroups */
+constexpr int kRowBytes = kHeadDim * 2;        /* one tile row: 64 bf16 = one 128-byte swizzle row */
+constexpr int kSwizzleAtom = 8 * kRowBytes;    /* 8 rows: the 1024-byte repeat of the 128-byte swizzle */
+
+/* Shared memory, byte offsets from a 1024-byte aligned base. */
+constexpr uint32_t kTileK = 0;                                       /* K [128 keys][64 d] */
+constexpr uint32_t kTileV = kTileK + kBlockKeys * kRowBytes;         /* V [128 keys][64 d] */
+constexpr uint32_t kTileQ = kTileV + kBlockKeys * kRowBytes;         /* Q [stage][64 queries][64 d] */
+constexpr uint32_t kTileDO = kTileQ + 2 * kStepQueries * kRowBytes;  /* dO [stage][64 queries][64 d] */
+constexpr uint32_t kTileDS = kTileDO + 2 * kStepQueries * kRowBytes; /* dSᵀ [stage][128 keys][64 queries] */
+constexpr uint32_t kLse = kTileDS + 2 * kBlockKeys * kRowBytes;      /* lse [stage][64] fp32 */
+constexpr uint32_t kDelta = kLse + 2 * kStepQueries * 4;             /* delta [stage][64] fp32 */
+constexpr uint32_t kSharedUsed = kDelta + 2 * kStepQueries * 4;
+constexpr size_t kSharedBytes = kSharedUsed + kSwizzleAtom; /* slack to align the base to 1024 bytes */
+constexpr uint32_t kStepTileBytes = kStepQueries * kRowBytes, kKeyTileBytes = kBlockKeys * kRowBytes;
+static_assert(kTileQ % kSwizzleAtom == 0 && kTileDO % kSwizzleAtom == 0 && kTileDS % kSwizzleAtom == 0 &&
+                  kStepTileBytes % kSwizzleAtom == 0 && kKeyTileBytes % kSwizzleAtom == 0 &&
+                  kBlockKeys == 2 * kGroupKeys,
+              "swizzled tiles start on 1024-byte boundaries");
+
+/* Everything the kernel reads besides the plan. */
+struct backward_args {
+    mb::bf16 *dqkv;
+    float *dq_accum;
+    const mb::bf16 *dout, *qkv;
+    const float *lse, *delta;
+    const int32_t *cu_seqlens;
+    int num_seqs, heads;
+    float scale, scale_log2;
+};
+
+/* The device helpers exist in the host and sm_90a passes only: the sm_80 pass compiles empty kernel bodies. */
+#if MB_WGMMA_ENABLED || !defined(__CUDA_ARCH__)
+
+/* Byte offset of 16-byte chunk `chunk` (8 bf16, 0..7) of row `row` in a swizzled tile of 128-byte rows. */
+__device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
+    return (uint32_t)(row * kRowBytes + ((chunk ^ (row & 7)) << 4));
+}
+
+/* ---- sm_90a primitives (empty in the sm_80 pass) ---- */
+
+/* wgmma shared-memory matrix descriptor (PTX ISA "Matrix Descriptor Format"): start address >> 4 in bits 0-13,
+ * leading-dimension byte offset >> 4 in 16-29, stride-dimension byte offset >> 4 in 32-45, base offset 0 (every tile
+ * starts on a 1024-byte boundary; in-row start offsets such as +32 bytes per k-step keep bits 7-9 of the start),
+ * swizzle mode in 62-63 (1 = 128-byte). For our 128-byte swizzled tiles, K-major and MN-major alike: SBO = 1024 bytes
+ * (the next group of 8 rows); LBO is unused (K-major swizzled: "assumed 1"; MN-major: the next 64-element MN block,
+ * absent here since M and N never exceed 64) and set to 1. */
+__device__ __forceinline__ uint64_t smem_desc(uint32_t address) {
+    constexpr uint64_t kLeading = 1, kStride = kSwizzleAtom >> 4, kSwizzle128 = 1;
+    return (uint64_t)((address & 0x3FFFF) >> 4) | (kLeading << 16) | (kStride << 32) | (kSwizzle128 << 62);
+}
+
+__device__ __forceinline__ uint32_t shared_address(const void *pointer) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
+}
+
+/* Orders this thread's earlier register accesses before the warpgroup's next wgmma (all 128 threads execute it). */
+__device__ __forceinline__ void wgmma_fence() {
+#if MB_WGMMA_ENABLED
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wgmma_commit() {
+#if MB_WGMMA_ENABLED
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+/* Waits until at most kPending of this warpgroup's committed wgmma groups are in flight (groups finish in order). */
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+#if MB_WGMMA_ENABLED
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+/* Shared memory written by ordinary stores or cp.async and read next by wgmma (the async proxy): each writing thread
+ * fences before the barrier that publishes the data. */
+__device__ __forceinline__ void fence_proxy_async() {
+#if MB_WGMMA_ENABLED
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+/* Compiler-only fences on registers that an in-flight wgmma reads or writes: the compiler must neither read an
+ * accumulator before the wgmma.wait_group that completes it nor reuse an A-fragment register before that wait. */
+template <int N>
+__device__ __forceinline__ void fence_registers(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+__device__ __forceinline__ void fence_registers(uint32_t (&r)[4][4]) {
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int k = 0; k < 4; k++) asm volatile("" : "+r"(r[i][k])::"memory");
+}
+
+/* wgmma.mma_async m64nNk16, bf16 x bf16 -> fp32 (PTX ISA "Asynchronous Warpgroup Level Matrix Multiply-Accumulate").
+ * accumulate = 0 overwrites d (scale-d false). kTransA / kTransB = 1: A M-major / B N-major. */
+template <int kTransA, int kTransB>
+__device__ __forceinline__ void wgmma_m64n64_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+#if MB_WGMMA_ENABLED
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, %35, "
+        "%36;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+          "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA), "n"(kTransB));
+#endif
+}
+
+template <int kTransA, int kTransB>
+__device__ __forceinline__ void wgmma_m64n32_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+#if MB_WGMMA_ENABLED
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, %19, %20;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA), "n"(kTransB));
+#endif
+}
+
+template <int kTransB>
+__device__ __forceinline__ void wgmma_m64n64_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
+                                                int accumulate) {
+#if MB_WGMMA_ENABLED
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, "
+        "p, 1, 1, %38;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+          "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(kTransB));
+#endif
+}
+
+/* ---- tile products (one warpgroup; the accumulator layout, PTX ISA figure "WGMMA .m64nNk16 register fragment layout
+ * for accumulator matrix D": warp w of the group owns rows 16w..16w+15; element 4j + e of a thread is row
+ * 16w + lane/4 + 8·(e/2), column 8j + 2·(lane%4) + (e%2) — per 8-column block the layout of mma.sync m16n8) ---- */
+
+/* acc[64 × 64] = X·Yᵀ over d: X = 64 rows [row][d] at x, Y = 64 rows [row][d] at y, both K-major swizzled tiles.
+ * k-step ks starts 32 bytes further into each 128-byte row. Used for Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ. */
+__device__ __forceinline__ void issue_scores(float (&acc)[32], uint32_t x, uint32_t y) {
+#pragma unroll
+    for (int ks = 0; ks < kHeadDim / 16; ks++)
+        wgmma_m64n64_ss<0, 0>(acc, smem_desc(x + 32 * ks), smem_desc(y + 32 * ks), ks);
+}
+
+/* acc[64 × 64] += A·Y: A [64 × 64] in registers (a[k-step], pack_a_fragments), Y = [64 k rows][64 n] at y read
+ * N-major (transpose bit); k-step kk starts 16 rows (2048 bytes) further. Used for dV += Pᵀ·dO and dK += dSᵀ·Q. */
+__device__ __forceinline__ void issue_accumulate(float (&acc)[32], const uint32_t (&a)[4][4], uint32_t y) {
+#pragma unroll
+    for (int kk = 0; kk < kStepQueries / 16; kk++)
+        wgmma_m64n64_rs<1>(acc, a[kk], smem_desc(y + 16 * kRowBytes * kk), 1);
+}
+
+/* acc[64 × 32] = Xᵀ·Y[:, columns] over 128 rows: X = [128 k rows][64 m] at x read M-major, Y = [128 k rows][64 n]
+ * read N-major from `y_columns` = the tile's address + 2·(first column) (an in-row offset of the swizzled tile). Used
+ * for dQ[:, 32g..] = dS·K[:, 32g..] with dSᵀ stored [key][query]. */
+__device__ __forceinline__ void issue_dq(float (&acc)[16], uint32_t x, uint32_t y_columns) {
+#pragma unroll
+    for (int kk = 0; kk < kBlockKeys / 16; kk++)
+        wgmma_m64n32_ss<1, 1>(acc, smem_desc(x + 16 * kRowBytes * kk), smem_desc(y_columns + 16 * kRowBytes * kk), kk);
+}
+
+/* bf16 A fragments of a 64 × 64 accumulator for the next product (register-A wgmma, PTX ISA figure "WGMMA .m64nNk16
+ * register fragment layout for matrix A"): k-step kk covers accumulator columns 16kk..16kk+15, i.e. elements
+ * 8kk..8kk+7: {row r, cols c, c+1}, {row r+8, ...}, {row r, cols c+8, c+9}, {row r+8, ...}. */
+__device__ __forceinline__ void pack_a_fragments(uint32_t (&a)[4][4], const float (&acc)[32]) {
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) a[kk][r] = mb::pack_bf16x2(acc[8 * kk + 2 * r], acc[8 * kk + 2 * r + 1]);
+}
+
+/* The thread's place in a warpgroup's accumulators: first row (16·warp + lane/4) and first column (2·(lane%4)). */
+struct fragment_position {
+    int row, col;
+};
+
+__device__ __forceinline__ fragment_position my_fragment() {
+    int lane = threadIdx.x % mb::kWarpSize, warp = (threadIdx.x / mb::kWarpSize) % 4;
+    return {16 * warp + lane / 4, 2 * (lane % 4)};
+}
+
+/* ---- the backward's elementwise steps ---- */
+
+/* Queues rows [r0, r0 + kRows) of a [*, 64] bf16 slice (row stride in elements) into a swizzled tile; rows >= r_end
+ * become zeros (their source address is the slice start, never read). */
+template <int kRows>
+__device__ __forceinline__ void load_tile_async(char *tile, const mb::bf16 *src, size_t row_stride, int r0, int r_end) {
+    for (int c = threadIdx.x; c < kRows * 8; c += kBwdThreads) {
+        int r = c / 8, chunk = c % 8;
+        bool valid = r0 + r < r_end;
+        const mb::bf16 *from = valid ? src + (size_t)(r0 + r) * row_stride + chunk * 8 : src;
+        cp_async_16(tile + swizzled(r, chunk), from, valid);
+    }
+}
+
+/* Pᵀ = exp2(Sᵀ·scale·log2 e − lse·log2 e) in place; with `mask`, entries of keys >= key_end or queries >= query_hi
+ * become 0. key0 = the thread's first key, query0 = the step's first query. */
+__device__ __forceinline__ void probabilities(float (&s)[32], const float *lse_tile, fragment_position f,
+                                              float scale_log2, bool mask, int key0, int key_end, int query0,
+                                              int query_hi) {
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        const float2 lse = *reinterpret_cast<const float2 *>(lse_tile + 8 * j + f.col);
+        const float shift[2] = {lse.x * kLog2e, lse.y * kLog2e};
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            float p = fast_exp2(fmaf(s[4 * j + e], scale_log2, -shift[e & 1]));
+            if (mask) {
+                int key = key0 + 8 * (e >> 1), query = query0 + 8 * j + f.col + (e & 1);
+                if (key >= key_end || query >= query_hi) p = 0.0f;
+            }
+            s[4 * j + e] = p;
+        }
+    }
+}
+
+/* dSᵀ = Pᵀ ∘ (dPᵀ − delta) in place in dp. */
+__device__ __forceinline__ void score_gradients(float (&dp)[32], const float (&p)[32], const float *delta_tile,
+                                                fragment_position f) {
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        const float2 delta = *reinterpret_cast<const float2 *>(delta_tile + 8 * j + f.col);
+#pragma unroll
+        for (int e = 0; e < 4; e++) dp[4 * j + e] = p[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? delta.y : delta.x));
+    }
+}
+
+/* dSᵀ A fragments -> the swizzled [key][query] tile (rows key_row0 = the group's first key row + f.row): fragment
+ * a[kk][r] holds row + 8·(r%2), query columns 8·(2kk + r/2) + f.col, +1 — one 32-bit store; the swizzle spreads a
+ * warp's 8 rows over 8 different 16-byte chunks (no bank conflicts). */
+__device__ __forceinline__ void store_score_gradients(char *ds_tile, const uint32_t (&a)[4][4], int key_row0,
+                                                      fragment_position f) {
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            int row = key_row0 + 8 * (r & 1), chunk = 2 * kk + (r >> 1);
+            *reinterpret_cast<uint32_t *>(ds_tile + swizzled(row, chunk) + 2 * f.col) = a[kk][r];
+        }
+}
+
+/* Adds four consecutive floats (16-byte aligned) without reading them back: one vector reduction (sm_90). */
+__device__ __forceinline__ void reduce_add4(float *address, float x, float y, float z, float w) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(address), "f"(x), "f"(y), "f"(z), "f"(w)
+                 : "memory");
+#else
+    atomicAdd(address, x);
+    atomicAdd(address + 1, y);
+    atomicAdd(address + 2, z);
+    atomicAdd(address + 3, w);
+#endif
+}
+
+/* dq_accum[query0 + f.row (+8), columns] += acc (64 × 32 accumulator; `columns` points at the group's first column of
+ * row 0). Lane pairs (2c, 2c+1) swap halves so that the even lane holds row r, columns 4c..4c+3 of each 8-column
+ * block and the odd lane row r + 8: one 16-byte reduction per block. Rows >= query_hi are skipped. */
+__device__ __forceinline__ void reduce_dq(float *columns, int hidden, const float (&acc)[16], int query0, int query_hi,
+                                          fragment_position f) {
+    const bool odd = (threadIdx.x & 1) != 0;
+    const int query = query0 + f.row + (odd ? 8 : 0);
+    float *row = columns + (size_t)query * hidden + (f.col & ~2); /* 4·(lane%4 / 2) */
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        float send0 = odd ? acc[4 * j] : acc[4 * j + 2], send1 = odd ? acc[4 * j + 1] : acc[4 * j + 3];
+        float got0 = __shfl_xor_sync(0xffffffffu, send0, 1), got1 = __shfl_xor_sync(0xffffffffu, send1, 1);
+        if (query < query_hi) {
+            if (odd)
+                reduce_add4(row + 8 * j, got0, got1, acc[4 * j + 2], acc[4 * j + 3]);
+            else
+                reduce_add4(row + 8 * j, acc[4 * j], acc[4 * j + 1], got0, got1);
+        }
+    }
+}
+
+/* Rows key0 (+8) of a 64 × 64 accumulator, times scale, as bf16 pairs into a [*, 64] slice (row stride in elements);
+ * keys >= key_end are skipped. */
+__device__ __forceinline__ void store_key_rows(mb::bf16 *slice, size_t row_stride, const float (&acc)[32], int key0,
+                                               int key_end, int col, float scale) {
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        int key = key0 + 8 * half;
+        if (key >= key_end) continue;
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+            *reinterpret_cast<mb::bf162 *>(slice + (size_t)key * row_stride + 8 * j + col) =
+                __floats2bfloat162_rn(acc[4 * j + 2 * half] * scale, acc[4 * j + 2 * half + 1] * scale);
+    }
+}
+
+__device__ __forceinline__ char *aligned_shared(uint4 *raw) {
+    uint32_t address = shared_address(raw);
+    return reinterpret_cast<char *>(raw) + ((kSwizzleAtom - address % kSwizzleAtom) % kSwizzleAtom);
+}
+
+/* ---- the kernel ---- */
+
+/* Queues Q, dO, lse and delta of queries [q0, q0 + 64) (zeros past q_hi) into `stage`. */
+__device__ __forceinline__ void load_step(char *smem, int stage, const backward_args &a, int head, int q0, int q_hi) {
+    const int hidden = a.heads * kHeadDim;
+    load_tile_async<kStepQueries>(smem + kTileQ + stage * kStepTileBytes, a.qkv + head * kHeadDim, 3 * (size_t)hidden,
+                                  q0, q_hi);
+    load_tile_async<kStepQueries>(smem + kTileDO + stage * kStepTileBytes, a.dout + head * kHeadDim, hidden, q0, q_hi);
+    load_floats_async<kBwdThreads>(reinterpret_cast<float *>(smem + kLse) + stage * kStepQueries, a.lse + head, a.heads,
+                                   q0, q_hi, kStepQueries);
+    load_floats_async<kBwdThreads>(reinterpret_cast<float *>(smem + kDelta) + stage * kStepQueries, a.delta + head,
+                                   a.heads, q0, q_hi, kStepQueries);
+}
+
+/* What a block knows about its tile, fixed over the query loop. */
+struct block_context {
+    tile_position t;
+    int head, hidden, query_lo, query_hi, steps, key_a; /* key_a: this thread's first key (the other: key_a + 8) */
+    bool tail_keys;                                     /* the tile ends before 128 keys: mask every step */
+    uint32_t base, k_rows, v_rows, k_columns;           /* shared addresses */
+    float *dq_columns;                                  /* dq_accum + head·64 + this group's first column */
+    fragment_position f;
+    int group;
+};
+
+/* Step i up to its dQ product: load wait and barrier, Sᵀ and dPᵀ, (with kReducePrevious: the previous step's dQ,
+ * issued just before this call, is waited for once Sᵀ and dPᵀ are queued behind it and added to dq_accum), Pᵀ,
+ * dV += Pᵀ·dO, dSᵀ, dK += dSᵀ·Q, dSᵀ to shared memory, barrier. Every wgmma group it waits for was committed in the
+ * same loop iteration: ptxas serializes all wgmmas (C7514) when accumulators of a group from an earlier iteration are
+ * read after a partial wait. */
+template <bool kReducePrevious>
+__device__ __forceinline__ void step_front(int i, char *smem, const backward_args &a, const block_context &c,
+                                           float (&s)[32], float (&dp)[32], float (&dk)[32], float (&dv)[32],
+                                           float (&dq)[16]) {
+    const int q0 = c.query_lo + i * kStepQueries, stage = i & 1;
+    /* The stage refilled here was last read by step i-1's wgmmas, all complete before its second barrier. */
+    if (i + 1 < c.steps) load_step(smem, stage ^ 1, a, c.head, q0 + kStepQueries, c.query_hi);
+    cp_async_commit(); /* possibly empty: keeps "all but the newest group" meaning step i */
+    cp_async_wait<1>();
+    fence_proxy_async();
+    __syncthreads();
+    const uint32_t q_tile = c.base + kTileQ + stage * kStepTileBytes;
+    const uint32_t do_tile = c.base + kTileDO + stage * kStepTileBytes;
+    const float *lse_tile = reinterpret_cast<const float *>(smem + kLse) + stage * kStepQueries;
+    const float *delta_tile = reinterpret_cast<const float *>(smem + kDelta) + stage * kStepQueries;
+
+    wgmma_fence();
+    issue_scores(s, c.k_rows, q_tile); /* Sᵀ */
+    wgmma_commit();
+    issue_scores(dp, c.v_rows, do_tile); /* dPᵀ */
+    wgmma_commit();
+    if (kReducePrevious) { /* groups in flight: dQ(i-1), Sᵀ, dPᵀ */
+        wgmma_wait<2>();
+        fence_registers(dq);
+        reduce_dq(c.dq_columns, c.hidden, dq, q0 - kStepQueries, c.query_hi, c.f);
+    }
+    wgmma_wait<1>();
+    fence_registers(s);
+    const bool mask = c.tail_keys || q0 + kStepQueries > c.query_hi; /* block-uniform */
+    probabilities(s, lse_tile, c.f, a.scale_log2, mask, c.key_a, c.t.end, q0, c.query_hi);
+    uint32_t p_frag[4][4];
+    pack_a_fragments(p_frag, s);
+    wgmma_fence();
+    issue_accumulate(dv, p_frag, do_tile); /* dV += Pᵀ·dO */
+    wgmma_commit();
+    wgmma_wait<1>(); /* dPᵀ */
+    fence_registers(dp);
+    score_gradients(dp, s, delta_tile, c.f);
+    uint32_t ds_frag[4][4];
+    pack_a_fragments(ds_frag, dp);
+    wgmma_fence();
+    issue_accumulate(dk, ds_frag, q_tile); /* dK += dSᵀ·Q (unscaled) */
+    wgmma_commit();
+    store_score_gradients(smem + kTileDS + stage * kKeyTileBytes, ds_frag, c.group * kGroupKeys + c.f.row, c.f);
+    fence_proxy_async();
+    wgmma_wait<0>(); /* this step's reads of Q, dO, P and dS are done before the barrier */
+    fence_registers(dv);
+    fence_registers(dk);
+    fence_registers(p_frag);
+    fence_registers(ds_frag);
+    __syncthreads(); /* both groups' dSᵀ rows are in the stage's dS tile */
+}
+
+/* dQ[:, 32g..] = dS·K for step i (one commit group, not waited for). */
+__device__ __forceinline__ void issue_step_dq(int i, const block_context &c, float (&dq)[16]) {
+    wgmma_fence();
+    issue_dq(dq, c.base + kTileDS + (i & 1) * kKeyTileBytes, c.k_columns);
+    wgmma_commit();
+}
+
+#endif /* device helpers */
+
+__global__ void __launch_bounds__(kBwdThreads, 1) wgmma_backward_kernel(backward_args a, mb::attention_plan plan) {
+#if MB_WGMMA_ENABLED
+    extern __shared__ uint4 shared_raw[];
+    char *smem = aligned_shared(shared_raw);
+    block_context c;
+    if (!find_tile(&c.t, &c.head, plan.seq_first, plan.tile_seq, a.cu_seqlens, a.num_seqs, a.heads, kBlockKeys)) return;
+    c.hidden = a.heads * kHeadDim;
+    const size_t qkv_stride = 3 * (size_t)c.hidden;
+    partner_range(c.t, -1, &c.query_lo, &c.query_hi); /* global layer: the whole sequence */
+    c.steps = mb::ceil_div(c.query_hi - c.query_lo, kStepQueries);
+
+    load_tile_async<kBlockKeys>(smem + kTileK, a.qkv + c.hidden + c.head * kHeadDim, qkv_stride, c.t.start, c.t.end);
+    load_tile_async<kBlockKeys>(smem + kTileV, a.qkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, c.t.start,
+                                c.t.end);
+    load_step(smem, 0, a, c.head, c.query_lo, c.query_hi);
+    cp_async_commit();
+
+    c.group = threadIdx.x / 128;
+    c.f = my_fragment();
+    c.key_a = c.t.start + kGroupKeys * c.group + c.f.row;
+    c.tail_keys = c.t.start + kBlockKeys > c.t.end;
+    c.base = shared_address(smem);
+    c.k_rows = c.base + kTileK + c.group * kGroupKeys * kRowBytes;
+    c.v_rows = c.base + kTileV + c.group * kGroupKeys * kRowBytes;
+    c.k_columns = c.base + kTileK + c.group * 32 * 2; /* dQ: this group's 32 columns of K */
+    c.dq_columns = a.dq_accum + c.head * kHeadDim + c.group * 32;
+
+    float dk[32], dv[32], s[32], dp[32], dq[16];
+#pragma unroll
+    for (int i = 0; i < 32; i++) dk[i] = dv[i] = s[i] = dp[i] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 16; i++) dq[i] = 0.0f;
+
+    /* Rotated loop: iteration i issues dQ(i-1) and runs step i's front, which adds dQ(i-1) while Sᵀ(i), dPᵀ(i) run. */
+    step_front<false>(0, smem, a, c, s, dp, dk, dv, dq);
+    for (int i = 1; i < c.steps; i++) {
+        issue_step_dq(i - 1, c, dq);
+        step_front<true>(i, smem, a, c, s, dp, dk, dv, dq);
+    }
+    issue_step_dq(c.steps - 1, c, dq);
+    wgmma_wait<0>();
+    fence_registers(dq);
+    reduce_dq(c.dq_columns, c.hidden, dq, c.query_lo + (c.steps - 1) * kStepQueries, c.query_hi, c.f);
+    store_key_rows(a.dqkv + c.hidden + c.head * kHeadDim, qkv_stride, dk, c.key_a, c.t.end, c.f.col, a.scale);
+    store_key_rows(a.dqkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, dv, c.key_a, c.t.end, c.f.col, 1.0f);
+#endif
+}
+
+/* ---- self-test part 1: the three tile products on exact inputs ---- */
+
+/* x, y: [128][64] bf16. out_scores [128][64] = X·Y[0..64)ᵀ per group (rows 64g..); out_accumulate [128][64] =
+ * X[rows][0..64) · Y[0..64)[64] with X taken into registers in the accumulator layout; out_dq [64][64] = Yᵀ·X over
+ * 128 rows, columns 32g.. by group g. */
+__global__ void __launch_bounds__(kBwdThreads, 1)
+    wgmma_products_kernel(float *out_scores, float *out_accumulate, float *out_dq, const mb::bf16 *x,
+                          const mb::bf16 *y) {
+#if MB_WGMMA_ENABLED
+    extern __shared__ uint4 shared_raw[];
+    char *smem = aligned_shared(shared_raw);
+    load_tile_async<kBlockKeys>(smem + kTileK, x, kHeadDim, 0, kBlockKeys);
+    load_tile_async<kStepQueries>(smem + kTileQ, y, kHeadDim, 0, kStepQueries);
+    load_tile_async<kBlockKeys>(smem + kTileDS, y, kHeadDim, 0, kBlockKeys);
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+    const int group = threadIdx.x / 128;
+    const fragment_position f = my_fragment();
+    const uint32_t base = shared_address(smem);
+    float s[32], acc[32], dq[16];
+#pragma unroll
+    for (int i = 0; i < 32; i++) {
+        int row = group * kGroupKeys + f.row + 8 * ((i % 4) >> 1), col = 8 * (i / 4) + f.col + (i & 1);
+        s[i] = mb::to_float(x[row * kHeadDim + col]); /* X in the accumulator layout, as Pᵀ would be */
+        acc[i] = 0.0f;
+    }
+    uint32_t x_frag[4][4];
+    pack_a_fragments(x_frag, s);
+    wgmma_fence();
+    issue_scores(s, base + kTileK + group * kGroupKeys * kRowBytes, base + kTileQ);
+    wgmma_commit();
+    issue_accumulate(acc, x_frag, base + kTileQ);
+    wgmma_commit();
+    issue_dq(dq, base + kTileDS, base + kTileK + group * 32 * 2);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(s);
+    fence_registers(acc);
+    fence_registers(dq);
+    fence_registers(x_frag);
+#pragma unroll
+    for (int i = 0; i < 32; i++) {
+        int row = group * kGroupKeys + f.row + 8 * ((i % 4) >> 1), col = 8 * (i / 4) + f.col + (i & 1);
+        out_scores[row * kHeadDim + col] = s[i];
+        out_accumulate[row * kHeadDim + col] = acc[i];
+    }
+#pragma unroll
+    for (int i = 0; i < 16; i++) {
+        int row = f.row + 8 * ((i % 4) >> 1), col = group * 32 + 8 * (i / 4) + f.col + (i & 1);
+        out_dq[row * kHeadDim + col] = dq[i];
+    }
+#endif
+}
+
+}  // namespace
+
+bool mb_attention_wgmma_backward_supports(int head_dim, int window) {
+    if (head_dim != kHeadDim || window >= 0) return false;
+    int device = 0, major = 0;
+    cudaFuncAttributes attributes;
+    bool ok = cudaGetDevice(&device) == cudaSuccess &&
+              cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major == 9 &&
+              cudaFuncGetAttributes(&attributes, wgmma_backward_kernel) == cudaSuccess &&
+              attributes.binaryVersion >= 90;
+    (void)cudaGetLastError(); /* a failed query must not surface as the next launch's error */
+    return ok;
+}
+
+int mb_attention_wgmma_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout, const float *lse,
+                                const float *delta, const mb::bf16 *qkv, const int32_t *cu_seqlens,
+                                mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim, int window,
+                                cudaStream_t stream, mb_error *err) {
+    MB_REQUIRE(err, head_dim == kHeadDim && window < 0,
+               "attention_wgmma_backward: head_dim %d, window %d (only head_dim 64, global layers)", head_dim, window);
+    MB_REQUIRE(err, plan.tile == kWgmmaBackwardTile, "attention_wgmma_backward: plan tile %d, expected %d", plan.tile,
+               kWgmmaBackwardTile);
+    MB_REQUIRE(err, dqkv && dq_accum && dout && lse && delta && qkv && cu_seqlens && plan.seq_first && plan.tile_seq,
+               "attention_wgmma_backward: missing pointer");
+    MB_REQUIRE(err, num_seqs >= 1 && n >= num_seqs && heads >= 1,
+               "attention_wgmma_backward: bad shape num_seqs %d, n %d, heads %d", num_seqs, n, heads);
+    MB_REQUIRE(err,
+               reinterpret_cast<uintptr_t>(dqkv) % 16 == 0 && reinterpret_cast<uintptr_t>(dq_accum) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(dout) % 16 == 0 && reinterpret_cast<uintptr_t>(qkv) % 16 == 0,
+               "attention_wgmma_backward: dqkv, dq_accum, dout and qkv must be 16-byte aligned");
+    if (plan.blocks == 0) return 0;
+    MB_CUDA_CHECK(err, cudaFuncSetAttribute(wgmma_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            (int)kSharedBytes));
+    float scale = 1.0f / sqrtf((float)kHeadDim);
+    backward_args args = {dqkv, dq_accum, dout, qkv, lse, delta, cu_seqlens, num_seqs, heads, scale, kLog2e * scale};
+    wgmma_backward_kernel<<<plan.blocks, kBwdThreads, kSharedBytes, stream>>>(args, plan);
+    MB_CUDA_CHECK_LAUNCH(err, "wgmma_backward_kernel");
+    return 0;
+}
+
+/* ---- self-test ---- */
+
+namespace {
+
+/* report writer: appends formatted text, never overflows */
+struct report_text {
+    char *text;
+    size_t size, used;
+    void add(const char *format, ...) __attribute__((format(printf, 2, 3))) {
+        if (text == nullptr || size == 0 || used + 1 >= size) return;
+        va_list args;
+        va_start(args, format);
+        int written = vsnprintf(text + used, size - used, format, args);
+        va_end(args);
+        if (written > 0) used = used + (size_t)written < size ? used + (size_t)written : size - 1;
+    }
+};
+
+/* Compares got with want ([rows][cols]); returns true when max |got − want| <= tolerance and reports the largest
+ * error and the first element past the tolerance. */
+bool compare(report_text &r, const char *what, const float *got, const double *want, int rows, int cols,
+             double tolerance) {
+    double worst = 0.0;
+    int first_row = -1, first_col = -1;
+    for (int i = 0; i < rows; i++)
+        for (int k = 0; k < cols; k++) {
+            double error = fabs((double)got[i * cols + k] - want[i * cols + k]);
+            if (!(error <= tolerance) && first_row < 0) first_row = i, first_col = k;
+            if (!(error <= worst)) worst = error;
+        }
+    if (first_row < 0) {
+        r.add("%s: ok (max error %.3g)\n", what, worst);
+        return true;
+    }
+    r.add("%s: MISMATCH max error %.3g; first wrong (row %d, col %d): got %.6g want %.6g\n", what, worst, first_row,
+          first_col, got[first_row * cols + first_col], want[first_row * cols + first_col]);
+    return false;
+}
+
+/* Small integers / 16: every product and sum of part 1 is exact in fp32, so any error is a layout bug. */
+float exact_value(int row, int col, int salt) {
+    return (float)(((row * 7 + col * 3 + salt) % 17) - 8) / 16.0f;
+}
+
+float bf16_round(float value) {
+    return mb_bf16_to_float(mb_bf16_from_float(value));
+}
+
+/* cudaMalloc'd buffers freed on scope exit */
+struct device_buffers {
+    std::vector<void *> pointers;
+    ~device_buffers() {
+        for (void *p : pointers) cudaFree(p);
+    }
+    template <typename T>
+    cudaError_t allocate(T **pointer, size_t count) {
+        void *p = nullptr;
+        cudaError_t status = cudaMalloc(&p, count * sizeof(T));
+        if (status == cudaSuccess) pointers.push_back(p);
+        *pointer = static_cast<T *>(p);
+        return status;
+    }
+};
+
+#define SELFTEST_CUDA(call)                                                                            \
+    do {                                                                                               \
+        cudaError_t selftest_status_ = (call);                                                         \
+        if (selftest_status_ != cudaSuccess) {                                                         \
+            r.add("%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(selftest_status_)); \
+            return -1;                                                                                 \
+        }                                                                                              \
+    } while (0)
+
+int selftest_products(report_text &r) {
+    constexpr int kRows = kBlockKeys, kCols = kHeadDim;
+    std::vector<mb_bf16> x(kRows * kCols), y(kRows * kCols);
+    std::vector<float> xf(kRows * kCols), yf(kRows * kCols);
+    for (int i = 0; i < kRows; i++)
+        for (int k = 0; k < kCols; k++) {
+            xf[i * kCols + k] = exact_value(i, k, 1);
+            yf[i * kCols + k] = exact_value(k, i, 5);
+            x[i * kCols + k] = mb_bf16_from_float(xf[i * kCols + k]);
+            y[i * kCols + k] = mb_bf16_from_float(yf[i * kCols + k]);
+        }
+    std::vector<double> want_scores(kRows * kCols, 0.0), want_accumulate(kRows * kCols, 0.0), want_dq(64 * kCols, 0.0);
+    for (int i = 0; i < kRows; i++)
+        for (int k = 0; k < kCols; k++)
+            for (int d = 0; d < kCols; d++) {
+                want_scores[i * kCols + k] += (double)xf[i * kCols + d] * yf[k * kCols + d];
+                want_accumulate[i * kCols + k] += (double)xf[i * kCols + d] * yf[d * kCols + k];
+            }
+    for (int m = 0; m < 64; m++)
+        for (int k = 0; k < kCols; k++)
+            for (int row = 0; row < kRows; row++)
+                want_dq[m * kCols + k] += (double)yf[row * kCols + m] * xf[row * kCols + k];
+
+    device_buffers buffers;
+    mb::bf16 *dx, *dy;
+    float *scores, *accumulate, *dq;
+    SELFTEST_CUDA(buffers.allocate(&dx, x.size()));
+    SELFTEST_CUDA(buffers.allocate(&dy, y.size()));
+    SELFTEST_CUDA(buffers.allocate(&scores, x.size()));
+    SELFTEST_CUDA(buffers.allocate(&accumulate, x.size()));
+    SELFTEST_CUDA(buffers.allocate(&dq, (size_t)64 * kCols));
+    SELFTEST_CUDA(cudaMemcpy(dx, x.data(), x.size() * 2, cudaMemcpyHostToDevice));
+    SELFTEST_CUDA(cudaMemcpy(dy, y.data(), y.size() * 2, cudaMemcpyHostToDevice));
+    SELFTEST_CUDA(
+        cudaFuncSetAttribute(wgmma_products_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSharedBytes));
+    wgmma_products_kernel<<<1, kBwdThreads, kSharedBytes>>>(scores, accumulate, dq, dx, dy);
+    SELFTEST_CUDA(cudaGetLastError());
+    SELFTEST_CUDA(cudaDeviceSynchronize());
+    std::vector<float> got_scores(x.size()), got_accumulate(x.size()), got_dq((size_t)64 * kCols);
+    SELFTEST_CUDA(cudaMemcpy(got_scores.data(), scores, x.size() * 4, cudaMemcpyDeviceToHost));
+    SELFTEST_CUDA(cudaMemcpy(got_accumulate.data(), accumulate, x.size() * 4, cudaMemcpyDeviceToHost));
+    SELFTEST_CUDA(cudaMemcpy(got_dq.data(), dq, got_dq.size() * 4, cudaMemcpyDeviceToHost));
+    bool ok =
+        compare(r, "scores X·Yt (SS, K-major A and B)", got_scores.data(), want_scores.data(), kRows, kCols, 1e-5);
+    ok &=
+        compare(r, "accumulate X·Y (RS, N-major B)", got_accumulate.data(), want_accumulate.data(), kRows, kCols, 1e-5);
+    ok &= compare(r, "dq Yt·X[:, 32g..] (SS, M-major A, N-major B)", got_dq.data(), want_dq.data(), 64, kCols, 1e-5);
+    return ok ? 0 : 1;
+}
+
+/* Double-precision reference backward of one head over one sequence [b, e): dq (scaled), dk, dv of every token. */
+void reference_backward(std::vector<double> &dq, std::vector<double> &dk, std::vector<double> &dv,
+                        std::vector<float> &lse, std::vector<float> &delta, const std::vector<float> &qkv,
+                        const std::vector<float> &dout, int b, int e, int head, int heads) {
+    const int hidden = heads * kHeadDim, stride = 3 * hidden, len = e - b;
+    const double scale = 1.0 / sqrt((double)kHeadDim);
+    auto q = [&](int i, int d) { return (double)qkv[(size_t)i * stride + head * kHeadDim + d]; };
+    auto k = [&](int i, int d) { return (double)qkv[(size_t)i * stride + hidden + head * kHeadDim + d]; };
+    auto v = [&](int i, int d) { return (double)qkv[(size_t)i * stride + 2 * hidden + head * kHeadDim + d]; };
+    auto g = [&](int i, int d) { return (double)dout[(size_t)i * hidden + head * kHeadDim + d]; };
+    std::vector<double> p(len), dp(len);
+    for (int i = b; i < e; i++) {
+        double top = -INFINITY;
+        for (int j = b; j < e; j++) {
+            double s = 0.0;
+            for (int d = 0; d < kHeadDim; d++) s += q(i, d) * k(j, d);
+            p[j - b] = s * scale;
+            top = fmax(top, p[j - b]);
+        }
+        double sum = 0.0;
+        for (int j = 0; j < len; j++) sum += exp(p[j] - top);
+        double log_sum = top + log(sum), di = 0.0;
+        for (int j = 0; j < len; j++) p[j] = exp(p[j] - log_sum);
+        for (int d = 0; d < kHeadDim; d++) {
+            double o = 0.0;
+            for (int j = 0; j < len; j++) o += p[j] * v(b + j, d);
+            di += g(i, d) * o;
+        }
+        lse[(size_t)i * heads + head] = (float)log_sum;
+        delta[(size_t)i * heads + head] = (float)di;
+        for (int j = 0; j < len; j++) {
+            double x = 0.0;
+            for (int d = 0; d < kHeadDim; d++) x += g(i, d) * v(b + j, d);
+            dp[j] = p[j] * (x - di); /* dS */
+        }
+        for (int j = 0; j < len; j++)
+            for (int d = 0; d < kHeadDim; d++) {
+                dq[(size_t)i * hidden + head * kHeadDim + d] += scale * dp[j] * k(b + j, d);
+                dk[(size_t)(b + j) * hidden + head * kHeadDim + d] += scale * dp[j] * q(i, d);
+                dv[(size_t)(b + j) * hidden + head * kHeadDim + d] += p[j] * g(i, d);
+            }
+    }
+}
+
+/* ‖got − want‖ / ‖want‖ over a [n, hidden] block, with the largest element error and its place. */
+bool compare_relative(report_text &r, const char *what, const std::vector<float> &got, const std::vector<double> &want,
+                      int hidden, double tolerance) {
+    double diff = 0.0, norm = 0.0, worst = 0.0;
+    size_t worst_at = 0;
+    bool finite = true;
+    for (size_t i = 0; i < want.size(); i++) {
+        double error = fabs((double)got[i] - want[i]);
+        if (!std::isfinite(got[i])) finite = false;
+        diff += error * error;
+        norm += want[i] * want[i];
+        if (!(error <= worst)) worst = error, worst_at = i;
+    }
+    double relative = sqrt(diff) / (sqrt(norm) + 1e-30);
+    bool ok = finite && relative <= tolerance;
+    r.add("%s: %s relative error %.3g, max abs error %.3g at (token %zu, col %zu) got %.5g want %.5g\n", what,
+          ok ? "ok" : "MISMATCH", relative, worst, worst_at / hidden, worst_at % hidden, got[worst_at], want[worst_at]);
+    return ok;
+}
+
+int selftest_kernel(report_text &r) {
+    const std::vector<int> lengths = {200, 65, 1, 130};
+    const int heads = 2, hidden = heads * kHeadDim, num_seqs = (int)lengths.size();
+    std::vector<int32_t> cu_seqlens(1, 0), seq_first(1, 0), tile_seq;
+    for (int s = 0; s < num_seqs; s++) {
+        cu_seqlens.push_back(cu_seqlens.back() + lengths[s]);
+        int tiles = (lengths[s] + kBlockKeys - 1) / kBlockKeys;
+        for (int x = 0; x < tiles; x++) tile_seq.push_back(s);
+        seq_first.push_back(seq_first.back() + tiles);
+    }
+    const int n = cu_seqlens.back();
+    mb_rng rng;
+    mb_rng_seed(&rng, 20240611);
+    std::vector<float> qkv((size_t)n * 3 * hidden), dout((size_t)n * hidden);
+    std::vector<mb_bf16> qkv_bits(qkv.size()), dout_bits(dout.size());
+    for (size_t i = 0; i < qkv.size(); i++)
+        qkv_bits[i] = mb_bf16_from_float(qkv[i] = bf16_round((float)mb_rng_normal(&rng)));
+    for (size_t i = 0; i < dout.size(); i++)
+        dout_bits[i] = mb_bf16_from_float(dout[i] = bf16_round((float)mb_rng_normal(&rng) * 0.5f));
+    std::vector<double> want_dq((size_t)n * hidden, 0.0), want_dk(want_dq.size(), 0.0), want_dv(want_dq.size(), 0.0);
+    std::vector<float> lse((size_t)n * heads), delta((size_t)n * heads);
+    for (int s = 0; s < num_seqs; s++)
+        for (int h = 0; h < heads; h++)
+            reference_backward(want_dq, want_dk, want_dv, lse, delta, qkv, dout, cu_seqlens[s], cu_seqlens[s + 1], h,
+                               heads);
+
+    device_buffers buffers;
+    mb::bf16 *d_qkv, *d_dout, *d_dqkv;
+    float *d_lse, *d_delta, *d_dq;
+    int32_t *d_cu, *d_first, *d_tiles;
+    SELFTEST_CUDA(buffers.allocate(&d_qkv, qkv.size()));
+    SELFTEST_CUDA(buffers.allocate(&d_dqkv, qkv.size()));
+    SELFTEST_CUDA(buffers.allocate(&d_dout, dout.size()));
+    SELFTEST_CUDA(buffers.allocate(&d_lse, lse.size()));
+    SELFTEST_CUDA(buffers.allocate(&d_delta, delta.size()));
+    SELFTEST_CUDA(buffers.allocate(&d_dq, want_dq.size()));
+    SELFTEST_CUDA(buffers.allocate(&d_cu, cu_seqlens.size()));
+    SELFTEST_CUDA(buffers.allocate(&d_first, seq_first.size()));
+    SELFTEST_CUDA(buffers.allocate(&d_tiles, tile_seq.size()));
+    SELFTEST_CUDA(cudaMemcpy(d_qkv, qkv_bits.data(), qkv.size() * 2, cudaMemcpyHostToDevice));
+    SELFTEST_CUDA(cudaMemcpy(d_dout, dout_bits.data(), dout.size() * 2, cudaMemcpyHostToDevice));
+    SELFTEST_CUDA(cudaMemcpy(d_lse, lse.data(), lse.size() * 4, cudaMemcpyHostToDevice));
+    SELFTEST_CUDA(cudaMemcpy(d_delta, delta.data(), delta.size() * 4, cudaMemcpyHostToDevice));
+    SELFTEST_CUDA(cudaMemcpy(d_cu, cu_seqlens.data(), cu_seqlens.size() * 4, cudaMemcpyHostToDevice));
+    SELFTEST_CUDA(cudaMemcpy(d_first, seq_first.data(), seq_first.size() * 4, cudaMemcpyHostToDevice));
+    SELFTEST_CUDA(cudaMemcpy(d_tiles, tile_seq.data(), tile_seq.size() * 4, cudaMemcpyHostToDevice));
+    SELFTEST_CUDA(cudaMemset(d_dqkv, 0xff, qkv.size() * 2)); /* NaN: a token the kernel forgets stays NaN */
+    SELFTEST_CUDA(cudaMemset(d_dq, 0, want_dq.size() * 4));
+    mb::attention_plan plan = {d_first, d_tiles, kBlockKeys,
+                               (unsigned)(((n + kBlockKeys - 1) / kBlockKeys + num_seqs) * heads)};
+    mb_error err;
+    err.message[0] = '\0';
+    if (mb_attention_wgmma_backward(d_dqkv, d_dq, d_dout, d_lse, d_delta, d_qkv, d_cu, plan, num_seqs, n, heads,
+                                    kHeadDim, -1, nullptr, &err) != 0) {
+        r.add("launch: %s\n", err.message);
+        return -1;
+    }
+    SELFTEST_CUDA(cudaDeviceSynchronize());
+    std::vector<float> got_dq(want_dq.size());
+    std::vector<mb_bf16> got_bits(qkv.size());
+    SELFTEST_CUDA(cudaMemcpy(got_dq.data(), d_dq, got_dq.size() * 4, cudaMemcpyDeviceToHost));
+    SELFTEST_CUDA(cudaMemcpy(got_bits.data(), d_dqkv, got_bits.size() * 2, cudaMemcpyDeviceToHost));
+    std::vector<float> got_dk(want_dk.size()), got_dv(want_dv.size());
+    const float scale = 1.0f / sqrtf((float)kHeadDim);
+    for (int i = 0; i < n; i++)
+        for (int c = 0; c < hidden; c++) {
+            got_dq[(size_t)i * hidden + c] *= scale;
+            got_dk[(size_t)i * hidden + c] = mb_bf16_to_float(got_bits[(size_t)i * 3 * hidden + hidden + c]);
+            got_dv[(size_t)i * hidden + c] = mb_bf16_to_float(got_bits[(size_t)i * 3 * hidden + 2 * hidden + c]);
+        }
+    r.add("whole kernel, lengths 200 65 1 130, 2 heads:\n");
+    bool ok = compare_relative(r, "  dQ", got_dq, want_dq, hidden, 1e-2);
+    ok &= compare_relative(r, "  dK", got_dk, want_dk, hidden, 1e-2);
+    ok &= compare_relative(r, "  dV", got_dv, want_dv, hidden, 1e-2);
+    return ok ? 0 : 1;
+}
+
+}  // namespace
+
+extern "C" int mb_cuda_attention_wgmma_backward_selftest(char *report, size_t size) {
+    report_text r = {report, size, 0};
+    if (report != nullptr && size > 0) report[0] = '\0';
+    if (!mb_attention_wgmma_backward_supports(kHeadDim, -1)) {
+        r.add("skipped: the device is not compute capability 9.x or the build has no sm_90a code\n");
+        return 2;
+    }
+    int products = selftest_products(r);
+    if (products < 0) return -1;
+    int kernel = selftest_kernel(r);
+    if (kernel < 0) return -1;
+    return products == 0 && kernel == 0 ? 0 : 1;
+}
