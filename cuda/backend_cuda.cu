@@ -52,6 +52,11 @@ extern "C" {
 namespace {
 
 constexpr size_t kMaxHostLogits = (size_t)1 << 22;
+/* The MLM decoder and its loss run over chunks of this many labelled rows (in every mode, so that the summation order
+ * of the decoder's gradients does not depend on the recompute level). With recompute >= MB_RECOMPUTE_NORMS only one
+ * chunk of logits is kept (8192 × 50,368 bf16 = 0.8 GB instead of 30 KB per token: 6.7 GB at 221 k tokens) and the
+ * backward re-runs the chunk's decoder GEMM. */
+constexpr int kDecoderChunkRows = 8192; /* MB_DECODER_CHUNK_ROWS overrides it (tests) */
 constexpr size_t kAlign = 256;
 
 #define TRY(call)                                                                                                 \
@@ -145,6 +150,7 @@ struct cuda_backend {
     double *dp_host;                 /* pinned: the reduced gradient norm */
     int deterministic;               /* MB_DETERMINISTIC=1: bit-reproducible attention backward (slower) */
     int recompute;                   /* mb_recompute: which activations the backward rebuilds instead of keeping */
+    int decoder_chunk_rows;          /* kDecoderChunkRows unless MB_DECODER_CHUNK_ROWS */
     profiler *prof;                  /* NULL unless MB_PROFILE=1 */
 };
 
@@ -342,6 +348,24 @@ int scratch_need(const mb_config *cfg, const budget *bud, size_t *bytes, mb_erro
     return 0;
 }
 
+/* Rows of logits per chunk of the head (classifier heads are never chunked: their rows are sequences). */
+int head_chunk_rows(const cuda_backend *c, const mb_config *cfg, int rows) {
+    return cfg->head == MB_HEAD_MASKED_LM && rows > c->decoder_chunk_rows ? c->decoder_chunk_rows
+                                                                           : (rows > 0 ? rows : 1);
+}
+
+/* Whether the logits of every chunk stay until the backward (else the backward recomputes each chunk's). */
+bool logits_kept(const cuda_backend *c) { return c->recompute < MB_RECOMPUTE_NORMS; }
+
+size_t logit_rows_kept(const cuda_backend *c, const mb_config *cfg, int rows) {
+    return logits_kept(c) ? (size_t)rows : (size_t)head_chunk_rows(c, cfg, rows);
+}
+
+/* Where the logits of the chunk starting at row r0 live. */
+mb_bf16 *chunk_logits(cuda_backend *c, int r0) {
+    return logits_kept(c) ? c->logits + (size_t)r0 * c->batch.classes : c->logits;
+}
+
 void carve_activations(cuda_backend *c, carver *k, const mb_config *cfg, const budget *bud, size_t scratch_bytes) {
     size_t n = (size_t)bud->tokens, S = (size_t)bud->sequences, R = (size_t)bud->rows;
     size_t H = (size_t)cfg->hidden_size, I = (size_t)cfg->intermediate_size, C = (size_t)head_classes(cfg);
@@ -367,7 +391,7 @@ void carve_activations(cuda_backend *c, carver *k, const mb_config *cfg, const b
     c->head_norm = k->take<mb_bf16>(R * H);
     c->head_mean = k->take<float>(R);
     c->head_rstd = k->take<float>(R);
-    c->logits = k->take<mb_bf16>(R * C);
+    c->logits = k->take<mb_bf16>(logit_rows_kept(c, cfg, bud->rows) * C);
     c->dh = k->take<mb_bf16>(n * H);
     c->d_normed = k->take<mb_bf16>(n * H);
     /* the attention block's and the MLP block's backward buffers are never live at the same time: shared */
@@ -561,6 +585,15 @@ int mlp_block_forward(cuda_backend *c, const mb_config *cfg, int l, mb_error *er
 
 int is_regression(const mb_config *cfg) { return cfg->head == MB_HEAD_SEQUENCE_CLASSIFIER && cfg->num_labels == 1; }
 
+/* logits of head rows [r0, r0 + count) = head_norm · Wᵀ + b (the tied decoder or the classifier), into z. */
+int decoder_forward(cuda_backend *c, const mb_config *cfg, mb_bf16 *z, int r0, int count, mb_error *err) {
+    int H = cfg->hidden_size, is_mlm = cfg->head == MB_HEAD_MASKED_LM;
+    const float *weight = is_mlm ? c->w.decoder_weight : c->w.classifier_weight;
+    const float *bias = is_mlm ? c->w.decoder_bias : c->w.classifier_bias;
+    return mb_cuda_linear_forward(c->matmul, z, c->head_norm + (size_t)r0 * H, copy_of(c, weight), copy_of(c, bias),
+                                  nullptr, count, H, c->batch.classes, c->stream, err);
+}
+
 /* Gathers (MLM: labelled tokens; classifier: cls token or sequence mean) and runs the head up to the row losses. */
 int head_forward(cuda_backend *c, const mb_config *cfg, mb_error *err) {
     int H = cfg->hidden_size, rows = c->batch.rows, classes = c->batch.classes;
@@ -577,15 +610,17 @@ int head_forward(cuda_backend *c, const mb_config *cfg, mb_error *err) {
                                    c->stream, err));
     TRY(mb_cuda_layernorm_forward(c->head_norm, c->head_mean, c->head_rstd, c->head_act, c->w.head_norm,
                                   c->w.head_norm_bias, rows, H, (float)cfg->norm_eps, c->stream, err));
-    const float *weight = is_mlm ? c->w.decoder_weight : c->w.classifier_weight;
-    const float *bias = is_mlm ? c->w.decoder_bias : c->w.classifier_bias;
-    TRY(mb_cuda_linear_forward(c->matmul, c->logits, c->head_norm, copy_of(c, weight), copy_of(c, bias), nullptr,
-                               rows, H, classes, c->stream, err));
-    if (is_regression(cfg))
-        TRY(mb_cuda_mse(nullptr, c->row_loss, c->logits, c->sequence_labels, rows, 1.0f, c->stream, err));
-    else
-        TRY(mb_cuda_cross_entropy(c->logits, c->row_loss, c->row_lse, c->targets, rows, classes, 1.0f, 0, c->stream,
-                                  err));
+    int chunk = head_chunk_rows(c, cfg, rows);
+    for (int r0 = 0; r0 < rows; r0 += chunk) {
+        int count = rows - r0 < chunk ? rows - r0 : chunk;
+        mb_bf16 *z = chunk_logits(c, r0);
+        TRY(decoder_forward(c, cfg, z, r0, count, err));
+        if (is_regression(cfg))
+            TRY(mb_cuda_mse(nullptr, c->row_loss + r0, z, c->sequence_labels + r0, count, 1.0f, c->stream, err));
+        else
+            TRY(mb_cuda_cross_entropy(z, c->row_loss + r0, c->row_lse + r0, c->targets + r0, count, classes, 1.0f, 0,
+                                      c->stream, err));
+    }
     return mb_cuda_sum(&c->device_scalars[0], c->row_loss, rows, c->stream, err);
 }
 
@@ -654,16 +689,27 @@ int head_backward(cuda_backend *c, const mb_config *cfg, mb_bf16 *d_final, float
         MB_CUDA_CHECK(err, cudaMemsetAsync(d_final, 0, (size_t)n * H * sizeof(mb_bf16), c->stream));
         return 0;
     }
-    if (is_regression(cfg))
-        TRY(mb_cuda_mse(c->logits, c->row_loss, c->logits, c->sequence_labels, rows, grad_scale, c->stream, err));
-    else
-        TRY(mb_cuda_cross_entropy_backward(c->logits, c->row_lse, c->targets, rows, classes, grad_scale, c->stream,
-                                           err));
     const float *weight = is_mlm ? c->w.decoder_weight : c->w.classifier_weight;
     float *dweight = is_mlm ? c->g.decoder_weight : c->g.classifier_weight; /* tied: the embedding gradient */
     float *dbias = is_mlm ? c->g.decoder_bias : c->g.classifier_bias;
-    TRY(mb_cuda_linear_backward(c->matmul, c->d_head, dweight, dbias, c->scratch, c->logits, c->head_norm,
-                                copy_of(c, weight), rows, H, classes, 0, c->stream, err));
+    int chunk = head_chunk_rows(c, cfg, rows);
+    for (int r0 = 0; r0 < rows; r0 += chunk) {
+        int count = rows - r0 < chunk ? rows - r0 : chunk;
+        mb_bf16 *z = chunk_logits(c, r0);
+        if (!logits_kept(c)) {
+            mark(c, "recompute (decoder)");
+            TRY(decoder_forward(c, cfg, z, r0, count, err));
+            mark(c, "head bwd");
+        }
+        if (is_regression(cfg))
+            TRY(mb_cuda_mse(z, c->row_loss + r0, z, c->sequence_labels + r0, count, grad_scale, c->stream, err));
+        else
+            TRY(mb_cuda_cross_entropy_backward(z, c->row_lse + r0, c->targets + r0, count, classes, grad_scale,
+                                               c->stream, err));
+        TRY(mb_cuda_linear_backward(c->matmul, c->d_head + (size_t)r0 * H, dweight, dbias, c->scratch, z,
+                                    c->head_norm + (size_t)r0 * H, copy_of(c, weight), count, H, classes, 0,
+                                    c->stream, err));
+    }
     TRY(mb_cuda_layernorm_backward(c->d_head2, c->g.head_norm, c->g.head_norm_bias, c->scratch, c->d_head, c->head_act,
                                    c->head_mean, c->head_rstd, c->w.head_norm, rows, H, 0, c->stream, err));
     TRY(mb_cuda_activation_backward(c->d_head, c->d_head2, c->head_dense, (size_t)rows * H,
@@ -1228,6 +1274,8 @@ int build(mb_backend *b, cuda_backend *c, mb_error *err) {
     MB_CUDA_CHECK(err, cudaEventCreateWithFlags(&c->join_event, cudaEventDisableTiming));
     const char *deterministic = getenv("MB_DETERMINISTIC");
     c->deterministic = deterministic != nullptr && strcmp(deterministic, "1") == 0;
+    const char *chunk = getenv("MB_DECODER_CHUNK_ROWS"); /* tests: small chunks on small batches */
+    c->decoder_chunk_rows = chunk != nullptr && atoi(chunk) > 0 ? atoi(chunk) : kDecoderChunkRows;
     const char *profile = getenv("MB_PROFILE");
     if (profile != nullptr && strcmp(profile, "1") == 0) {
         c->prof = static_cast<profiler *>(calloc(1, sizeof(profiler)));
