@@ -27,10 +27,17 @@
  * landing during phase 1. Each element of dqkv is written once, by the warp owning its row.
  *
  * Grid: the plan of cuda/attention_common.cuh for tiles of kBandTile tokens (block x = tile x / heads, head x % heads,
- * longest sequences first); spare blocks return at once. */
+ * longest sequences first); spare blocks return at once.
+ *
+ * Versions: v2 (default) = band2_forward_kernel (three cp.async groups) and, at head_dim <= 64 with window > 16,
+ * band2_backward_kernel (phase 2 reuses phase 1's dS of the tile's own 64 × 64 centre); MB_ATTENTION_BAND=v1 (read per
+ * call) selects the round-1 kernels band_forward_kernel / band_backward_kernel. */
 #include "attention_band.h"
 
 #include "attention_mma.cuh"
+
+#include <stdlib.h>
+#include <string.h>
 
 namespace {
 
@@ -392,6 +399,386 @@ __global__ void __launch_bounds__(kBandThreads, band<D, kPad>::bwd_blocks)
                          delta_strip, warp, window, scale, scale_log2);
 }
 
+/* ---- backward v2 (default; MB_ATTENTION_BAND=v1 selects the kernel above) ----
+ * The same two phases, with three changes (head_dim <= 64, kPad >= 64: every warp's strip then covers the whole
+ * centre, the 64 × 64 block of the tile's own queries and keys):
+ *  - phase 2 does not recompute the centre: phase 1 stores its dSᵀ for the centre (bf16, [key][query]) in shared
+ *    memory (over V's centre rows at head_dim 64: phase 1 holds V's fragments in registers and phase 2 needs V only
+ *    outside the centre), and phase 2 reads it back as A fragments (ldmatrix .trans) for dQ += dS·K. Per warp at
+ *    w = 64: 440 tile products instead of 504, 40 exponentials instead of 72 in phase 2;
+ *  - three cp.async groups: the first phase-1 chunks run while the rest of the Q, dO strips land;
+ *  - loads issue one cp.async per 16 bytes with a fixed column per thread (fewer integer instructions).
+ * dS is formed once per pair (from fp32 P, as in v1) and rounded to bf16 once: the centre's dQ uses the same bf16
+ * values the v1 kernel would have formed, up to the order of the sums in S and dP. */
+
+/* Shapes the v2 backward takes (the others keep v1). */
+template <int D, int kPad>
+__host__ __device__ constexpr bool band2_supported() { return D <= 64 && kPad >= 64 && band<D, kPad>::kv_in_registers; }
+
+template <int D, int kPad>
+struct band2 {
+    using geo = band<D, kPad>;
+    static constexpr int chunks = geo::n_tiles / geo::chunk;
+    static_assert(geo::n_tiles % geo::chunk == 0, "whole chunks");
+    static constexpr int early_chunks = (chunks + 2) / 3; /* phase-1 chunks that need only cp.async group 0 */
+    /* strip rows those chunks read: warp 3's columns start at row 48 */
+    static constexpr int early_rows = 16 * (kBandWarps - 1) + 8 * geo::chunk * early_chunks;
+    static_assert(early_rows <= geo::strip, "group 0 inside the strip");
+    static constexpr int ds_stride = kBandTile + 8;                 /* bf16 per dSᵀ row (16-byte pad) */
+    static constexpr bool ds_overlay = geo::stride == ds_stride;    /* dSᵀ centre over V's centre rows (D = 64) */
+    static constexpr size_t ds_bytes = (size_t)kBandTile * ds_stride * sizeof(mb::bf16);
+    static constexpr size_t bytes = geo::bwd_bytes + (ds_overlay ? 0 : ds_bytes);
+    static constexpr int off_groups = (2 * kPad + 16 - kBandTile) / 16; /* 16-key groups outside the centre */
+};
+
+/* Rows [r_begin, r_end) of a strip whose row r holds token base + r (zeros outside [lo, hi)): thread t always copies
+ * the 16 bytes at column 8·(t % (D/8)), rows step by kBandThreads / (D/8). */
+template <int D>
+__device__ __forceinline__ void load_strip_rows(mb::bf16 *dst, const mb::bf16 *src, size_t row_stride, int base,
+                                                int lo, int hi, int r_begin, int r_end) {
+    constexpr int pieces = D / 8, step = kBandThreads / pieces;
+    static_assert(kBandThreads % pieces == 0, "whole rows per pass");
+    const int column = (threadIdx.x % pieces) * 8;
+    int r = r_begin + threadIdx.x / pieces;
+    int64_t offset = (int64_t)(base + r) * (int64_t)row_stride + column;
+    const int64_t advance = (int64_t)step * (int64_t)row_stride;
+#pragma unroll 4
+    for (; r < r_end; r += step, offset += advance) {
+        const int token = base + r;
+        const bool valid = token >= lo && token < hi;
+        cp_async_16(dst + r * shape<D>::stride + column, valid ? src + offset : src, valid);
+    }
+}
+
+/* A fragment (16×16) of A = Tᵀ at (row0, col0), T stored row-major [col][row] (A's columns are T's rows). */
+template <int kStride>
+__device__ __forceinline__ void load_a_transposed(uint32_t a[4], const mb::bf16 *tile, int row0, int col0) {
+    const int lane = threadIdx.x % mb::kWarpSize;
+    mb::ldmatrix_x4_trans(a, tile + (col0 + (lane & 7) + ((lane >> 4) << 3)) * kStride + row0 + ((lane >> 3) & 1) * 8);
+}
+
+/* mask_band, plus rows (the phase-1 keys) past the sequence: their dSᵀ reaches dQ through the centre, so it must be
+ * exactly 0 there (v1 never used those rows). Such rows make the warp non-interior, so the unmasked path is unchanged. */
+template <int kPad, int kN>
+__device__ __forceinline__ void mask_band_rows(float s[kN][4], int j0, const warp_band &b, int window) {
+    const int lane = threadIdx.x % mb::kWarpSize, quad = lane % 4, row_a = b.row0 + lane / 4;
+#pragma unroll
+    for (int j = 0; j < kN; j++) {
+        if (!tile_needs_mask<kPad>(j0 + j, window, b.interior)) continue;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int row = row_a + 8 * (e / 2), column = b.strip0 + 8 * (j0 + j) + 2 * quad + (e & 1);
+            if (!(column >= b.seq_begin && column < b.seq_end && row < b.seq_end && abs(column - row) <= window))
+                s[j][e] = -INFINITY;
+        }
+    }
+}
+
+/* Phase 1, chunks [kFirst, kLast) of the warp's 16 keys: as band_dkdv (K, V fragments in registers), and the dSᵀ of
+ * the centre's queries goes to ds_centre[key − t0][query − t0]. */
+template <int D, int kPad, int kFirst, int kLast>
+__device__ __forceinline__ void band2_dkdv_chunks(float dk[][4], float dv[][4], const uint32_t k_frag[][4],
+                                                  const uint32_t v_frag[][4], const warp_band &b,
+                                                  const mb::bf16 *q_strip, const mb::bf16 *do_strip,
+                                                  const float *lse_strip, const float *delta_strip,
+                                                  mb::bf16 *ds_centre, int warp, int window, float scale_log2) {
+    using geo = band<D, kPad>;
+    constexpr int kStride = geo::stride, kC = geo::chunk, kDsStride = band2<D, kPad>::ds_stride;
+    const int lane = threadIdx.x % mb::kWarpSize, quad = lane % 4;
+    const float *lse_cols = lse_strip + 16 * warp + 2 * quad, *delta_cols = delta_strip + 16 * warp + 2 * quad;
+    mb::bf16 *ds_rows = ds_centre + (16 * warp + lane / 4) * kDsStride + 2 * quad; /* this thread's key, pair */
+#pragma unroll
+    for (int c = kFirst; c < kLast; c++) {
+        const int j0 = c * kC;
+        const mb::bf16 *q_rows = q_strip + (16 * warp + 8 * j0) * kStride;
+        const mb::bf16 *do_rows = do_strip + (16 * warp + 8 * j0) * kStride;
+        float st[kC][4], dpt[kC][4];
+        zero<kC>(st);
+        zero<kC>(dpt);
+        scores_reg<D, kC>(st, k_frag, q_rows);
+        mask_band_rows<kPad, kC>(st, j0, b, window);
+        uint32_t p_pk[kC][2], ds_pk[kC][2];
+#pragma unroll
+        for (int j = 0; j < kC; j++) {
+            const float lse0 = lse_cols[8 * (j0 + j)] * kLog2e, lse1 = lse_cols[8 * (j0 + j) + 1] * kLog2e;
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                st[j][2 * half] = fast_exp2(fmaf(st[j][2 * half], scale_log2, -lse0));
+                st[j][2 * half + 1] = fast_exp2(fmaf(st[j][2 * half + 1], scale_log2, -lse1));
+                p_pk[j][half] = mb::pack_bf16x2(st[j][2 * half], st[j][2 * half + 1]);
+            }
+        }
+        scores_reg<D, kC>(dpt, v_frag, do_rows);
+#pragma unroll
+        for (int j = 0; j < kC; j++) {
+            const float delta0 = delta_cols[8 * (j0 + j)], delta1 = delta_cols[8 * (j0 + j) + 1];
+#pragma unroll
+            for (int half = 0; half < 2; half++)
+                ds_pk[j][half] = mb::pack_bf16x2(st[j][2 * half] * (dpt[j][2 * half] - delta0),
+                                                 st[j][2 * half + 1] * (dpt[j][2 * half + 1] - delta1));
+            /* query strip row 16·warp + 8·(j0 + j) + 2·quad: in the centre when kPad <= it < kPad + 64 */
+            const int centre_column = 16 * warp + 8 * (j0 + j) - kPad;
+            if (centre_column >= 0 && centre_column < kBandTile) {
+                *reinterpret_cast<uint32_t *>(ds_rows + centre_column) = ds_pk[j][0];
+                *reinterpret_cast<uint32_t *>(ds_rows + 8 * kDsStride + centre_column) = ds_pk[j][1];
+            }
+        }
+        accumulate_packed<D, kC>(dv, p_pk, do_rows);
+        accumulate_packed<D, kC>(dk, ds_pk, q_rows);
+    }
+}
+
+/* Phase 2: dQ of the warp's 16 queries. Key groups of 16 outside the centre (left: strip rows [16·warp, kPad), right:
+ * [kPad + 64, 16·warp + 16 + 2·kPad)) recompute S, P, dP, dS as v1; the centre's 4 groups read phase 1's dSᵀ. */
+template <int D, int kPad>
+__device__ __forceinline__ void band2_dq(mb::bf16 *dq_out, size_t row_stride, const warp_band &b, int row_end,
+                                         const mb::bf16 *q_strip, const mb::bf16 *do_strip, const mb::bf16 *k_strip,
+                                         const mb::bf16 *v_strip, const float *lse_strip, const float *delta_strip,
+                                         const mb::bf16 *ds_centre, int warp, int window, float scale,
+                                         float scale_log2) {
+    using geo = band<D, kPad>;
+    constexpr int kStride = geo::stride, kDsStride = band2<D, kPad>::ds_stride;
+    const int lane = threadIdx.x % mb::kWarpSize;
+    const int own_row = kPad + 16 * warp;
+    uint32_t q_frag[shape<D>::k_steps][4], do_frag[shape<D>::k_steps][4];
+#pragma unroll
+    for (int ks = 0; ks < shape<D>::k_steps; ks++) {
+        load_a<kStride>(q_frag[ks], q_strip, own_row, ks * 16);
+        load_a<kStride>(do_frag[ks], do_strip, own_row, ks * 16);
+    }
+    float row_lse[2], row_delta[2];
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        row_lse[half] = lse_strip[own_row + lane / 4 + 8 * half] * kLog2e;
+        row_delta[half] = delta_strip[own_row + lane / 4 + 8 * half];
+    }
+    float dq[shape<D>::d_tiles][4];
+    zero<shape<D>::d_tiles>(dq);
+    const int left_groups = kPad / 16 - warp;
+#pragma unroll
+    for (int g = 0; g < band2<D, kPad>::off_groups; g++) {
+        const int j0 = 2 * g + (g >= left_groups ? kBandTile / 8 : 0); /* n-tile of the warp's columns */
+        const mb::bf16 *k_rows = k_strip + (16 * warp + 8 * j0) * kStride;
+        const mb::bf16 *v_rows = v_strip + (16 * warp + 8 * j0) * kStride;
+        float s[2][4], dp[2][4];
+        zero<2>(s);
+        zero<2>(dp);
+        scores_reg<D, 2>(s, q_frag, k_rows);
+        mask_band<kPad, 2>(s, j0, b, window);
+        scores_reg<D, 2>(dp, do_frag, v_rows);
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int half = e / 2;
+                float p = fast_exp2(fmaf(s[j][e], scale_log2, -row_lse[half]));
+                s[j][e] = p * (dp[j][e] - row_delta[half]);
+            }
+        accumulate_pv<D, 2>(dq, s, k_rows);
+    }
+#pragma unroll
+    for (int g = 0; g < kBandTile / 16; g++) {
+        uint32_t a[4];
+        load_a_transposed<kDsStride>(a, ds_centre, 16 * warp, 16 * g);
+#pragma unroll
+        for (int dt = 0; dt < shape<D>::d_tiles; dt += 2) {
+            uint32_t bf[4];
+            load_b_cols<kStride>(bf, k_strip, kPad + 16 * g, dt * 8);
+            mb::mma_bf16_16816(dq[dt], a, bf[0], bf[1]);
+            mb::mma_bf16_16816(dq[dt + 1], a, bf[2], bf[3]);
+        }
+    }
+    store_rows<D>(dq_out, row_stride, dq, b.row0 + lane / 4, row_end, scale);
+}
+
+template <int D, int kPad>
+__global__ void __launch_bounds__(kBandThreads, band<D, kPad>::bwd_blocks)
+    band2_backward_kernel(mb::bf16 *dqkv, const mb::bf16 *dout, const float *lse, const float *delta,
+                          const mb::bf16 *qkv, const int32_t *cu_seqlens, const int32_t *seq_first,
+                          const int32_t *tile_seq, int num_seqs, int heads, int window, float scale,
+                          float scale_log2) {
+    using geo = band<D, kPad>;
+    using v2 = band2<D, kPad>;
+    constexpr int kStride = geo::stride, kStrip = geo::strip, kN = geo::n_tiles, kEarly = v2::early_rows;
+    static_assert(band2_supported<D, kPad>(), "band2 needs head_dim <= 64 and kPad >= 64");
+    extern __shared__ uint4 shared_raw[];
+    mb::bf16 *q_strip = reinterpret_cast<mb::bf16 *>(shared_raw);
+    mb::bf16 *do_strip = q_strip + kStrip * kStride, *k_strip = do_strip + kStrip * kStride;
+    mb::bf16 *v_strip = k_strip + kStrip * kStride;
+    float *lse_strip = reinterpret_cast<float *>(v_strip + kStrip * kStride), *delta_strip = lse_strip + kStrip;
+    mb::bf16 *ds_centre = v2::ds_overlay ? v_strip + kPad * kStride
+                                         : reinterpret_cast<mb::bf16 *>(delta_strip + kStrip);
+    tile_position t;
+    int head;
+    if (!find_tile(&t, &head, seq_first, tile_seq, cu_seqlens, num_seqs, heads, kBandTile)) return;
+    const int hidden = heads * D;
+    const size_t qkv_stride = 3 * (size_t)hidden;
+    const mb::bf16 *q_base = qkv + head * D, *k_base = q_base + hidden, *v_base = q_base + 2 * hidden;
+    const mb::bf16 *do_base = dout + head * D;
+    const int base = t.start - kPad, lo = t.seq_begin, hi = t.seq_end;
+    /* group 0: what the early phase-1 chunks read */
+    load_strip_rows<D>(k_strip, k_base, qkv_stride, base, lo, hi, kPad, kPad + kBandTile);
+    load_strip_rows<D>(v_strip, v_base, qkv_stride, base, lo, hi, kPad, kPad + kBandTile);
+    load_strip_rows<D>(q_strip, q_base, qkv_stride, base, lo, hi, 0, kEarly);
+    load_strip_rows<D>(do_strip, do_base, hidden, base, lo, hi, 0, kEarly);
+    load_strip_floats_async(lse_strip, lse + head, heads, base, lo, hi, kStrip);
+    load_strip_floats_async(delta_strip, delta + head, heads, base, lo, hi, kStrip);
+    cp_async_commit();
+    /* group 1: the rest of the Q, dO strips (the later phase-1 chunks) */
+    load_strip_rows<D>(q_strip, q_base, qkv_stride, base, lo, hi, kEarly, kStrip);
+    load_strip_rows<D>(do_strip, do_base, hidden, base, lo, hi, kEarly, kStrip);
+    cp_async_commit();
+    /* group 2: K, V outside the tile's rows (phase 2) */
+    load_strip_rows<D>(k_strip, k_base, qkv_stride, base, lo, hi, 0, kPad);
+    load_strip_rows<D>(k_strip, k_base, qkv_stride, base, lo, hi, kPad + kBandTile, kStrip);
+    load_strip_rows<D>(v_strip, v_base, qkv_stride, base, lo, hi, 0, kPad);
+    load_strip_rows<D>(v_strip, v_base, qkv_stride, base, lo, hi, kPad + kBandTile, kStrip);
+    cp_async_commit();
+
+    const int warp = threadIdx.x / mb::kWarpSize, lane = threadIdx.x % mb::kWarpSize;
+    const warp_band b = make_warp_band<kPad, kN>(t, warp);
+    const bool active = b.row0 < t.end;
+    uint32_t k_frag[shape<D>::k_steps][4], v_frag[shape<D>::k_steps][4];
+    float dk[shape<D>::d_tiles][4], dv[shape<D>::d_tiles][4];
+    cp_async_wait<2>();
+    __syncthreads();
+    if (active) {
+#pragma unroll
+        for (int ks = 0; ks < shape<D>::k_steps; ks++) {
+            load_a<kStride>(k_frag[ks], k_strip, kPad + 16 * warp, ks * 16);
+            load_a<kStride>(v_frag[ks], v_strip, kPad + 16 * warp, ks * 16);
+        }
+    }
+    /* every warp holds its V fragments before anyone writes dSᵀ over V's centre rows */
+    __syncthreads();
+    if (active) {
+        zero<shape<D>::d_tiles>(dk);
+        zero<shape<D>::d_tiles>(dv);
+        band2_dkdv_chunks<D, kPad, 0, v2::early_chunks>(dk, dv, k_frag, v_frag, b, q_strip, do_strip, lse_strip,
+                                                       delta_strip, ds_centre, warp, window, scale_log2);
+    } else {
+        /* keys past a short tile: their dSᵀ rows are 0 (phase 2 reads every centre row) */
+        constexpr int pieces = kBandTile / 8; /* 16-byte pieces per dSᵀ row */
+        for (int c = lane; c < 16 * pieces; c += mb::kWarpSize)
+            *reinterpret_cast<uint4 *>(ds_centre + (16 * warp + c / pieces) * v2::ds_stride + 8 * (c % pieces)) =
+                make_uint4(0u, 0u, 0u, 0u);
+    }
+    cp_async_wait<1>();
+    __syncthreads();
+    if (active) {
+        band2_dkdv_chunks<D, kPad, v2::early_chunks, v2::chunks>(dk, dv, k_frag, v_frag, b, q_strip, do_strip,
+                                                                lse_strip, delta_strip, ds_centre, warp, window,
+                                                                scale_log2);
+        const int key_a = b.row0 + lane / 4;
+        store_rows<D>(dqkv + hidden + head * D, qkv_stride, dk, key_a, t.end, scale);
+        store_rows<D>(dqkv + 2 * hidden + head * D, qkv_stride, dv, key_a, t.end, 1.0f);
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+    if (active)
+        band2_dq<D, kPad>(dqkv + head * D, qkv_stride, b, t.end, q_strip, do_strip, k_strip, v_strip, lse_strip,
+                          delta_strip, ds_centre, warp, window, scale, scale_log2);
+}
+
+/* ---- forward v2 (default; MB_ATTENTION_BAND=v1 selects the kernel above) ----
+ * v1's math with three cp.async groups instead of two: Q and the K rows of the first kN1 n-tiles (group 0), the rest
+ * of the K strip (group 1), V (group 2), so that QKᵀ starts after 64 + 48 + 8·kN1 rows instead of 64 + strip; loads
+ * through load_strip_rows (one fixed column per thread). */
+template <int D, int kPad>
+__global__ void __launch_bounds__(kBandThreads, band<D, kPad>::fwd_blocks)
+    band2_forward_kernel(mb::bf16 *out, float *lse, const mb::bf16 *qkv, const int32_t *cu_seqlens,
+                         const int32_t *seq_first, const int32_t *tile_seq, int num_seqs, int heads, int window,
+                         float scale_log2) {
+    using geo = band<D, kPad>;
+    constexpr int kStride = geo::stride, kN = geo::n_tiles;
+    constexpr int kN1 = ((kN / 2) + 1) & ~1;           /* n-tiles of the first QKᵀ part (even: products in pairs) */
+    constexpr int kRows1 = 16 * (kBandWarps - 1) + 8 * kN1; /* K strip rows they read (warp 3 starts at row 48) */
+    static_assert(kN1 < kN && kRows1 <= geo::strip, "two QKᵀ parts inside the strip");
+    extern __shared__ uint4 shared_raw[];
+    mb::bf16 *q_tile = reinterpret_cast<mb::bf16 *>(shared_raw);
+    mb::bf16 *k_strip = q_tile + kBandTile * kStride, *v_strip = k_strip + geo::strip * kStride;
+    tile_position t;
+    int head;
+    if (!find_tile(&t, &head, seq_first, tile_seq, cu_seqlens, num_seqs, heads, kBandTile)) return;
+    const int hidden = heads * D;
+    const size_t qkv_stride = 3 * (size_t)hidden;
+    const mb::bf16 *q_base = qkv + head * D, *k_base = q_base + hidden, *v_base = q_base + 2 * hidden;
+    const int base = t.start - kPad;
+    load_strip_rows<D>(q_tile, q_base, qkv_stride, t.start, t.seq_begin, t.seq_end, 0, kBandTile);
+    load_strip_rows<D>(k_strip, k_base, qkv_stride, base, t.seq_begin, t.seq_end, 0, kRows1);
+    cp_async_commit();
+    load_strip_rows<D>(k_strip, k_base, qkv_stride, base, t.seq_begin, t.seq_end, kRows1, geo::strip);
+    cp_async_commit();
+    load_strip_rows<D>(v_strip, v_base, qkv_stride, base, t.seq_begin, t.seq_end, 0, geo::strip);
+    cp_async_commit();
+
+    const int warp = threadIdx.x / mb::kWarpSize, lane = threadIdx.x % mb::kWarpSize;
+    const warp_band b = make_warp_band<kPad, kN>(t, warp);
+    const bool active = b.row0 < t.end;
+    float s[kN][4];
+    float row_sum[2], row_ref[2];
+    uint32_t q_frag[shape<D>::k_steps][4];
+    zero<kN>(s);
+    row_sum[0] = row_sum[1] = 1.0f;
+    row_ref[0] = row_ref[1] = 0.0f;
+
+    cp_async_wait<2>(); /* Q, first K rows */
+    __syncthreads();
+    if (active) {
+#pragma unroll
+        for (int ks = 0; ks < shape<D>::k_steps; ks++) load_a<kStride>(q_frag[ks], q_tile, 16 * warp, ks * 16);
+        scores_reg<D, kN1>(s, q_frag, k_strip + 16 * warp * kStride);
+    }
+    cp_async_wait<1>(); /* the rest of K */
+    __syncthreads();
+    if (active) {
+        scores_reg<D, kN - kN1>(s + kN1, q_frag, k_strip + (16 * warp + 8 * kN1) * kStride);
+        mask_band<kPad, kN>(s, 0, b, window);
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            float row_max = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < kN; j++) row_max = fmaxf(row_max, fmaxf(s[j][2 * half], s[j][2 * half + 1]));
+            row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, 1));
+            row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, 2));
+            const float reference = row_max == -INFINITY ? 0.0f : row_max * scale_log2;
+            float sum = 0.0f;
+#pragma unroll
+            for (int j = 0; j < kN; j++)
+#pragma unroll
+                for (int e = 2 * half; e < 2 * half + 2; e++) {
+                    float p = fast_exp2(fmaf(s[j][e], scale_log2, -reference));
+                    s[j][e] = p;
+                    sum += p;
+                }
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            row_sum[half] = sum;
+            row_ref[half] = reference;
+        }
+    }
+    cp_async_wait<0>(); /* V */
+    __syncthreads();
+    if (!active) return; /* no barrier follows */
+    float o[shape<D>::d_tiles][4];
+    zero<shape<D>::d_tiles>(o);
+    accumulate_pv<D, kN>(o, s, v_strip + 16 * warp * kStride);
+    const int row_a = b.row0 + lane / 4;
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const float inverse = 1.0f / row_sum[half];
+#pragma unroll
+        for (int dt = 0; dt < shape<D>::d_tiles; dt++) {
+            o[dt][2 * half] *= inverse;
+            o[dt][2 * half + 1] *= inverse;
+        }
+        const int query = row_a + 8 * half;
+        if (query < t.end && lane % 4 == 0)
+            lse[(size_t)query * heads + head] = (row_ref[half] + log2f(row_sum[half])) * kLn2;
+    }
+    store_rows<D>(out + head * D, hidden, o, row_a, t.end, 1.0f);
+}
+
 /* ---- launchers ---- */
 
 template <typename Kernel>
@@ -408,26 +795,46 @@ struct band_call {
     cudaStream_t stream;
 };
 
+/* MB_ATTENTION_BAND=v1 (read per call) selects the round-1 kernels: both forward and backward. Otherwise v2: the
+ * forward everywhere, the backward where band2_supported (head_dim <= 64 with window > 16; v1 elsewhere). */
+bool band_v1_requested() {
+    const char *set = getenv("MB_ATTENTION_BAND");
+    return set != nullptr && strcmp(set, "v1") == 0;
+}
+
 template <int D, int kPad>
 int launch_forward(mb::bf16 *out, float *lse, const mb::bf16 *qkv, const band_call &c, mb_error *err) {
-    auto kernel = band_forward_kernel<D, kPad>;
+    const bool v1 = band_v1_requested();
+    auto kernel = v1 ? band_forward_kernel<D, kPad> : band2_forward_kernel<D, kPad>;
     const size_t shared = band<D, kPad>::fwd_bytes;
     if (allow_shared(kernel, shared, err) != 0) return -1;
     const float scale_log2 = kLog2e / sqrtf((float)D);
     kernel<<<c.plan.blocks, kBandThreads, shared, c.stream>>>(out, lse, qkv, c.cu_seqlens, c.plan.seq_first,
                                                               c.plan.tile_seq, c.num_seqs, c.heads, c.window,
                                                               scale_log2);
-    MB_CUDA_CHECK_LAUNCH(err, "band_forward_kernel");
+    MB_CUDA_CHECK_LAUNCH(err, v1 ? "band_forward_kernel" : "band2_forward_kernel");
     return 0;
 }
 
 template <int D, int kPad>
 int launch_backward(mb::bf16 *dqkv, const mb::bf16 *dout, const float *lse, const float *delta, const mb::bf16 *qkv,
                     const band_call &c, mb_error *err) {
+    const float scale = 1.0f / sqrtf((float)D), scale_log2 = kLog2e * scale;
+    if constexpr (band2_supported<D, kPad>()) {
+        if (!band_v1_requested()) {
+            auto kernel2 = band2_backward_kernel<D, kPad>;
+            const size_t shared2 = band2<D, kPad>::bytes;
+            if (allow_shared(kernel2, shared2, err) != 0) return -1;
+            kernel2<<<c.plan.blocks, kBandThreads, shared2, c.stream>>>(dqkv, dout, lse, delta, qkv, c.cu_seqlens,
+                                                                        c.plan.seq_first, c.plan.tile_seq, c.num_seqs,
+                                                                        c.heads, c.window, scale, scale_log2);
+            MB_CUDA_CHECK_LAUNCH(err, "band2_backward_kernel");
+            return 0;
+        }
+    }
     auto kernel = band_backward_kernel<D, kPad>;
     const size_t shared = band<D, kPad>::bwd_bytes;
     if (allow_shared(kernel, shared, err) != 0) return -1;
-    const float scale = 1.0f / sqrtf((float)D), scale_log2 = kLog2e * scale;
     kernel<<<c.plan.blocks, kBandThreads, shared, c.stream>>>(dqkv, dout, lse, delta, qkv, c.cu_seqlens,
                                                               c.plan.seq_first, c.plan.tile_seq, c.num_seqs, c.heads,
                                                               c.window, scale, scale_log2);

@@ -22,8 +22,16 @@
  * buffer serves as a K-major operand ([row][d] with d the reduction) and as an MN-major one ([k][n] with the rows the
  * reduction) — the layouts of the PTX ISA "Shared Memory Matrix Layout" section (canonical layouts
  * ((8,m),(T,2k)):((8T,SBO),(1,T)) K-major and ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)) MN-major, T = 8 bf16).
- * Q, dO, lse and delta are double-buffered with cp.async (zero-filled past the sequence), dSᵀ is double-buffered so
- * the dQ product of step i may still read it while step i+1 begins. Two block barriers per step.
+ * v1 (round 1, MB_ATTENTION_WGMMA_BWD=v1): Q, dO, lse and delta are double-buffered with cp.async by all 256 threads
+ * (zero-filled past the sequence), dSᵀ is double-buffered so the dQ product of step i may still read it while step
+ * i+1 begins. Two block barriers per step keep the warpgroups in lock step.
+ * v2 (default): 384 threads; warpgroup 2's first warp is a producer that copies Q, dO, lse and delta (cp.async) into a
+ * 3-stage ring published through mbarriers (full / empty, the forward kernel's scheme), and setmaxnreg moves its
+ * registers to the consumers (24 / 240). The loop has no block barrier: the dSᵀ exchange for dQ goes through two more
+ * mbarrier pairs (ds_full / ds_empty per dS stage), so a warpgroup may run up to one step ahead of the other and one's
+ * exp/dS work overlaps the other's wgmmas. Within a warpgroup, dQ(i−1) is queued BEHIND Sᵀ(i) and dPᵀ(i) (v1: in
+ * front), so the tensor cores have dPᵀ and dQ to work on while Pᵀ(i) is computed. Products, fragments, masks and the
+ * dq_accum reduction are v1's device functions unchanged.
  *
  * Tails: the tile's keys past the sequence end and the last step's queries past it are zero-filled on load and their
  * P is set to 0 (masks on those steps only); nothing outside [seq_begin, seq_end) is read or written. The sm_80 pass
@@ -31,6 +39,7 @@
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -72,6 +81,36 @@ static_assert(kTileQ % kSwizzleAtom == 0 && kTileDO % kSwizzleAtom == 0 && kTile
                   kStepTileBytes % kSwizzleAtom == 0 && kKeyTileBytes % kSwizzleAtom == 0 &&
                   kBlockKeys == 2 * kGroupKeys,
               "swizzled tiles start on 1024-byte boundaries");
+
+/* v2 layout: K, V, then a kStages ring of Q / dO / lse / delta (the producer warp's), dSᵀ double-buffered, and the
+ * mbarriers; 1024-byte aligned base as v1. */
+namespace v2 {
+constexpr int kStages = 3;                       /* Q/dO/lse/delta ring (the producer publishes step i-1 late) */
+constexpr int kConsumerThreads = 2 * 128;        /* warpgroups 0 and 1 */
+constexpr int kThreads = kConsumerThreads + 128; /* + the producer warpgroup (warp 8 copies, 9..11 leave) */
+constexpr int kProducerWarp = kConsumerThreads / mb::kWarpSize;
+/* setmaxnreg split as the forward (FA3's for two consumer warpgroups): 384 threads start at 168 registers; the
+ * producer group drops to 24 and frees exactly what the consumers' rise to 240 takes. */
+constexpr int kLaunchRegisters = 65536 / kThreads / 8 * 8; /* 168: what __launch_bounds__(384, 1) gives */
+constexpr int kProducerRegisters = 24, kConsumerRegisters = 240;
+static_assert((kLaunchRegisters - kProducerRegisters) * 128 ==
+                  (kConsumerRegisters - kLaunchRegisters) * kConsumerThreads,
+              "the consumers' setmaxnreg.inc must be covered by the producer's dec");
+
+constexpr uint32_t kTileK = 0;
+constexpr uint32_t kTileV = kTileK + kKeyTileBytes;
+constexpr uint32_t kTileQ = kTileV + kKeyTileBytes;                 /* Q [stage][64 queries][64 d] */
+constexpr uint32_t kTileDO = kTileQ + kStages * kStepTileBytes;     /* dO [stage][64 queries][64 d] */
+constexpr uint32_t kTileDS = kTileDO + kStages * kStepTileBytes;    /* dSᵀ [2][128 keys][64 queries] */
+constexpr uint32_t kLse = kTileDS + 2 * kKeyTileBytes;              /* lse [stage][64] fp32 */
+constexpr uint32_t kDelta = kLse + kStages * kStepQueries * 4;      /* delta [stage][64] fp32 */
+constexpr uint32_t kBarriers = kDelta + kStages * kStepQueries * 4; /* full[3] empty[3] ds_full[2] ds_empty[2] */
+constexpr uint32_t kSharedUsed = kBarriers + 8 * (2 * kStages + 4);
+constexpr size_t kSharedBytes = kSharedUsed + kSwizzleAtom;
+static_assert(kTileQ % kSwizzleAtom == 0 && kTileDO % kSwizzleAtom == 0 && kTileDS % kSwizzleAtom == 0 &&
+                  kBarriers % 8 == 0 && kProducerWarp * mb::kWarpSize == kConsumerThreads,
+              "swizzled tiles on 1024-byte boundaries, mbarriers on 8, the producer warp after the consumers");
+}  // namespace v2
 
 /* Everything the kernel reads besides the plan. */
 struct backward_args {
@@ -456,6 +495,226 @@ __device__ __forceinline__ void issue_step_dq(int i, const block_context &c, flo
     wgmma_commit();
 }
 
+
+/* ---- v2: a producer warp feeds Q, dO, lse, delta through an mbarrier ring; no block barrier in the loop ---- */
+
+namespace v2 {
+
+/* mbarrier addresses (shared::cta). Arrival counts: full = the producer's 32 lanes (each publishes its own
+ * cp.async); empty and ds_empty = the 8 consumer warps (write-after-read only: one lane per warp after the warp's
+ * wgmma reads completed); ds_full = the 256 consumer threads (each publishes its own dSᵀ stores). */
+struct ring {
+    uint32_t full, empty, ds_full, ds_empty;
+};
+
+__device__ __forceinline__ void mbarrier_init(uint32_t bar, int count) {
+#if MB_WGMMA_ENABLED
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
+#if MB_WGMMA_ENABLED
+    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
+#endif
+}
+
+/* One test of the phase of the given parity (try_wait may suspend the thread for a short system-dependent time). */
+__device__ __forceinline__ bool mbarrier_try_wait(uint32_t bar, uint32_t parity) {
+    uint32_t done = 1;
+#if MB_WGMMA_ENABLED
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+#endif
+    return done != 0;
+}
+
+/* A wait that lasts this long (~0.5 s at 2 GHz; a legitimate one lasts microseconds) is a deadlock (a parity or
+ * arrival-count bug): the wait gives up and the kernel finishes with wrong results, which the self-test reports,
+ * instead of hanging the test run (a trap here costs the consumers a 72-byte stack frame and spills). */
+constexpr long long kHangCycles = 1000000000LL;
+
+/* Blocks until the phase of the given parity has completed (safe while arrivals run at most one phase ahead of
+ * the waiter, which every barrier here guarantees: see consume_step). */
+__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
+    if (mbarrier_try_wait(bar, parity)) return;
+    const long long start = clock64();
+    while (!mbarrier_try_wait(bar, parity))
+        if (clock64() - start > kHangCycles) break;
+}
+
+/* One arrival per warp, after every lane got here (the lanes' wgmma reads are complete: write-after-read). */
+__device__ __forceinline__ void warp_arrive(uint32_t bar) {
+    __syncwarp();
+    if (threadIdx.x % mb::kWarpSize == 0) mbarrier_arrive(bar);
+}
+
+template <int kRegisters>
+__device__ __forceinline__ void registers_decrease() {
+#if MB_WGMMA_ENABLED
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+#endif
+}
+
+template <int kRegisters>
+__device__ __forceinline__ void registers_increase() {
+#if MB_WGMMA_ENABLED
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+#endif
+}
+
+/* Named barrier 1 over the two consumer warpgroups (barrier 0 is __syncthreads; the producer never joins). */
+__device__ __forceinline__ void consumers_sync() {
+    asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
+}
+
+/* One warp queues rows [r0, r0 + 64) of a [*, 64] bf16 slice into a swizzled tile: lane l copies chunk l % 8 of
+ * rows l / 8 + 4·it (4 whole 128-byte rows per instruction); rows >= r_end become zeros (source never read). */
+__device__ __forceinline__ void warp_load_rows(char *tile, const mb::bf16 *src, size_t row_stride, int r0,
+                                               int r_end) {
+    const int lane = threadIdx.x % mb::kWarpSize, chunk = lane % 8;
+#pragma unroll 2 /* the producer runs in 24 registers */
+    for (int it = 0; it < kStepQueries / 4; it++) {
+        const int row = lane / 8 + 4 * it;
+        const bool valid = r0 + row < r_end;
+        cp_async_16(tile + swizzled(row, chunk), valid ? src + (size_t)(r0 + row) * row_stride + chunk * 8 : src,
+                    valid);
+    }
+}
+
+/* One warp queues the 64 floats of rows [r0, r0 + 64) (element stride `stride`), zeros past r_end. */
+__device__ __forceinline__ void warp_load_floats(float *dst, const float *src, int stride, int r0, int r_end) {
+    const int lane = threadIdx.x % mb::kWarpSize;
+#pragma unroll
+    for (int r = lane; r < kStepQueries; r += mb::kWarpSize) {
+        const bool valid = r0 + r < r_end;
+        cp_async_4(dst + r, valid ? src + (size_t)(r0 + r) * stride : src, valid);
+    }
+}
+
+/* The producer warp: step i goes to stage i % kStages once the consumers released its previous use (step
+ * i − kStages); step i−1 is published (its cp.async complete, proxy fence, 32 arrivals) right after step i is
+ * queued, so two steps are in flight (the forward's scheme). */
+__device__ void produce(char *smem, const ring &b, const backward_args &a, int head, int query_lo, int query_hi,
+                        int steps) {
+    const int hidden = a.heads * kHeadDim;
+    const mb::bf16 *q = a.qkv + head * kHeadDim, *g = a.dout + head * kHeadDim;
+    for (int i = 0; i < steps; i++) {
+        const int stage = i % kStages, q0 = query_lo + i * kStepQueries;
+        if (i >= kStages) mbarrier_wait(b.empty + 8 * stage, ((i / kStages) - 1) & 1);
+        warp_load_rows(smem + kTileQ + stage * kStepTileBytes, q, 3 * (size_t)hidden, q0, query_hi);
+        warp_load_rows(smem + kTileDO + stage * kStepTileBytes, g, hidden, q0, query_hi);
+        warp_load_floats(reinterpret_cast<float *>(smem + kLse) + stage * kStepQueries, a.lse + head, a.heads, q0,
+                         query_hi);
+        warp_load_floats(reinterpret_cast<float *>(smem + kDelta) + stage * kStepQueries, a.delta + head, a.heads,
+                         q0, query_hi);
+        cp_async_commit();
+        if (i >= 1) {
+            cp_async_wait<1>();
+            fence_proxy_async();
+            mbarrier_arrive(b.full + 8 * ((i - 1) % kStages));
+        }
+    }
+    cp_async_wait<0>();
+    fence_proxy_async();
+    mbarrier_arrive(b.full + 8 * ((steps - 1) % kStages));
+}
+
+/* One consumer step i (warpgroup g = keys 64g..64g+63 of the tile). Commit groups, in order: Sᵀ(i), dPᵀ(i),
+ * [dQ(i−1)], dV(i), dK(i) — dQ(i−1) sits behind Sᵀ and dPᵀ so the tensor cores have it to do while Pᵀ(i) is
+ * computed, and every group is waited for inside this call (C7514, see step_front). Cross-warpgroup traffic:
+ *   dQ(i−1) reads both groups' dSᵀ(i−1): wait ds_full[(i−1)&1] (phase (i−1)>>1);
+ *   dSᵀ(i) overwrites the stage that dQ(i−2) of both groups read: wait ds_empty[i&1] (phase (i−2)>>1);
+ *   Q/dO stage i % kStages goes back to the producer once dV(i) and dK(i) are done (empty).
+ * A group can thus run up to about one step ahead of the other, never two (a barrier's next phase needs the
+ * slower group's arrivals, which come after its wait of the current phase), so parity waits are unambiguous. */
+template <bool kHasPrevious>
+__device__ __forceinline__ void consume_step(int i, char *smem, const backward_args &a, const block_context &c,
+                                             const ring &b, float (&s)[32], float (&dp)[32], float (&dk)[32],
+                                             float (&dv)[32], float (&dq)[16]) {
+    constexpr int kBehind = kHasPrevious ? 2 : 1; /* groups queued behind Sᵀ (dPᵀ, dQ) and behind dPᵀ (dQ, dV) */
+    const int q0 = c.query_lo + i * kStepQueries, stage = i % kStages, ds_stage = i & 1;
+    mbarrier_wait(b.full + 8 * stage, (i / kStages) & 1);
+    const uint32_t q_tile = c.base + kTileQ + stage * kStepTileBytes;
+    const uint32_t do_tile = c.base + kTileDO + stage * kStepTileBytes;
+    const float *lse_tile = reinterpret_cast<const float *>(smem + kLse) + stage * kStepQueries;
+    const float *delta_tile = reinterpret_cast<const float *>(smem + kDelta) + stage * kStepQueries;
+
+    wgmma_fence();
+    issue_scores(s, c.k_rows, q_tile); /* Sᵀ */
+    wgmma_commit();
+    issue_scores(dp, c.v_rows, do_tile); /* dPᵀ */
+    wgmma_commit();
+    if (kHasPrevious) {
+        mbarrier_wait(b.ds_full + 8 * (ds_stage ^ 1), ((i - 1) >> 1) & 1);
+        wgmma_fence();
+        issue_dq(dq, c.base + kTileDS + (ds_stage ^ 1) * kKeyTileBytes, c.k_columns); /* dQ(i−1) */
+        wgmma_commit();
+    }
+    wgmma_wait<kBehind>(); /* Sᵀ */
+    fence_registers(s);
+    const bool mask = c.tail_keys || q0 + kStepQueries > c.query_hi; /* uniform */
+    probabilities(s, lse_tile, c.f, a.scale_log2, mask, c.key_a, c.t.end, q0, c.query_hi);
+    uint32_t p_frag[4][4];
+    pack_a_fragments(p_frag, s);
+    wgmma_fence();
+    issue_accumulate(dv, p_frag, do_tile); /* dV += Pᵀ·dO */
+    wgmma_commit();
+    wgmma_wait<kBehind>(); /* dPᵀ */
+    fence_registers(dp);
+    score_gradients(dp, s, delta_tile, c.f);
+    uint32_t ds_frag[4][4];
+    pack_a_fragments(ds_frag, dp);
+    wgmma_fence();
+    issue_accumulate(dk, ds_frag, q_tile); /* dK += dSᵀ·Q (unscaled) */
+    wgmma_commit();
+    if (i >= 2) mbarrier_wait(b.ds_empty + 8 * ds_stage, ((i - 2) >> 1) & 1);
+    store_score_gradients(smem + kTileDS + ds_stage * kKeyTileBytes, ds_frag, c.group * kGroupKeys + c.f.row, c.f);
+    fence_proxy_async();
+    mbarrier_arrive(b.ds_full + 8 * ds_stage);
+    if (kHasPrevious) {
+        wgmma_wait<2>(); /* dQ(i−1); dV(i), dK(i) may still run */
+        fence_registers(dq);
+        reduce_dq(c.dq_columns, c.hidden, dq, q0 - kStepQueries, c.query_hi, c.f);
+        warp_arrive(b.ds_empty + 8 * (ds_stage ^ 1));
+    }
+    wgmma_wait<0>(); /* this step's reads of Q, dO and the P / dS fragments are done */
+    fence_registers(dv);
+    fence_registers(dk);
+    fence_registers(p_frag);
+    fence_registers(ds_frag);
+    warp_arrive(b.empty + 8 * stage);
+}
+
+/* A consumer warpgroup's whole loop, then the last dQ and the dK / dV rows. K and V are already in shared memory. */
+__device__ __forceinline__ void consume(char *smem, const backward_args &a, const block_context &c, const ring &b) {
+    float dk[32], dv[32], s[32], dp[32], dq[16];
+#pragma unroll
+    for (int e = 0; e < 32; e++) dk[e] = dv[e] = s[e] = dp[e] = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 16; e++) dq[e] = 0.0f;
+    consume_step<false>(0, smem, a, c, b, s, dp, dk, dv, dq);
+    for (int i = 1; i < c.steps; i++) consume_step<true>(i, smem, a, c, b, s, dp, dk, dv, dq);
+    const int last = c.steps - 1;
+    mbarrier_wait(b.ds_full + 8 * (last & 1), (last >> 1) & 1);
+    wgmma_fence();
+    issue_dq(dq, c.base + kTileDS + (last & 1) * kKeyTileBytes, c.k_columns);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(dq);
+    reduce_dq(c.dq_columns, c.hidden, dq, c.query_lo + last * kStepQueries, c.query_hi, c.f);
+    const size_t qkv_stride = 3 * (size_t)c.hidden;
+    store_key_rows(a.dqkv + c.hidden + c.head * kHeadDim, qkv_stride, dk, c.key_a, c.t.end, c.f.col, a.scale);
+    store_key_rows(a.dqkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, dv, c.key_a, c.t.end, c.f.col, 1.0f);
+}
+
+}  // namespace v2
+
 #endif /* device helpers */
 
 __global__ void __launch_bounds__(kBwdThreads, 1) wgmma_backward_kernel(backward_args a, mb::attention_plan plan) {
@@ -503,6 +762,61 @@ __global__ void __launch_bounds__(kBwdThreads, 1) wgmma_backward_kernel(backward
     reduce_dq(c.dq_columns, c.hidden, dq, c.query_lo + (c.steps - 1) * kStepQueries, c.query_hi, c.f);
     store_key_rows(a.dqkv + c.hidden + c.head * kHeadDim, qkv_stride, dk, c.key_a, c.t.end, c.f.col, a.scale);
     store_key_rows(a.dqkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, dv, c.key_a, c.t.end, c.f.col, 1.0f);
+#endif
+}
+
+/* v2 (default): warpgroups 0 and 1 consume as v1 (same products, masks and dQ split), warpgroup 2's first warp
+ * produces Q/dO/lse/delta into the mbarrier ring (v2::produce); the consumers load K and V themselves first. */
+__global__ void __launch_bounds__(v2::kThreads, 1)
+    wgmma_backward_v2_kernel(backward_args a, mb::attention_plan plan) {
+#if MB_WGMMA_ENABLED
+    extern __shared__ uint4 shared_raw[];
+    char *smem = aligned_shared(shared_raw);
+    block_context c;
+    if (!find_tile(&c.t, &c.head, plan.seq_first, plan.tile_seq, a.cu_seqlens, a.num_seqs, a.heads, kBlockKeys)) return;
+    c.hidden = a.heads * kHeadDim;
+    partner_range(c.t, -1, &c.query_lo, &c.query_hi); /* global layer: the whole sequence */
+    c.steps = mb::ceil_div(c.query_hi - c.query_lo, kStepQueries);
+    c.base = shared_address(smem);
+    const uint32_t barriers = c.base + v2::kBarriers;
+    const v2::ring b = {barriers, barriers + 8 * v2::kStages, barriers + 16 * v2::kStages,
+                        barriers + 16 * v2::kStages + 16};
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < v2::kStages; s++) {
+            v2::mbarrier_init(b.full + 8 * s, mb::kWarpSize);
+            v2::mbarrier_init(b.empty + 8 * s, v2::kConsumerThreads / mb::kWarpSize);
+        }
+        for (int s = 0; s < 2; s++) {
+            v2::mbarrier_init(b.ds_full + 8 * s, v2::kConsumerThreads);
+            v2::mbarrier_init(b.ds_empty + 8 * s, v2::kConsumerThreads / mb::kWarpSize);
+        }
+    }
+    __syncthreads();
+    const int warp = threadIdx.x / mb::kWarpSize;
+    if (warp >= v2::kProducerWarp) {
+        v2::registers_decrease<v2::kProducerRegisters>();
+        if (warp == v2::kProducerWarp) v2::produce(smem, b, a, c.head, c.query_lo, c.query_hi, c.steps);
+    } else {
+        v2::registers_increase<v2::kConsumerRegisters>();
+        const size_t qkv_stride = 3 * (size_t)c.hidden;
+        load_tile_async<kBlockKeys>(smem + v2::kTileK, a.qkv + c.hidden + c.head * kHeadDim, qkv_stride, c.t.start,
+                                    c.t.end);
+        load_tile_async<kBlockKeys>(smem + v2::kTileV, a.qkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride,
+                                    c.t.start, c.t.end);
+        cp_async_commit();
+        c.group = threadIdx.x / 128;
+        c.f = my_fragment();
+        c.key_a = c.t.start + kGroupKeys * c.group + c.f.row;
+        c.tail_keys = c.t.start + kBlockKeys > c.t.end;
+        c.k_rows = c.base + v2::kTileK + c.group * kGroupKeys * kRowBytes;
+        c.v_rows = c.base + v2::kTileV + c.group * kGroupKeys * kRowBytes;
+        c.k_columns = c.base + v2::kTileK + c.group * 32 * 2; /* dQ: this group's 32 columns of K */
+        c.dq_columns = a.dq_accum + c.head * kHeadDim + c.group * 32;
+        cp_async_wait<0>();
+        fence_proxy_async();
+        v2::consumers_sync(); /* K and V of both groups' threads are in shared memory */
+        v2::consume(smem, a, c, b);
+    }
 #endif
 }
 
@@ -576,10 +890,21 @@ bool mb_attention_wgmma_backward_supports(int head_dim, int window) {
     return ok;
 }
 
-int mb_attention_wgmma_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout, const float *lse,
-                                const float *delta, const mb::bf16 *qkv, const int32_t *cu_seqlens,
-                                mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim, int window,
-                                cudaStream_t stream, mb_error *err) {
+namespace {
+
+/* Which kernel runs: MB_ATTENTION_WGMMA_BWD=v1 (read per call) keeps round 1's kernel (block barriers, no producer);
+ * anything else runs v2. */
+enum class backward_version { v1, v2 };
+
+backward_version version_from_environment() {
+    const char *set = getenv("MB_ATTENTION_WGMMA_BWD");
+    return set != nullptr && strcmp(set, "v1") == 0 ? backward_version::v1 : backward_version::v2;
+}
+
+int launch_backward(backward_version version, mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout,
+                    const float *lse, const float *delta, const mb::bf16 *qkv, const int32_t *cu_seqlens,
+                    mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim, int window,
+                    cudaStream_t stream, mb_error *err) {
     MB_REQUIRE(err, head_dim == kHeadDim && window < 0,
                "attention_wgmma_backward: head_dim %d, window %d (only head_dim 64, global layers)", head_dim, window);
     MB_REQUIRE(err, plan.tile == kWgmmaBackwardTile, "attention_wgmma_backward: plan tile %d, expected %d", plan.tile,
@@ -593,13 +918,30 @@ int mb_attention_wgmma_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 
                    reinterpret_cast<uintptr_t>(dout) % 16 == 0 && reinterpret_cast<uintptr_t>(qkv) % 16 == 0,
                "attention_wgmma_backward: dqkv, dq_accum, dout and qkv must be 16-byte aligned");
     if (plan.blocks == 0) return 0;
-    MB_CUDA_CHECK(err, cudaFuncSetAttribute(wgmma_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            (int)kSharedBytes));
     float scale = 1.0f / sqrtf((float)kHeadDim);
     backward_args args = {dqkv, dq_accum, dout, qkv, lse, delta, cu_seqlens, num_seqs, heads, scale, kLog2e * scale};
-    wgmma_backward_kernel<<<plan.blocks, kBwdThreads, kSharedBytes, stream>>>(args, plan);
-    MB_CUDA_CHECK_LAUNCH(err, "wgmma_backward_kernel");
+    if (version == backward_version::v1) {
+        MB_CUDA_CHECK(err, cudaFuncSetAttribute(wgmma_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                (int)kSharedBytes));
+        wgmma_backward_kernel<<<plan.blocks, kBwdThreads, kSharedBytes, stream>>>(args, plan);
+        MB_CUDA_CHECK_LAUNCH(err, "wgmma_backward_kernel");
+        return 0;
+    }
+    MB_CUDA_CHECK(err, cudaFuncSetAttribute(wgmma_backward_v2_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            (int)v2::kSharedBytes));
+    wgmma_backward_v2_kernel<<<plan.blocks, v2::kThreads, v2::kSharedBytes, stream>>>(args, plan);
+    MB_CUDA_CHECK_LAUNCH(err, "wgmma_backward_v2_kernel");
     return 0;
+}
+
+}  // namespace
+
+int mb_attention_wgmma_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout, const float *lse,
+                                const float *delta, const mb::bf16 *qkv, const int32_t *cu_seqlens,
+                                mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim, int window,
+                                cudaStream_t stream, mb_error *err) {
+    return launch_backward(version_from_environment(), dqkv, dq_accum, dout, lse, delta, qkv, cu_seqlens, plan,
+                           num_seqs, n, heads, head_dim, window, stream, err);
 }
 
 /* ---- self-test ---- */
@@ -789,8 +1131,10 @@ bool compare_relative(report_text &r, const char *what, const std::vector<float>
     return ok;
 }
 
-int selftest_kernel(report_text &r) {
-    const std::vector<int> lengths = {200, 65, 1, 130};
+/* Runs one kernel version on a packed batch (a 520-token sequence takes 9 query steps: v2's 3-stage ring and its
+ * two dS stages wrap several times) against the double-precision reference. */
+int selftest_kernel(report_text &r, backward_version version) {
+    const std::vector<int> lengths = {200, 65, 1, 130, 520};
     const int heads = 2, hidden = heads * kHeadDim, num_seqs = (int)lengths.size();
     std::vector<int32_t> cu_seqlens(1, 0), seq_first(1, 0), tile_seq;
     for (int s = 0; s < num_seqs; s++) {
@@ -841,8 +1185,8 @@ int selftest_kernel(report_text &r) {
                                (unsigned)(((n + kBlockKeys - 1) / kBlockKeys + num_seqs) * heads)};
     mb_error err;
     err.message[0] = '\0';
-    if (mb_attention_wgmma_backward(d_dqkv, d_dq, d_dout, d_lse, d_delta, d_qkv, d_cu, plan, num_seqs, n, heads,
-                                    kHeadDim, -1, nullptr, &err) != 0) {
+    if (launch_backward(version, d_dqkv, d_dq, d_dout, d_lse, d_delta, d_qkv, d_cu, plan, num_seqs, n, heads,
+                        kHeadDim, -1, nullptr, &err) != 0) {
         r.add("launch: %s\n", err.message);
         return -1;
     }
@@ -859,7 +1203,7 @@ int selftest_kernel(report_text &r) {
             got_dk[(size_t)i * hidden + c] = mb_bf16_to_float(got_bits[(size_t)i * 3 * hidden + hidden + c]);
             got_dv[(size_t)i * hidden + c] = mb_bf16_to_float(got_bits[(size_t)i * 3 * hidden + 2 * hidden + c]);
         }
-    r.add("whole kernel, lengths 200 65 1 130, 2 heads:\n");
+    r.add("whole kernel %s, lengths 200 65 1 130 520, 2 heads:\n", version == backward_version::v1 ? "v1" : "v2");
     bool ok = compare_relative(r, "  dQ", got_dq, want_dq, hidden, 1e-2);
     ok &= compare_relative(r, "  dK", got_dk, want_dk, hidden, 1e-2);
     ok &= compare_relative(r, "  dV", got_dv, want_dv, hidden, 1e-2);
@@ -877,7 +1221,9 @@ extern "C" int mb_cuda_attention_wgmma_backward_selftest(char *report, size_t si
     }
     int products = selftest_products(r);
     if (products < 0) return -1;
-    int kernel = selftest_kernel(r);
-    if (kernel < 0) return -1;
-    return products == 0 && kernel == 0 ? 0 : 1;
+    int kernel_v2 = selftest_kernel(r, backward_version::v2);
+    if (kernel_v2 < 0) return -1;
+    int kernel_v1 = selftest_kernel(r, backward_version::v1);
+    if (kernel_v1 < 0) return -1;
+    return products == 0 && kernel_v2 == 0 && kernel_v1 == 0 ? 0 : 1;
 }

@@ -1,7 +1,13 @@
 /* FlashAttention-3-style forward on Hopper (sm_90a wgmma), global layers at head_dim 64 (math and interface in
  * attention_wgmma_fwd.h; design, register/shared budgets and measurements in docs/kernels/attention_wgmma.md).
  *
- * Block = 384 threads: warps 0..7 are two consumer warpgroups of 64 query rows each (128-query tile = the plan's
+ * Two versions, chosen per call by MB_ATTENTION_WGMMA_FWD (launch_version): v2 (default; "v2_128" with two consumer
+ * warpgroups) is the persistent kernel described before wgmma_forward_persistent_kernel: one block per SM walks the
+ * plan's work list, three consumer warpgroups of 64 queries (192-query items), Q read by the tensor cores from
+ * shared memory, a 5-stage K/V ring that runs on across items. v1 ("v1", round 1) is described next; v2 shares its
+ * tile products, masks, stores and per-tile schedule.
+ *
+ * v1: block = 384 threads: warps 0..7 are two consumer warpgroups of 64 query rows each (128-query tile = the plan's
  * tile), warps 8..11 the producer warpgroup, of which warp 8 copies and the rest leave (setmaxnreg hands their
  * registers to the consumers: 240 each). The producer copies 128-key K and V tiles with cp.async into a ring of kStages
  * shared-memory stages (128-byte swizzled rows) and publishes each with an mbarrier ("full"); consumers hand a stage
@@ -54,6 +60,27 @@ static_assert(kProducerRegisters * 128 + kConsumerRegisters * 2 * 128 <= 65536 &
               "setmaxnreg split must fit the register file");
 static_assert(kProducerWarp * mb::kWarpSize + 128 == kThreads, "the producer warp leads the last warpgroup");
 
+/* v2's block shape (the persistent kernel below): kGroups consumer warpgroups of 64 query rows and the producer
+ * warpgroup; FA3's register split for 2 (24 / 240) and 3 (32 / 160) consumer warpgroups; two Q tiles and a 5-stage
+ * K/V ring (177 or 209 KB for 2 or 3 groups, one block per SM either way). */
+constexpr int kPersistentStages = 5;
+template <int kGroups>
+struct persistent_shape {
+    static_assert(kGroups == 2 || kGroups == 3, "two or three consumer warpgroups");
+    static constexpr int kRows = kGroups * kRowsPerWarpgroup; /* query rows per work item */
+    static constexpr int kConsumerWarps = 4 * kGroups;
+    static constexpr int kThreads = (kGroups + 1) * 128;
+    static constexpr int kProducerRegisters = kGroups == 3 ? 32 : 24;
+    static constexpr int kConsumerRegisters = kGroups == 3 ? 160 : 240;
+    static constexpr int kQBytes = kRows * kRowBytes; /* 16 or 24 KB */
+    static constexpr size_t kSharedBytes = 2 * (size_t)kQBytes + (size_t)kPersistentStages * kStageBytes + 1024;
+    static_assert(kProducerRegisters * 128 + kConsumerRegisters * kGroups * 128 <= 65536,
+                  "setmaxnreg split must fit the register file");
+    static_assert(kQBytes % 1024 == 0 && kRows >= kWgmmaForwardTile, "Q tiles stay 1024-aligned; rows >= plan tile");
+    static_assert(kThreads == (kConsumerWarps + 4) * mb::kWarpSize, "consumer warps, then the producer warpgroup");
+    static_assert(kSharedBytes + 1024 <= 227 * 1024, "fits one block per SM");
+};
+
 #ifdef MB_WGMMA_FWD_SM90
 
 /* ---- shared memory, barriers, copies ---- */
@@ -80,6 +107,20 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
         "}\n" ::"r"(bar),
         "r"(parity)
         : "memory");
+}
+
+/* Whether the barrier's phase with the given parity has completed (non-blocking). */
+__device__ __forceinline__ bool mbarrier_ready(uint32_t bar, uint32_t parity) {
+    uint32_t ready;
+    asm volatile(
+        "{\n.reg .pred done;\n"
+        "mbarrier.test_wait.parity.shared::cta.b64 done, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, done;\n"
+        "}\n"
+        : "=r"(ready)
+        : "r"(bar), "r"(parity)
+        : "memory");
+    return ready != 0;
 }
 
 /* Orders this thread's generic-proxy shared-memory writes (cp.async results included, once waited for) before
@@ -470,17 +511,365 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-/* ---- self-test kernel: one warpgroup runs the two tile products on fixed operands ----
- * q [64 × 64], k [128 × 64], v [128 × 64] bf16 row-major; p [64 × 128] fp32; results s [64 × 128], o [64 × 64]. */
+/* ---- v2 (round 2, the default): persistent blocks, Q through shared memory, kGroups consumer warpgroups ----
+ *
+ * Why (docs/kernels/attention_wgmma.md, "Round 2"): v1 gives each SM one block of 128 queries that pays its prologue
+ * (Q from global, the first K/V tile's latency, a scores product nothing overlaps) and epilogue unhidden, and per
+ * 128-key tile only two consumer warps per SM sub-partition to hide the softmax's dependency chains (max -> shuffles
+ * -> exp -> sum) behind the other warpgroup's wgmma. v2 (FA3's shape for head_dim 64: 192 × 128 tiles, three
+ * consumer warpgroups at 160 registers, Q read by the tensor cores from shared memory):
+ *  - a grid of (at most) one block per SM walks the plan's (tile, head) list with stride gridDim.x (longest first);
+ *    the producer warp fetches the next work item's bounds and its Q tile (double-buffered, own mbarriers) while the
+ *    consumers still work on the current one, and its K/V ring (5 stages) runs on across items without a drain;
+ *  - kGroups = 3: 192-query items. The plan is built for 128-query tiles (attention.cu); slot t of a sequence becomes
+ *    the 192-query item t when 192·t < length, the other slots are skipped (ceil(L/128) >= ceil(L/192) slots, so
+ *    every row is covered, longest-first order kept). A warpgroup whose 64 rows lie past a short item only follows
+ *    the barrier protocol (waits each tile, hands it back) instead of computing on zero rows;
+ *  - S = Q·Kᵀ as an SS wgmma (A = the Q tile through a K-major 128-byte-swizzle descriptor, the same layout as K);
+ *  - the softmax reduces the row max as a tree and sums the exponentials in four partial sums (shorter chains).
+ * kGroups = 2 (128-query items, 240 registers) is kept as a measurement point (MB_ATTENTION_WGMMA_FWD=v2_128). */
+
+#ifdef MB_WGMMA_FWD_SM90
+
+struct work_item {
+    int start, end;     /* query rows [start, end) */
+    int key_lo, key_hi; /* its sequence = the keys it attends to */
+    int head;           /* < 0: this block has no more work */
+};
+
+/* The first work item at or after list index *w (stepping by `step`); false when the list is exhausted. Item w is
+ * (plan slot w / heads, head w % heads); slot t of sequence s starts at row t·rows of the sequence and is skipped when
+ * that is past its end (rows > plan.tile). Uniform over the warp. */
+__device__ bool next_work_item(work_item *item, unsigned *w, unsigned step, const int32_t *seq_first,
+                               const int32_t *tile_seq, const int32_t *cu_seqlens, int total_tiles, int heads,
+                               int rows) {
+    for (;; *w += step) {
+        const unsigned x = *w / (unsigned)heads;
+        if (x >= (unsigned)total_tiles) return false;
+        const int s = tile_seq[x];
+        const int begin = cu_seqlens[s], end = cu_seqlens[s + 1];
+        const int start = begin + ((int)x - seq_first[s]) * rows;
+        if (start >= end) continue;
+        item->start = start;
+        item->end = min(start + rows, end);
+        item->key_lo = begin;
+        item->key_hi = end;
+        item->head = (int)(*w % (unsigned)heads);
+        return true;
+    }
+}
+
+/* Lag-one publishing of the producer's cp.async groups: a group's barrier gets this lane's arrival once the group
+ * has landed, checked after the next group has been queued (two groups in flight) or at flush. A barrier that
+ * expects 32 arrivals per phase is completed by the warp's 32 lanes. */
+struct publisher {
+    uint32_t barrier = 0;
+    bool pending = false;
+    __device__ void committed(uint32_t next) {
+        if (pending) {
+            cp_async_wait<1>();
+            fence_proxy_async();
+            mbarrier_arrive(barrier);
+        }
+        barrier = next;
+        pending = true;
+    }
+    __device__ void flush() {
+        if (pending) {
+            cp_async_wait<0>();
+            fence_proxy_async();
+            mbarrier_arrive(barrier);
+        }
+        pending = false;
+    }
+};
+
+/* One warp queues query rows [r0, r0 + kRows) into a 128-byte-swizzled tile (as load_kv_tile), rows >= r_end
+ * zero-filled. */
+template <int kRows>
+__device__ __forceinline__ void load_q_tile(uint32_t dst, const mb::bf16 *q_base, size_t row_stride, int r0,
+                                            int r_end) {
+    const int lane = threadIdx.x % mb::kWarpSize, chunk = lane % 8;
+#pragma unroll 2
+    for (int it = 0; it < kRows / 4; it++) {
+        const int row = lane / 8 + 4 * it;
+        const bool valid = r0 + row < r_end;
+        const size_t offset = valid ? (size_t)(r0 + row) * row_stride + chunk * 8 : 0;
+        copy_16(dst + swizzled_offset(row, chunk), q_base + offset, valid);
+    }
+}
+
+/* One arrival per warp (lane 0, after the warp's lanes got here). */
+__device__ __forceinline__ void warp_arrive(uint32_t bar) {
+    __syncwarp();
+    if (threadIdx.x % mb::kWarpSize == 0) mbarrier_arrive(bar);
+}
+
+/* d[64 × 128] (+)= A[64 × 16] · B[16 × 128], both from shared memory, both K-major (imm-trans-a = imm-trans-b = 0). */
+__device__ __forceinline__ void wgmma_m64n128k16_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16\n"
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63},\n"
+        "%64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+          "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),
+          "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
+          "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+          "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
+          "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+/* Queues S[64 × 128] = Q · K_tileᵀ with Q (this warpgroup's 64 rows, 1024-aligned) from shared memory: the A
+ * descriptor has the K tile's form (K-major, 8-row groups 1024 bytes apart, +32 bytes per k-step of 16). */
+__device__ __forceinline__ void issue_scores_ss(float (&s)[64], uint32_t q_tile, uint32_t k_tile) {
+    const uint64_t desc_a = sw128_descriptor(q_tile, 16, 1024), desc_b = sw128_descriptor(k_tile, 16, 1024);
+#pragma unroll
+    for (int ks = 0; ks < 4; ks++) wgmma_m64n128k16_ss(s, desc_a + (uint64_t)(2 * ks), desc_b + (uint64_t)(2 * ks), ks > 0);
+}
+
+/* softmax_tile with shorter dependency chains: the row max in four interleaved chains joined by a tree (depth 5
+ * instead of a chain of 16) and the exponentials summed into four partial sums (chains of 8 instead of 32). */
+__device__ __forceinline__ void softmax_tile_tree(float (&s)[64], float (&row_max)[2], float (&row_sum)[2],
+                                                  float (&correction)[2], float scale_log2) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        float m[4]; /* four chains over n-tiles j ≡ k (mod 4), then a tree (8 temporaries spill at 160 registers) */
+#pragma unroll
+        for (int k = 0; k < 4; k++) m[k] = fmaxf(s[4 * k + 2 * h], s[4 * k + 2 * h + 1]);
+#pragma unroll
+        for (int j = 4; j < 16; j++) m[j % 4] = fmaxf(m[j % 4], fmaxf(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]));
+        float tile_max = fmaxf(fmaxf(m[0], m[1]), fmaxf(m[2], m[3]));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+        const float new_max = fmaxf(row_max[h], tile_max * scale_log2);
+        const float reference = new_max == -INFINITY ? 0.0f : new_max; /* nothing visible yet: keep zeros */
+        correction[h] = fast_exp2(row_max[h] - reference);
+        float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int j = 0; j < 16; j++)
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                const int e = 4 * j + 2 * h + c;
+                s[e] = fast_exp2(fmaf(s[e], scale_log2, -reference));
+                sum[j % 4] += s[e];
+            }
+        row_sum[h] = row_sum[h] * correction[h] + ((sum[0] + sum[1]) + (sum[2] + sum[3]));
+        row_max[h] = new_max;
+    }
+}
+
+/* scale·log2 e at head_dim 64 (1/8 · log2 e): a constant, so that it takes no register in the 160-register budget. */
+constexpr float kScaleLog2 = kLog2e * 0.125f;
+static_assert(kHeadDim == 64, "kScaleLog2 is 1/sqrt(64) · log2 e");
+
+/* One consumer warpgroup, one work item (bounds in *slot, Q tile at q_tile): its 64 rows against the item's key
+ * tiles, which are the block's ring tiles g .. g + key_tiles − 1 (stage = tile % kPersistentStages, parity = (tile /
+ * kPersistentStages) & 1). The same intra-warpgroup overlap as v1's consume. The item's bounds are read from shared
+ * memory where needed (registers are the limit at 160 per thread), and the Q buffer with its slot is handed back
+ * (q_release) after the rows are stored. */
+__device__ __forceinline__ void attend_item(mb::bf16 *out, float *lse, const work_item *slot, uint32_t q_tile,
+                                            uint32_t ring, uint32_t full, uint32_t empty, uint32_t q_release, int g,
+                                            int key_tiles, int heads) {
+    /* keys of the last tile inside the sequence (1..128); only the last tile can need a mask */
+    const int last_keys = slot->key_hi - slot->key_lo - (key_tiles - 1) * kKeyTile;
+    uint32_t p[8][4];
+    float s[64], o[32];
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f}, correction[2];
+#pragma unroll
+    for (int e = 0; e < 64; e++) s[e] = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 32; e++) o[e] = 0.0f;
+
+    /* tile 0: scores and softmax only (O is still zero) */
+    int stage = g % kPersistentStages;
+    mbarrier_wait(full + 8 * stage, (g / kPersistentStages) & 1);
+    wgmma_fence();
+    issue_scores_ss(s, q_tile, ring + stage * kStageBytes);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(s);
+    if (key_tiles == 1 && last_keys < kKeyTile) mask_tail(s, 0, last_keys);
+    softmax_tile_tree(s, row_max, row_sum, correction, kScaleLog2);
+    pack_p(p, s);
+    for (int i = 1; i < key_tiles; i++) {
+        const int previous = stage;
+        stage = (g + i) % kPersistentStages;
+        mbarrier_wait(full + 8 * stage, ((g + i) / kPersistentStages) & 1);
+        fence_registers(o);
+        wgmma_fence();
+        issue_scores_ss(s, q_tile, ring + stage * kStageBytes);
+        wgmma_commit();
+        issue_pv(o, p, ring + previous * kStageBytes + kTileBytes);
+        wgmma_commit();
+        wgmma_wait<1>(); /* S_i done; P_{i-1}·V_{i-1} may still run */
+        fence_registers(s);
+        if (i == key_tiles - 1 && last_keys < kKeyTile) mask_tail(s, 0, last_keys);
+        softmax_tile_tree(s, row_max, row_sum, correction, kScaleLog2);
+        wgmma_wait<0>(); /* P_{i-1}·V_{i-1} done: O and P's registers are free */
+        fence_registers(o);
+        rescale(o, correction);
+        pack_p(p, s);
+        warp_arrive(empty + 8 * previous);
+    }
+    fence_registers(o);
+    wgmma_fence();
+    issue_pv(o, p, ring + stage * kStageBytes + kTileBytes);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(o);
+    warp_arrive(empty + 8 * stage);
+    const int warp = threadIdx.x / mb::kWarpSize, lane = threadIdx.x % mb::kWarpSize;
+    const int row_a = slot->start + (warp / 4) * kRowsPerWarpgroup + (warp % 4) * 16 + lane / 4;
+    store_rows(out, lse, o, row_max, row_sum, row_a, slot->end, heads * kHeadDim, heads, slot->head);
+    warp_arrive(q_release); /* after the last read of *slot and (long before) of the Q tile */
+}
+
+/* A warpgroup with no rows in this item keeps the barrier protocol: it hands the Q buffer back and every key tile
+ * after it has been published (an arrival before that could complete the previous phase early). */
+__device__ __forceinline__ void pass_item(uint32_t full, uint32_t empty, uint32_t q_release, int g, int key_tiles) {
+    warp_arrive(q_release);
+    for (int i = 0; i < key_tiles; i++) {
+        const int stage = (g + i) % kPersistentStages;
+        mbarrier_wait(full + 8 * stage, ((g + i) / kPersistentStages) & 1);
+        warp_arrive(empty + 8 * stage);
+    }
+}
+
+/* The producer warp: per work item c (Q buffer c % 2, reused once the consumers handed item c − 2's back), the item's
+ * bounds into items[c % 2] (lane 0; published by the Q barrier's release) and its Q tile, then its K/V tiles into the
+ * ring; after the last item a sentinel (head −1) tells the consumers to leave. */
+template <int kGroups>
+__device__ void produce_persistent(uint32_t q_tiles, uint32_t ring, uint32_t full, uint32_t empty, uint32_t q_full,
+                                   uint32_t q_empty, work_item *items, const mb::bf16 *qkv,
+                                   const int32_t *cu_seqlens, const int32_t *seq_first, const int32_t *tile_seq,
+                                   int num_seqs, int heads) {
+    using shape = persistent_shape<kGroups>;
+    const int hidden = heads * kHeadDim;
+    const size_t row_stride = 3 * (size_t)hidden;
+    const int total_tiles = seq_first[num_seqs];
+    unsigned w = blockIdx.x;
+    publisher publish;
+    int g = 0; /* the block's key tiles so far (ring position) */
+    for (int c = 0;; c++, w += gridDim.x) {
+        const int buf = c & 1;
+        if (c >= 2) {
+            const uint32_t parity = ((c >> 1) - 1) & 1;
+            /* Q buffer still in use (item c − 2 not stored yet, e.g. short items): publish the pending tile (the
+             * last of item c − 1) before blocking, so that the consumers are not kept from it meanwhile */
+            const bool ready = __shfl_sync(0xffffffffu, mbarrier_ready(q_empty + 8 * buf, parity), 0); /* uniform */
+            if (!ready) publish.flush();
+            mbarrier_wait(q_empty + 8 * buf, parity);
+        }
+        work_item item = {0, 0, 0, 0, -1};
+        const bool found = next_work_item(&item, &w, gridDim.x, seq_first, tile_seq, cu_seqlens, total_tiles, heads,
+                                          shape::kRows);
+        if (threadIdx.x % mb::kWarpSize == 0) items[buf] = item;
+        if (!found) {
+            publish.flush();
+            mbarrier_arrive(q_full + 8 * buf); /* the sentinel: no copies behind it */
+            return;
+        }
+        const mb::bf16 *q_base = qkv + item.head * kHeadDim;
+        load_q_tile<shape::kRows>(q_tiles + buf * shape::kQBytes, q_base, row_stride, item.start, item.end);
+        cp_async_commit();
+        publish.committed(q_full + 8 * buf);
+        const int key_tiles = mb::ceil_div(item.key_hi - item.key_lo, kKeyTile);
+        for (int i = 0; i < key_tiles; i++, g++) {
+            const int stage = g % kPersistentStages;
+            if (g >= kPersistentStages) mbarrier_wait(empty + 8 * stage, ((g / kPersistentStages) - 1) & 1);
+            load_kv_tile(ring + stage * kStageBytes, q_base + hidden, q_base + 2 * hidden, row_stride,
+                         item.key_lo + i * kKeyTile, item.key_hi);
+            cp_async_commit();
+            publish.committed(full + 8 * stage);
+        }
+    }
+}
+
+/* The consumer warpgroups: per work item, wait for its bounds and Q tile, then attend (or pass, rows past a short
+ * item), until the sentinel. */
+template <int kGroups>
+__device__ void consume_persistent(mb::bf16 *out, float *lse, uint32_t q_tiles, uint32_t ring, uint32_t full,
+                                   uint32_t empty, uint32_t q_full, uint32_t q_empty, const work_item *items,
+                                   int heads) {
+    using shape = persistent_shape<kGroups>;
+    const int group = threadIdx.x / (4 * mb::kWarpSize);
+    int g = 0;
+    for (int c = 0;; c++) {
+        const int buf = c & 1;
+        mbarrier_wait(q_full + 8 * buf, (c >> 1) & 1);
+        const work_item *slot = &items[buf];
+        if (slot->head < 0) return;
+        const int key_tiles = mb::ceil_div(slot->key_hi - slot->key_lo, kKeyTile);
+        if (slot->start + group * kRowsPerWarpgroup < slot->end)
+            attend_item(out, lse, slot, q_tiles + buf * shape::kQBytes + group * kRowsPerWarpgroup * kRowBytes, ring,
+                        full, empty, q_empty + 8 * buf, g, key_tiles, heads);
+        else
+            pass_item(full, empty, q_empty + 8 * buf, g, key_tiles);
+        g += key_tiles;
+    }
+}
+
+#endif /* MB_WGMMA_FWD_SM90 */
+
+template <int kGroups>
+__global__ void __launch_bounds__(persistent_shape<kGroups>::kThreads, 1)
+    wgmma_forward_persistent_kernel(mb::bf16 *out, float *lse, const mb::bf16 *qkv, const int32_t *cu_seqlens,
+                                    const int32_t *seq_first, const int32_t *tile_seq, int num_seqs, int heads) {
+#ifdef MB_WGMMA_FWD_SM90
+    using shape = persistent_shape<kGroups>;
+    /* full[stages], empty[stages], q_full[2], q_empty[2] */
+    __shared__ __align__(8) uint64_t barriers[2 * kPersistentStages + 4];
+    __shared__ work_item items[2];
+    extern __shared__ __align__(1024) unsigned char shared_raw[];
+    const uint32_t q_tiles = (shared_address(shared_raw) + 1023u) & ~1023u; /* two Q tiles, then the K/V ring */
+    const uint32_t ring = q_tiles + 2 * shape::kQBytes;
+    const uint32_t full = shared_address(barriers), empty = full + 8 * kPersistentStages;
+    const uint32_t q_full = empty + 8 * kPersistentStages, q_empty = q_full + 16;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < kPersistentStages; s++) {
+            mbarrier_init(full + 8 * s, mb::kWarpSize);
+            mbarrier_init(empty + 8 * s, shape::kConsumerWarps);
+        }
+        for (int b = 0; b < 2; b++) {
+            mbarrier_init(q_full + 8 * b, mb::kWarpSize);
+            mbarrier_init(q_empty + 8 * b, shape::kConsumerWarps);
+        }
+    }
+    __syncthreads();
+    const int warp = threadIdx.x / mb::kWarpSize;
+    if (warp >= shape::kConsumerWarps) { /* the producer warpgroup: one warp copies, three leave */
+        registers_decrease<shape::kProducerRegisters>();
+        if (warp == shape::kConsumerWarps)
+            produce_persistent<kGroups>(q_tiles, ring, full, empty, q_full, q_empty, items, qkv, cu_seqlens,
+                                        seq_first, tile_seq, num_seqs, heads);
+    } else {
+        registers_increase<shape::kConsumerRegisters>();
+        consume_persistent<kGroups>(out, lse, q_tiles, ring, full, empty, q_full, q_empty, items, heads);
+    }
+#endif
+}
+
+/* ---- self-test kernel: one warpgroup runs the tile products on fixed operands ----
+ * q [64 × 64], k [128 × 64], v [128 × 64] bf16 row-major; p [64 × 128] fp32; results s [64 × 128] (v1: Q from
+ * registers), s_ss [64 × 128] (v2: Q from the swizzled shared tile), o [64 × 64]. Shared: K/V stage, then Q. */
+constexpr size_t kSelftestSharedBytes = kStageBytes + kRowsPerWarpgroup * kRowBytes + 1024;
 __global__ void __launch_bounds__(128)
-    wgmma_products_selftest_kernel(float *s_out, float *o_out, const mb::bf16 *q_in, const mb::bf16 *k_in,
-                                   const mb::bf16 *v_in, const float *p_in) {
+    wgmma_products_selftest_kernel(float *s_out, float *s_ss_out, float *o_out, const mb::bf16 *q_in,
+                                   const mb::bf16 *k_in, const mb::bf16 *v_in, const float *p_in) {
 #ifdef MB_WGMMA_FWD_SM90
     extern __shared__ __align__(1024) unsigned char shared_raw[];
-    const uint32_t stage = (shared_address(shared_raw) + 1023u) & ~1023u;
+    const uint32_t stage = (shared_address(shared_raw) + 1023u) & ~1023u, q_tile = stage + kStageBytes;
     const int warp = threadIdx.x / mb::kWarpSize, lane = threadIdx.x % mb::kWarpSize, quad = lane % 4;
     if (warp == 0) {
         load_kv_tile(stage, k_in, v_in, kHeadDim, 0, kKeyTile);
+        load_q_tile<kRowsPerWarpgroup>(q_tile, q_in, kHeadDim, 0, kRowsPerWarpgroup);
         cp_async_commit();
         cp_async_wait<0>();
         fence_proxy_async();
@@ -502,6 +891,16 @@ __global__ void __launch_bounds__(128)
             const int row = row_a + 8 * (e / 2), col = 8 * j + 2 * quad + (e & 1);
             s_out[row * kKeyTile + col] = s[4 * j + e];
             p_values[4 * j + e] = p_in[row * kKeyTile + col];
+        }
+    wgmma_fence();
+    issue_scores_ss(s, q_tile, stage);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(s);
+    for (int j = 0; j < 16; j++)
+        for (int e = 0; e < 4; e++) {
+            const int row = row_a + 8 * (e / 2), col = 8 * j + 2 * quad + (e & 1);
+            s_ss_out[row * kKeyTile + col] = s[4 * j + e];
         }
     pack_p(p, p_values);
     wgmma_fence();
@@ -535,6 +934,67 @@ bool mb_attention_wgmma_forward_supports(int head_dim, int window) {
     return attributes.binaryVersion >= 90;
 }
 
+namespace {
+
+/* Which kernel runs, read per call from MB_ATTENTION_WGMMA_FWD: "v1" round 1's kernel (one block of 128 queries per
+ * plan tile, Q in registers; MB_ATTENTION_WGMMA_PINGPONG=1 then selects its turn-taking instance), "v2_128" the
+ * persistent kernel with two consumer warpgroups (128-query items), anything else (unset) the default v2: the
+ * persistent kernel with three (192-query items). */
+enum class forward_version { v1, v1_pingpong, v2, v2_128 };
+
+bool env_equals(const char *name, const char *value) {
+    const char *set = getenv(name);
+    return set != nullptr && strcmp(set, value) == 0;
+}
+
+forward_version selected_version() {
+    if (env_equals("MB_ATTENTION_WGMMA_FWD", "v1"))
+        return env_equals("MB_ATTENTION_WGMMA_PINGPONG", "1") ? forward_version::v1_pingpong : forward_version::v1;
+    if (env_equals("MB_ATTENTION_WGMMA_FWD", "v2_128")) return forward_version::v2_128;
+    return forward_version::v2;
+}
+
+template <int kGroups>
+int launch_persistent(mb::bf16 *out, float *lse, const mb::bf16 *qkv, const int32_t *cu_seqlens,
+                      const mb::attention_plan &plan, int num_seqs, int heads, unsigned max_blocks,
+                      cudaStream_t stream, mb_error *err) {
+    using shape = persistent_shape<kGroups>;
+    auto kernel = wgmma_forward_persistent_kernel<kGroups>;
+    MB_CUDA_CHECK(err, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            (int)shape::kSharedBytes));
+    const unsigned blocks = plan.blocks < max_blocks ? plan.blocks : max_blocks;
+    kernel<<<blocks, shape::kThreads, shape::kSharedBytes, stream>>>(out, lse, qkv, cu_seqlens, plan.seq_first,
+                                                                     plan.tile_seq, num_seqs, heads);
+    MB_CUDA_CHECK_LAUNCH(err, "wgmma_forward_persistent_kernel");
+    return 0;
+}
+
+/* The launch of one version; the persistent kernels get min(plan.blocks, max_blocks) blocks (the SM count, or fewer
+ * in the self-test so that each block walks many items). Arguments checked by the caller. */
+int launch_version(forward_version version, unsigned max_blocks, mb::bf16 *out, float *lse, const mb::bf16 *qkv,
+                   const int32_t *cu_seqlens, const mb::attention_plan &plan, int num_seqs, int heads,
+                   cudaStream_t stream, mb_error *err) {
+    if (plan.blocks == 0) return 0;
+    switch (version) {
+    case forward_version::v2:
+        return launch_persistent<3>(out, lse, qkv, cu_seqlens, plan, num_seqs, heads, max_blocks, stream, err);
+    case forward_version::v2_128:
+        return launch_persistent<2>(out, lse, qkv, cu_seqlens, plan, num_seqs, heads, max_blocks, stream, err);
+    case forward_version::v1:
+    case forward_version::v1_pingpong:
+        break;
+    }
+    const float scale_log2 = kLog2e / sqrtf((float)kHeadDim);
+    auto kernel = version == forward_version::v1_pingpong ? wgmma_forward_kernel<true> : wgmma_forward_kernel<false>;
+    MB_CUDA_CHECK(err, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSharedBytes));
+    kernel<<<plan.blocks, kThreads, kSharedBytes, stream>>>(out, lse, qkv, cu_seqlens, plan.seq_first, plan.tile_seq,
+                                                            num_seqs, heads, scale_log2);
+    MB_CUDA_CHECK_LAUNCH(err, "wgmma_forward_kernel");
+    return 0;
+}
+
+}  // namespace
+
 int mb_attention_wgmma_forward(mb::bf16 *out, float *lse, const mb::bf16 *qkv, const int32_t *cu_seqlens,
                                mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim, int window,
                                cudaStream_t stream, mb_error *err) {
@@ -551,18 +1011,11 @@ int mb_attention_wgmma_forward(mb::bf16 *out, float *lse, const mb::bf16 *qkv, c
                "attention_wgmma_forward: qkv must be 16-byte aligned, out 4-byte aligned");
     MB_REQUIRE(err, mb_attention_wgmma_forward_supports(head_dim, window),
                "attention_wgmma_forward: needs a compute capability 9.x device and the sm_90a build");
-    if (plan.blocks == 0) return 0;
-    /* MB_ATTENTION_WGMMA_PINGPONG=1 (read per call) turns on the consumer warpgroups' turn-taking (tuning, off by
-     * default until measured) */
-    const char *ping_pong = getenv("MB_ATTENTION_WGMMA_PINGPONG");
-    auto kernel = ping_pong != nullptr && strcmp(ping_pong, "1") == 0 ? wgmma_forward_kernel<true>
-                                                                      : wgmma_forward_kernel<false>;
-    MB_CUDA_CHECK(err, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSharedBytes));
-    const float scale_log2 = kLog2e / sqrtf((float)kHeadDim);
-    kernel<<<plan.blocks, kThreads, kSharedBytes, stream>>>(out, lse, qkv, cu_seqlens, plan.seq_first, plan.tile_seq,
-                                                            num_seqs, heads, scale_log2);
-    MB_CUDA_CHECK_LAUNCH(err, "wgmma_forward_kernel");
-    return 0;
+    int device = 0, sm_count = 0;
+    MB_CUDA_CHECK(err, cudaGetDevice(&device));
+    MB_CUDA_CHECK(err, cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+    return launch_version(selected_version(), (unsigned)sm_count, out, lse, qkv, cu_seqlens, plan, num_seqs, heads,
+                          stream, err);
 }
 
 /* ---- self-test (host side) ---- */
@@ -625,10 +1078,11 @@ struct mismatch {
         }                                                                                                         \
     } while (0)
 
-/* (1) and (2): the two tile products of one warpgroup against exact host sums. */
-int selftest_products(char *report, size_t size, mismatch *scores, mismatch *values) {
+/* (1) and (2): the tile products of one warpgroup against exact host sums: S with Q from registers (v1) and from
+ * the swizzled shared tile (v2), O = P·V. */
+int selftest_products(char *report, size_t size, mismatch *scores, mismatch *scores_ss, mismatch *values) {
     std::vector<mb::bf16> q(64 * kHeadDim), k(kKeyTile * kHeadDim), v(kKeyTile * kHeadDim);
-    std::vector<float> p(64 * kKeyTile), s_got(64 * kKeyTile), o_got(64 * kHeadDim);
+    std::vector<float> p(64 * kKeyTile), s_got(64 * kKeyTile), s_ss_got(64 * kKeyTile), o_got(64 * kHeadDim);
     for (int r = 0; r < 64; r++)
         for (int d = 0; d < kHeadDim; d++) q[r * kHeadDim + d] = __float2bfloat16(selftest_q(r, d));
     for (int c = 0; c < kKeyTile; c++)
@@ -638,33 +1092,38 @@ int selftest_products(char *report, size_t size, mismatch *scores, mismatch *val
         }
     for (int r = 0; r < 64; r++)
         for (int c = 0; c < kKeyTile; c++) p[r * kKeyTile + c] = selftest_p(r, c);
-    device_buffer dq, dk, dv, dp, ds, dout;
+    device_buffer dq, dk, dv, dp, ds, ds_ss, dout;
     SELFTEST_CUDA(dq.allocate(q.size() * sizeof(mb::bf16)));
     SELFTEST_CUDA(dk.allocate(k.size() * sizeof(mb::bf16)));
     SELFTEST_CUDA(dv.allocate(v.size() * sizeof(mb::bf16)));
     SELFTEST_CUDA(dp.allocate(p.size() * sizeof(float)));
     SELFTEST_CUDA(ds.allocate(s_got.size() * sizeof(float)));
+    SELFTEST_CUDA(ds_ss.allocate(s_ss_got.size() * sizeof(float)));
     SELFTEST_CUDA(dout.allocate(o_got.size() * sizeof(float)));
     SELFTEST_CUDA(cudaMemcpy(dq.ptr, q.data(), q.size() * sizeof(mb::bf16), cudaMemcpyHostToDevice));
     SELFTEST_CUDA(cudaMemcpy(dk.ptr, k.data(), k.size() * sizeof(mb::bf16), cudaMemcpyHostToDevice));
     SELFTEST_CUDA(cudaMemcpy(dv.ptr, v.data(), v.size() * sizeof(mb::bf16), cudaMemcpyHostToDevice));
     SELFTEST_CUDA(cudaMemcpy(dp.ptr, p.data(), p.size() * sizeof(float), cudaMemcpyHostToDevice));
     SELFTEST_CUDA(cudaMemset(ds.ptr, 0xFF, s_got.size() * sizeof(float))); /* NaN: unwritten entries fail */
+    SELFTEST_CUDA(cudaMemset(ds_ss.ptr, 0xFF, s_ss_got.size() * sizeof(float)));
     SELFTEST_CUDA(cudaMemset(dout.ptr, 0xFF, o_got.size() * sizeof(float)));
-    const size_t shared = kStageBytes + 1024;
     SELFTEST_CUDA(cudaFuncSetAttribute(wgmma_products_selftest_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       (int)shared));
-    wgmma_products_selftest_kernel<<<1, 128, shared>>>(ds.as<float>(), dout.as<float>(), dq.as<mb::bf16>(),
-                                                       dk.as<mb::bf16>(), dv.as<mb::bf16>(), dp.as<float>());
+                                       (int)kSelftestSharedBytes));
+    wgmma_products_selftest_kernel<<<1, 128, kSelftestSharedBytes>>>(ds.as<float>(), ds_ss.as<float>(),
+                                                                     dout.as<float>(), dq.as<mb::bf16>(),
+                                                                     dk.as<mb::bf16>(), dv.as<mb::bf16>(),
+                                                                     dp.as<float>());
     SELFTEST_CUDA(cudaGetLastError());
     SELFTEST_CUDA(cudaDeviceSynchronize());
     SELFTEST_CUDA(cudaMemcpy(s_got.data(), ds.ptr, s_got.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    SELFTEST_CUDA(cudaMemcpy(s_ss_got.data(), ds_ss.ptr, s_ss_got.size() * sizeof(float), cudaMemcpyDeviceToHost));
     SELFTEST_CUDA(cudaMemcpy(o_got.data(), dout.ptr, o_got.size() * sizeof(float), cudaMemcpyDeviceToHost));
     for (int r = 0; r < 64; r++)
         for (int c = 0; c < kKeyTile; c++) {
             double want = 0.0;
             for (int d = 0; d < kHeadDim; d++) want += (double)selftest_q(r, d) * selftest_k(c, d);
             scores->check(r * kKeyTile + c, s_got[r * kKeyTile + c], want, 1e-3);
+            scores_ss->check(r * kKeyTile + c, s_ss_got[r * kKeyTile + c], want, 1e-3);
         }
     for (int r = 0; r < 64; r++)
         for (int n = 0; n < kHeadDim; n++) {
@@ -675,9 +1134,27 @@ int selftest_products(char *report, size_t size, mismatch *scores, mismatch *val
     return 0;
 }
 
-/* (3): the whole forward through mb_attention_wgmma_forward on a small packed batch against a double reference. */
-int selftest_forward(char *report, size_t size, mismatch *outs, mismatch *lses) {
-    const int lengths[] = {200, 1, 130, 64}, num_seqs = 4, heads = 2, hidden = heads * kHeadDim;
+/* The whole-forward runs of (3): every version, the persistent ones also on 1–3 blocks so that one block walks many
+ * work items (Q buffers and the K/V ring wrap across items). */
+struct forward_run {
+    const char *name;
+    forward_version version;
+    unsigned max_blocks;
+};
+constexpr forward_run kForwardRuns[] = {
+    {"v1", forward_version::v1, 1u << 30},         {"v1-pingpong", forward_version::v1_pingpong, 1u << 30},
+    {"v2", forward_version::v2, 1u << 30},         {"v2/1blk", forward_version::v2, 1},
+    {"v2/3blk", forward_version::v2, 3},           {"v2_128", forward_version::v2_128, 1u << 30},
+    {"v2_128/2blk", forward_version::v2_128, 2},
+};
+constexpr int kForwardRunCount = (int)(sizeof kForwardRuns / sizeof kForwardRuns[0]);
+
+/* (3): the whole forward of each run on a small packed batch against a double-precision reference. Lengths: 700
+ * (6 key tiles: the 5-stage ring wraps inside an item; 192-query items of 192, 192, 192, 124 rows), 200 (a 192 + 8
+ * split: two warpgroups pass the second item), 1, 130, 64. */
+int selftest_forward(char *report, size_t size, mismatch (&outs)[kForwardRunCount],
+                     mismatch (&lses)[kForwardRunCount]) {
+    const int lengths[] = {200, 1, 130, 64, 700}, num_seqs = 5, heads = 2, hidden = heads * kHeadDim;
     std::vector<int32_t> cu(num_seqs + 1, 0), seq_first(num_seqs + 1, 0), tile_seq;
     for (int s = 0; s < num_seqs; s++) {
         cu[s + 1] = cu[s] + lengths[s];
@@ -692,38 +1169,9 @@ int selftest_forward(char *report, size_t size, mismatch *outs, mismatch *lses) 
         qkv[i] = __float2bfloat16(2.0f * selftest_hash((uint32_t)i)); /* scores of a few units: a real softmax */
         qkv_f[i] = __bfloat162float(qkv[i]);
     }
-    device_buffer d_qkv, d_out, d_lse, d_cu, d_first, d_tiles;
-    SELFTEST_CUDA(d_qkv.allocate(qkv.size() * sizeof(mb::bf16)));
-    SELFTEST_CUDA(d_out.allocate(out.size() * sizeof(mb::bf16)));
-    SELFTEST_CUDA(d_lse.allocate(lse.size() * sizeof(float)));
-    SELFTEST_CUDA(d_cu.allocate(cu.size() * sizeof(int32_t)));
-    SELFTEST_CUDA(d_first.allocate(seq_first.size() * sizeof(int32_t)));
-    SELFTEST_CUDA(d_tiles.allocate(tile_seq.size() * sizeof(int32_t)));
-    SELFTEST_CUDA(cudaMemcpy(d_qkv.ptr, qkv.data(), qkv.size() * sizeof(mb::bf16), cudaMemcpyHostToDevice));
-    SELFTEST_CUDA(cudaMemcpy(d_cu.ptr, cu.data(), cu.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
-    SELFTEST_CUDA(cudaMemcpy(d_first.ptr, seq_first.data(), seq_first.size() * sizeof(int32_t),
-                             cudaMemcpyHostToDevice));
-    SELFTEST_CUDA(cudaMemcpy(d_tiles.ptr, tile_seq.data(), tile_seq.size() * sizeof(int32_t),
-                             cudaMemcpyHostToDevice));
-    SELFTEST_CUDA(cudaMemset(d_out.ptr, 0xFF, out.size() * sizeof(mb::bf16))); /* NaN: unwritten rows fail */
-    SELFTEST_CUDA(cudaMemset(d_lse.ptr, 0xFF, lse.size() * sizeof(float)));
-    mb::attention_plan plan;
-    plan.seq_first = d_first.as<int32_t>();
-    plan.tile_seq = d_tiles.as<int32_t>();
-    plan.tile = kWgmmaForwardTile;
-    plan.blocks = (unsigned)((mb::ceil_div(n, kWgmmaForwardTile) + num_seqs) * heads);
-    mb_error err;
-    memset(&err, 0, sizeof err);
-    if (mb_attention_wgmma_forward(d_out.as<mb::bf16>(), d_lse.as<float>(), d_qkv.as<mb::bf16>(), d_cu.as<int32_t>(),
-                                   plan, num_seqs, n, heads, kHeadDim, -1, 0, &err) != 0) {
-        snprintf(report, size, "wgmma forward self-test: launch failed: %s", err.message);
-        return -1;
-    }
-    SELFTEST_CUDA(cudaDeviceSynchronize());
-    SELFTEST_CUDA(cudaMemcpy(out.data(), d_out.ptr, out.size() * sizeof(mb::bf16), cudaMemcpyDeviceToHost));
-    SELFTEST_CUDA(cudaMemcpy(lse.data(), d_lse.ptr, lse.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    /* the reference, once */
     const size_t stride = 3 * (size_t)hidden;
-    std::vector<double> score(n), value(kHeadDim);
+    std::vector<double> want_out((size_t)n * hidden), want_lse((size_t)n * heads), score(n);
     for (int s = 0; s < num_seqs; s++)
         for (int i = cu[s]; i < cu[s + 1]; i++)
             for (int h = 0; h < heads; h++) {
@@ -737,22 +1185,55 @@ int selftest_forward(char *report, size_t size, mismatch *outs, mismatch *lses) 
                     top = std::fmax(top, score[j]);
                 }
                 double total = 0.0;
-                for (int d = 0; d < kHeadDim; d++) value[d] = 0.0;
+                double *value = &want_out[(size_t)i * hidden + h * kHeadDim];
                 for (int j = cu[s]; j < cu[s + 1]; j++) {
                     const double w = std::exp(score[j] - top);
                     total += w;
                     const float *vj = &qkv_f[j * stride + 2 * hidden + h * kHeadDim];
                     for (int d = 0; d < kHeadDim; d++) value[d] += w * vj[d];
                 }
-                for (int d = 0; d < kHeadDim; d++) {
-                    const double want = value[d] / total;
-                    const long index = (long)i * hidden + h * kHeadDim + d;
-                    outs->check(index, __bfloat162float(out[index]), want, 1e-2 + 1e-2 * std::fabs(want));
-                }
-                const double want_lse = top + std::log(total);
-                lses->check((long)i * heads + h, lse[(size_t)i * heads + h], want_lse,
-                            1e-3 * (1.0 + std::fabs(want_lse)));
+                for (int d = 0; d < kHeadDim; d++) value[d] /= total;
+                want_lse[(size_t)i * heads + h] = top + std::log(total);
             }
+    device_buffer d_qkv, d_out, d_lse, d_cu, d_first, d_tiles;
+    SELFTEST_CUDA(d_qkv.allocate(qkv.size() * sizeof(mb::bf16)));
+    SELFTEST_CUDA(d_out.allocate(out.size() * sizeof(mb::bf16)));
+    SELFTEST_CUDA(d_lse.allocate(lse.size() * sizeof(float)));
+    SELFTEST_CUDA(d_cu.allocate(cu.size() * sizeof(int32_t)));
+    SELFTEST_CUDA(d_first.allocate(seq_first.size() * sizeof(int32_t)));
+    SELFTEST_CUDA(d_tiles.allocate(tile_seq.size() * sizeof(int32_t)));
+    SELFTEST_CUDA(cudaMemcpy(d_qkv.ptr, qkv.data(), qkv.size() * sizeof(mb::bf16), cudaMemcpyHostToDevice));
+    SELFTEST_CUDA(cudaMemcpy(d_cu.ptr, cu.data(), cu.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
+    SELFTEST_CUDA(cudaMemcpy(d_first.ptr, seq_first.data(), seq_first.size() * sizeof(int32_t),
+                             cudaMemcpyHostToDevice));
+    SELFTEST_CUDA(cudaMemcpy(d_tiles.ptr, tile_seq.data(), tile_seq.size() * sizeof(int32_t),
+                             cudaMemcpyHostToDevice));
+    mb::attention_plan plan;
+    plan.seq_first = d_first.as<int32_t>();
+    plan.tile_seq = d_tiles.as<int32_t>();
+    plan.tile = kWgmmaForwardTile;
+    plan.blocks = (unsigned)((mb::ceil_div(n, kWgmmaForwardTile) + num_seqs) * heads);
+    for (int r = 0; r < kForwardRunCount; r++) {
+        SELFTEST_CUDA(cudaMemset(d_out.ptr, 0xFF, out.size() * sizeof(mb::bf16))); /* NaN: unwritten rows fail */
+        SELFTEST_CUDA(cudaMemset(d_lse.ptr, 0xFF, lse.size() * sizeof(float)));
+        mb_error err;
+        memset(&err, 0, sizeof err);
+        if (launch_version(kForwardRuns[r].version, kForwardRuns[r].max_blocks, d_out.as<mb::bf16>(),
+                           d_lse.as<float>(), d_qkv.as<mb::bf16>(), d_cu.as<int32_t>(), plan, num_seqs, heads, 0,
+                           &err) != 0) {
+            snprintf(report, size, "wgmma forward self-test: %s launch failed: %s", kForwardRuns[r].name,
+                     err.message);
+            return -1;
+        }
+        SELFTEST_CUDA(cudaDeviceSynchronize());
+        SELFTEST_CUDA(cudaMemcpy(out.data(), d_out.ptr, out.size() * sizeof(mb::bf16), cudaMemcpyDeviceToHost));
+        SELFTEST_CUDA(cudaMemcpy(lse.data(), d_lse.ptr, lse.size() * sizeof(float), cudaMemcpyDeviceToHost));
+        for (size_t index = 0; index < out.size(); index++)
+            outs[r].check((long)index, __bfloat162float(out[index]), want_out[index],
+                          1e-2 + 1e-2 * std::fabs(want_out[index]));
+        for (size_t index = 0; index < lse.size(); index++)
+            lses[r].check((long)index, lse[index], want_lse[index], 1e-3 * (1.0 + std::fabs(want_lse[index])));
+    }
     return 0;
 }
 
@@ -766,27 +1247,38 @@ extern "C" int mb_cuda_attention_wgmma_fwd_selftest(char *report, size_t size) {
                                "sm_90a build)");
         return 1;
     }
-    mismatch scores, values, outs, lses;
-    if (selftest_products(report, size, &scores, &values) != 0) return -1;
-    if (selftest_forward(report, size, &outs, &lses) != 0) return -1;
-    const bool pass = scores.first_bad < 0 && values.first_bad < 0 && outs.first_bad < 0 && lses.first_bad < 0;
+    mismatch scores, scores_ss, values, outs[kForwardRunCount], lses[kForwardRunCount];
+    if (selftest_products(report, size, &scores, &scores_ss, &values) != 0) return -1;
+    if (selftest_forward(report, size, outs, lses) != 0) return -1;
+    bool pass = scores.first_bad < 0 && scores_ss.first_bad < 0 && values.first_bad < 0;
+    int first_failed = -1; /* the first whole-forward run with a bad element */
+    for (int r = 0; r < kForwardRunCount; r++)
+        if ((outs[r].first_bad >= 0 || lses[r].first_bad >= 0) && first_failed < 0) first_failed = r;
+    pass = pass && first_failed < 0;
     /* first bad element as (row, column) of its matrix; -1 when none */
-    const long s_row = scores.first_bad < 0 ? -1 : scores.first_bad / kKeyTile;
-    const long s_col = scores.first_bad < 0 ? -1 : scores.first_bad % kKeyTile;
-    const long o_row = values.first_bad < 0 ? -1 : values.first_bad / kHeadDim;
-    const long o_col = values.first_bad < 0 ? -1 : values.first_bad % kHeadDim;
-    const long f_token = outs.first_bad < 0 ? -1 : outs.first_bad / (2 * kHeadDim);
-    const long f_head = outs.first_bad < 0 ? -1 : (outs.first_bad / kHeadDim) % 2;
-    const long f_dim = outs.first_bad < 0 ? -1 : outs.first_bad % kHeadDim;
-    const long l_token = lses.first_bad < 0 ? -1 : lses.first_bad / 2;
-    const long l_head = lses.first_bad < 0 ? -1 : lses.first_bad % 2;
-    snprintf(report, size,
-             "wgmma forward self-test %s: S=Q*K^T [64x128] max err %.3g (first bad row %ld col %ld: got %.6g want "
-             "%.6g); O=P*V [64x64] max err %.3g (first bad row %ld col %ld: got %.6g want %.6g); forward out "
-             "(lengths 200,1,130,64; 2 heads) max err %.3g (first bad token %ld head %ld dim %ld: got %.6g want "
-             "%.6g); lse max err %.3g (first bad token %ld head %ld: got %.6g want %.6g)",
-             pass ? "passed" : "FAILED", scores.max_error, s_row, s_col, scores.got, scores.want, values.max_error,
-             o_row, o_col, values.got, values.want, outs.max_error, f_token, f_head, f_dim, outs.got, outs.want,
-             lses.max_error, l_token, l_head, lses.got, lses.want);
+    auto row_of = [](const mismatch &m, long cols) { return m.first_bad < 0 ? -1 : m.first_bad / cols; };
+    auto col_of = [](const mismatch &m, long cols) { return m.first_bad < 0 ? -1 : m.first_bad % cols; };
+    size_t used = (size_t)snprintf(
+        report, size,
+        "wgmma forward self-test %s: S=Q*K^T [64x128] Q regs max err %.3g (first bad row %ld col %ld: got %.6g "
+        "want %.6g), Q shared max err %.3g (first bad row %ld col %ld: got %.6g want %.6g); O=P*V [64x64] max err "
+        "%.3g (first bad row %ld col %ld: got %.6g want %.6g); forward (lengths 200,1,130,64,700; 2 heads) max err "
+        "out/lse:",
+        pass ? "passed" : "FAILED", scores.max_error, row_of(scores, kKeyTile), col_of(scores, kKeyTile), scores.got,
+        scores.want, scores_ss.max_error, row_of(scores_ss, kKeyTile), col_of(scores_ss, kKeyTile), scores_ss.got,
+        scores_ss.want, values.max_error, row_of(values, kHeadDim), col_of(values, kHeadDim), values.got,
+        values.want);
+    for (int r = 0; r < kForwardRunCount && used < size; r++)
+        used += (size_t)snprintf(report + used, size - used, " %s %.3g/%.3g%s", kForwardRuns[r].name,
+                                 outs[r].max_error, lses[r].max_error,
+                                 outs[r].first_bad >= 0 || lses[r].first_bad >= 0 ? " BAD" : "");
+    if (first_failed >= 0 && used < size) {
+        const mismatch &o = outs[first_failed], &l = lses[first_failed];
+        snprintf(report + used, size - used,
+                 "; first failing run %s: out first bad token %ld head %ld dim %ld (got %.6g want %.6g), lse first "
+                 "bad token %ld head %ld (got %.6g want %.6g)",
+                 kForwardRuns[first_failed].name, row_of(o, 2 * kHeadDim), col_of(o, 2 * kHeadDim) / kHeadDim,
+                 col_of(o, kHeadDim), o.got, o.want, row_of(l, 2), col_of(l, 2), l.got, l.want);
+    }
     return pass ? 0 : -1;
 }
