@@ -23,7 +23,6 @@ namespace {
 
 constexpr size_t kWorkspaceBytes = 32u << 20; /* what llm.c found Hopper needs */
 constexpr int kCacheSize = 64;
-constexpr int kTuneCandidates = 8, kTuneRepeats = 3;
 
 struct gemm_key {
     cublasOperation_t transa, transb;
@@ -48,7 +47,6 @@ struct mb_cuda_matmul {
     cache_entry cache[kCacheSize];
     int next_slot;      /* round-robin eviction */
     int force_fallback; /* tests: every GEMM through simple_gemm_kernel */
-    int autotune;       /* MB_GEMM_AUTOTUNE=1: time the heuristic's candidates once per shape (tune_algo) */
 };
 
 namespace {
@@ -132,12 +130,8 @@ gemm_key make_key(const gemm_args &g) {
     return key;
 }
 
-int tune_algo(mb_cuda_matmul *ctx, const gemm_args &g, const lt_descriptors &d,
-              const cublasLtMatmulHeuristicResult_t *results, int found, cudaStream_t stream, int *best,
-              mb_error *err);
-
 int choose_algo(mb_cuda_matmul *ctx, const gemm_args &g, const lt_descriptors &d, cublasLtMatmulAlgo_t *algo,
-                bool *fallback, cudaStream_t stream, mb_error *err) {
+                bool *fallback, mb_error *err) {
     gemm_key key = make_key(g);
     for (int i = 0; i < kCacheSize; i++)
         if (ctx->cache[i].used && same_key(ctx->cache[i].key, key)) {
@@ -157,18 +151,15 @@ int choose_algo(mb_cuda_matmul *ctx, const gemm_args &g, const lt_descriptors &d
                                              sizeof workspace);
     for (int i = 0; i < 4 && status == CUBLAS_STATUS_SUCCESS; i++)
         status = cublasLtMatmulPreferenceSetAttribute(preference, align_attr[i], &align[i], sizeof align[i]);
-    cublasLtMatmulHeuristicResult_t results[kTuneCandidates];
-    int found = 0, wanted = ctx->autotune ? kTuneCandidates : 1, best = 0;
+    cublasLtMatmulHeuristicResult_t result;
+    int found = 0;
     if (status == CUBLAS_STATUS_SUCCESS)
-        status = cublasLtMatmulAlgoGetHeuristic(ctx->handle, d.op, d.a, d.b, d.c, d.c, preference, wanted, results,
-                                                &found);
+        status = cublasLtMatmulAlgoGetHeuristic(ctx->handle, d.op, d.a, d.b, d.c, d.c, preference, 1, &result, &found);
     cublasLtMatmulPreferenceDestroy(preference);
     if (status != CUBLAS_STATUS_SUCCESS && status != CUBLAS_STATUS_NOT_SUPPORTED)
         return mb_fail(err, "cublasLtMatmulAlgoGetHeuristic (m %d, n %d, k %d): %s", g.m, g.n, g.k,
                        cublasLtGetStatusString(status));
     *fallback = status == CUBLAS_STATUS_NOT_SUPPORTED || found == 0;
-    if (!*fallback && found > 1 && tune_algo(ctx, g, d, results, found, stream, &best, err) != 0) return -1;
-    cublasLtMatmulHeuristicResult_t result = results[best];
     if (!*fallback) *algo = result.algo;
     cache_entry *slot = &ctx->cache[ctx->next_slot];
     ctx->next_slot = (ctx->next_slot + 1) % kCacheSize;
@@ -176,49 +167,6 @@ int choose_algo(mb_cuda_matmul *ctx, const gemm_args &g, const lt_descriptors &d
     slot->algo = *fallback ? cublasLtMatmulAlgo_t{} : result.algo;
     slot->fallback = *fallback;
     slot->used = 1;
-    return 0;
-}
-
-/* MB_GEMM_AUTOTUNE=1: runs each of the heuristic's `found` candidates kTuneRepeats times on the call's own operands
- * (after one warm-up run) and picks the fastest, once per cache key. An accumulating GEMM (C = D, beta != 0) is timed
- * on a copy of D, so the real output is untouched; other GEMMs overwrite D, which the real call then writes again.
- * The choice depends on timings, so two runs may pick different algorithms (results then differ by rounding): off by
- * default, for benchmarks (docs/kernels/matmul.md). */
-int tune_algo(mb_cuda_matmul *ctx, const gemm_args &g, const lt_descriptors &d,
-              const cublasLtMatmulHeuristicResult_t *results, int found, cudaStream_t stream, int *best,
-              mb_error *err) {
-    size_t element = g.c_type == CUDA_R_32F ? sizeof(float) : sizeof(mb::bf16);
-    size_t d_bytes = (size_t)g.ldc * g.n * element;
-    bool in_place = g.beta != 0.0f && g.C == g.D;
-    void *target = g.D;
-    if (in_place) {
-        MB_CUDA_CHECK(err, cudaMalloc(&target, d_bytes));
-        MB_CUDA_CHECK(err, cudaMemcpyAsync(target, g.D, d_bytes, cudaMemcpyDeviceToDevice, stream));
-    }
-    const void *c = in_place ? target : (g.beta != 0.0f ? g.C : target);
-    const float alpha = 1.0f, beta = g.beta;
-    cudaEvent_t start, stop;
-    MB_CUDA_CHECK(err, cudaEventCreate(&start));
-    MB_CUDA_CHECK(err, cudaEventCreate(&stop));
-    float best_ms = 0.0f;
-    bool have_best = false;
-    *best = 0;
-    for (int i = 0; i < found; i++) {
-        cublasStatus_t status = CUBLAS_STATUS_SUCCESS;
-        for (int r = 0; r <= kTuneRepeats && status == CUBLAS_STATUS_SUCCESS; r++) {
-            if (r == 1) MB_CUDA_CHECK(err, cudaEventRecord(start, stream));
-            status = cublasLtMatmul(ctx->handle, d.op, &alpha, g.A, d.a, g.B, d.b, &beta, c, d.c, target, d.c,
-                                    &results[i].algo, ctx->workspace, kWorkspaceBytes, stream);
-        }
-        MB_CUDA_CHECK(err, cudaEventRecord(stop, stream));
-        MB_CUDA_CHECK(err, cudaEventSynchronize(stop));
-        float ms = 0.0f;
-        MB_CUDA_CHECK(err, cudaEventElapsedTime(&ms, start, stop));
-        if (status == CUBLAS_STATUS_SUCCESS && (!have_best || ms < best_ms)) best_ms = ms, *best = i, have_best = true;
-    }
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
-    if (in_place) MB_CUDA_CHECK(err, cudaFree(target));
     return 0;
 }
 
@@ -269,7 +217,7 @@ int gemm(mb_cuda_matmul *ctx, const gemm_args &g, cudaStream_t stream, mb_error 
     if (build_descriptors(&d, g, err) != 0) return -1;
     cublasLtMatmulAlgo_t algo;
     bool fallback = false;
-    if (!ctx->force_fallback && choose_algo(ctx, g, d, &algo, &fallback, stream, err) != 0) return -1;
+    if (!ctx->force_fallback && choose_algo(ctx, g, d, &algo, &fallback, err) != 0) return -1;
     if (fallback || ctx->force_fallback) return gemm_fallback(g, stream, err);
     const float alpha = 1.0f, beta = g.beta;
     const void *c = g.beta != 0.0f ? g.C : g.D;
@@ -301,8 +249,6 @@ extern "C" int mb_cuda_matmul_create(mb_cuda_matmul **out, mb_error *err) {
      * hazards inside cuBLASLt's own (closed) kernels, so racecheck runs of our code use this switch. */
     const char *fallback = getenv("MB_GEMM_FALLBACK");
     ctx->force_fallback = fallback != nullptr && fallback[0] == '1';
-    const char *autotune = getenv("MB_GEMM_AUTOTUNE");
-    ctx->autotune = autotune != nullptr && autotune[0] == '1';
     cudaError_t alloc = cudaMalloc(&ctx->workspace, kWorkspaceBytes);
     if (alloc != cudaSuccess) {
         cublasLtDestroy(ctx->handle);
