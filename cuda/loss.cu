@@ -42,25 +42,33 @@ struct softmax_state {
     }
 };
 
+/* Calls visit(chunk, values) for every 8-logit chunk of the row this thread owns (chunks threadIdx.x, + blockDim.x,
+ * ...), kUnroll 16-byte loads in flight before the first use. */
+template <typename Visit>
+__device__ __forceinline__ void for_each_chunk(const mb::bf16 *z, int chunks, Visit visit) {
+    const int stride = blockDim.x * kUnroll;
+    for (int c0 = threadIdx.x; c0 < chunks; c0 += stride) {
+        mb::bf16x8 packed[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; u++)
+            if (c0 + u * blockDim.x < chunks) packed[u] = mb::load_bf16x8(z + (size_t)(c0 + u * blockDim.x) * 8);
+#pragma unroll
+        for (int u = 0; u < kUnroll; u++) {
+            int chunk = c0 + u * blockDim.x;
+            if (chunk >= chunks) continue;
+            float values[8];
+            mb::unpack_bf16x8(packed[u], values);
+            visit(chunk, values);
+        }
+    }
+}
+
 /* logsumexp of the row (block-wide); every thread gets it. */
 template <bool kVector>
 __device__ float row_logsumexp(const mb::bf16 *z, int classes, float *reduce) {
     softmax_state state;
     if constexpr (kVector) {
-        const int chunks = classes / 8, stride = blockDim.x * kUnroll;
-        for (int c0 = threadIdx.x; c0 < chunks; c0 += stride) {
-            mb::bf16x8 packed[kUnroll];
-#pragma unroll
-            for (int u = 0; u < kUnroll; u++)
-                if (c0 + u * blockDim.x < chunks) packed[u] = mb::load_bf16x8(z + (size_t)(c0 + u * blockDim.x) * 8);
-#pragma unroll
-            for (int u = 0; u < kUnroll; u++)
-                if (c0 + u * blockDim.x < chunks) {
-                    float values[8];
-                    mb::unpack_bf16x8(packed[u], values);
-                    state.absorb(values, 8);
-                }
-        }
+        for_each_chunk(z, classes / 8, [&](int, const float *values) { state.absorb(values, 8); });
     } else {
         for (int c = threadIdx.x; c < classes; c += blockDim.x) {
             float value = mb::to_float(z[c]);
@@ -72,35 +80,23 @@ __device__ float row_logsumexp(const mb::bf16 *z, int classes, float *reduce) {
     return row_max + logf(mb::block_sum(scaled, reduce));
 }
 
-/* z ← (exp(z − lse) − onehot(target))·scale over the row (zeros when ignored). */
+/* (exp(z − lse) − onehot(target))·scale, or 0 for an ignored row. */
+__device__ __forceinline__ float logit_gradient(float z, float lse, bool is_target, bool ignored, float scale) {
+    return ignored ? 0.0f : (fast_exp2((z - lse) * kLog2e) - (is_target ? 1.0f : 0.0f)) * scale;
+}
+
+/* z ← its gradient over the row. */
 template <bool kVector>
 __device__ void write_row_gradient(mb::bf16 *z, int classes, float lse, int target, bool ignored, float scale) {
     if constexpr (kVector) {
-        const int chunks = classes / 8, stride = blockDim.x * kUnroll;
-        for (int c0 = threadIdx.x; c0 < chunks; c0 += stride) {
-            mb::bf16x8 packed[kUnroll];
+        for_each_chunk(z, classes / 8, [&](int chunk, float *values) {
 #pragma unroll
-            for (int u = 0; u < kUnroll; u++)
-                if (c0 + u * blockDim.x < chunks) packed[u] = mb::load_bf16x8(z + (size_t)(c0 + u * blockDim.x) * 8);
-#pragma unroll
-            for (int u = 0; u < kUnroll; u++) {
-                int chunk = c0 + u * blockDim.x;
-                if (chunk >= chunks) continue;
-                float values[8];
-                mb::unpack_bf16x8(packed[u], values);
-#pragma unroll
-                for (int k = 0; k < 8; k++) {
-                    float p = fast_exp2((values[k] - lse) * kLog2e) - (chunk * 8 + k == target ? 1.0f : 0.0f);
-                    values[k] = ignored ? 0.0f : p * scale;
-                }
-                mb::store_bf16x8(z + (size_t)chunk * 8, mb::pack_bf16x8(values));
-            }
-        }
+            for (int k = 0; k < 8; k++) values[k] = logit_gradient(values[k], lse, chunk * 8 + k == target, ignored, scale);
+            mb::store_bf16x8(z + (size_t)chunk * 8, mb::pack_bf16x8(values));
+        });
     } else {
-        for (int c = threadIdx.x; c < classes; c += blockDim.x) {
-            float p = fast_exp2((mb::to_float(z[c]) - lse) * kLog2e) - (c == target ? 1.0f : 0.0f);
-            z[c] = mb::to_bf16(ignored ? 0.0f : p * scale);
-        }
+        for (int c = threadIdx.x; c < classes; c += blockDim.x)
+            z[c] = mb::to_bf16(logit_gradient(mb::to_float(z[c]), lse, c == target, ignored, scale));
     }
 }
 

@@ -51,6 +51,17 @@ static const char *source_dir(void) {
     return dir != NULL && dir[0] != '\0' ? dir : MB_SOURCE_DIR;
 }
 
+/* A fixture of tests/fixtures/hf: the model and, when batch is not NULL, its batch.safetensors. */
+static void load_fixture(const char *name, mb_model *model, mb_batch_file *batch) {
+    char dir[1024], path[1200];
+    mb_error err = {{0}};
+    snprintf(dir, sizeof dir, "%s/tests/fixtures/hf/%s", source_dir(), name);
+    cr_assert_eq(mb_model_load_hf(model, dir, &err), 0, "%s", err.message);
+    if (batch == NULL) return;
+    snprintf(path, sizeof path, "%s/batch.safetensors", dir);
+    cr_assert_eq(mb_batch_file_load(batch, path, &model->config, &err), 0, "%s", err.message);
+}
+
 static bool all_finite(const float *a, size_t count) {
     for (size_t i = 0; i < count; i++)
         if (!isfinite(a[i])) return false;
@@ -351,12 +362,8 @@ Test(gpu_model, gradients_accumulate_across_micro_batches) {
     require_gpu();
     mb_error err = {{0}};
     mb_model model;
-    char dir[1024], path[1200];
-    snprintf(dir, sizeof dir, "%s/tests/fixtures/hf/mlm_biases_untied_silu_every3", source_dir());
-    cr_assert_eq(mb_model_load_hf(&model, dir, &err), 0, "%s", err.message);
     mb_batch_file batch;
-    snprintf(path, sizeof path, "%s/batch.safetensors", dir);
-    cr_assert_eq(mb_batch_file_load(&batch, path, &model.config, &err), 0, "%s", err.message);
+    load_fixture("mlm_biases_untied_silu_every3", &model, &batch);
     mb_backend *gpu = make_backend("cuda", &model.config, model.params);
     step_output once;
     forward_backward(gpu, &batch.batch, &once);
@@ -385,12 +392,8 @@ Test(gpu_model, optimizer_steps_track_the_cpu_backend) {
     require_gpu();
     mb_error err = {{0}};
     mb_model model;
-    char dir[1024], path[1200];
-    snprintf(dir, sizeof dir, "%s/tests/fixtures/hf/mlm_hd64_window_large_every3", source_dir());
-    cr_assert_eq(mb_model_load_hf(&model, dir, &err), 0, "%s", err.message);
     mb_batch_file batch;
-    snprintf(path, sizeof path, "%s/batch.safetensors", dir);
-    cr_assert_eq(mb_batch_file_load(&batch, path, &model.config, &err), 0, "%s", err.message);
+    load_fixture("mlm_hd64_window_large_every3", &model, &batch);
     mb_backend *backends[2] = {make_backend("cpu", &model.config, model.params),
                                make_backend("cuda", &model.config, model.params)};
     mb_stableadamw opt[2];
@@ -440,12 +443,8 @@ Test(gpu_model, rope_theta_change_matches_cpu) {
     require_gpu();
     mb_error err = {{0}};
     mb_model model;
-    char dir[1024], path[1200];
-    snprintf(dir, sizeof dir, "%s/tests/fixtures/hf/mlm_hd32_window_small_every2", source_dir());
-    cr_assert_eq(mb_model_load_hf(&model, dir, &err), 0, "%s", err.message);
     mb_batch_file batch;
-    snprintf(path, sizeof path, "%s/batch.safetensors", dir);
-    cr_assert_eq(mb_batch_file_load(&batch, path, &model.config, &err), 0, "%s", err.message);
+    load_fixture("mlm_hd32_window_small_every2", &model, &batch);
     mb_backend *cpu = make_backend("cpu", &model.config, model.params);
     mb_backend *gpu = make_backend("cuda", &model.config, model.params);
     step_output before, ref, out;
@@ -485,9 +484,7 @@ Test(gpu_model, recompute_levels_are_bit_identical_and_smaller) {
     setenv("MB_DETERMINISTIC", "1", 1);
     mb_error err = {{0}};
     mb_model model;
-    char dir[1024];
-    snprintf(dir, sizeof dir, "%s/tests/fixtures/hf/mlm_biases_untied_silu_every3", source_dir());
-    cr_assert_eq(mb_model_load_hf(&model, dir, &err), 0, "%s", err.message);
+    load_fixture("mlm_biases_untied_silu_every3", &model, NULL);
     static const int lengths[] = {1, 37, 300, 2, 129, 64};
     random_batch rb;
     random_batch_make(&rb, &model.config, lengths, 6, 5);
@@ -528,12 +525,8 @@ Test(gpu_model, decoder_chunks_match_cpu_and_unchunked) {
     setenv("MB_DETERMINISTIC", "1", 1);
     mb_error err = {{0}};
     mb_model model;
-    char dir[1024], path[1200];
-    snprintf(dir, sizeof dir, "%s/tests/fixtures/hf/mlm_biases_untied_silu_every3", source_dir());
-    cr_assert_eq(mb_model_load_hf(&model, dir, &err), 0, "%s", err.message);
     mb_batch_file batch;
-    snprintf(path, sizeof path, "%s/batch.safetensors", dir);
-    cr_assert_eq(mb_batch_file_load(&batch, path, &model.config, &err), 0, "%s", err.message);
+    load_fixture("mlm_biases_untied_silu_every3", &model, &batch);
     mb_backend *whole = make_backend("cuda", &model.config, model.params);
     setenv("MB_DECODER_CHUNK_ROWS", "7", 1);
     mb_backend *chunked = make_backend("cuda", &model.config, model.params);
