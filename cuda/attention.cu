@@ -461,6 +461,20 @@ __global__ void __launch_bounds__(kDetWarps *mb::kWarpSize)
     store_rows<D>(dqkv + 2 * hidden + head * D, qkv_stride, dv, key_a, t.end, 1.0f);
 }
 
+/* Adds four consecutive floats (16-byte aligned) to global memory without reading them back: one vector reduction
+ * on sm_90 (red.global.add.v4.f32), four scalar ones before. */
+__device__ __forceinline__ void reduce_add4(float *address, float x, float y, float z, float w) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(address), "f"(x), "f"(y), "f"(z), "f"(w)
+                 : "memory");
+#else
+    atomicAdd(address, x);
+    atomicAdd(address + 1, y);
+    atomicAdd(address + 2, z);
+    atomicAdd(address + 3, w);
+#endif
+}
+
 /* A fragment (16×16) at (row0, col0) of the TRANSPOSE of a row-major shared tile: element (r, c) of the fragment is
  * tile[col0 + c][row0 + r] (ldmatrix .trans; the row addresses are those of load_b_rows). */
 template <int kStride>

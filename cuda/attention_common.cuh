@@ -1,6 +1,5 @@
 /* Device pieces shared by every attention kernel family (cuda/attention.cu: mma.sync v3/v4; the sliding-window and
- * sm_90a kernels beside it): cp.async copies, the tile a block owns in the launch plan, window tests, exp2, the
- * 16-byte dQ reduction.
+ * sm_90a kernels beside it): cp.async copies, the tile a block owns in the launch plan, window tests, exp2.
  *
  * The plan (built by attention.cu's tile_plan_kernel for a tile size T): sequences are cut into tiles of T tokens that
  * never straddle a sequence, longest sequences first; block x of a launch owns (tile x / heads, head x % heads).
@@ -121,19 +120,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return y;
 }
 
-/* Adds four consecutive floats (16-byte aligned) to global memory without reading them back: one vector reduction
- * on sm_90 (red.global.add.v4.f32), four scalar ones before. The dQ accumulation of the backward kernels. */
-__device__ __forceinline__ void reduce_add4(float *address, float x, float y, float z, float w) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(address), "f"(x), "f"(y), "f"(z), "f"(w)
-                 : "memory");
-#else
-    atomicAdd(address, x);
-    atomicAdd(address + 1, y);
-    atomicAdd(address + 2, z);
-    atomicAdd(address + 3, w);
-#endif
-}
 
 }  // namespace
 

@@ -5,35 +5,37 @@
  *   P_ij = exp(s_ij − lse_i),  dP_ij = do_i·v_j,  dS_ij = P_ij (dP_ij − delta_i)
  *   dV_j = Σ_i P_ij do_i,  dK_j = scale Σ_i dS_ij q_i  (written, bf16),  dq_accum_i += Σ_j dS_ij k_j  (fp32, unscaled)
  *
- * One block of 384 threads per 128-key tile of the plan and head: two consumer warpgroups, warpgroup g owns keys
- * 64g..64g+63 of the tile and holds their dK and dV (64 × 64 fp32 each) in registers; warpgroup 2's first warp is a
- * producer that copies Q, dO, lse and delta (cp.async) into a 3-stage ring published through mbarriers (full /
- * empty), and setmaxnreg moves its registers to the consumers (24 / 240). The block loops over the sequence's
- * queries in steps of 64; per step and warpgroup (m64nNk16 = one wgmma, bf16 in, fp32 accumulate):
+ * One block of 256 threads (two consumer warpgroups, no producer) per 128-key tile of the plan and head; warpgroup g
+ * owns keys 64g..64g+63 of the tile, and holds their dK and dV (64 × 64 fp32 each) in registers. The block loops over
+ * the sequence's queries in steps of 64; per step and warpgroup (m64nNk16 = one wgmma, bf16 in, fp32 accumulate):
  *   Sᵀ  = K_g·Qᵀ        4 × m64n64k16, A = K (smem, K-major), B = Q (smem, K-major)
  *   dPᵀ = V_g·dOᵀ       4 × m64n64k16, A = V, B = dO
  *   Pᵀ, dSᵀ in fp32 registers (exp2 with scale·log2 e folded in), packed to bf16 A fragments in registers
  *   dV += Pᵀ·dO         4 × m64n64k16, A = Pᵀ (registers), B = dO (smem, N-major: the transpose bit)
  *   dK += dSᵀ·Q         4 × m64n64k16, A = dSᵀ (registers), B = Q (N-major)
- *   dSᵀ -> smem [key][query], published to the other warpgroup through an mbarrier (ds_full);
+ *   dSᵀ -> smem [key][query];  barrier;
  *   dQ[:, 32g..32g+31] = dS·K   8 × m64n32k16 over all 128 keys, A = dS (smem [key][query]: M-major), B = K (N-major,
- *                                column offset 32g); queued in the NEXT step behind its Sᵀ and dPᵀ and added to
- *                                dq_accum with red.global.add.v4.f32 once that step's dK product is queued.
+ *                                column offset 32g); added to dq_accum with red.global.add.v4.f32 during the NEXT step
+ *                                (its wgmma group is waited for only after the next step's Sᵀ and dPᵀ are queued).
  * Every shared tile has rows of 64 bf16 = 128 bytes stored with the 128-byte swizzle (CUTLASS Swizzle<3,4,3>: the
  * 16-byte chunk index, address bits [4,7), is XORed with the row index mod 8, bits [7,10)), 1024-byte aligned, so one
  * buffer serves as a K-major operand ([row][d] with d the reduction) and as an MN-major one ([k][n] with the rows the
  * reduction) — the layouts of the PTX ISA "Shared Memory Matrix Layout" section (canonical layouts
  * ((8,m),(T,2k)):((8T,SBO),(1,T)) K-major and ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)) MN-major, T = 8 bf16).
- * The loop has no block barrier: the dSᵀ exchange for dQ goes through two more mbarrier pairs (ds_full / ds_empty per
- * dS stage), so a warpgroup may run up to one step ahead of the other and one's exp/dS work overlaps the other's
- * wgmmas. Within a warpgroup, dQ(i−1) is queued BEHIND Sᵀ(i) and dPᵀ(i), so the tensor cores have dPᵀ and dQ to work
- * on while Pᵀ(i) is computed. This is round 2's kernel ("v2"); round 1's (all 256 threads copying, two block barriers
- * per step) is gone, its figures stay in docs/kernels/attention_wgmma_bwd.md.
+ * v1 (round 1, MB_ATTENTION_WGMMA_BWD=v1): Q, dO, lse and delta are double-buffered with cp.async by all 256 threads
+ * (zero-filled past the sequence), dSᵀ is double-buffered so the dQ product of step i may still read it while step
+ * i+1 begins. Two block barriers per step keep the warpgroups in lock step.
+ * v2 (default): 384 threads; warpgroup 2's first warp is a producer that copies Q, dO, lse and delta (cp.async) into a
+ * 3-stage ring published through mbarriers (full / empty, the forward kernel's scheme), and setmaxnreg moves its
+ * registers to the consumers (24 / 240). The loop has no block barrier: the dSᵀ exchange for dQ goes through two more
+ * mbarrier pairs (ds_full / ds_empty per dS stage), so a warpgroup may run up to one step ahead of the other and one's
+ * exp/dS work overlaps the other's wgmmas. Within a warpgroup, dQ(i−1) is queued BEHIND Sᵀ(i) and dPᵀ(i) (v1: in
+ * front), so the tensor cores have dPᵀ and dQ to work on while Pᵀ(i) is computed. Products, fragments, masks and the
+ * dq_accum reduction are v1's device functions unchanged.
  *
  * Tails: the tile's keys past the sequence end and the last step's queries past it are zero-filled on load and their
- * P is set to 0 (masks on those steps only); nothing outside [seq_begin, seq_end) is read or written. The wgmma,
- * mbarrier, setmaxnreg and swizzle primitives are cuda/wgmma.cuh's; the sm_80 pass compiles an empty kernel body
- * (MB_WGMMA_SM90); mb_attention_wgmma_backward_supports refuses anything but an sm_90a binary. */
+ * P is set to 0 (masks on those steps only); nothing outside [seq_begin, seq_end) is read or written. The sm_80 pass
+ * compiles an empty kernel body; mb_attention_wgmma_backward_supports refuses anything but an sm_90a binary. */
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
@@ -48,7 +50,11 @@ extern "C" {
 #include "common/rng.h" /* a C header without extern "C" guards of its own */
 }
 
-#include "wgmma.cuh"
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MB_WGMMA_ENABLED 1
+#else
+#define MB_WGMMA_ENABLED 0
+#endif
 
 namespace {
 
@@ -56,26 +62,43 @@ constexpr int kHeadDim = 64;
 constexpr int kBlockKeys = kWgmmaBackwardTile; /* 128 keys per block */
 constexpr int kGroupKeys = 64;                 /* keys per consumer warpgroup (the M of every wgmma) */
 constexpr int kStepQueries = 64;               /* queries per step */
+constexpr int kBwdThreads = 256;               /* two warpgroups */
 constexpr int kRowBytes = kHeadDim * 2;        /* one tile row: 64 bf16 = one 128-byte swizzle row */
-constexpr uint32_t kStepTileBytes = kStepQueries * kRowBytes, kKeyTileBytes = kBlockKeys * kRowBytes;
-static_assert(kRowBytes == kSwizzleRowBytes, "one tile row is one 128-byte swizzle row");
+constexpr int kSwizzleAtom = 8 * kRowBytes;    /* 8 rows: the 1024-byte repeat of the 128-byte swizzle */
 
+/* Shared memory, byte offsets from a 1024-byte aligned base. */
+constexpr uint32_t kTileK = 0;                                       /* K [128 keys][64 d] */
+constexpr uint32_t kTileV = kTileK + kBlockKeys * kRowBytes;         /* V [128 keys][64 d] */
+constexpr uint32_t kTileQ = kTileV + kBlockKeys * kRowBytes;         /* Q [stage][64 queries][64 d] */
+constexpr uint32_t kTileDO = kTileQ + 2 * kStepQueries * kRowBytes;  /* dO [stage][64 queries][64 d] */
+constexpr uint32_t kTileDS = kTileDO + 2 * kStepQueries * kRowBytes; /* dSᵀ [stage][128 keys][64 queries] */
+constexpr uint32_t kLse = kTileDS + 2 * kBlockKeys * kRowBytes;      /* lse [stage][64] fp32 */
+constexpr uint32_t kDelta = kLse + 2 * kStepQueries * 4;             /* delta [stage][64] fp32 */
+constexpr uint32_t kSharedUsed = kDelta + 2 * kStepQueries * 4;
+constexpr size_t kSharedBytes = kSharedUsed + kSwizzleAtom; /* slack to align the base to 1024 bytes */
+constexpr uint32_t kStepTileBytes = kStepQueries * kRowBytes, kKeyTileBytes = kBlockKeys * kRowBytes;
+static_assert(kTileQ % kSwizzleAtom == 0 && kTileDO % kSwizzleAtom == 0 && kTileDS % kSwizzleAtom == 0 &&
+                  kStepTileBytes % kSwizzleAtom == 0 && kKeyTileBytes % kSwizzleAtom == 0 &&
+                  kBlockKeys == 2 * kGroupKeys,
+              "swizzled tiles start on 1024-byte boundaries");
+
+/* v2 layout: K, V, then a kStages ring of Q / dO / lse / delta (the producer warp's), dSᵀ double-buffered, and the
+ * mbarriers; 1024-byte aligned base as v1. */
+namespace v2 {
 constexpr int kStages = 3;                       /* Q/dO/lse/delta ring (the producer publishes step i-1 late) */
 constexpr int kConsumerThreads = 2 * 128;        /* warpgroups 0 and 1 */
 constexpr int kThreads = kConsumerThreads + 128; /* + the producer warpgroup (warp 8 copies, 9..11 leave) */
 constexpr int kProducerWarp = kConsumerThreads / mb::kWarpSize;
-/* setmaxnreg split (FA3's for two consumer warpgroups): 384 threads start at 168 registers; the producer group drops
- * to 24 and frees exactly what the consumers' rise to 240 takes. */
+/* setmaxnreg split as the forward (FA3's for two consumer warpgroups): 384 threads start at 168 registers; the
+ * producer group drops to 24 and frees exactly what the consumers' rise to 240 takes. */
 constexpr int kLaunchRegisters = 65536 / kThreads / 8 * 8; /* 168: what __launch_bounds__(384, 1) gives */
 constexpr int kProducerRegisters = 24, kConsumerRegisters = 240;
 static_assert((kLaunchRegisters - kProducerRegisters) * 128 ==
                   (kConsumerRegisters - kLaunchRegisters) * kConsumerThreads,
               "the consumers' setmaxnreg.inc must be covered by the producer's dec");
 
-/* Shared memory, byte offsets from a 1024-byte aligned base: K, V, then a kStages ring of Q / dO / lse / delta (the
- * producer warp's), dSᵀ double-buffered, and the mbarriers. */
-constexpr uint32_t kTileK = 0;                                      /* K [128 keys][64 d] */
-constexpr uint32_t kTileV = kTileK + kKeyTileBytes;                 /* V [128 keys][64 d] */
+constexpr uint32_t kTileK = 0;
+constexpr uint32_t kTileV = kTileK + kKeyTileBytes;
 constexpr uint32_t kTileQ = kTileV + kKeyTileBytes;                 /* Q [stage][64 queries][64 d] */
 constexpr uint32_t kTileDO = kTileQ + kStages * kStepTileBytes;     /* dO [stage][64 queries][64 d] */
 constexpr uint32_t kTileDS = kTileDO + kStages * kStepTileBytes;    /* dSᵀ [2][128 keys][64 queries] */
@@ -83,12 +106,11 @@ constexpr uint32_t kLse = kTileDS + 2 * kKeyTileBytes;              /* lse [stag
 constexpr uint32_t kDelta = kLse + kStages * kStepQueries * 4;      /* delta [stage][64] fp32 */
 constexpr uint32_t kBarriers = kDelta + kStages * kStepQueries * 4; /* full[3] empty[3] ds_full[2] ds_empty[2] */
 constexpr uint32_t kSharedUsed = kBarriers + 8 * (2 * kStages + 4);
-constexpr size_t kSharedBytes = kSharedUsed + kSwizzleAtomBytes; /* slack to align the base to 1024 bytes */
-static_assert(kTileQ % kSwizzleAtomBytes == 0 && kTileDO % kSwizzleAtomBytes == 0 &&
-                  kTileDS % kSwizzleAtomBytes == 0 && kStepTileBytes % kSwizzleAtomBytes == 0 &&
-                  kKeyTileBytes % kSwizzleAtomBytes == 0 && kBarriers % 8 == 0 && kBlockKeys == 2 * kGroupKeys &&
-                  kProducerWarp * mb::kWarpSize == kConsumerThreads,
+constexpr size_t kSharedBytes = kSharedUsed + kSwizzleAtom;
+static_assert(kTileQ % kSwizzleAtom == 0 && kTileDO % kSwizzleAtom == 0 && kTileDS % kSwizzleAtom == 0 &&
+                  kBarriers % 8 == 0 && kProducerWarp * mb::kWarpSize == kConsumerThreads,
               "swizzled tiles on 1024-byte boundaries, mbarriers on 8, the producer warp after the consumers");
+}  // namespace v2
 
 /* Everything the kernel reads besides the plan. */
 struct backward_args {
@@ -101,7 +123,124 @@ struct backward_args {
     float scale, scale_log2;
 };
 
-#if MB_WGMMA_SM90
+/* The device helpers exist in the host and sm_90a passes only: the sm_80 pass compiles empty kernel bodies. */
+#if MB_WGMMA_ENABLED || !defined(__CUDA_ARCH__)
+
+/* Byte offset of 16-byte chunk `chunk` (8 bf16, 0..7) of row `row` in a swizzled tile of 128-byte rows. */
+__device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
+    return (uint32_t)(row * kRowBytes + ((chunk ^ (row & 7)) << 4));
+}
+
+/* ---- sm_90a primitives (empty in the sm_80 pass) ---- */
+
+/* wgmma shared-memory matrix descriptor (PTX ISA "Matrix Descriptor Format"): start address >> 4 in bits 0-13,
+ * leading-dimension byte offset >> 4 in 16-29, stride-dimension byte offset >> 4 in 32-45, base offset 0 (every tile
+ * starts on a 1024-byte boundary; in-row start offsets such as +32 bytes per k-step keep bits 7-9 of the start),
+ * swizzle mode in 62-63 (1 = 128-byte). For our 128-byte swizzled tiles, K-major and MN-major alike: SBO = 1024 bytes
+ * (the next group of 8 rows); LBO is unused (K-major swizzled: "assumed 1"; MN-major: the next 64-element MN block,
+ * absent here since M and N never exceed 64) and set to 1. */
+__device__ __forceinline__ uint64_t smem_desc(uint32_t address) {
+    constexpr uint64_t kLeading = 1, kStride = kSwizzleAtom >> 4, kSwizzle128 = 1;
+    return (uint64_t)((address & 0x3FFFF) >> 4) | (kLeading << 16) | (kStride << 32) | (kSwizzle128 << 62);
+}
+
+__device__ __forceinline__ uint32_t shared_address(const void *pointer) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
+}
+
+/* Orders this thread's earlier register accesses before the warpgroup's next wgmma (all 128 threads execute it). */
+__device__ __forceinline__ void wgmma_fence() {
+#if MB_WGMMA_ENABLED
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wgmma_commit() {
+#if MB_WGMMA_ENABLED
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+/* Waits until at most kPending of this warpgroup's committed wgmma groups are in flight (groups finish in order). */
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+#if MB_WGMMA_ENABLED
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+/* Shared memory written by ordinary stores or cp.async and read next by wgmma (the async proxy): each writing thread
+ * fences before the barrier that publishes the data. */
+__device__ __forceinline__ void fence_proxy_async() {
+#if MB_WGMMA_ENABLED
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+/* Compiler-only fences on registers that an in-flight wgmma reads or writes: the compiler must neither read an
+ * accumulator before the wgmma.wait_group that completes it nor reuse an A-fragment register before that wait. */
+template <int N>
+__device__ __forceinline__ void fence_registers(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+__device__ __forceinline__ void fence_registers(uint32_t (&r)[4][4]) {
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int k = 0; k < 4; k++) asm volatile("" : "+r"(r[i][k])::"memory");
+}
+
+/* wgmma.mma_async m64nNk16, bf16 x bf16 -> fp32 (PTX ISA "Asynchronous Warpgroup Level Matrix Multiply-Accumulate").
+ * accumulate = 0 overwrites d (scale-d false). kTransA / kTransB = 1: A M-major / B N-major. */
+template <int kTransA, int kTransB>
+__device__ __forceinline__ void wgmma_m64n64_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+#if MB_WGMMA_ENABLED
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, %35, "
+        "%36;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+          "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA), "n"(kTransB));
+#endif
+}
+
+template <int kTransA, int kTransB>
+__device__ __forceinline__ void wgmma_m64n32_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+#if MB_WGMMA_ENABLED
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, %19, %20;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA), "n"(kTransB));
+#endif
+}
+
+template <int kTransB>
+__device__ __forceinline__ void wgmma_m64n64_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
+                                                int accumulate) {
+#if MB_WGMMA_ENABLED
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, "
+        "p, 1, 1, %38;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+          "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(kTransB));
+#endif
+}
 
 /* ---- tile products (one warpgroup; the accumulator layout, PTX ISA figure "WGMMA .m64nNk16 register fragment layout
  * for accumulator matrix D": warp w of the group owns rows 16w..16w+15; element 4j + e of a thread is row
@@ -112,7 +251,7 @@ struct backward_args {
 __device__ __forceinline__ void issue_scores(float (&acc)[32], uint32_t x, uint32_t y) {
 #pragma unroll
     for (int ks = 0; ks < kHeadDim / 16; ks++)
-        wgmma_ss<0, 0>(acc, sw128_descriptor(x + 32 * ks), sw128_descriptor(y + 32 * ks), ks);
+        wgmma_m64n64_ss<0, 0>(acc, smem_desc(x + 32 * ks), smem_desc(y + 32 * ks), ks);
 }
 
 /* acc[64 × 64] += A·Y: A [64 × 64] in registers (a[k-step], pack_a_fragments), Y = [64 k rows][64 n] at y read
@@ -120,7 +259,7 @@ __device__ __forceinline__ void issue_scores(float (&acc)[32], uint32_t x, uint3
 __device__ __forceinline__ void issue_accumulate(float (&acc)[32], const uint32_t (&a)[4][4], uint32_t y) {
 #pragma unroll
     for (int kk = 0; kk < kStepQueries / 16; kk++)
-        wgmma_rs<1>(acc, a[kk], sw128_descriptor(y + 16 * kRowBytes * kk), 1);
+        wgmma_m64n64_rs<1>(acc, a[kk], smem_desc(y + 16 * kRowBytes * kk), 1);
 }
 
 /* acc[64 × 32] = Xᵀ·Y[:, columns] over 128 rows: X = [128 k rows][64 m] at x read M-major, Y = [128 k rows][64 n]
@@ -129,8 +268,7 @@ __device__ __forceinline__ void issue_accumulate(float (&acc)[32], const uint32_
 __device__ __forceinline__ void issue_dq(float (&acc)[16], uint32_t x, uint32_t y_columns) {
 #pragma unroll
     for (int kk = 0; kk < kBlockKeys / 16; kk++)
-        wgmma_ss<1, 1>(acc, sw128_descriptor(x + 16 * kRowBytes * kk),
-                       sw128_descriptor(y_columns + 16 * kRowBytes * kk), kk);
+        wgmma_m64n32_ss<1, 1>(acc, smem_desc(x + 16 * kRowBytes * kk), smem_desc(y_columns + 16 * kRowBytes * kk), kk);
 }
 
 /* bf16 A fragments of a 64 × 64 accumulator for the next product (register-A wgmma, PTX ISA figure "WGMMA .m64nNk16
@@ -159,11 +297,11 @@ __device__ __forceinline__ fragment_position my_fragment() {
  * become zeros (their source address is the slice start, never read). */
 template <int kRows>
 __device__ __forceinline__ void load_tile_async(char *tile, const mb::bf16 *src, size_t row_stride, int r0, int r_end) {
-    for (int c = threadIdx.x; c < kRows * 8; c += kConsumerThreads) {
+    for (int c = threadIdx.x; c < kRows * 8; c += kBwdThreads) {
         int r = c / 8, chunk = c % 8;
         bool valid = r0 + r < r_end;
         const mb::bf16 *from = valid ? src + (size_t)(r0 + r) * row_stride + chunk * 8 : src;
-        cp_async_16(tile + swizzled_offset(r, chunk), from, valid);
+        cp_async_16(tile + swizzled(r, chunk), from, valid);
     }
 }
 
@@ -209,8 +347,21 @@ __device__ __forceinline__ void store_score_gradients(char *ds_tile, const uint3
 #pragma unroll
         for (int r = 0; r < 4; r++) {
             int row = key_row0 + 8 * (r & 1), chunk = 2 * kk + (r >> 1);
-            *reinterpret_cast<uint32_t *>(ds_tile + swizzled_offset(row, chunk) + 2 * f.col) = a[kk][r];
+            *reinterpret_cast<uint32_t *>(ds_tile + swizzled(row, chunk) + 2 * f.col) = a[kk][r];
         }
+}
+
+/* Adds four consecutive floats (16-byte aligned) without reading them back: one vector reduction (sm_90). */
+__device__ __forceinline__ void reduce_add4(float *address, float x, float y, float z, float w) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(address), "f"(x), "f"(y), "f"(z), "f"(w)
+                 : "memory");
+#else
+    atomicAdd(address, x);
+    atomicAdd(address + 1, y);
+    atomicAdd(address + 2, z);
+    atomicAdd(address + 3, w);
+#endif
 }
 
 /* dq_accum[query0 + f.row (+8), columns] += acc (64 × 32 accumulator; `columns` points at the group's first column of
@@ -251,10 +402,22 @@ __device__ __forceinline__ void store_key_rows(mb::bf16 *slice, size_t row_strid
 
 __device__ __forceinline__ char *aligned_shared(uint4 *raw) {
     uint32_t address = shared_address(raw);
-    return reinterpret_cast<char *>(raw) + ((kSwizzleAtomBytes - address % kSwizzleAtomBytes) % kSwizzleAtomBytes);
+    return reinterpret_cast<char *>(raw) + ((kSwizzleAtom - address % kSwizzleAtom) % kSwizzleAtom);
 }
 
 /* ---- the kernel ---- */
+
+/* Queues Q, dO, lse and delta of queries [q0, q0 + 64) (zeros past q_hi) into `stage`. */
+__device__ __forceinline__ void load_step(char *smem, int stage, const backward_args &a, int head, int q0, int q_hi) {
+    const int hidden = a.heads * kHeadDim;
+    load_tile_async<kStepQueries>(smem + kTileQ + stage * kStepTileBytes, a.qkv + head * kHeadDim, 3 * (size_t)hidden,
+                                  q0, q_hi);
+    load_tile_async<kStepQueries>(smem + kTileDO + stage * kStepTileBytes, a.dout + head * kHeadDim, hidden, q0, q_hi);
+    load_floats_async<kBwdThreads>(reinterpret_cast<float *>(smem + kLse) + stage * kStepQueries, a.lse + head, a.heads,
+                                   q0, q_hi, kStepQueries);
+    load_floats_async<kBwdThreads>(reinterpret_cast<float *>(smem + kDelta) + stage * kStepQueries, a.delta + head,
+                                   a.heads, q0, q_hi, kStepQueries);
+}
 
 /* What a block knows about its tile, fixed over the query loop. */
 struct block_context {
@@ -267,12 +430,109 @@ struct block_context {
     int group;
 };
 
+/* Step i up to its dQ product: load wait and barrier, Sᵀ and dPᵀ, (with kReducePrevious: the previous step's dQ,
+ * issued just before this call, is waited for once Sᵀ and dPᵀ are queued behind it and added to dq_accum), Pᵀ,
+ * dV += Pᵀ·dO, dSᵀ, dK += dSᵀ·Q, dSᵀ to shared memory, barrier. Every wgmma group it waits for was committed in the
+ * same loop iteration: ptxas serializes all wgmmas (C7514) when accumulators of a group from an earlier iteration are
+ * read after a partial wait. */
+template <bool kReducePrevious>
+__device__ __forceinline__ void step_front(int i, char *smem, const backward_args &a, const block_context &c,
+                                           float (&s)[32], float (&dp)[32], float (&dk)[32], float (&dv)[32],
+                                           float (&dq)[16]) {
+    const int q0 = c.query_lo + i * kStepQueries, stage = i & 1;
+    /* The stage refilled here was last read by step i-1's wgmmas, all complete before its second barrier. */
+    if (i + 1 < c.steps) load_step(smem, stage ^ 1, a, c.head, q0 + kStepQueries, c.query_hi);
+    cp_async_commit(); /* possibly empty: keeps "all but the newest group" meaning step i */
+    cp_async_wait<1>();
+    fence_proxy_async();
+    __syncthreads();
+    const uint32_t q_tile = c.base + kTileQ + stage * kStepTileBytes;
+    const uint32_t do_tile = c.base + kTileDO + stage * kStepTileBytes;
+    const float *lse_tile = reinterpret_cast<const float *>(smem + kLse) + stage * kStepQueries;
+    const float *delta_tile = reinterpret_cast<const float *>(smem + kDelta) + stage * kStepQueries;
+
+    wgmma_fence();
+    issue_scores(s, c.k_rows, q_tile); /* Sᵀ */
+    wgmma_commit();
+    issue_scores(dp, c.v_rows, do_tile); /* dPᵀ */
+    wgmma_commit();
+    if (kReducePrevious) { /* groups in flight: dQ(i-1), Sᵀ, dPᵀ */
+        wgmma_wait<2>();
+        fence_registers(dq);
+        reduce_dq(c.dq_columns, c.hidden, dq, q0 - kStepQueries, c.query_hi, c.f);
+    }
+    wgmma_wait<1>();
+    fence_registers(s);
+    const bool mask = c.tail_keys || q0 + kStepQueries > c.query_hi; /* block-uniform */
+    probabilities(s, lse_tile, c.f, a.scale_log2, mask, c.key_a, c.t.end, q0, c.query_hi);
+    uint32_t p_frag[4][4];
+    pack_a_fragments(p_frag, s);
+    wgmma_fence();
+    issue_accumulate(dv, p_frag, do_tile); /* dV += Pᵀ·dO */
+    wgmma_commit();
+    wgmma_wait<1>(); /* dPᵀ */
+    fence_registers(dp);
+    score_gradients(dp, s, delta_tile, c.f);
+    uint32_t ds_frag[4][4];
+    pack_a_fragments(ds_frag, dp);
+    wgmma_fence();
+    issue_accumulate(dk, ds_frag, q_tile); /* dK += dSᵀ·Q (unscaled) */
+    wgmma_commit();
+    store_score_gradients(smem + kTileDS + stage * kKeyTileBytes, ds_frag, c.group * kGroupKeys + c.f.row, c.f);
+    fence_proxy_async();
+    wgmma_wait<0>(); /* this step's reads of Q, dO, P and dS are done before the barrier */
+    fence_registers(dv);
+    fence_registers(dk);
+    fence_registers(p_frag);
+    fence_registers(ds_frag);
+    __syncthreads(); /* both groups' dSᵀ rows are in the stage's dS tile */
+}
+
+/* dQ[:, 32g..] = dS·K for step i (one commit group, not waited for). */
+__device__ __forceinline__ void issue_step_dq(int i, const block_context &c, float (&dq)[16]) {
+    wgmma_fence();
+    issue_dq(dq, c.base + kTileDS + (i & 1) * kKeyTileBytes, c.k_columns);
+    wgmma_commit();
+}
+
+
+/* ---- v2: a producer warp feeds Q, dO, lse, delta through an mbarrier ring; no block barrier in the loop ---- */
+
+namespace v2 {
+
 /* mbarrier addresses (shared::cta). Arrival counts: full = the producer's 32 lanes (each publishes its own
  * cp.async); empty and ds_empty = the 8 consumer warps (write-after-read only: one lane per warp after the warp's
  * wgmma reads completed); ds_full = the 256 consumer threads (each publishes its own dSᵀ stores). */
 struct ring {
     uint32_t full, empty, ds_full, ds_empty;
 };
+
+__device__ __forceinline__ void mbarrier_init(uint32_t bar, int count) {
+#if MB_WGMMA_ENABLED
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
+#if MB_WGMMA_ENABLED
+    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
+#endif
+}
+
+/* One test of the phase of the given parity (try_wait may suspend the thread for a short system-dependent time). */
+__device__ __forceinline__ bool mbarrier_try_wait(uint32_t bar, uint32_t parity) {
+    uint32_t done = 1;
+#if MB_WGMMA_ENABLED
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+#endif
+    return done != 0;
+}
 
 /* A wait that lasts this long (~0.5 s at 2 GHz; a legitimate one lasts microseconds) is a deadlock (a parity or
  * arrival-count bug): the wait gives up and the kernel finishes with wrong results, which the self-test reports,
@@ -281,11 +541,31 @@ constexpr long long kHangCycles = 1000000000LL;
 
 /* Blocks until the phase of the given parity has completed (safe while arrivals run at most one phase ahead of
  * the waiter, which every barrier here guarantees: see consume_step). */
-__device__ __forceinline__ void mbarrier_wait_bounded(uint32_t bar, uint32_t parity) {
+__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
     if (mbarrier_try_wait(bar, parity)) return;
     const long long start = clock64();
     while (!mbarrier_try_wait(bar, parity))
         if (clock64() - start > kHangCycles) break;
+}
+
+/* One arrival per warp, after every lane got here (the lanes' wgmma reads are complete: write-after-read). */
+__device__ __forceinline__ void warp_arrive(uint32_t bar) {
+    __syncwarp();
+    if (threadIdx.x % mb::kWarpSize == 0) mbarrier_arrive(bar);
+}
+
+template <int kRegisters>
+__device__ __forceinline__ void registers_decrease() {
+#if MB_WGMMA_ENABLED
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+#endif
+}
+
+template <int kRegisters>
+__device__ __forceinline__ void registers_increase() {
+#if MB_WGMMA_ENABLED
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+#endif
 }
 
 /* Named barrier 1 over the two consumer warpgroups (barrier 0 is __syncthreads; the producer never joins). */
@@ -293,6 +573,19 @@ __device__ __forceinline__ void consumers_sync() {
     asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
 }
 
+/* One warp queues rows [r0, r0 + 64) of a [*, 64] bf16 slice into a swizzled tile: lane l copies chunk l % 8 of
+ * rows l / 8 + 4·it (4 whole 128-byte rows per instruction); rows >= r_end become zeros (source never read). */
+__device__ __forceinline__ void warp_load_rows(char *tile, const mb::bf16 *src, size_t row_stride, int r0,
+                                               int r_end) {
+    const int lane = threadIdx.x % mb::kWarpSize, chunk = lane % 8;
+#pragma unroll 2 /* the producer runs in 24 registers */
+    for (int it = 0; it < kStepQueries / 4; it++) {
+        const int row = lane / 8 + 4 * it;
+        const bool valid = r0 + row < r_end;
+        cp_async_16(tile + swizzled(row, chunk), valid ? src + (size_t)(r0 + row) * row_stride + chunk * 8 : src,
+                    valid);
+    }
+}
 
 /* One warp queues the 64 floats of rows [r0, r0 + 64) (element stride `stride`), zeros past r_end. */
 __device__ __forceinline__ void warp_load_floats(float *dst, const float *src, int stride, int r0, int r_end) {
@@ -311,12 +604,11 @@ __device__ void produce(char *smem, const ring &b, const backward_args &a, int h
                         int steps) {
     const int hidden = a.heads * kHeadDim;
     const mb::bf16 *q = a.qkv + head * kHeadDim, *g = a.dout + head * kHeadDim;
-    const uint32_t base = shared_address(smem);
     for (int i = 0; i < steps; i++) {
         const int stage = i % kStages, q0 = query_lo + i * kStepQueries;
-        if (i >= kStages) mbarrier_wait_bounded(b.empty + 8 * stage, ((i / kStages) - 1) & 1);
-        warp_load_rows<kStepQueries>(base + kTileQ + stage * kStepTileBytes, q, 3 * (size_t)hidden, q0, query_hi);
-        warp_load_rows<kStepQueries>(base + kTileDO + stage * kStepTileBytes, g, hidden, q0, query_hi);
+        if (i >= kStages) mbarrier_wait(b.empty + 8 * stage, ((i / kStages) - 1) & 1);
+        warp_load_rows(smem + kTileQ + stage * kStepTileBytes, q, 3 * (size_t)hidden, q0, query_hi);
+        warp_load_rows(smem + kTileDO + stage * kStepTileBytes, g, hidden, q0, query_hi);
         warp_load_floats(reinterpret_cast<float *>(smem + kLse) + stage * kStepQueries, a.lse + head, a.heads, q0,
                          query_hi);
         warp_load_floats(reinterpret_cast<float *>(smem + kDelta) + stage * kStepQueries, a.delta + head, a.heads,
@@ -335,8 +627,7 @@ __device__ void produce(char *smem, const ring &b, const backward_args &a, int h
 
 /* One consumer step i (warpgroup g = keys 64g..64g+63 of the tile). Commit groups, in order: Sᵀ(i), dPᵀ(i),
  * [dQ(i−1)], dV(i), dK(i) — dQ(i−1) sits behind Sᵀ and dPᵀ so the tensor cores have it to do while Pᵀ(i) is
- * computed, and every group is waited for inside this call (ptxas serializes all wgmmas, C7514,
- * when accumulators of a group from an earlier iteration are read after a partial wait). Cross-warpgroup traffic:
+ * computed, and every group is waited for inside this call (C7514, see step_front). Cross-warpgroup traffic:
  *   dQ(i−1) reads both groups' dSᵀ(i−1): wait ds_full[(i−1)&1] (phase (i−1)>>1);
  *   dSᵀ(i) overwrites the stage that dQ(i−2) of both groups read: wait ds_empty[i&1] (phase (i−2)>>1);
  *   Q/dO stage i % kStages goes back to the producer once dV(i) and dK(i) are done (empty).
@@ -348,7 +639,7 @@ __device__ __forceinline__ void consume_step(int i, char *smem, const backward_a
                                              float (&dv)[32], float (&dq)[16]) {
     constexpr int kBehind = kHasPrevious ? 2 : 1; /* groups queued behind Sᵀ (dPᵀ, dQ) and behind dPᵀ (dQ, dV) */
     const int q0 = c.query_lo + i * kStepQueries, stage = i % kStages, ds_stage = i & 1;
-    mbarrier_wait_bounded(b.full + 8 * stage, (i / kStages) & 1);
+    mbarrier_wait(b.full + 8 * stage, (i / kStages) & 1);
     const uint32_t q_tile = c.base + kTileQ + stage * kStepTileBytes;
     const uint32_t do_tile = c.base + kTileDO + stage * kStepTileBytes;
     const float *lse_tile = reinterpret_cast<const float *>(smem + kLse) + stage * kStepQueries;
@@ -360,7 +651,7 @@ __device__ __forceinline__ void consume_step(int i, char *smem, const backward_a
     issue_scores(dp, c.v_rows, do_tile); /* dPᵀ */
     wgmma_commit();
     if (kHasPrevious) {
-        mbarrier_wait_bounded(b.ds_full + 8 * (ds_stage ^ 1), ((i - 1) >> 1) & 1);
+        mbarrier_wait(b.ds_full + 8 * (ds_stage ^ 1), ((i - 1) >> 1) & 1);
         wgmma_fence();
         issue_dq(dq, c.base + kTileDS + (ds_stage ^ 1) * kKeyTileBytes, c.k_columns); /* dQ(i−1) */
         wgmma_commit();
@@ -382,7 +673,7 @@ __device__ __forceinline__ void consume_step(int i, char *smem, const backward_a
     wgmma_fence();
     issue_accumulate(dk, ds_frag, q_tile); /* dK += dSᵀ·Q (unscaled) */
     wgmma_commit();
-    if (i >= 2) mbarrier_wait_bounded(b.ds_empty + 8 * ds_stage, ((i - 2) >> 1) & 1);
+    if (i >= 2) mbarrier_wait(b.ds_empty + 8 * ds_stage, ((i - 2) >> 1) & 1);
     store_score_gradients(smem + kTileDS + ds_stage * kKeyTileBytes, ds_frag, c.group * kGroupKeys + c.f.row, c.f);
     fence_proxy_async();
     mbarrier_arrive(b.ds_full + 8 * ds_stage);
@@ -410,7 +701,7 @@ __device__ __forceinline__ void consume(char *smem, const backward_args &a, cons
     consume_step<false>(0, smem, a, c, b, s, dp, dk, dv, dq);
     for (int i = 1; i < c.steps; i++) consume_step<true>(i, smem, a, c, b, s, dp, dk, dv, dq);
     const int last = c.steps - 1;
-    mbarrier_wait_bounded(b.ds_full + 8 * (last & 1), (last >> 1) & 1);
+    mbarrier_wait(b.ds_full + 8 * (last & 1), (last >> 1) & 1);
     wgmma_fence();
     issue_dq(dq, c.base + kTileDS + (last & 1) * kKeyTileBytes, c.k_columns);
     wgmma_commit();
@@ -422,12 +713,63 @@ __device__ __forceinline__ void consume(char *smem, const backward_args &a, cons
     store_key_rows(a.dqkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, dv, c.key_a, c.t.end, c.f.col, 1.0f);
 }
 
-#endif /* MB_WGMMA_SM90 */
+}  // namespace v2
 
-/* Warpgroups 0 and 1 consume (consume), warpgroup 2's first warp produces Q/dO/lse/delta into the mbarrier ring
- * (produce); the consumers load K and V themselves first. */
-__global__ void __launch_bounds__(kThreads, 1) wgmma_backward_kernel(backward_args a, mb::attention_plan plan) {
-#if MB_WGMMA_SM90
+#endif /* device helpers */
+
+__global__ void __launch_bounds__(kBwdThreads, 1) wgmma_backward_kernel(backward_args a, mb::attention_plan plan) {
+#if MB_WGMMA_ENABLED
+    extern __shared__ uint4 shared_raw[];
+    char *smem = aligned_shared(shared_raw);
+    block_context c;
+    if (!find_tile(&c.t, &c.head, plan.seq_first, plan.tile_seq, a.cu_seqlens, a.num_seqs, a.heads, kBlockKeys)) return;
+    c.hidden = a.heads * kHeadDim;
+    const size_t qkv_stride = 3 * (size_t)c.hidden;
+    partner_range(c.t, -1, &c.query_lo, &c.query_hi); /* global layer: the whole sequence */
+    c.steps = mb::ceil_div(c.query_hi - c.query_lo, kStepQueries);
+
+    load_tile_async<kBlockKeys>(smem + kTileK, a.qkv + c.hidden + c.head * kHeadDim, qkv_stride, c.t.start, c.t.end);
+    load_tile_async<kBlockKeys>(smem + kTileV, a.qkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, c.t.start,
+                                c.t.end);
+    load_step(smem, 0, a, c.head, c.query_lo, c.query_hi);
+    cp_async_commit();
+
+    c.group = threadIdx.x / 128;
+    c.f = my_fragment();
+    c.key_a = c.t.start + kGroupKeys * c.group + c.f.row;
+    c.tail_keys = c.t.start + kBlockKeys > c.t.end;
+    c.base = shared_address(smem);
+    c.k_rows = c.base + kTileK + c.group * kGroupKeys * kRowBytes;
+    c.v_rows = c.base + kTileV + c.group * kGroupKeys * kRowBytes;
+    c.k_columns = c.base + kTileK + c.group * 32 * 2; /* dQ: this group's 32 columns of K */
+    c.dq_columns = a.dq_accum + c.head * kHeadDim + c.group * 32;
+
+    float dk[32], dv[32], s[32], dp[32], dq[16];
+#pragma unroll
+    for (int i = 0; i < 32; i++) dk[i] = dv[i] = s[i] = dp[i] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 16; i++) dq[i] = 0.0f;
+
+    /* Rotated loop: iteration i issues dQ(i-1) and runs step i's front, which adds dQ(i-1) while Sᵀ(i), dPᵀ(i) run. */
+    step_front<false>(0, smem, a, c, s, dp, dk, dv, dq);
+    for (int i = 1; i < c.steps; i++) {
+        issue_step_dq(i - 1, c, dq);
+        step_front<true>(i, smem, a, c, s, dp, dk, dv, dq);
+    }
+    issue_step_dq(c.steps - 1, c, dq);
+    wgmma_wait<0>();
+    fence_registers(dq);
+    reduce_dq(c.dq_columns, c.hidden, dq, c.query_lo + (c.steps - 1) * kStepQueries, c.query_hi, c.f);
+    store_key_rows(a.dqkv + c.hidden + c.head * kHeadDim, qkv_stride, dk, c.key_a, c.t.end, c.f.col, a.scale);
+    store_key_rows(a.dqkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, dv, c.key_a, c.t.end, c.f.col, 1.0f);
+#endif
+}
+
+/* v2 (default): warpgroups 0 and 1 consume as v1 (same products, masks and dQ split), warpgroup 2's first warp
+ * produces Q/dO/lse/delta into the mbarrier ring (v2::produce); the consumers load K and V themselves first. */
+__global__ void __launch_bounds__(v2::kThreads, 1)
+    wgmma_backward_v2_kernel(backward_args a, mb::attention_plan plan) {
+#if MB_WGMMA_ENABLED
     extern __shared__ uint4 shared_raw[];
     char *smem = aligned_shared(shared_raw);
     block_context c;
@@ -436,44 +778,44 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_backward_kernel(backward_ar
     partner_range(c.t, -1, &c.query_lo, &c.query_hi); /* global layer: the whole sequence */
     c.steps = mb::ceil_div(c.query_hi - c.query_lo, kStepQueries);
     c.base = shared_address(smem);
-    const uint32_t barriers = c.base + kBarriers;
-    const ring b = {barriers, barriers + 8 * kStages, barriers + 16 * kStages,
-                        barriers + 16 * kStages + 16};
+    const uint32_t barriers = c.base + v2::kBarriers;
+    const v2::ring b = {barriers, barriers + 8 * v2::kStages, barriers + 16 * v2::kStages,
+                        barriers + 16 * v2::kStages + 16};
     if (threadIdx.x == 0) {
-        for (int s = 0; s < kStages; s++) {
-            mbarrier_init(b.full + 8 * s, mb::kWarpSize);
-            mbarrier_init(b.empty + 8 * s, kConsumerThreads / mb::kWarpSize);
+        for (int s = 0; s < v2::kStages; s++) {
+            v2::mbarrier_init(b.full + 8 * s, mb::kWarpSize);
+            v2::mbarrier_init(b.empty + 8 * s, v2::kConsumerThreads / mb::kWarpSize);
         }
         for (int s = 0; s < 2; s++) {
-            mbarrier_init(b.ds_full + 8 * s, kConsumerThreads);
-            mbarrier_init(b.ds_empty + 8 * s, kConsumerThreads / mb::kWarpSize);
+            v2::mbarrier_init(b.ds_full + 8 * s, v2::kConsumerThreads);
+            v2::mbarrier_init(b.ds_empty + 8 * s, v2::kConsumerThreads / mb::kWarpSize);
         }
     }
     __syncthreads();
     const int warp = threadIdx.x / mb::kWarpSize;
-    if (warp >= kProducerWarp) {
-        registers_decrease<kProducerRegisters>();
-        if (warp == kProducerWarp) produce(smem, b, a, c.head, c.query_lo, c.query_hi, c.steps);
+    if (warp >= v2::kProducerWarp) {
+        v2::registers_decrease<v2::kProducerRegisters>();
+        if (warp == v2::kProducerWarp) v2::produce(smem, b, a, c.head, c.query_lo, c.query_hi, c.steps);
     } else {
-        registers_increase<kConsumerRegisters>();
+        v2::registers_increase<v2::kConsumerRegisters>();
         const size_t qkv_stride = 3 * (size_t)c.hidden;
-        load_tile_async<kBlockKeys>(smem + kTileK, a.qkv + c.hidden + c.head * kHeadDim, qkv_stride, c.t.start,
+        load_tile_async<kBlockKeys>(smem + v2::kTileK, a.qkv + c.hidden + c.head * kHeadDim, qkv_stride, c.t.start,
                                     c.t.end);
-        load_tile_async<kBlockKeys>(smem + kTileV, a.qkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride,
+        load_tile_async<kBlockKeys>(smem + v2::kTileV, a.qkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride,
                                     c.t.start, c.t.end);
         cp_async_commit();
         c.group = threadIdx.x / 128;
         c.f = my_fragment();
         c.key_a = c.t.start + kGroupKeys * c.group + c.f.row;
         c.tail_keys = c.t.start + kBlockKeys > c.t.end;
-        c.k_rows = c.base + kTileK + c.group * kGroupKeys * kRowBytes;
-        c.v_rows = c.base + kTileV + c.group * kGroupKeys * kRowBytes;
-        c.k_columns = c.base + kTileK + c.group * 32 * 2; /* dQ: this group's 32 columns of K */
+        c.k_rows = c.base + v2::kTileK + c.group * kGroupKeys * kRowBytes;
+        c.v_rows = c.base + v2::kTileV + c.group * kGroupKeys * kRowBytes;
+        c.k_columns = c.base + v2::kTileK + c.group * 32 * 2; /* dQ: this group's 32 columns of K */
         c.dq_columns = a.dq_accum + c.head * kHeadDim + c.group * 32;
         cp_async_wait<0>();
         fence_proxy_async();
-        consumers_sync(); /* K and V of both groups' threads are in shared memory */
-        consume(smem, a, c, b);
+        v2::consumers_sync(); /* K and V of both groups' threads are in shared memory */
+        v2::consume(smem, a, c, b);
     }
 #endif
 }
@@ -483,10 +825,10 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_backward_kernel(backward_ar
 /* x, y: [128][64] bf16. out_scores [128][64] = X·Y[0..64)ᵀ per group (rows 64g..); out_accumulate [128][64] =
  * X[rows][0..64) · Y[0..64)[64] with X taken into registers in the accumulator layout; out_dq [64][64] = Yᵀ·X over
  * 128 rows, columns 32g.. by group g. */
-__global__ void __launch_bounds__(kConsumerThreads, 1)
+__global__ void __launch_bounds__(kBwdThreads, 1)
     wgmma_products_kernel(float *out_scores, float *out_accumulate, float *out_dq, const mb::bf16 *x,
                           const mb::bf16 *y) {
-#if MB_WGMMA_SM90
+#if MB_WGMMA_ENABLED
     extern __shared__ uint4 shared_raw[];
     char *smem = aligned_shared(shared_raw);
     load_tile_async<kBlockKeys>(smem + kTileK, x, kHeadDim, 0, kBlockKeys);
@@ -550,7 +892,16 @@ bool mb_attention_wgmma_backward_supports(int head_dim, int window) {
 
 namespace {
 
-int launch_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout,
+/* Which kernel runs: MB_ATTENTION_WGMMA_BWD=v1 (read per call) keeps round 1's kernel (block barriers, no producer);
+ * anything else runs v2. */
+enum class backward_version { v1, v2 };
+
+backward_version version_from_environment() {
+    const char *set = getenv("MB_ATTENTION_WGMMA_BWD");
+    return set != nullptr && strcmp(set, "v1") == 0 ? backward_version::v1 : backward_version::v2;
+}
+
+int launch_backward(backward_version version, mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout,
                     const float *lse, const float *delta, const mb::bf16 *qkv, const int32_t *cu_seqlens,
                     mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim, int window,
                     cudaStream_t stream, mb_error *err) {
@@ -569,10 +920,17 @@ int launch_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout,
     if (plan.blocks == 0) return 0;
     float scale = 1.0f / sqrtf((float)kHeadDim);
     backward_args args = {dqkv, dq_accum, dout, qkv, lse, delta, cu_seqlens, num_seqs, heads, scale, kLog2e * scale};
-    MB_CUDA_CHECK(err, cudaFuncSetAttribute(wgmma_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            (int)kSharedBytes));
-    wgmma_backward_kernel<<<plan.blocks, kThreads, kSharedBytes, stream>>>(args, plan);
-    MB_CUDA_CHECK_LAUNCH(err, "wgmma_backward_kernel");
+    if (version == backward_version::v1) {
+        MB_CUDA_CHECK(err, cudaFuncSetAttribute(wgmma_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                (int)kSharedBytes));
+        wgmma_backward_kernel<<<plan.blocks, kBwdThreads, kSharedBytes, stream>>>(args, plan);
+        MB_CUDA_CHECK_LAUNCH(err, "wgmma_backward_kernel");
+        return 0;
+    }
+    MB_CUDA_CHECK(err, cudaFuncSetAttribute(wgmma_backward_v2_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            (int)v2::kSharedBytes));
+    wgmma_backward_v2_kernel<<<plan.blocks, v2::kThreads, v2::kSharedBytes, stream>>>(args, plan);
+    MB_CUDA_CHECK_LAUNCH(err, "wgmma_backward_v2_kernel");
     return 0;
 }
 
@@ -582,7 +940,7 @@ int mb_attention_wgmma_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 
                                 const float *delta, const mb::bf16 *qkv, const int32_t *cu_seqlens,
                                 mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim, int window,
                                 cudaStream_t stream, mb_error *err) {
-    return launch_backward(dqkv, dq_accum, dout, lse, delta, qkv, cu_seqlens, plan,
+    return launch_backward(version_from_environment(), dqkv, dq_accum, dout, lse, delta, qkv, cu_seqlens, plan,
                            num_seqs, n, heads, head_dim, window, stream, err);
 }
 
@@ -694,7 +1052,7 @@ int selftest_products(report_text &r) {
     SELFTEST_CUDA(cudaMemcpy(dy, y.data(), y.size() * 2, cudaMemcpyHostToDevice));
     SELFTEST_CUDA(
         cudaFuncSetAttribute(wgmma_products_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSharedBytes));
-    wgmma_products_kernel<<<1, kConsumerThreads, kSharedBytes>>>(scores, accumulate, dq, dx, dy);
+    wgmma_products_kernel<<<1, kBwdThreads, kSharedBytes>>>(scores, accumulate, dq, dx, dy);
     SELFTEST_CUDA(cudaGetLastError());
     SELFTEST_CUDA(cudaDeviceSynchronize());
     std::vector<float> got_scores(x.size()), got_accumulate(x.size()), got_dq((size_t)64 * kCols);
@@ -773,9 +1131,9 @@ bool compare_relative(report_text &r, const char *what, const std::vector<float>
     return ok;
 }
 
-/* Runs the kernel on a packed batch (a 520-token sequence takes 9 query steps: the 3-stage ring and its
+/* Runs one kernel version on a packed batch (a 520-token sequence takes 9 query steps: v2's 3-stage ring and its
  * two dS stages wrap several times) against the double-precision reference. */
-int selftest_kernel(report_text &r) {
+int selftest_kernel(report_text &r, backward_version version) {
     const std::vector<int> lengths = {200, 65, 1, 130, 520};
     const int heads = 2, hidden = heads * kHeadDim, num_seqs = (int)lengths.size();
     std::vector<int32_t> cu_seqlens(1, 0), seq_first(1, 0), tile_seq;
@@ -827,7 +1185,7 @@ int selftest_kernel(report_text &r) {
                                (unsigned)(((n + kBlockKeys - 1) / kBlockKeys + num_seqs) * heads)};
     mb_error err;
     err.message[0] = '\0';
-    if (launch_backward(d_dqkv, d_dq, d_dout, d_lse, d_delta, d_qkv, d_cu, plan, num_seqs, n, heads,
+    if (launch_backward(version, d_dqkv, d_dq, d_dout, d_lse, d_delta, d_qkv, d_cu, plan, num_seqs, n, heads,
                         kHeadDim, -1, nullptr, &err) != 0) {
         r.add("launch: %s\n", err.message);
         return -1;
@@ -845,7 +1203,7 @@ int selftest_kernel(report_text &r) {
             got_dk[(size_t)i * hidden + c] = mb_bf16_to_float(got_bits[(size_t)i * 3 * hidden + hidden + c]);
             got_dv[(size_t)i * hidden + c] = mb_bf16_to_float(got_bits[(size_t)i * 3 * hidden + 2 * hidden + c]);
         }
-    r.add("whole kernel, lengths 200 65 1 130 520, 2 heads:\n");
+    r.add("whole kernel %s, lengths 200 65 1 130 520, 2 heads:\n", version == backward_version::v1 ? "v1" : "v2");
     bool ok = compare_relative(r, "  dQ", got_dq, want_dq, hidden, 1e-2);
     ok &= compare_relative(r, "  dK", got_dk, want_dk, hidden, 1e-2);
     ok &= compare_relative(r, "  dV", got_dv, want_dv, hidden, 1e-2);
@@ -863,8 +1221,9 @@ extern "C" int mb_cuda_attention_wgmma_backward_selftest(char *report, size_t si
     }
     int products = selftest_products(r);
     if (products < 0) return -1;
-    int kernel = selftest_kernel(r);
-    if (kernel < 0) return -1;
-    return products == 0 && kernel == 0 ? 0 : 1;
+    int kernel_v2 = selftest_kernel(r, backward_version::v2);
+    if (kernel_v2 < 0) return -1;
+    int kernel_v1 = selftest_kernel(r, backward_version::v1);
+    if (kernel_v1 < 0) return -1;
+    return products == 0 && kernel_v2 == 0 && kernel_v1 == 0 ? 0 : 1;
 }
-
