@@ -72,8 +72,8 @@ const mb_cfg_field mb_run_config_schema[] = {
     {.path = "run.recompute", .type = MB_CFG_ENUM, .offset = RUN(run.recompute), .default_value = "none",
      .enum_names = recompute_names,
      .help = "activations the backward rebuilds instead of keeping (CUDA; results bit-identical): none; norms "
-             "(LayerNorm outputs, GLU product, MLM logits: base at 8192 fits 2x transformers' micro-batch, ~3% "
-             "slower); mlp (also the Wi product: 2.6x, ~7% slower). docs/performance.md, \"Memory\""},
+             "(LayerNorm outputs, GLU product, MLM logits: base at 8192 fits 2.07x transformers' micro-batch, ~5% "
+             "slower); mlp (also the Wi product: 3.0x, ~10% slower). docs/performance.md, \"Memory\""},
     {.path = "model.preset", .type = MB_CFG_ENUM, .offset = RUN(model.preset), .default_value = "tiny",
      .enum_names = preset_names, .help = "tiny, base, large (architecture; the fields below override it)"},
     {.path = "model.init", .type = MB_CFG_STRING, .offset = RUN(model.init), .size = MB_PATH_SIZE,
