@@ -1,8 +1,11 @@
 /* The shipped run configurations parse and carry the paper's recipe; the effective config round-trips. */
 #include <criterion/criterion.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "model/backend.h"
+#include "model/config.h"
 #include "train/run_config.h"
 #include "train/schedule.h"
 
@@ -49,4 +52,41 @@ Test(run_config, overrides_apply_and_dump_round_trips) {
     c->phases[1].lr = 3e-4;
     cr_assert_eq(mb_cfg_hash(mb_run_config_schema, c, &hash_b, &err), 0);
     cr_assert_neq(hash_a, hash_b);
+}
+
+/* run.recompute: none by default, the three level names parse to mb_recompute in order, anything else is refused
+ * with the key named; the CPU backend (which keeps every activation) takes any valid level and refuses others. */
+Test(run_config, recompute_levels) {
+    mb_run_config *c = load("tiny.yaml", NULL, 0);
+    cr_assert_eq(c->run.recompute, MB_RECOMPUTE_NONE);
+    static const char *names[] = {"none", "norms", "mlp"};
+    for (int k = 0; k < 3; k++) {
+        char override[64];
+        snprintf(override, sizeof override, "run.recompute=%s", names[k]);
+        char *overrides[] = {override};
+        c = load("tiny.yaml", overrides, 1);
+        cr_assert_eq(c->run.recompute, k, "%s parsed as %d", names[k], c->run.recompute);
+        mb_recompute level;
+        cr_assert_eq(mb_recompute_from_name(names[k], &level), 0);
+        cr_assert_eq((int)level, k);
+        cr_assert_str_eq(mb_recompute_name(level), names[k]);
+    }
+    mb_recompute level;
+    cr_assert_eq(mb_recompute_from_name("all", &level), -1);
+    static mb_run_config bad;
+    char path[512];
+    snprintf(path, sizeof path, "%s/configs/tiny.yaml", MB_SOURCE_DIR);
+    char *overrides[] = {"run.recompute=everything"};
+    mb_error err = {{0}};
+    cr_assert_eq(mb_run_config_load(&bad, path, overrides, 1, &err), -1, "an unknown level must be refused");
+    cr_assert(strstr(err.message, "run.recompute") != NULL, "the error names the key: %s", err.message);
+
+    mb_config model;
+    cr_assert_eq(mb_config_preset(&model, "tiny", &err), 0, "%s", err.message);
+    mb_backend *cpu = NULL;
+    cr_assert_eq(mb_backend_create_cpu(&cpu, &model, &err), 0, "%s", err.message);
+    cr_assert_eq(mb_backend_set_recompute(cpu, MB_RECOMPUTE_MLP, &err), 0, "%s", err.message);
+    cr_assert_eq(mb_backend_set_recompute(cpu, (mb_recompute)3, &err), -1, "level 3 must be refused");
+    cr_assert(strstr(err.message, "recompute") != NULL, "%s", err.message);
+    mb_backend_destroy(cpu);
 }
