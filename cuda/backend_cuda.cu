@@ -302,7 +302,7 @@ int scatter_rows(cuda_backend *c, mb_bf16 *dhidden, const mb_bf16 *drows, int ro
 
 /* Per layer: what the backward needs. With recompute, the LayerNorm outputs and the GLU product (and at
  * MB_RECOMPUTE_MLP the Wi product) of every layer share one buffer each, overwritten layer after layer in the forward
- * and rebuilt for one layer at a time in the backward (recompute_layer_inputs). */
+ * and rebuilt for one layer at a time in the backward (recompute_attention_input, recompute_mlp_inputs). */
 void carve_layers(cuda_backend *c, carver *k, const mb_config *cfg, size_t n) {
     size_t H = (size_t)cfg->hidden_size, I = (size_t)cfg->intermediate_size, heads = (size_t)cfg->num_attention_heads;
     int shared_norms = c->recompute >= MB_RECOMPUTE_NORMS, shared_wi = c->recompute >= MB_RECOMPUTE_MLP;
@@ -628,7 +628,9 @@ int head_forward(cuda_backend *c, const mb_config *cfg, mb_error *err) {
 int finish_forward(cuda_backend *c, const mb_config *cfg, mb_forward_result *result, mb_error *err) {
     int rows = c->batch.rows, classes = c->batch.classes;
     size_t logit_count = (size_t)rows * classes;
-    int want_logits = logit_count <= host_logit_capacity(cfg, &c->cap);
+    /* with recompute the buffer holds only the last chunk's logits: returned only when that is all of them */
+    int want_logits = logit_count <= host_logit_capacity(cfg, &c->cap) &&
+                      (logits_kept(c) || rows <= head_chunk_rows(c, cfg, rows));
     c->host_scalars[0] = 0.0;
     if (rows > 0)
         MB_CUDA_CHECK(err, cudaMemcpyAsync(c->host_scalars, c->device_scalars, sizeof(double), cudaMemcpyDeviceToHost,
@@ -1042,7 +1044,8 @@ void cuda_memory_report(mb_backend *b, char *out, size_t size) {
              "tokens / %d sequences / %d head rows (recompute %s; scratch %.1f MiB), pinned %.1f MiB; device %.2f of "
              "%.2f GiB in use, peak %.2f GiB",
              (double)c->state_bytes / mib, sharding, (double)c->acts_bytes / mib, c->cap.tokens, c->cap.sequences,
-             c->cap.rows, mb_recompute_name((mb_recompute)c->recompute), (double)c->scratch_bytes / mib, (double)c->pinned_bytes / mib, (double)used / gib,
+             c->cap.rows, mb_recompute_name((mb_recompute)c->recompute), (double)c->scratch_bytes / mib,
+             (double)c->pinned_bytes / mib, (double)used / gib,
              (double)total_bytes / gib, (double)c->peak_used / gib);
 }
 

@@ -546,8 +546,10 @@ Test(gpu_model, decoder_chunks_match_cpu_and_unchunked) {
     cr_expect(error < 5e-3, "chunked vs whole decoder: gradients differ by %.3g", error);
     cr_expect(fabs(many.loss - one.loss) <= 1e-3 * fabs(one.loss), "chunked vs whole loss %.9f vs %.9f", many.loss,
               one.loss);
+    cr_expect_not_null(many.logits, "the chunked decoder keeps every chunk's logits: they are returned");
     cr_assert_eq(mb_backend_set_recompute(chunked, MB_RECOMPUTE_NORMS, &err), 0, "%s", err.message);
     forward_backward(chunked, &batch.batch, &rebuilt);
+    cr_expect_null(rebuilt.logits, "with rebuilt chunks only the last chunk's logits exist: none may be returned");
     size_t differing = 0;
     for (size_t i = 0; i < model.table.total_numel; i++) differing += rebuilt.grads[i] != many.grads[i];
     cr_expect_eq(differing, 0, "rebuilding the chunks' logits changed %zu gradients", differing);
