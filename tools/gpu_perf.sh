@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The issue-6 measurements in one command on a machine with 1–4 GPUs, from the repository root (the commands of the
+# session-3 device calls, docs/performance.md). Binaries are built elsewhere (MB_GPU_BUILD, default build-cuda) and
+# carried here with the shared libraries the GPU machine lacks in .devlib/ (../shared/tools/device-bundle).
+#   GPU 0: `modernbert bench attention` (1024- and 8192-token documents) and `bench train` for base @1024, base @8192,
+#          large @1024 (32,768 tokens per step), then base @1024 with run.recompute norms and mlp
+#   GPU 1: transformers + torch.compile on the same three workloads (tools/bench_hf.py): the ratios of one call
+#   GPU 2: transformers' largest micro-batch at 8192 in 79.1 GiB (tools/hf_max_batch.py)
+#   GPU 3: ours at each recompute level (tools/max_microbatch.sh)
+# With fewer GPUs the jobs of the missing ones run after GPU 0's on GPU 0 (the ratios are still same-call). Logs go to
+# $OUT (or /tmp); the summary is printed last. Usage: tools/gpu_perf.sh
+set -u
+root=$(pwd)
+build="$root/${MB_GPU_BUILD:-build-cuda}"
+binary="$build/modernbert"
+out="${OUT:-/tmp}"
+export MB_SOURCE_DIR="$root" LD_LIBRARY_PATH="$root/.devlib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+[[ -x $binary ]] || { echo "gpu_perf.sh: missing $binary (meson setup ${MB_GPU_BUILD:-build-cuda} && ninja -C ...)" >&2; exit 2; }
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+[[ $gpus -ge 1 ]] || { echo "gpu_perf.sh: no GPU" >&2; exit 2; }
+workloads=("base --seq 1024" "base --seq 8192" "large --seq 1024")
+
+hf_speed() {
+    for args in "${workloads[@]}"; do
+        python3 tools/bench_hf.py --model $args --tokens 32768 --steps 10 2>/dev/null | tail -1
+    done > "$out/perf_hf.txt"
+}
+hf_memory() { python3 tools/hf_max_batch.py --model base --seq 8192 --limit-gib 79.1 > "$out/perf_hf_max.txt" 2>&1; }
+our_memory() {
+    for level in none norms mlp; do
+        MODERNBERT=$binary tools/max_microbatch.sh --model base --seq 8192 --limit-gib 79.1 --recompute $level \
+            2>>"$out/perf_max.log" | tail -1
+    done > "$out/perf_max.txt"
+}
+ours() {
+    for seq in 1024 8192; do "$binary" bench attention --seq $seq 2>&1 | grep "^attention [fb]"; done
+    for args in "${workloads[@]}"; do
+        "$binary" bench train --backend cuda --model $args --tokens 32768 --steps 10 2>&1 | grep "step time" |
+            sed "s/^/$args /"
+    done
+    for level in norms mlp; do
+        "$binary" bench train --backend cuda --model base --seq 1024 --tokens 32768 --steps 10 --recompute $level \
+            2>&1 | grep "step time" | sed "s/^/base --seq 1024, recompute $level /"
+    done
+} > "$out/perf_ours.txt"
+
+pids=()
+job_on() { # job_on GPU FUNCTION: in the background on that GPU when it exists
+    local gpu=$1 job=$2
+    if [[ $gpu -lt $gpus ]]; then (CUDA_VISIBLE_DEVICES=$gpu $job) & pids+=($!); else later+=("$job"); fi
+}
+later=()
+job_on 1 hf_speed
+job_on 2 hf_memory
+job_on 3 our_memory
+CUDA_VISIBLE_DEVICES=0 ours
+for job in "${later[@]}"; do CUDA_VISIBLE_DEVICES=0 $job; done
+wait "${pids[@]}"
+echo "== $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $gpus GPU(s)"
+cut -c1-160 "$out/perf_ours.txt"
+cat "$out/perf_hf.txt" "$out/perf_max.txt"
+tail -1 "$out/perf_hf_max.txt"
