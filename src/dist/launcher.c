@@ -3,6 +3,8 @@
  * when a worker ends or a signal arrives, and otherwise only for the SIGKILL deadline. */
 #include "dist/launcher.h"
 
+#include "common/clock.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -146,12 +148,6 @@ typedef struct worker {
     int alive;
 } worker;
 
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 /* Forks one worker. The child reports an execve failure through a close-on-exec pipe: EOF means exec succeeded. */
 static int spawn_worker(worker *w, const char *path, char *const argv[], char **envp, mb_error *err) {
     int report[2];
@@ -211,7 +207,7 @@ typedef struct supervisor {
  * launcher (SIGINT/SIGTERM: stop, e.g. a Slurm preemption) has no deadline: the workers agree on a step, write a
  * checkpoint (which may take minutes for a large model) and exit; a second signal kills them at once. */
 static void begin_stopping(supervisor *s, int signal_number, int with_deadline) {
-    if (with_deadline && s->kill_deadline < 0) s->kill_deadline = now_seconds() + s->grace_seconds;
+    if (with_deadline && s->kill_deadline < 0) s->kill_deadline = mb_monotonic_seconds() + s->grace_seconds;
     if (s->stopping) return;
     s->stopping = 1;
     signal_live(s->workers, s->count, signal_number);
@@ -260,7 +256,7 @@ static void supervise(supervisor *s, int wake_read_fd) {
         if (s->live == 0) break;
         int timeout_ms = 1000;
         if (s->stopping && !s->killed && s->kill_deadline >= 0) {
-            double left = s->kill_deadline - now_seconds();
+            double left = s->kill_deadline - mb_monotonic_seconds();
             if (left <= 0) {
                 for (int i = 0; i < s->count; i++)
                     if (s->workers[i].alive)

@@ -3,6 +3,8 @@
  * so no step of the exchange can hang past timeout_seconds. */
 #include "dist/rendezvous.h"
 
+#include "common/clock.h"
+
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -69,22 +71,10 @@ struct mb_rendezvous {
 
 /* ---- time ---- */
 
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 static int remaining_ms(double deadline) {
-    double left = (deadline - now_seconds()) * 1000.0;
+    double left = (deadline - mb_monotonic_seconds()) * 1000.0;
     if (left <= 0) return 0;
     return left > INT_MAX ? INT_MAX : (int)left + 1;
-}
-
-static void sleep_seconds(double seconds) {
-    struct timespec ts = {(time_t)seconds, (long)((seconds - (double)(time_t)seconds) * 1e9)};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
-    }
 }
 
 /* ---- bytes ---- */
@@ -226,7 +216,7 @@ static void set_failed(mb_rendezvous *rv, const char *line) {
 
 /* Sends a frame on every open connection except `skip` (an index into conns, -1 for none). */
 static void broadcast(mb_rendezvous *rv, uint32_t type, const char *text, int skip) {
-    double deadline = now_seconds() + RV_SEND_WAIT_SECONDS;
+    double deadline = mb_monotonic_seconds() + RV_SEND_WAIT_SECONDS;
     pthread_mutex_lock(&rv->send_lock);
     for (int i = 0; i < rv->conn_count; i++)
         if (i != skip && rv->conns[i].fd >= 0) send_frame(rv->conns[i].fd, type, text, text ? strlen(text) : 0, deadline);
@@ -417,7 +407,7 @@ static int listen_on_port(int port, mb_error *err) {
 /* Tells everyone connected so far why the rendezvous failed (err's text), so each rank prints the real cause. */
 static void hub_reject_all(mb_rendezvous *rv, hub_pending *pending, const mb_error *err) {
     const char *text = err != NULL ? err->message : "rendezvous failed at rank 0";
-    double deadline = now_seconds() + RV_SEND_WAIT_SECONDS;
+    double deadline = mb_monotonic_seconds() + RV_SEND_WAIT_SECONDS;
     for (int i = 0; i < rv->conn_count; i++)
         if (rv->conns[i].fd >= 0) send_frame(rv->conns[i].fd, MSG_REJECT, text, strlen(text), deadline);
     for (int i = 0; i < pending->count; i++)
@@ -637,12 +627,12 @@ static int peer_connect(const mb_dist_env *env, double deadline, double timeout_
             return mb_fail(err, "rank %d: cannot resolve MASTER_ADDR \"%s\": %s", env->rank, env->master_addr,
                            gai_strerror(gai));
         }
-        double left = (deadline - now_seconds());
+        double left = (deadline - mb_monotonic_seconds());
         if (left <= 0)
             return mb_fail(err, "rank %d: could not reach rank 0 at %s:%d within %g s (last error: %s); is rank 0 "
                            "running, and do all ranks use the same MASTER_ADDR and MASTER_PORT?",
                            env->rank, env->master_addr, env->master_port, timeout_seconds, last_text);
-        sleep_seconds(backoff < left ? backoff : left);
+        mb_sleep_seconds(backoff < left ? backoff : left);
         backoff = backoff * 1.5 > 0.5 ? 0.5 : backoff * 1.5;
     }
 }
@@ -733,7 +723,7 @@ int mb_rendezvous_open(mb_rendezvous **out, const mb_dist_env *env, void *blob, 
         *out = rv;
         return 0;
     }
-    double deadline = now_seconds() + timeout_seconds;
+    double deadline = mb_monotonic_seconds() + timeout_seconds;
     int status;
     if (env->rank == 0) {
         status = hub_open(rv, env, blob, blob_size, deadline, timeout_seconds, err);

@@ -17,20 +17,11 @@
 #include <unistd.h>
 
 #include "common/fileio.h"
+#include "common/clock.h"
 #include "dist/env.h"
 #include "dist/launcher.h"
 #include "dist/rendezvous.h"
-
-static void sleep_seconds(double s) {
-    struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
-    nanosleep(&ts, NULL);
-}
-
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
+#include "../support/free_port.h"
 
 static int write_text(const char *path, const char *text) {
     FILE *f = fopen(path, "w");
@@ -64,16 +55,16 @@ __attribute__((constructor)) static void dist_worker_main(void) {
     write_text(path, text);
     const char *fail_rank = getenv("MB_TEST_DIST_FAIL_RANK");
     if (fail_rank != NULL && atoi(fail_rank) == env.rank) {
-        sleep_seconds(0.3);
+        mb_sleep_seconds(0.3);
         _exit(5); /* dies without goodbye */
     }
     if (fail_rank != NULL) { /* like a trainer: watch the liveness channel, stop when a peer failed */
         char why[1024];
-        double start = now_seconds();
-        while (now_seconds() - start < 20 && !mb_rendezvous_failed(rv, why, sizeof why)) sleep_seconds(0.001);
+        double start = mb_monotonic_seconds();
+        while (mb_monotonic_seconds() - start < 20 && !mb_rendezvous_failed(rv, why, sizeof why)) mb_sleep_seconds(0.001);
         snprintf(path, sizeof path, "%s/why.%d", dir, env.rank);
         write_text(path, why);
-        sleep_seconds(0.5);
+        mb_sleep_seconds(0.5);
         _exit(4);
     }
     mb_rendezvous_close(rv);
@@ -192,60 +183,42 @@ Test(launcher, second_node_ranks) {
     remove_dir(dir);
 }
 
-Test(launcher, all_succeed_gives_zero) {
+/* Launches `nproc` workers running `script` with the given SIGKILL grace; expects the launcher's exit code and no
+ * worker left behind. Returns the seconds the launcher took. */
+static double expect_launch(int nproc, double grace, const char *script, int expected_code) {
     char dir[64];
     make_temp_dir(dir, sizeof dir);
-    mb_launch_options o = options_for(4, 5);
+    mb_launch_options o = options_for(nproc, grace);
     int code = -1;
     mb_error err;
-    cr_assert_eq(launch_script(&o, READY_PROLOGUE "wait_all \"$1\"; exit 0", dir, &code, &err), 0, "%s", err.message);
-    cr_expect_eq(code, 0);
-    expect_all_gone(dir, 4);
+    double start = mb_monotonic_seconds();
+    cr_assert_eq(launch_script(&o, script, dir, &code, &err), 0, "%s", err.message);
+    double seconds = mb_monotonic_seconds() - start;
+    cr_expect_eq(code, expected_code);
+    expect_all_gone(dir, nproc);
     remove_dir(dir);
+    return seconds;
 }
 
+Test(launcher, all_succeed_gives_zero) { expect_launch(4, 5, READY_PROLOGUE "wait_all \"$1\"; exit 0", 0); }
+
 Test(launcher, failing_worker_stops_the_others_and_gives_its_code, .timeout = 30) {
-    char dir[64];
-    make_temp_dir(dir, sizeof dir);
-    mb_launch_options o = options_for(3, 10);
-    int code = -1;
-    mb_error err;
-    const char *script = READY_PROLOGUE "wait_all \"$1\"; if [ \"$LOCAL_RANK\" = 1 ]; then exit 3; fi; exec sleep 60";
-    cr_assert_eq(launch_script(&o, script, dir, &code, &err), 0, "%s", err.message);
-    cr_expect_eq(code, 3);
-    expect_all_gone(dir, 3);
-    remove_dir(dir);
+    expect_launch(3, 10,
+                  READY_PROLOGUE "wait_all \"$1\"; if [ \"$LOCAL_RANK\" = 1 ]; then exit 3; fi; exec sleep 60", 3);
 }
 
 Test(launcher, killed_worker_gives_128_plus_signal, .timeout = 30) {
-    char dir[64];
-    make_temp_dir(dir, sizeof dir);
-    mb_launch_options o = options_for(2, 10);
-    int code = -1;
-    mb_error err;
-    const char *script = READY_PROLOGUE "wait_all \"$1\"; if [ \"$LOCAL_RANK\" = 0 ]; then kill -9 $$; fi; exec sleep 60";
-    cr_assert_eq(launch_script(&o, script, dir, &code, &err), 0, "%s", err.message);
-    cr_expect_eq(code, 137);
-    expect_all_gone(dir, 2);
-    remove_dir(dir);
+    expect_launch(2, 10,
+                  READY_PROLOGUE "wait_all \"$1\"; if [ \"$LOCAL_RANK\" = 0 ]; then kill -9 $$; fi; exec sleep 60",
+                  137);
 }
 
 /* Worker 1 ignores SIGTERM (an ignored signal stays ignored across exec): only the SIGKILL after the grace period
  * can end it, so the launcher returning at all (instead of after 60 s) shows the escalation. */
 Test(launcher, worker_ignoring_sigterm_is_killed_after_grace, .timeout = 30) {
-    char dir[64];
-    make_temp_dir(dir, sizeof dir);
-    mb_launch_options o = options_for(2, 0.5);
-    int code = -1;
-    mb_error err;
     const char *script = "if [ \"$LOCAL_RANK\" = 1 ]; then trap '' TERM; fi; " READY_PROLOGUE
                          "wait_all \"$1\"; if [ \"$LOCAL_RANK\" = 0 ]; then exit 3; fi; exec sleep 60";
-    double start = now_seconds();
-    cr_assert_eq(launch_script(&o, script, dir, &code, &err), 0, "%s", err.message);
-    cr_log_info("launcher returned after %.2f s (grace 0.5 s)", now_seconds() - start);
-    cr_expect_eq(code, 3);
-    expect_all_gone(dir, 2);
-    remove_dir(dir);
+    cr_log_info("launcher returned after %.2f s (grace 0.5 s)", expect_launch(2, 0.5, script, 3));
 }
 
 Test(launcher, exec_failure_is_a_launcher_error) {
@@ -289,13 +262,13 @@ Test(launcher, sigterm_to_the_launcher_is_forwarded, .timeout = 30) {
         if (launch_script(&o, script, dir, &code, &err) != 0) _exit(200);
         _exit(code);
     }
-    double start = now_seconds();
+    double start = mb_monotonic_seconds();
     for (int i = 0; i < 2; i++) {
         char path[4096];
         snprintf(path, sizeof path, "%s/pid.%d", dir, i);
-        while (access(path, F_OK) != 0 && now_seconds() - start < 20) sleep_seconds(0.02);
+        while (access(path, F_OK) != 0 && mb_monotonic_seconds() - start < 20) mb_sleep_seconds(0.02);
     }
-    sleep_seconds(0.2); /* both shells are in `wait` by now */
+    mb_sleep_seconds(0.2); /* both shells are in `wait` by now */
     kill(launcher, SIGTERM);
     int status = 0;
     waitpid(launcher, &status, 0);
@@ -324,15 +297,15 @@ Test(launcher, second_signal_kills_without_grace, .timeout = 30) {
         if (launch_script(&o, "trap '' TERM; " READY_PROLOGUE "exec sleep 60", dir, &code, &err) != 0) _exit(200);
         _exit(code);
     }
-    double start = now_seconds();
+    double start = mb_monotonic_seconds();
     for (int i = 0; i < 2; i++) {
         char path[4096];
         snprintf(path, sizeof path, "%s/pid.%d", dir, i);
-        while (access(path, F_OK) != 0 && now_seconds() - start < 20) sleep_seconds(0.02);
+        while (access(path, F_OK) != 0 && mb_monotonic_seconds() - start < 20) mb_sleep_seconds(0.02);
     }
-    sleep_seconds(0.1);
+    mb_sleep_seconds(0.1);
     kill(launcher, SIGTERM);
-    sleep_seconds(0.2);
+    mb_sleep_seconds(0.2);
     kill(launcher, SIGTERM);
     int status = 0;
     waitpid(launcher, &status, 0);
@@ -373,16 +346,6 @@ Test(launcher, options_from_env) {
 }
 
 /* ---- end to end: two launchers ("nodes") x 2 workers, loopback rendezvous ---- */
-
-static int free_port(void) {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in address = {.sin_family = AF_INET, .sin_port = 0, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    cr_assert(bind(fd, (struct sockaddr *)&address, sizeof address) == 0);
-    socklen_t length = sizeof address;
-    getsockname(fd, (struct sockaddr *)&address, &length);
-    close(fd);
-    return ntohs(address.sin_port);
-}
 
 /* Starts node 0 and node 1 launchers as child processes; returns their exit statuses. */
 static void run_two_nodes(const char *dir, int port, int *status0, int *status1) {

@@ -13,7 +13,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "dist/rendezvous.h"
+#include "../support/free_port.h"
 
 #define MAX_RANKS 8
 #define BLOB_SIZE 128
@@ -38,28 +40,6 @@ typedef struct scenario {
     int port;
 } scenario;
 
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static void sleep_seconds(double s) {
-    struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
-    nanosleep(&ts, NULL);
-}
-
-/* A port that was free a moment ago (bind to port 0 and read what the kernel chose). */
-static int free_port(void) {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in address = {.sin_family = AF_INET, .sin_port = 0, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    cr_assert(bind(fd, (struct sockaddr *)&address, sizeof address) == 0);
-    socklen_t length = sizeof address;
-    getsockname(fd, (struct sockaddr *)&address, &length);
-    close(fd);
-    return ntohs(address.sin_port);
-}
-
 static void fill_blob(unsigned char *blob) {
     for (int i = 0; i < BLOB_SIZE; i++) blob[i] = (unsigned char)(i * 37 + 11);
 }
@@ -69,14 +49,14 @@ typedef void (*rank_body)(mb_rendezvous *rv, int rank, rank_record *record);
 
 /* Polls mb_rendezvous_failed every millisecond for up to `limit` seconds (a hang bound, not a timing check). */
 static void wait_for_failure(mb_rendezvous *rv, double limit, rank_record *record) {
-    double start = now_seconds();
-    while (now_seconds() - start < limit) {
+    double start = mb_monotonic_seconds();
+    while (mb_monotonic_seconds() - start < limit) {
         if (mb_rendezvous_failed(rv, record->text, sizeof record->text)) {
             record->saw_failure = 1;
-            record->detect_seconds = now_seconds() - start;
+            record->detect_seconds = mb_monotonic_seconds() - start;
             return;
         }
-        sleep_seconds(0.001);
+        mb_sleep_seconds(0.001);
     }
 }
 
@@ -150,13 +130,13 @@ static const rank_record *record_of(const rank_record *records, int rank) {
 /* ---- scenarios ---- */
 
 static void clean_close_hub_first(mb_rendezvous *rv, int rank, rank_record *record) {
-    sleep_seconds(0.15 * rank); /* rank 0 closes first, the others look afterwards */
+    mb_sleep_seconds(0.15 * rank); /* rank 0 closes first, the others look afterwards */
     record->saw_failure = mb_rendezvous_failed(rv, record->text, sizeof record->text);
     mb_rendezvous_close(rv);
 }
 
 static void clean_close_hub_last(mb_rendezvous *rv, int rank, rank_record *record) {
-    sleep_seconds(0.15 * (4 - rank)); /* peers close first, rank 0 looks last */
+    mb_sleep_seconds(0.15 * (4 - rank)); /* peers close first, rank 0 looks last */
     record->saw_failure = mb_rendezvous_failed(rv, record->text, sizeof record->text);
     mb_rendezvous_close(rv);
 }
@@ -179,7 +159,7 @@ Test(rendezvous, blob_reaches_every_rank_and_clean_close_is_no_failure, .timeout
 
 static void die_if_rank3_else_watch(mb_rendezvous *rv, int rank, rank_record *record) {
     if (rank == 3) {
-        sleep_seconds(0.2);
+        mb_sleep_seconds(0.2);
         raise(SIGKILL);
     }
     wait_for_failure(rv, 15, record);
@@ -206,7 +186,7 @@ Test(rendezvous, killed_peer_is_seen_by_everyone, .timeout = 60) {
 
 static void die_if_rank0_else_watch(mb_rendezvous *rv, int rank, rank_record *record) {
     if (rank == 0) {
-        sleep_seconds(0.2);
+        mb_sleep_seconds(0.2);
         raise(SIGKILL);
     }
     wait_for_failure(rv, 15, record);
@@ -227,9 +207,9 @@ Test(rendezvous, killed_hub_is_seen_by_every_peer, .timeout = 60) {
 
 static void report_if_rank2_else_watch(mb_rendezvous *rv, int rank, rank_record *record) {
     if (rank == 2) {
-        sleep_seconds(0.1);
+        mb_sleep_seconds(0.1);
         mb_rendezvous_report_failure(rv, "CUDA error: out of memory at step 17");
-        sleep_seconds(0.3);
+        mb_sleep_seconds(0.3);
         mb_rendezvous_close(rv); /* a goodbye after a failure must not erase it */
         return;
     }
@@ -255,7 +235,7 @@ Test(rendezvous, reported_failure_text_reaches_the_others, .timeout = 60) {
 static void report_if_rank0_else_watch(mb_rendezvous *rv, int rank, rank_record *record) {
     if (rank == 0) {
         mb_rendezvous_report_failure(rv, "checkpoint write failed");
-        sleep_seconds(0.3);
+        mb_sleep_seconds(0.3);
         return; /* exits without close, like a failing process */
     }
     wait_for_failure(rv, 15, record);
