@@ -85,7 +85,14 @@ static_assert(kTileQ % kSwizzleAtom == 0 && kTileDO % kSwizzleAtom == 0 && kTile
 /* v2 layout: K, V, then a kStages ring of Q / dO / lse / delta (the producer warp's), dSᵀ double-buffered, and the
  * mbarriers; 1024-byte aligned base as v1. */
 namespace v2 {
-constexpr int kStages = 3;                       /* Q/dO/lse/delta ring (the producer publishes step i-1 late) */
+constexpr int kStages = 3; /* Q/dO/lse/delta ring */
+/* The producer publishes step i − kPublishLag after queueing step i (kPublishLag + 1 steps in flight). The consumers
+ * hand stage i back after step i, so the producer's wait for step i − kStages needs it published: lag <= stages − 1,
+ * and one more stage of slack keeps the producer from waiting on the step it has just published. Measured (session
+ * 4, H200, with the lean full-step copies): 5 stages with lag 3 were slower than 3 with lag 1 (6.60 vs 6.22 ms at
+ * 8192-token documents, 1.047 vs 1.008 ms at 1024), as a lag of 3 was in the forward. */
+constexpr int kPublishLag = 1;
+static_assert(kPublishLag >= 1 && kPublishLag <= kStages - 2, "the ring deadlocks unless lag <= stages - 2");
 constexpr int kConsumerThreads = 2 * 128;        /* warpgroups 0 and 1 */
 constexpr int kThreads = kConsumerThreads + 128; /* + the producer warpgroup (warp 8 copies, 9..11 leave) */
 constexpr int kProducerWarp = kConsumerThreads / mb::kWarpSize;
@@ -104,7 +111,7 @@ constexpr uint32_t kTileDO = kTileQ + kStages * kStepTileBytes;     /* dO [stage
 constexpr uint32_t kTileDS = kTileDO + kStages * kStepTileBytes;    /* dSᵀ [2][128 keys][64 queries] */
 constexpr uint32_t kLse = kTileDS + 2 * kKeyTileBytes;              /* lse [stage][64] fp32 */
 constexpr uint32_t kDelta = kLse + kStages * kStepQueries * 4;      /* delta [stage][64] fp32 */
-constexpr uint32_t kBarriers = kDelta + kStages * kStepQueries * 4; /* full[3] empty[3] ds_full[2] ds_empty[2] */
+constexpr uint32_t kBarriers = kDelta + kStages * kStepQueries * 4; /* full[S] empty[S] ds_full[2] ds_empty[2] */
 constexpr uint32_t kSharedUsed = kBarriers + 8 * (2 * kStages + 4);
 constexpr size_t kSharedBytes = kSharedUsed + kSwizzleAtom;
 static_assert(kTileQ % kSwizzleAtom == 0 && kTileDO % kSwizzleAtom == 0 && kTileDS % kSwizzleAtom == 0 &&
@@ -305,11 +312,13 @@ __device__ __forceinline__ void load_tile_async(char *tile, const mb::bf16 *src,
     }
 }
 
-/* Pᵀ = exp2(Sᵀ·scale·log2 e − lse·log2 e) in place; with `mask`, entries of keys >= key_end or queries >= query_hi
- * become 0. key0 = the thread's first key, query0 = the step's first query. */
+/* Pᵀ = exp2(Sᵀ·scale·log2 e − lse·log2 e) in place; with kMask, entries of keys >= key_end or queries >= query_hi
+ * become 0. key0 = the thread's first key, query0 = the step's first query. The mask is a template argument, taken
+ * by a block-uniform branch (probabilities_masked_if): as a run-time flag ptxas computed it for every element and
+ * selected (~100 of a step's 870 instructions per warp, ncu, session 4). */
+template <bool kMask>
 __device__ __forceinline__ void probabilities(float (&s)[32], const float *lse_tile, fragment_position f,
-                                              float scale_log2, bool mask, int key0, int key_end, int query0,
-                                              int query_hi) {
+                                              float scale_log2, int key0, int key_end, int query0, int query_hi) {
 #pragma unroll
     for (int j = 0; j < 8; j++) {
         const float2 lse = *reinterpret_cast<const float2 *>(lse_tile + 8 * j + f.col);
@@ -317,13 +326,23 @@ __device__ __forceinline__ void probabilities(float (&s)[32], const float *lse_t
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             float p = fast_exp2(fmaf(s[4 * j + e], scale_log2, -shift[e & 1]));
-            if (mask) {
+            if (kMask) {
                 int key = key0 + 8 * (e >> 1), query = query0 + 8 * j + f.col + (e & 1);
                 if (key >= key_end || query >= query_hi) p = 0.0f;
             }
             s[4 * j + e] = p;
         }
     }
+}
+
+/* probabilities<true> on tail steps (`mask`, uniform over the block), probabilities<false> on all others. */
+__device__ __forceinline__ void probabilities_masked_if(bool mask, float (&s)[32], const float *lse_tile,
+                                                        fragment_position f, float scale_log2, int key0, int key_end,
+                                                        int query0, int query_hi) {
+    if (mask)
+        probabilities<true>(s, lse_tile, f, scale_log2, key0, key_end, query0, query_hi);
+    else
+        probabilities<false>(s, lse_tile, f, scale_log2, key0, key_end, query0, query_hi);
 }
 
 /* dSᵀ = Pᵀ ∘ (dPᵀ − delta) in place in dp. */
@@ -464,7 +483,7 @@ __device__ __forceinline__ void step_front(int i, char *smem, const backward_arg
     wgmma_wait<1>();
     fence_registers(s);
     const bool mask = c.tail_keys || q0 + kStepQueries > c.query_hi; /* block-uniform */
-    probabilities(s, lse_tile, c.f, a.scale_log2, mask, c.key_a, c.t.end, q0, c.query_hi);
+    probabilities_masked_if(mask, s, lse_tile, c.f, a.scale_log2, c.key_a, c.t.end, q0, c.query_hi);
     uint32_t p_frag[4][4];
     pack_a_fragments(p_frag, s);
     wgmma_fence();
@@ -573,11 +592,30 @@ __device__ __forceinline__ void consumers_sync() {
     asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
 }
 
+/* A 16-byte cp.async to a shared address without the zero-fill operand (the source is inside the sequence). */
+__device__ __forceinline__ void cp_async_16_full(uint32_t dst, const char *src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+
 /* One warp queues rows [r0, r0 + 64) of a [*, 64] bf16 slice into a swizzled tile: lane l copies chunk l % 8 of
  * rows l / 8 + 4·it (4 whole 128-byte rows per instruction); rows >= r_end become zeros (source never read). */
 __device__ __forceinline__ void warp_load_rows(char *tile, const mb::bf16 *src, size_t row_stride, int r0,
                                                int r_end) {
     const int lane = threadIdx.x % mb::kWarpSize, chunk = lane % 8;
+    if (r0 + kStepQueries <= r_end) { /* whole step inside the sequence (uniform): no predicates, ~3 instr. a copy */
+        const int row = lane / 8; /* rows row + 4·it: even and odd it differ by 4 in row % 8, row + 8 is +1024 B */
+        const uint32_t base = shared_address(tile);
+        const uint32_t even = base + swizzled(row, chunk), odd = base + swizzled(row + 4, chunk);
+        const char *from = reinterpret_cast<const char *>(src + (size_t)(r0 + row) * row_stride + chunk * 8);
+        const size_t four_rows = 4 * row_stride * sizeof(mb::bf16);
+#pragma unroll
+        for (int m = 0; m < kStepQueries / 8; m++) {
+            cp_async_16_full(even + 1024 * m, from);
+            cp_async_16_full(odd + 1024 * m, from + four_rows);
+            from += 2 * four_rows;
+        }
+        return;
+    }
 #pragma unroll 2 /* the producer runs in 24 registers */
     for (int it = 0; it < kStepQueries / 4; it++) {
         const int row = lane / 8 + 4 * it;
@@ -598,8 +636,8 @@ __device__ __forceinline__ void warp_load_floats(float *dst, const float *src, i
 }
 
 /* The producer warp: step i goes to stage i % kStages once the consumers released its previous use (step
- * i − kStages); step i−1 is published (its cp.async complete, proxy fence, 32 arrivals) right after step i is
- * queued, so two steps are in flight (the forward's scheme). */
+ * i − kStages); step i − kPublishLag is published (its cp.async complete, proxy fence, 32 arrivals) right after step
+ * i is queued, so kPublishLag + 1 steps are in flight; the last ones at the end. */
 __device__ void produce(char *smem, const ring &b, const backward_args &a, int head, int query_lo, int query_hi,
                         int steps) {
     const int hidden = a.heads * kHeadDim;
@@ -614,15 +652,16 @@ __device__ void produce(char *smem, const ring &b, const backward_args &a, int h
         warp_load_floats(reinterpret_cast<float *>(smem + kDelta) + stage * kStepQueries, a.delta + head, a.heads,
                          q0, query_hi);
         cp_async_commit();
-        if (i >= 1) {
-            cp_async_wait<1>();
+        if (i >= kPublishLag) {
+            cp_async_wait<kPublishLag>();
             fence_proxy_async();
-            mbarrier_arrive(b.full + 8 * ((i - 1) % kStages));
+            mbarrier_arrive(b.full + 8 * ((i - kPublishLag) % kStages));
         }
     }
     cp_async_wait<0>();
     fence_proxy_async();
-    mbarrier_arrive(b.full + 8 * ((steps - 1) % kStages));
+    for (int i = steps > kPublishLag ? steps - kPublishLag : 0; i < steps; i++)
+        mbarrier_arrive(b.full + 8 * (i % kStages));
 }
 
 /* One consumer step i (warpgroup g = keys 64g..64g+63 of the tile). Commit groups, in order: Sᵀ(i), dPᵀ(i),
@@ -659,7 +698,7 @@ __device__ __forceinline__ void consume_step(int i, char *smem, const backward_a
     wgmma_wait<kBehind>(); /* Sᵀ */
     fence_registers(s);
     const bool mask = c.tail_keys || q0 + kStepQueries > c.query_hi; /* uniform */
-    probabilities(s, lse_tile, c.f, a.scale_log2, mask, c.key_a, c.t.end, q0, c.query_hi);
+    probabilities_masked_if(mask, s, lse_tile, c.f, a.scale_log2, c.key_a, c.t.end, q0, c.query_hi);
     uint32_t p_frag[4][4];
     pack_a_fragments(p_frag, s);
     wgmma_fence();
