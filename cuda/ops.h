@@ -95,7 +95,8 @@ int mb_cuda_layernorm_backward(mb_bf16 *dx, float *dweight, float *dbias, void *
 int mb_cuda_embedding_forward(mb_bf16 *out, const int32_t *ids, const mb_bf16 *table, int n, int h,
                               cudaStream_t stream, mb_error *err);
 /* dtable[ids[i], :] += dout[i, :] for every token whose id is not pad_id (-1: skip nothing), ids in [0, vocab).
- * Deterministic: tokens are stably sorted by id, and each id's rows are summed in token order by one block.
+ * Deterministic: tokens are stably sorted by id; each (id, column) is summed by one owner in a fixed order (runs of
+ * up to 16 tokens in token order, as the CPU; longer runs by row lanes added in a fixed tree).
  * scratch: the byte count from mb_cuda_embedding_backward_scratch_bytes (asks the device, hence the error). */
 int mb_cuda_embedding_backward_scratch_bytes(size_t *bytes, int n, int vocab, mb_error *err);
 int mb_cuda_embedding_backward(float *dtable, void *scratch, size_t scratch_bytes, const mb_bf16 *dout,

@@ -16,7 +16,8 @@
  * with it the update, is the one a single GPU would compute. Without groups each tensor is its own group.
  * The elementwise arithmetic uses explicitly rounded fp32 intrinsics (no FMA contraction) in the CPU's operation
  * order, so m and v match the CPU bit for bit; only the order of the double RMS sum differs. Every sum has a fixed
- * order: results are bit-reproducible. */
+ * order: results are bit-reproducible. Stages 1 and 4 are memory-bound (20 and 18 bytes per element): they move
+ * 16-byte words, several per thread in flight (see "vector access" below). */
 #include <stdlib.h>
 
 #include "common.cuh"
@@ -62,21 +63,120 @@ __device__ __forceinline__ float lerp_rn(float start, float end, float weight) {
                                 : __fsub_rn(end, __fmul_rn(diff, __fsub_rn(1.0f, weight)));
 }
 
+/* ---- vector access: the kernels stream 16-byte float4 words (8-byte words of 4 bf16) with kUnroll words of every
+ * operand in flight per thread; the elements of a chunk before the first aligned word and after the last whole word
+ * go element by element. Chunk offsets are multiples of 4 elements, so a tensor whose pointers share one alignment
+ * phase vectorizes every chunk; pointers whose phases differ (a ZeRO piece, a tensor behind an odd-sized one) run
+ * element by element, with the same arithmetic. */
+
+constexpr int kUnroll = 4;
+
+/* Elements from `address` up to the next multiple of `vector_bytes`; −1 if it is not even element-aligned. */
+__device__ __forceinline__ int lead_elements(const void *address, int element_bytes, int vector_bytes) {
+    int misaligned = (int)(reinterpret_cast<uintptr_t>(address) % (uintptr_t)vector_bytes);
+    if (misaligned % element_bytes != 0) return -1;
+    return (vector_bytes - misaligned) % vector_bytes / element_bytes;
+}
+
+__device__ __forceinline__ int float_lead(const float *address) { return lead_elements(address, 4, 16); }
+__device__ __forceinline__ int bf16_lead(const mb::bf16 *address) { return lead_elements(address, 2, 8); }
+/* The lead all pointers share, or −1 (no common phase: no vectors). */
+__device__ __forceinline__ int same_lead(int a, int b) { return a == b ? a : -1; }
+
+/* A chunk [begin, end): whole 4-element vectors over [vector_begin, vector_end), single elements elsewhere. */
+struct chunk_span {
+    size_t begin, vector_begin, vector_end, end;
+    __device__ int vectors() const { return (int)((vector_end - vector_begin) / 4); }
+};
+
+__device__ __forceinline__ chunk_span split_chunk(size_t begin, size_t numel, int lead) {
+    size_t end = begin + kChunk < numel ? begin + kChunk : numel;
+    chunk_span span{begin, end, end, end}; /* all single elements */
+    if (lead >= 0 && (size_t)lead < end - begin) {
+        span.vector_begin = begin + (size_t)lead;
+        span.vector_end = span.vector_begin + (end - span.vector_begin) / 4 * 4;
+    }
+    return span;
+}
+
+__device__ __forceinline__ float &component(float4 &x, int k) {
+    return k == 0 ? x.x : k == 1 ? x.y : k == 2 ? x.z : x.w;
+}
+
+/* Four bf16 = bf16(x) (round to nearest even, element by element) in one 8-byte store. */
+__device__ __forceinline__ void store_bf16x4(mb::bf16 *address, const float4 &x) {
+    mb::bf162 low = __halves2bfloat162(mb::to_bf16(x.x), mb::to_bf16(x.y));
+    mb::bf162 high = __halves2bfloat162(mb::to_bf16(x.z), mb::to_bf16(x.w));
+    uint2 raw = make_uint2(*reinterpret_cast<uint32_t *>(&low), *reinterpret_cast<uint32_t *>(&high));
+    __stcg(reinterpret_cast<uint2 *>(address), raw);
+}
+
+/* ---- per-element arithmetic (the CPU's operation order, every operation explicitly rounded) ---- */
+
+struct moment_rule {
+    float beta1_comp, beta2_hat, beta2_comp, eps_sq;
+    /* m ← lerp(m, g, 1 − β̂1), v ← β̂2·v + (1 − β̂2)·g²; returns the element's g²/max(v, ε²). */
+    __device__ __forceinline__ double apply(float g, float &m, float &v) const {
+        float g2 = __fmul_rn(g, g);
+        m = lerp_rn(m, g, beta1_comp);
+        v = __fadd_rn(__fmul_rn(v, beta2_hat), __fmul_rn(beta2_comp, g2));
+        return (double)__fdiv_rn(g2, fmaxf(v, eps_sq));
+    }
+};
+
+struct param_rule {
+    tensor_step step;
+    float eps;
+    /* θ·decay (decayed tensors), then θ − η·m/(sqrt(v) + ε). */
+    __device__ __forceinline__ float apply(float theta, float m, float v) const {
+        if (step.apply_decay) theta = __fmul_rn(theta, step.decay_factor);
+        float denom = __fadd_rn(__fsqrt_rn(v), eps);
+        return __fadd_rn(theta, __fmul_rn(step.neg_lr, __fdiv_rn(m, denom)));
+    }
+};
+
+/* Sums of one thread, in a fixed order: its vectors (u, then x y z w), then its leading, then its trailing elements.
+ * The block adds the threads' sums in a fixed tree (block_sum): the chunk partial is bit-reproducible. */
 __global__ void __launch_bounds__(kThreads)
     adamw_moments_kernel(double *chunk_partial, const device_tensor *tensors, const chunk_ref *chunks,
                          float beta1_comp, float beta2_hat, float beta2_comp, float eps_sq) {
     __shared__ double reduce[32];
-    chunk_ref chunk = chunks[blockIdx.x];
+    const chunk_ref chunk = chunks[blockIdx.x];
     const device_tensor t = tensors[chunk.tensor];
-    size_t end = chunk.offset + kChunk < t.numel ? chunk.offset + kChunk : t.numel;
+    const float *__restrict__ grad = t.grad;
+    float *__restrict__ m = t.m;
+    float *__restrict__ v = t.v;
+    const size_t at = chunk.offset;
+    const chunk_span span =
+        split_chunk(at, t.numel, same_lead(same_lead(float_lead(grad + at), float_lead(m + at)), float_lead(v + at)));
+    const moment_rule rule{beta1_comp, beta2_hat, beta2_comp, eps_sq};
+    const float4 *grad4 = reinterpret_cast<const float4 *>(grad + span.vector_begin);
+    float4 *m4 = reinterpret_cast<float4 *>(m + span.vector_begin);
+    float4 *v4 = reinterpret_cast<float4 *>(v + span.vector_begin);
+    const int vectors = span.vectors();
     double sum = 0.0;
-    for (size_t i = chunk.offset + threadIdx.x; i < end; i += blockDim.x) {
-        float g = t.grad[i], g2 = __fmul_rn(g, g);
-        t.m[i] = lerp_rn(t.m[i], g, beta1_comp);
-        float v = __fadd_rn(__fmul_rn(t.v[i], beta2_hat), __fmul_rn(beta2_comp, g2));
-        t.v[i] = v;
-        sum += (double)__fdiv_rn(g2, fmaxf(v, eps_sq));
+    for (int base = threadIdx.x; base < vectors; base += kUnroll * kThreads) {
+        float4 gu[kUnroll], mu[kUnroll], vu[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; u++) {
+            int j = base + u * kThreads;
+            if (j < vectors) gu[u] = __ldcg(grad4 + j), mu[u] = __ldcg(m4 + j), vu[u] = __ldcg(v4 + j);
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; u++) {
+            int j = base + u * kThreads;
+            if (j >= vectors) continue;
+#pragma unroll
+            for (int k = 0; k < 4; k++)
+                sum += rule.apply(component(gu[u], k), component(mu[u], k), component(vu[u], k));
+            __stcg(m4 + j, mu[u]);
+            __stcg(v4 + j, vu[u]);
+        }
     }
+    for (size_t i = span.begin + threadIdx.x; i < span.vector_begin; i += kThreads)
+        sum += rule.apply(grad[i], m[i], v[i]);
+    for (size_t i = span.vector_end + threadIdx.x; i < span.end; i += kThreads)
+        sum += rule.apply(grad[i], m[i], v[i]);
     sum = mb::block_sum(sum, reduce);
     if (threadIdx.x == 0) chunk_partial[blockIdx.x] = sum;
 }
@@ -106,30 +206,82 @@ __global__ void adamw_scalars_kernel(tensor_step *steps, double *rms_out, const 
     steps[index].apply_decay = apply_decay;
 }
 
-__global__ void __launch_bounds__(kThreads)
-    adamw_params_kernel(const device_tensor *tensors, const chunk_ref *chunks, const tensor_step *steps, float eps) {
-    chunk_ref chunk = chunks[blockIdx.x];
-    const device_tensor t = tensors[chunk.tensor];
-    const tensor_step s = steps[t.group];
-    size_t end = chunk.offset + kChunk < t.numel ? chunk.offset + kChunk : t.numel;
-    for (size_t i = chunk.offset + threadIdx.x; i < end; i += blockDim.x) {
-        float theta = t.param[i];
-        if (s.apply_decay) theta = __fmul_rn(theta, s.decay_factor);
-        float denom = __fadd_rn(__fsqrt_rn(t.v[i]), eps);
-        theta = __fadd_rn(theta, __fmul_rn(s.neg_lr, __fdiv_rn(t.m[i], denom)));
-        t.param[i] = theta;
-        if (t.param_bf16 != nullptr) t.param_bf16[i] = mb::to_bf16(theta);
-    }
+__device__ __forceinline__ void param_element(const param_rule &rule, float *param, const float *m, const float *v,
+                                              mb::bf16 *param_bf16, size_t i) {
+    float theta = rule.apply(param[i], m[i], v[i]);
+    param[i] = theta;
+    if (param_bf16 != nullptr) param_bf16[i] = mb::to_bf16(theta);
 }
 
+__global__ void __launch_bounds__(kThreads, 3)
+    adamw_params_kernel(const device_tensor *tensors, const chunk_ref *chunks, const tensor_step *steps, float eps) {
+    const chunk_ref chunk = chunks[blockIdx.x];
+    const device_tensor t = tensors[chunk.tensor];
+    const param_rule rule{steps[t.group], eps};
+    float *__restrict__ param = t.param;
+    const float *__restrict__ m = t.m;
+    const float *__restrict__ v = t.v;
+    mb::bf16 *__restrict__ param_bf16 = t.param_bf16;
+    const size_t at = chunk.offset;
+    int lead = same_lead(same_lead(float_lead(param + at), float_lead(m + at)), float_lead(v + at));
+    if (param_bf16 != nullptr) lead = same_lead(lead, bf16_lead(param_bf16 + at));
+    const chunk_span span = split_chunk(at, t.numel, lead);
+    float4 *param4 = reinterpret_cast<float4 *>(param + span.vector_begin);
+    const float4 *m4 = reinterpret_cast<const float4 *>(m + span.vector_begin);
+    const float4 *v4 = reinterpret_cast<const float4 *>(v + span.vector_begin);
+    mb::bf16 *copy = param_bf16 != nullptr ? param_bf16 + span.vector_begin : nullptr;
+    const int vectors = span.vectors();
+    for (int base = threadIdx.x; base < vectors; base += kUnroll * kThreads) {
+        float4 pu[kUnroll], mu[kUnroll], vu[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; u++) {
+            int j = base + u * kThreads;
+            if (j < vectors) pu[u] = __ldcg(param4 + j), mu[u] = __ldcg(m4 + j), vu[u] = __ldcg(v4 + j);
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; u++) {
+            int j = base + u * kThreads;
+            if (j >= vectors) continue;
+#pragma unroll
+            for (int k = 0; k < 4; k++)
+                component(pu[u], k) = rule.apply(component(pu[u], k), component(mu[u], k), component(vu[u], k));
+            __stcg(param4 + j, pu[u]);
+            if (copy != nullptr) store_bf16x4(copy + 4 * (size_t)j, pu[u]);
+        }
+    }
+    for (size_t i = span.begin + threadIdx.x; i < span.vector_begin; i += kThreads)
+        param_element(rule, param, m, v, param_bf16, i);
+    for (size_t i = span.vector_end + threadIdx.x; i < span.end; i += kThreads)
+        param_element(rule, param, m, v, param_bf16, i);
+}
+
+/* Σ g² in double (exact squares of floats), summed in the moments kernel's order. */
 __global__ void __launch_bounds__(kThreads)
     grad_squares_kernel(double *chunk_partial, const device_tensor *tensors, const chunk_ref *chunks) {
     __shared__ double reduce[32];
-    chunk_ref chunk = chunks[blockIdx.x];
+    const chunk_ref chunk = chunks[blockIdx.x];
     const device_tensor t = tensors[chunk.tensor];
-    size_t end = chunk.offset + kChunk < t.numel ? chunk.offset + kChunk : t.numel;
+    const float *__restrict__ grad = t.grad;
+    const chunk_span span = split_chunk(chunk.offset, t.numel, float_lead(grad + chunk.offset));
+    const float4 *grad4 = reinterpret_cast<const float4 *>(grad + span.vector_begin);
+    const int vectors = span.vectors();
     double sum = 0.0;
-    for (size_t i = chunk.offset + threadIdx.x; i < end; i += blockDim.x) sum += (double)t.grad[i] * t.grad[i];
+    for (int base = threadIdx.x; base < vectors; base += kUnroll * kThreads) {
+        float4 gu[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; u++) {
+            int j = base + u * kThreads;
+            if (j < vectors) gu[u] = __ldcg(grad4 + j);
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; u++) {
+            if (base + u * kThreads >= vectors) continue;
+#pragma unroll
+            for (int k = 0; k < 4; k++) sum += (double)component(gu[u], k) * component(gu[u], k);
+        }
+    }
+    for (size_t i = span.begin + threadIdx.x; i < span.vector_begin; i += kThreads) sum += (double)grad[i] * grad[i];
+    for (size_t i = span.vector_end + threadIdx.x; i < span.end; i += kThreads) sum += (double)grad[i] * grad[i];
     sum = mb::block_sum(sum, reduce);
     if (threadIdx.x == 0) chunk_partial[blockIdx.x] = sum;
 }
@@ -144,9 +296,13 @@ __global__ void __launch_bounds__(1024) sum_sqrt_kernel(double *norm, const doub
 
 __global__ void sqrt_kernel(double *value) { *value = sqrt(*value); }
 
-__global__ void to_bf16_kernel(mb::bf16 *dst, const float *src, size_t count) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < count; i += (size_t)gridDim.x * blockDim.x)
-        dst[i] = mb::to_bf16(src[i]);
+/* vector (src 16-byte and dst 8-byte aligned): count / 4 whole vectors, then the last count % 4 elements. */
+__global__ void to_bf16_kernel(mb::bf16 *dst, const float *src, size_t count, int vector) {
+    size_t first = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+    size_t vectors = vector ? count / 4 : 0;
+    const float4 *src4 = reinterpret_cast<const float4 *>(src);
+    for (size_t k = first; k < vectors; k += stride) store_bf16x4(dst + 4 * k, __ldcg(src4 + k));
+    for (size_t i = 4 * vectors + first; i < count; i += stride) dst[i] = mb::to_bf16(src[i]);
 }
 
 int check_hyperparameters(const mb_stableadamw *opt, double lr, mb_error *err) {
@@ -375,8 +531,10 @@ extern "C" int mb_cuda_sqrt_in_place(double *value, cudaStream_t stream, mb_erro
 extern "C" int mb_cuda_to_bf16(mb_bf16 *dst, const float *src, size_t count, cudaStream_t stream, mb_error *err) {
     MB_REQUIRE(err, dst && src, "to_bf16: missing dst or src");
     if (count == 0) return 0;
-    int blocks = (int)(count / 256 + 1 < 65536 ? count / 256 + 1 : 65536);
-    to_bf16_kernel<<<blocks, 256, 0, stream>>>(reinterpret_cast<mb::bf16 *>(dst), src, count);
+    int vector = reinterpret_cast<uintptr_t>(src) % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 8 == 0;
+    size_t items = vector ? count / 4 + 1 : count;
+    int blocks = (int)(items / 256 + 1 < 65536 ? items / 256 + 1 : 65536);
+    to_bf16_kernel<<<blocks, 256, 0, stream>>>(reinterpret_cast<mb::bf16 *>(dst), src, count, vector);
     MB_CUDA_CHECK_LAUNCH(err, "to_bf16_kernel");
     return 0;
 }

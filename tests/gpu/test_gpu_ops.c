@@ -1196,3 +1196,143 @@ Test(gpu_ops, to_bf16) {
     free(values), free(out);
     cudaFree(d_values), cudaFree(d_out);
 }
+
+/* ---- embedding backward: runs around the one-warp limit, pad runs, misaligned rows ---- */
+
+static bool same_row(const float *a, const float *b, int row, int h) {
+    return memcmp(a + (size_t)row * h, b + (size_t)row * h, (size_t)h * sizeof(float)) == 0;
+}
+
+/* Run lengths 1..40 around the one-warp limit (16), one run spread over many blocks, a long pad run, dout rows off a
+ * 16-byte boundary. Runs of at most 16 tokens are added by one warp in token order, the CPU's own sequence of fp32
+ * additions: their rows must match the CPU bit for bit. Ids never drawn keep their rows. */
+static void run_embedding_runs(int h, int misalign, int pad_id, uint64_t seed) {
+    mb_rng rng;
+    mb_rng_seed(&rng, seed);
+    mb_error err = {{0}};
+    const int vocab = 64, big = size_for(3000, 400), pad_run = 20;
+    int n = big + pad_run, at = 0;
+    for (int k = 0; k < 40; k++) n += k + 1;
+    int32_t *ids = malloc((size_t)n * sizeof(int32_t));
+    for (int k = 0; k < 40; k++)
+        for (int j = 0; j <= k; j++) ids[at++] = k;
+    for (int j = 0; j < big; j++) ids[at++] = 40;
+    for (int j = 0; j < pad_run; j++) ids[at++] = 41;
+    for (int i = n - 1; i > 0; i--) {
+        int j = (int)mb_rng_below(&rng, (uint64_t)i + 1);
+        int32_t swap = ids[i];
+        ids[i] = ids[j], ids[j] = swap;
+    }
+    size_t count = (size_t)n * h, table_count = (size_t)vocab * h, scratch_bytes = 0;
+    float *dout;
+    mb_bf16 *d_dout = random_bf16(&rng, count + 1, 0.0, 1.0, &dout);
+    float *dtable_init = random_floats(&rng, table_count, 0.0, 1.0);
+    float *dtable_ref = copy_floats(dtable_init, table_count);
+    mb_cpu_embedding_backward(dtable_ref, dout + misalign, ids, n, h, pad_id);
+    int32_t *d_ids = to_device(ids, (size_t)n * sizeof(int32_t));
+    cr_assert_eq(mb_cuda_embedding_backward_scratch_bytes(&scratch_bytes, n, vocab, &err), 0, "%s", err.message);
+    void *scratch = dev_alloc(scratch_bytes);
+    float *d_dtable = dev_alloc(table_count * sizeof(float)), *runs[2];
+    for (int run = 0; run < 2; run++) {
+        upload(d_dtable, dtable_init, table_count * sizeof(float));
+        dev_poison(scratch, scratch_bytes);
+        launched(mb_cuda_embedding_backward(d_dtable, scratch, scratch_bytes, d_dout + misalign, d_ids, n, h, vocab,
+                                            pad_id, test_stream, &err), &err, "embedding_backward");
+        runs[run] = download_floats(d_dtable, table_count);
+    }
+    char what[128];
+    snprintf(what, sizeof what, "embedding runs dtable (h %d, misalign %d, pad %d)", h, misalign, pad_id);
+    expect_close(what, runs[0], dtable_ref, table_count, FP32_TOLERANCE);
+    expect_same_bits(what, runs[0], runs[1], table_count * sizeof(float));
+    size_t short_mismatch = 0, untouched_changed = 0;
+    for (int k = 0; k < 16; k++) short_mismatch += !same_row(runs[0], dtable_ref, k, h);
+    for (int v = 42; v < vocab; v++) untouched_changed += !same_row(runs[0], dtable_init, v, h);
+    cr_expect_eq(short_mismatch, 0, "%s: %zu rows of runs <= 16 tokens differ from the CPU's bits", what,
+                 short_mismatch);
+    cr_expect_eq(untouched_changed, 0, "%s: %zu rows of ids not in the batch changed", what, untouched_changed);
+    if (pad_id >= 0) cr_expect(same_row(runs[0], dtable_init, pad_id, h), "%s: the pad row changed", what);
+    free(ids), free(dout), free(dtable_init), free(dtable_ref), free(runs[0]), free(runs[1]);
+    cudaFree(d_dout), cudaFree(d_ids), cudaFree(scratch), cudaFree(d_dtable);
+}
+
+Test(gpu_ops, embedding_runs) {
+    require_gpu();
+    run_embedding_runs(768, 0, -1, 15); /* 16-byte pieces; the pad-less id 41 is a 20-token run */
+    run_embedding_runs(768, 0, 41, 16); /* a long pad run never accumulates */
+    run_embedding_runs(72, 0, 41, 17);  /* 9 pieces: uneven column slices of the long run */
+    run_embedding_runs(768, 1, -1, 18); /* dout off a 16-byte boundary: the element path */
+}
+
+/* ---- StableAdamW over tensors packed off 16-byte boundaries ---- */
+
+/* Tensors packed back to back in one arena per role (the backend pads them to 64 bytes; ZeRO pieces and odd-sized
+ * tensors need not be): most start off a 16-byte boundary. shift[] moves each role's arena (param, grad, m, v in
+ * floats, the bf16 copy in bf16 elements): equal shifts keep one phase (peel up to 3 elements, then 16-byte words),
+ * different shifts force the element path. m and v must match the CPU bit for bit either way. */
+static void run_stableadamw_packed(const int shift[5], uint64_t seed) {
+    mb_rng rng;
+    mb_rng_seed(&rng, seed);
+    mb_error err = {{0}};
+    enum { kTensors = 7, kSteps = 2 };
+    const size_t sizes[kTensors] = {3, 1, 70001, 5, 768, (size_t)size_for(131075, 65539), 2};
+    size_t offset[kTensors], total = 0;
+    for (int t = 0; t < kTensors; t++) offset[t] = total, total += sizes[t];
+    size_t bytes = (total + 4) * sizeof(float);
+    float *param_ref = random_floats(&rng, total, 0.0, 0.02), *param_start = copy_floats(param_ref, total);
+    float *m_ref = calloc(total, sizeof(float)), *v_ref = calloc(total, sizeof(float));
+    float *d_param = (float *)dev_alloc(bytes) + shift[0], *d_grad = (float *)dev_alloc(bytes) + shift[1];
+    float *d_m = (float *)dev_alloc(bytes) + shift[2], *d_v = (float *)dev_alloc(bytes) + shift[3];
+    mb_bf16 *d_copy = (mb_bf16 *)dev_alloc((total + 4) * sizeof(mb_bf16)) + shift[4];
+    upload(d_param, param_ref, total * sizeof(float));
+    cr_assert_eq(cudaMemset(d_m, 0, total * sizeof(float)), cudaSuccess, "memset");
+    cr_assert_eq(cudaMemset(d_v, 0, total * sizeof(float)), cudaSuccess, "memset");
+    dev_poison(d_copy, total * sizeof(mb_bf16));
+    float *grad = NULL;
+    mb_adamw_param cpu[kTensors];
+    mb_cuda_adamw_tensor gpu[kTensors];
+    for (int t = 0; t < kTensors; t++) {
+        size_t o = offset[t];
+        cpu[t] = (mb_adamw_param){"packed", param_ref + o, NULL, m_ref + o, v_ref + o, sizes[t], t % 2 == 0};
+        gpu[t] = (mb_cuda_adamw_tensor){d_param + o, d_grad + o, d_m + o, d_v + o, t == 3 ? NULL : d_copy + o,
+                                        sizes[t], t % 2 == 0, t};
+    }
+    mb_cuda_adamw *adamw = NULL;
+    cr_assert_eq(mb_cuda_adamw_create(&adamw, gpu, kTensors, &err), 0, "adamw_create: %s", err.message);
+    mb_stableadamw opt_cpu, opt_gpu;
+    mb_stableadamw_init(&opt_cpu, 1e-3, 0.05);
+    mb_stableadamw_init(&opt_gpu, 1e-3, 0.05);
+    for (int step = 0; step < kSteps; step++) {
+        free(grad);
+        grad = random_floats(&rng, total, 0.0, 1e-3);
+        for (int t = 0; t < kTensors; t++) cpu[t].grad = grad + offset[t];
+        upload(d_grad, grad, total * sizeof(float));
+        cr_assert_eq(mb_stableadamw_step(&opt_cpu, cpu, kTensors, 1e-3, NULL, &err), 0, "%s", err.message);
+        launched(mb_cuda_adamw_step(adamw, &opt_gpu, 1e-3, test_stream, &err), &err, "adamw_step");
+    }
+    float *param = download_floats(d_param, total), *m = download_floats(d_m, total), *v = download_floats(d_v, total);
+    mb_bf16 *copy = malloc(total * sizeof(mb_bf16));
+    download(copy, d_copy, total * sizeof(mb_bf16));
+    char what[96];
+    snprintf(what, sizeof what, "packed stableadamw (shifts %d %d %d %d %d)", shift[0], shift[1], shift[2], shift[3],
+             shift[4]);
+    cr_expect(memcmp(m, m_ref, total * sizeof(float)) == 0, "%s: m differs from the CPU's bits", what);
+    cr_expect(memcmp(v, v_ref, total * sizeof(float)) == 0, "%s: v differs from the CPU's bits", what);
+    size_t copy_mismatch = 0;
+    for (int t = 0; t < kTensors; t++)
+        for (size_t i = offset[t]; i < offset[t] + sizes[t]; i++) /* tensor 3 has no copy: its poison must stay */
+            copy_mismatch += copy[i] != (t == 3 ? (mb_bf16)0xFFFF : mb_bf16_from_float(param[i]));
+    cr_expect_eq(copy_mismatch, 0, "%s: %zu bf16 copies wrong", what, copy_mismatch);
+    for (size_t i = 0; i < total; i++) param[i] -= param_start[i], param_ref[i] -= param_start[i];
+    expect_close(what, param, param_ref, total, OPT_TOLERANCE);
+    mb_cuda_adamw_destroy(adamw);
+    free(grad), free(param_ref), free(param_start), free(m_ref), free(v_ref), free(param), free(m), free(v), free(copy);
+    cudaFree(d_param - shift[0]), cudaFree(d_grad - shift[1]), cudaFree(d_m - shift[2]), cudaFree(d_v - shift[3]);
+    cudaFree(d_copy - shift[4]);
+}
+
+Test(gpu_ops, stableadamw_packed) {
+    require_gpu();
+    run_stableadamw_packed((const int[5]){0, 0, 0, 0, 0}, 151); /* one phase: peeled heads, 16-byte words */
+    run_stableadamw_packed((const int[5]){1, 1, 1, 1, 1}, 152); /* shifted by one element everywhere: still one phase */
+    run_stableadamw_packed((const int[5]){0, 1, 2, 3, 1}, 153); /* phases differ: the element path */
+}
