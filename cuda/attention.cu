@@ -684,6 +684,32 @@ __global__ void attention_dq_convert_kernel(mb::bf16 *dqkv, const float *dq_accu
     mb::store_bf16x8(dqkv + token * 3 * hidden + column, mb::pack_bf16x8(values));
 }
 
+/* The same with RoPE's backward: a thread converts elements d0..d0+7 of one head vector and their partners d0 + D/2
+ * (d0 < D/2), rotating each pair with the token's angles from `rope` (mb_cuda_rope_table) before rounding. */
+__global__ void attention_dq_convert_rope_kernel(mb::bf16 *dqkv, const float *dq_accum, const float2 *rope,
+                                                 size_t groups, int heads, int head_dim, float scale) {
+    size_t g = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (g >= groups) return;
+    const int half = head_dim / 2, per_head = half / 8, hidden = heads * head_dim;
+    const size_t token = g / ((size_t)heads * per_head);
+    const int rest = (int)(g - token * heads * per_head), head = rest / per_head, d0 = (rest % per_head) * 8;
+    const size_t first = token * hidden + (size_t)head * head_dim + d0;
+    const float2 *angles = rope + token * half + d0;
+    const float4 *x1_from = reinterpret_cast<const float4 *>(dq_accum + first);
+    const float4 *x2_from = reinterpret_cast<const float4 *>(dq_accum + first + half);
+    const float4 a0 = x1_from[0], a1 = x1_from[1], b0 = x2_from[0], b1 = x2_from[1];
+    float x1[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w}, x2[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        x1[k] *= scale;
+        x2[k] *= scale;
+        rope_back(x1[k], x2[k], angles[k]);
+    }
+    mb::bf16 *out = dqkv + token * 3 * hidden + (size_t)head * head_dim + d0;
+    mb::store_bf16x8(out, mb::pack_bf16x8(x1));
+    mb::store_bf16x8(out + half, mb::pack_bf16x8(x2));
+}
+
 /* ---- launch helpers ---- */
 
 struct workspace_layout {
@@ -838,12 +864,20 @@ int launch_backward_deterministic(mb::bf16 *dqkv, workspace_layout w, const mb::
     return 0;
 }
 
-/* dQ = scale · dq_accum into the Q block of dqkv (after an atomic backward). */
-int convert_dq(mb::bf16 *dqkv, workspace_layout w, int n, int heads, int head_dim, cudaStream_t stream,
-               mb_error *err) {
+/* dQ = scale · dq_accum into the Q block of dqkv (after an atomic backward), rotated back by RoPE's backward when a
+ * rope table is given. */
+int convert_dq(mb::bf16 *dqkv, workspace_layout w, int n, int heads, int head_dim, const float2 *rope,
+               cudaStream_t stream, mb_error *err) {
     int hidden = heads * head_dim;
     size_t groups = (size_t)n * hidden / 8;
     float scale = 1.0f / sqrtf((float)head_dim);
+    if (rope != nullptr) {
+        groups /= 2; /* a thread takes a pair of 8-element groups */
+        attention_dq_convert_rope_kernel<<<(unsigned)mb::ceil_div(groups, (size_t)256), 256, 0, stream>>>(
+            dqkv, w.dq_accum, rope, groups, heads, head_dim, scale);
+        MB_CUDA_CHECK_LAUNCH(err, "attention_dq_convert_rope_kernel");
+        return 0;
+    }
     attention_dq_convert_kernel<<<(unsigned)mb::ceil_div(groups, (size_t)256), 256, 0, stream>>>(dqkv, w.dq_accum,
                                                                                                  groups, hidden, scale);
     MB_CUDA_CHECK_LAUNCH(err, "attention_dq_convert_kernel");
@@ -864,7 +898,7 @@ int launch_backward_atomic(mb::bf16 *dqkv, workspace_layout w, const mb::bf16 *d
         dqkv, w.dq_accum, dout, lse, w.delta, qkv, cu_seqlens, w.seq_first, w.tile_seq, num_seqs, heads, window,
         scale, scale_log2);
     MB_CUDA_CHECK_LAUNCH(err, "attention_backward_kernel");
-    return convert_dq(dqkv, w, n, heads, D, stream, err);
+    return convert_dq(dqkv, w, n, heads, D, nullptr, stream, err);
 }
 
 /* Which backward runs. deterministic = 1: the ordered kernels. deterministic = 0: the atomic kernel, v4 (4 warps ×
@@ -896,22 +930,23 @@ backward_path choose_backward(int head_dim, int window, int deterministic) {
     return local ? backward_path::atomic_v3 : backward_path::atomic_v4;
 }
 
+/* rope: RoPE's backward in the stores (band and wgmma paths only; the caller checked). */
 template <int D>
 int launch_backward(mb::bf16 *dqkv, workspace_layout w, const mb::bf16 *dout, const float *lse, const mb::bf16 *qkv,
                     const int32_t *cu_seqlens, int num_seqs, int n, int heads, int window, backward_path path,
-                    cudaStream_t stream, mb_error *err) {
+                    const float2 *rope, cudaStream_t stream, mb_error *err) {
     mb::attention_plan plan;
     switch (path) {
     case backward_path::band:
         if (plan_for(&plan, w, cu_seqlens, num_seqs, n, heads, kBandTile, stream, err) != 0) return -1;
         return mb_attention_band_backward(dqkv, dout, lse, w.delta, qkv, cu_seqlens, plan, num_seqs, n, heads, D,
-                                          window, stream, err);
+                                          window, rope, stream, err);
     case backward_path::wgmma:
         if (plan_for(&plan, w, cu_seqlens, num_seqs, n, heads, kWgmmaBackwardTile, stream, err) != 0) return -1;
         if (mb_attention_wgmma_backward(dqkv, w.dq_accum, dout, lse, w.delta, qkv, cu_seqlens, plan, num_seqs, n,
-                                        heads, D, window, stream, err) != 0)
+                                        heads, D, window, rope, stream, err) != 0)
             return -1;
-        return convert_dq(dqkv, w, n, heads, D, stream, err);
+        return convert_dq(dqkv, w, n, heads, D, rope, stream, err);
     case backward_path::ordered:
         return launch_backward_deterministic<D>(dqkv, w, dout, lse, qkv, cu_seqlens, num_seqs, n, heads, window,
                                                 stream, err);
@@ -953,10 +988,12 @@ extern "C" int mb_cuda_attention_forward(mb_bf16 *out, float *lse, void *workspa
     }
 }
 
-extern "C" int mb_cuda_attention_backward(mb_bf16 *dqkv, void *workspace, const mb_bf16 *dout, const mb_bf16 *out,
-                                          const float *lse, const mb_bf16 *qkv, const int32_t *cu_seqlens,
-                                          int num_seqs, int n, int heads, int head_dim, int window, int deterministic,
-                                          cudaStream_t stream, mb_error *err) {
+namespace {
+
+/* The backward of either entry point; rope (may be nullptr) only on the band and wgmma paths. */
+int attention_backward(mb_bf16 *dqkv, void *workspace, const mb_bf16 *dout, const mb_bf16 *out, const float *lse,
+                       const mb_bf16 *qkv, const int32_t *cu_seqlens, int num_seqs, int n, int heads, int head_dim,
+                       int window, int deterministic, const float2 *rope, cudaStream_t stream, mb_error *err) {
     if (check_arguments("attention_backward", qkv, cu_seqlens, workspace, num_seqs, n, heads, head_dim, err) != 0)
         return -1;
     MB_REQUIRE(err, dqkv && dout && out && lse, "attention_backward: missing dqkv, dout, out or lse");
@@ -967,6 +1004,12 @@ extern "C" int mb_cuda_attention_backward(mb_bf16 *dqkv, void *workspace, const 
     MB_NVTX_RANGE("attention_backward");
     workspace_layout w = carve_workspace(workspace, n, num_seqs, heads);
     backward_path path = choose_backward(head_dim, window, deterministic);
+    MB_REQUIRE(err, rope == nullptr || path == backward_path::band || path == backward_path::wgmma,
+               "attention_backward_rope: head_dim %d, window %d, deterministic %d takes a path without RoPE in its "
+               "stores (ask mb_cuda_attention_backward_fuses_rope)",
+               head_dim, window, deterministic);
+    MB_REQUIRE(err, rope == nullptr || reinterpret_cast<uintptr_t>(rope) % 16 == 0,
+               "attention_backward_rope: the rope table must be 16-byte aligned");
     size_t pairs = (size_t)n * heads;
     float *dq_accum = path == backward_path::ordered || path == backward_path::band ? nullptr : w.dq_accum;
     const mb::bf16 *g = reinterpret_cast<const mb::bf16 *>(dout), *o = reinterpret_cast<const mb::bf16 *>(out);
@@ -981,11 +1024,36 @@ extern "C" int mb_cuda_attention_backward(mb_bf16 *dqkv, void *workspace, const 
     const mb::bf16 *x = reinterpret_cast<const mb::bf16 *>(qkv);
     switch (head_dim) {
     case 32:
-        return launch_backward<32>(d, w, g, lse, x, cu_seqlens, num_seqs, n, heads, window, path, stream, err);
+        return launch_backward<32>(d, w, g, lse, x, cu_seqlens, num_seqs, n, heads, window, path, rope, stream, err);
     case 64:
-        return launch_backward<64>(d, w, g, lse, x, cu_seqlens, num_seqs, n, heads, window, path, stream, err);
+        return launch_backward<64>(d, w, g, lse, x, cu_seqlens, num_seqs, n, heads, window, path, rope, stream, err);
     default:
-        return launch_backward<128>(d, w, g, lse, x, cu_seqlens, num_seqs, n, heads, window, path, stream,
+        return launch_backward<128>(d, w, g, lse, x, cu_seqlens, num_seqs, n, heads, window, path, rope, stream,
                                     err);
     }
+}
+
+}  // namespace
+
+extern "C" int mb_cuda_attention_backward(mb_bf16 *dqkv, void *workspace, const mb_bf16 *dout, const mb_bf16 *out,
+                                          const float *lse, const mb_bf16 *qkv, const int32_t *cu_seqlens,
+                                          int num_seqs, int n, int heads, int head_dim, int window, int deterministic,
+                                          cudaStream_t stream, mb_error *err) {
+    return attention_backward(dqkv, workspace, dout, out, lse, qkv, cu_seqlens, num_seqs, n, heads, head_dim, window,
+                              deterministic, nullptr, stream, err);
+}
+
+extern "C" int mb_cuda_attention_backward_fuses_rope(int head_dim, int window, int deterministic) {
+    backward_path path = choose_backward(head_dim, window, deterministic);
+    return path == backward_path::band || path == backward_path::wgmma;
+}
+
+extern "C" int mb_cuda_attention_backward_rope(mb_bf16 *dqkv, void *workspace, const mb_bf16 *dout,
+                                               const mb_bf16 *out, const float *lse, const mb_bf16 *qkv,
+                                               const int32_t *cu_seqlens, int num_seqs, int n, int heads,
+                                               int head_dim, int window, int deterministic, const float *rope_table,
+                                               cudaStream_t stream, mb_error *err) {
+    MB_REQUIRE(err, rope_table != nullptr, "attention_backward_rope: missing the rope table");
+    return attention_backward(dqkv, workspace, dout, out, lse, qkv, cu_seqlens, num_seqs, n, heads, head_dim, window,
+                              deterministic, reinterpret_cast<const float2 *>(rope_table), stream, err);
 }

@@ -82,6 +82,8 @@ struct band_args {
     const int32_t *cu_seqlens, *seq_first, *tile_seq;
     int num_seqs, heads, window;
     float scale, scale_log2; /* 1/sqrt(d) (backward only) and scale·log2 e */
+    const float2 *rope;      /* backward: RoPE's backward on dQ and dK in their stores (table of mb_cuda_rope_table), or
+                                nullptr */
 };
 
 /* ---- the block's tile and its strips ---- */
@@ -447,9 +449,9 @@ __device__ __forceinline__ void dq_chunk(float dq[][4], const dq_operands<D> &x,
 /* dK (times scale) and dV of the warp's 16 keys, rows past the tile skipped. */
 template <int D>
 __device__ __forceinline__ void store_dkdv(mb::bf16 *dqkv, const band_tile &bt, const warp_band &b,
-                                           const float dk[][4], const float dv[][4], float scale) {
+                                           const float dk[][4], const float dv[][4], float scale, const float2 *rope) {
     const int key_a = b.row0 + threadIdx.x % mb::kWarpSize / 4;
-    store_rows<D>(dqkv + bt.hidden + bt.head * D, bt.qkv_stride, dk, key_a, bt.t.end, scale);
+    store_rows_maybe_rope<D>(dqkv + bt.hidden + bt.head * D, bt.qkv_stride, dk, key_a, bt.t.end, scale, rope);
     store_rows<D>(dqkv + 2 * bt.hidden + bt.head * D, bt.qkv_stride, dv, key_a, bt.t.end, 1.0f);
 }
 
@@ -494,7 +496,7 @@ __global__ void __launch_bounds__(kBandThreads, band<D, kPad>::bwd_blocks)
 #pragma unroll
         for (int j0 = 0; j0 < kN; j0 += kC)
             dkdv_chunk<D, kPad, false>(dk, dv, k_frag, v_frag, s, b, warp, j0, nullptr, a.window, a.scale_log2);
-        store_dkdv<D>(dqkv, bt, b, dk, dv, a.scale);
+        store_dkdv<D>(dqkv, bt, b, dk, dv, a.scale, a.rope);
     }
     cp_async_wait<0>();
     __syncthreads();
@@ -506,7 +508,7 @@ __global__ void __launch_bounds__(kBandThreads, band<D, kPad>::bwd_blocks)
     zero<shape<D>::d_tiles>(dq);
 #pragma unroll
     for (int j0 = 0; j0 < kN; j0 += kC) dq_chunk<D, kPad, kC>(dq, x, s, b, warp, j0, a.window, a.scale_log2);
-    store_rows<D>(dqkv + bt.head * D, bt.qkv_stride, dq, b.row0 + lane / 4, bt.t.end, a.scale);
+    store_rows_maybe_rope<D>(dqkv + bt.head * D, bt.qkv_stride, dq, b.row0 + lane / 4, bt.t.end, a.scale, a.rope);
 }
 
 /* ---- backward reusing the centre's dS (head_dim <= 64, window > 16) ----
@@ -551,7 +553,7 @@ __device__ __forceinline__ void load_a_transposed(uint32_t a[4], const mb::bf16 
 template <int D, int kPad>
 __device__ __forceinline__ void centre_dq(mb::bf16 *dqkv, const band_tile &bt, const warp_band &b,
                                           const backward_strips &s, const mb::bf16 *ds_centre, int warp, int window,
-                                          float scale, float scale_log2) {
+                                          float scale, float scale_log2, const float2 *rope) {
     constexpr int kStride = band<D, kPad>::stride, kDsStride = centre<D, kPad>::ds_stride;
     const int lane = threadIdx.x % mb::kWarpSize;
     dq_operands<D> x;
@@ -576,7 +578,7 @@ __device__ __forceinline__ void centre_dq(mb::bf16 *dqkv, const band_tile &bt, c
             mb::mma_bf16_16816(dq[dt + 1], a, bf[2], bf[3]);
         }
     }
-    store_rows<D>(dqkv + bt.head * D, bt.qkv_stride, dq, b.row0 + lane / 4, bt.t.end, scale);
+    store_rows_maybe_rope<D>(dqkv + bt.head * D, bt.qkv_stride, dq, b.row0 + lane / 4, bt.t.end, scale, rope);
 }
 
 template <int D, int kPad>
@@ -638,11 +640,12 @@ __global__ void __launch_bounds__(kBandThreads, band<D, kPad>::bwd_blocks)
 #pragma unroll
         for (int c = cg::early_chunks; c < cg::chunks; c++)
             dkdv_chunk<D, kPad, true>(dk, dv, k_frag, v_frag, s, b, warp, c * kC, ds_rows, a.window, a.scale_log2);
-        store_dkdv<D>(dqkv, bt, b, dk, dv, a.scale);
+        store_dkdv<D>(dqkv, bt, b, dk, dv, a.scale, a.rope);
     }
     cp_async_wait<0>();
     __syncthreads();
-    if (active) centre_dq<D, kPad>(dqkv, bt, b, s, ds_centre, warp, a.window, a.scale, a.scale_log2);
+    if (active) centre_dq<D, kPad>(dqkv, bt, b, s, ds_centre, warp, a.window, a.scale, a.scale_log2,
+                                      a.rope);
 }
 
 /* ---- launchers ---- */
@@ -734,7 +737,7 @@ int check_call(const char *what, const void *qkv, const band_call &c, int n, int
 
 band_call make_call(const int32_t *cu_seqlens, mb::attention_plan plan, int num_seqs, int heads, int window,
                     cudaStream_t stream) {
-    return {plan, stream, {cu_seqlens, plan.seq_first, plan.tile_seq, num_seqs, heads, window, 0.0f, 0.0f}};
+    return {plan, stream, {cu_seqlens, plan.seq_first, plan.tile_seq, num_seqs, heads, window, 0.0f, 0.0f, nullptr}};
 }
 
 }  // namespace
@@ -757,9 +760,10 @@ int mb_attention_band_forward(mb::bf16 *out, float *lse, const mb::bf16 *qkv, co
 
 int mb_attention_band_backward(mb::bf16 *dqkv, const mb::bf16 *dout, const float *lse, const float *delta,
                                const mb::bf16 *qkv, const int32_t *cu_seqlens, mb::attention_plan plan,
-                               int num_seqs, int n, int heads, int head_dim, int window, cudaStream_t stream,
-                               mb_error *err) {
-    const band_call c = make_call(cu_seqlens, plan, num_seqs, heads, window, stream);
+                               int num_seqs, int n, int heads, int head_dim, int window, const float2 *rope,
+                               cudaStream_t stream, mb_error *err) {
+    band_call c = make_call(cu_seqlens, plan, num_seqs, heads, window, stream);
+    c.args.rope = rope;
     if (check_call("attention_band_backward", qkv, c, n, head_dim, err) != 0) return -1;
     MB_REQUIRE(err, dqkv && dout && lse && delta, "attention_band_backward: missing dqkv, dout, lse or delta");
     MB_REQUIRE(err, reinterpret_cast<uintptr_t>(dout) % 16 == 0, "attention_band_backward: dout must be 16-byte aligned");

@@ -24,10 +24,11 @@ int mb_attention_band_forward(mb::bf16 *out, float *lse, const mb::bf16 *qkv, co
                               mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim, int window,
                               cudaStream_t stream, mb_error *err);
 
-/* Writes all of dqkv (dQ | dK | dV) from dout, the forward's lse and delta = Σ_d dout·out [n, heads]. */
+/* Writes all of dqkv (dQ | dK | dV) from dout, the forward's lse and delta = Σ_d dout·out [n, heads]; with a rope
+ * table (mb_cuda_rope_table, else nullptr) dQ and dK come out with RoPE's backward applied (rope_back). */
 int mb_attention_band_backward(mb::bf16 *dqkv, const mb::bf16 *dout, const float *lse, const float *delta,
                                const mb::bf16 *qkv, const int32_t *cu_seqlens, mb::attention_plan plan,
-                               int num_seqs, int n, int heads, int head_dim, int window, cudaStream_t stream,
-                               mb_error *err);
+                               int num_seqs, int n, int heads, int head_dim, int window, const float2 *rope,
+                               cudaStream_t stream, mb_error *err);
 
 #endif

@@ -26,6 +26,17 @@ namespace {
 
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
+/* RoPE's backward on one head vector's elements d and d + head_dim/2 (x1, x2), fp32, with (cos, sin) = rope[d] of the
+ * token's row of mb_cuda_rope_table: mb_cuda_rope's direction −1 (x1·c + x2·s, x2·c − x1·s) before rounding. The
+ * stores of dQ and dK apply it when their kernel is given a table (mb_cuda_attention_backward_rope); every layout
+ * here keeps d and d + head_dim/2 in the same thread (the m16n8 and wgmma accumulators hold columns 8j + 2·(lane % 4)
+ * + {0, 1} for every 8-column block j). */
+__device__ __forceinline__ void rope_back(float &x1, float &x2, float2 cs) {
+    const float y1 = x1 * cs.x + x2 * cs.y, y2 = x2 * cs.x - x1 * cs.y;
+    x1 = y1;
+    x2 = y2;
+}
+
 
 /* ---- cp.async (sm_80+): 16-byte global -> shared copies that bypass registers; src_size 0 writes zeros ---- */
 

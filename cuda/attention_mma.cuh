@@ -226,6 +226,46 @@ __device__ __forceinline__ void store_rows(mb::bf16 *dst, size_t row_stride, con
     }
 }
 
+/* store_rows with RoPE's backward (rope_back) on each row's pairs (d, d + D/2) = n-tiles (dt, dt + D/16), the
+ * angles from rope = the table of mb_cuda_rope_table ([token][D/2] (cos, sin)); rows are tokens. */
+template <int D>
+__device__ __forceinline__ void store_rows_rope_back(mb::bf16 *dst, size_t row_stride,
+                                                     const float acc[shape<D>::d_tiles][4], int row_a, int row_end,
+                                                     float scale, const float2 *rope) {
+    constexpr int kHalfTiles = D / 16;
+    int quad = threadIdx.x % 4;
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        int row = row_a + 8 * half;
+        if (row >= row_end) continue;
+        const float2 *angles = rope + (size_t)row * (D / 2);
+        mb::bf16 *out = dst + (size_t)row * row_stride;
+#pragma unroll
+        for (int dt = 0; dt < kHalfTiles; dt++) {
+            float x1[2], x2[2];
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                x1[c] = acc[dt][2 * half + c] * scale;
+                x2[c] = acc[dt + kHalfTiles][2 * half + c] * scale;
+                rope_back(x1[c], x2[c], angles[dt * 8 + 2 * quad + c]);
+            }
+            *reinterpret_cast<mb::bf162 *>(out + dt * 8 + 2 * quad) = __floats2bfloat162_rn(x1[0], x1[1]);
+            *reinterpret_cast<mb::bf162 *>(out + D / 2 + dt * 8 + 2 * quad) = __floats2bfloat162_rn(x2[0], x2[1]);
+        }
+    }
+}
+
+/* store_rows, or store_rows_rope_back when a table is given (uniform). */
+template <int D>
+__device__ __forceinline__ void store_rows_maybe_rope(mb::bf16 *dst, size_t row_stride,
+                                                      const float acc[shape<D>::d_tiles][4], int row_a, int row_end,
+                                                      float scale, const float2 *rope) {
+    if (rope != nullptr)
+        store_rows_rope_back<D>(dst, row_stride, acc, row_a, row_end, scale, rope);
+    else
+        store_rows<D>(dst, row_stride, acc, row_a, row_end, scale);
+}
+
 }  // namespace
 
 #endif

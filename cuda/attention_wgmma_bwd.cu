@@ -128,6 +128,7 @@ struct backward_args {
     const int32_t *cu_seqlens;
     int num_seqs, heads;
     float scale, scale_log2;
+    const float2 *rope; /* RoPE's backward on dK in its store (table of mb_cuda_rope_table), or nullptr */
 };
 
 /* The device helpers exist in the host and sm_90a passes only: the sm_80 pass compiles empty kernel bodies. */
@@ -405,16 +406,34 @@ __device__ __forceinline__ void reduce_dq(float *columns, int hidden, const floa
 }
 
 /* Rows key0 (+8) of a 64 × 64 accumulator, times scale, as bf16 pairs into a [*, 64] slice (row stride in elements);
- * keys >= key_end are skipped. */
+ * keys >= key_end are skipped. With a rope table (uniform), RoPE's backward on each row first: columns d and d + 32
+ * are blocks j and j + 4 of the same thread (rope_back). */
 __device__ __forceinline__ void store_key_rows(mb::bf16 *slice, size_t row_stride, const float (&acc)[32], int key0,
-                                               int key_end, int col, float scale) {
+                                               int key_end, int col, float scale, const float2 *rope) {
 #pragma unroll
     for (int half = 0; half < 2; half++) {
         int key = key0 + 8 * half;
         if (key >= key_end) continue;
+        mb::bf16 *row = slice + (size_t)key * row_stride;
+        if (rope != nullptr) {
+            const float2 *angles = rope + (size_t)key * (kHeadDim / 2);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                float x1[2], x2[2];
+#pragma unroll
+                for (int c = 0; c < 2; c++) {
+                    x1[c] = acc[4 * j + 2 * half + c] * scale;
+                    x2[c] = acc[4 * (j + 4) + 2 * half + c] * scale;
+                    rope_back(x1[c], x2[c], angles[8 * j + col + c]);
+                }
+                *reinterpret_cast<mb::bf162 *>(row + 8 * j + col) = __floats2bfloat162_rn(x1[0], x1[1]);
+                *reinterpret_cast<mb::bf162 *>(row + 32 + 8 * j + col) = __floats2bfloat162_rn(x2[0], x2[1]);
+            }
+            continue;
+        }
 #pragma unroll
         for (int j = 0; j < 8; j++)
-            *reinterpret_cast<mb::bf162 *>(slice + (size_t)key * row_stride + 8 * j + col) =
+            *reinterpret_cast<mb::bf162 *>(row + 8 * j + col) =
                 __floats2bfloat162_rn(acc[4 * j + 2 * half] * scale, acc[4 * j + 2 * half + 1] * scale);
     }
 }
@@ -748,8 +767,9 @@ __device__ __forceinline__ void consume(char *smem, const backward_args &a, cons
     fence_registers(dq);
     reduce_dq(c.dq_columns, c.hidden, dq, c.query_lo + last * kStepQueries, c.query_hi, c.f);
     const size_t qkv_stride = 3 * (size_t)c.hidden;
-    store_key_rows(a.dqkv + c.hidden + c.head * kHeadDim, qkv_stride, dk, c.key_a, c.t.end, c.f.col, a.scale);
-    store_key_rows(a.dqkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, dv, c.key_a, c.t.end, c.f.col, 1.0f);
+    store_key_rows(a.dqkv + c.hidden + c.head * kHeadDim, qkv_stride, dk, c.key_a, c.t.end, c.f.col, a.scale, a.rope);
+    store_key_rows(a.dqkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, dv, c.key_a, c.t.end, c.f.col, 1.0f,
+                   nullptr);
 }
 
 }  // namespace v2
@@ -799,8 +819,9 @@ __global__ void __launch_bounds__(kBwdThreads, 1) wgmma_backward_kernel(backward
     wgmma_wait<0>();
     fence_registers(dq);
     reduce_dq(c.dq_columns, c.hidden, dq, c.query_lo + (c.steps - 1) * kStepQueries, c.query_hi, c.f);
-    store_key_rows(a.dqkv + c.hidden + c.head * kHeadDim, qkv_stride, dk, c.key_a, c.t.end, c.f.col, a.scale);
-    store_key_rows(a.dqkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, dv, c.key_a, c.t.end, c.f.col, 1.0f);
+    store_key_rows(a.dqkv + c.hidden + c.head * kHeadDim, qkv_stride, dk, c.key_a, c.t.end, c.f.col, a.scale, a.rope);
+    store_key_rows(a.dqkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, dv, c.key_a, c.t.end, c.f.col, 1.0f,
+                   nullptr);
 #endif
 }
 
@@ -943,7 +964,7 @@ backward_version version_from_environment() {
 int launch_backward(backward_version version, mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout,
                     const float *lse, const float *delta, const mb::bf16 *qkv, const int32_t *cu_seqlens,
                     mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim, int window,
-                    cudaStream_t stream, mb_error *err) {
+                    const float2 *rope, cudaStream_t stream, mb_error *err) {
     MB_REQUIRE(err, head_dim == kHeadDim && window < 0,
                "attention_wgmma_backward: head_dim %d, window %d (only head_dim 64, global layers)", head_dim, window);
     MB_REQUIRE(err, plan.tile == kWgmmaBackwardTile, "attention_wgmma_backward: plan tile %d, expected %d", plan.tile,
@@ -958,7 +979,8 @@ int launch_backward(backward_version version, mb::bf16 *dqkv, float *dq_accum, c
                "attention_wgmma_backward: dqkv, dq_accum, dout and qkv must be 16-byte aligned");
     if (plan.blocks == 0) return 0;
     float scale = 1.0f / sqrtf((float)kHeadDim);
-    backward_args args = {dqkv, dq_accum, dout, qkv, lse, delta, cu_seqlens, num_seqs, heads, scale, kLog2e * scale};
+    backward_args args = {dqkv,    dq_accum, dout,  qkv,           lse, delta, cu_seqlens,
+                          num_seqs, heads,    scale, kLog2e * scale, rope};
     if (version == backward_version::v1) {
         MB_CUDA_CHECK(err, cudaFuncSetAttribute(wgmma_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                 (int)kSharedBytes));
@@ -978,9 +1000,9 @@ int launch_backward(backward_version version, mb::bf16 *dqkv, float *dq_accum, c
 int mb_attention_wgmma_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout, const float *lse,
                                 const float *delta, const mb::bf16 *qkv, const int32_t *cu_seqlens,
                                 mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim, int window,
-                                cudaStream_t stream, mb_error *err) {
+                                const float2 *rope, cudaStream_t stream, mb_error *err) {
     return launch_backward(version_from_environment(), dqkv, dq_accum, dout, lse, delta, qkv, cu_seqlens, plan,
-                           num_seqs, n, heads, head_dim, window, stream, err);
+                           num_seqs, n, heads, head_dim, window, rope, stream, err);
 }
 
 /* ---- self-test ---- */
@@ -1225,7 +1247,7 @@ int selftest_kernel(report_text &r, backward_version version) {
     mb_error err;
     err.message[0] = '\0';
     if (launch_backward(version, d_dqkv, d_dq, d_dout, d_lse, d_delta, d_qkv, d_cu, plan, num_seqs, n, heads,
-                        kHeadDim, -1, nullptr, &err) != 0) {
+                        kHeadDim, -1, nullptr, nullptr, &err) != 0) {
         r.add("launch: %s\n", err.message);
         return -1;
     }

@@ -18,11 +18,12 @@ bool mb_attention_wgmma_backward_supports(int head_dim, int window);
  * and ADDS the unscaled Σ_j dS_ij k_j into dq_accum [n, H] fp32 (zeroed by the caller; the caller's convert kernel
  * writes dQ = scale·dq_accum). P_ij = exp(s_ij − lse_i), dS = P ∘ (dP − delta_i), dP = dO·Vᵀ. `plan` must be built
  * for tiles of kWgmmaBackwardTile tokens. MB_ATTENTION_WGMMA_BWD=v1 (read per call) runs round 1's kernel instead
- * of v2 (same contract). Returns 0, or -1 with err filled (bad arguments, failed launch). */
+ * of v2 (same contract). With a rope table (mb_cuda_rope_table, else nullptr) dK is stored with RoPE's backward
+ * applied (dQ's is the convert kernel's). Returns 0, or -1 with err filled (bad arguments, failed launch). */
 int mb_attention_wgmma_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout, const float *lse,
                                 const float *delta, const mb::bf16 *qkv, const int32_t *cu_seqlens,
                                 mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim, int window,
-                                cudaStream_t stream, mb_error *err);
+                                const float2 *rope, cudaStream_t stream, mb_error *err);
 
 /* Device self-test (synchronizes; allocates its own buffers). Part 1 runs the kernel's three wgmma tile products
  * (K-major Sᵀ = X·Yᵀ, register-A dV-style X·Y with N-major B, and the dQ product with M-major A and N-major B at a

@@ -114,6 +114,10 @@ struct cuda_backend {
     size_t acts_bytes;
     budget cap;
     int32_t *ids, *cu_seqlens, *positions, *row_tokens, *targets;
+    /* RoPE angles of this batch ([n][head_dim/2] (cos, sin), mb_cuda_rope_table) for the two kinds of layer (global,
+     * local) and their theta (0: not computed); the attention backward applies RoPE's backward with them */
+    float *rope_tables[2];
+    double rope_thetas[2];
     float *sequence_labels, *row_loss, *row_lse;
     mb_bf16 *embedded, *hidden0;
     float *embedded_mean, *embedded_rstd;
@@ -372,6 +376,7 @@ void carve_activations(cuda_backend *c, carver *k, const mb_config *cfg, const b
     c->ids = k->take<int32_t>(n);
     c->cu_seqlens = k->take<int32_t>(S + 1);
     c->positions = k->take<int32_t>(n);
+    for (int kind = 0; kind < 2; kind++) c->rope_tables[kind] = k->take<float>(n * (size_t)cfg->head_dim);
     c->row_tokens = k->take<int32_t>(R);
     c->targets = k->take<int32_t>(R);
     c->sequence_labels = k->take<float>(R);
@@ -527,10 +532,36 @@ int upload_batch(cuda_backend *c, const mb_config *cfg, const mb_batch *batch, i
     return 0;
 }
 
+/* Kind of a layer for the rope tables: 0 global, 1 local (sliding window). */
+int rope_kind(const mb_config *cfg, int l) { return mb_layer_window(cfg, l) < 0 ? 0 : 1; }
+
+/* Whether layer l's attention backward applies RoPE's backward in its own stores (its path supports it and the
+ * batch's table holds this layer's theta); otherwise the separate mb_cuda_rope pass runs. */
+bool rope_fused(const cuda_backend *c, const mb_config *cfg, int l) {
+    return mb_cuda_attention_backward_fuses_rope(cfg->head_dim, mb_layer_window(cfg, l), c->deterministic) &&
+           c->rope_thetas[rope_kind(cfg, l)] == mb_layer_rope_theta(cfg, l);
+}
+
+/* The batch's rope tables, one per kind of layer that has a layer with a fused backward (theta of its first one). */
+int rope_tables_forward(cuda_backend *c, const mb_config *cfg, int n, mb_error *err) {
+    c->rope_thetas[0] = c->rope_thetas[1] = 0.0;
+    for (int l = 0; l < cfg->num_hidden_layers; l++) {
+        int kind = rope_kind(cfg, l);
+        if (c->rope_thetas[kind] != 0.0 ||
+            !mb_cuda_attention_backward_fuses_rope(cfg->head_dim, mb_layer_window(cfg, l), c->deterministic))
+            continue;
+        TRY(mb_cuda_rope_table(c->rope_tables[kind], c->positions, n, cfg->head_dim, mb_layer_rope_theta(cfg, l),
+                               c->stream, err));
+        c->rope_thetas[kind] = mb_layer_rope_theta(cfg, l);
+    }
+    return 0;
+}
+
 int embeddings_forward(cuda_backend *c, const mb_config *cfg, int n, mb_error *err) {
     int H = cfg->hidden_size;
     mark(c, "embeddings fwd");
     TRY(mb_cuda_positions(c->positions, c->cu_seqlens, c->batch.sequences, n, c->stream, err));
+    TRY(rope_tables_forward(c, cfg, n, err));
     TRY(mb_cuda_embedding_forward(c->embedded, c->ids, copy_of(c, c->w.tok_embeddings), n, H, c->stream, err));
     TRY(mb_cuda_layernorm_forward(c->hidden0, c->embedded_mean, c->embedded_rstd, c->embedded, c->w.embedding_norm,
                                   c->w.embedding_norm_bias, n, H, (float)cfg->norm_eps, c->stream, err));
@@ -781,12 +812,19 @@ int attention_block_backward(cuda_backend *c, const mb_config *cfg, int l, mb_er
     TRY(mb_cuda_linear_backward(c->matmul, c->d_attn, g->wo, g->wo_bias, c->scratch, c->dh, a->attn_out,
                                 copy_of(c, w->wo), n, H, H, 0, c->stream, err));
     mark(c, mb_layer_window(cfg, l) < 0 ? "attention bwd (global)" : "attention bwd (local)");
-    TRY(mb_cuda_attention_backward(c->dqkv, c->scratch, c->d_attn, a->attn_out, a->lse, a->qkv, c->cu_seqlens,
-                                   c->batch.sequences, n, heads, cfg->head_dim, mb_layer_window(cfg, l),
-                                   c->deterministic, c->stream, err));
-    mark(c, "rope bwd");
-    TRY(mb_cuda_rope(c->dqkv, c->positions, n, heads, cfg->head_dim, mb_layer_rope_theta(cfg, l), -1, c->stream,
-                     err));
+    if (rope_fused(c, cfg, l)) { /* RoPE's backward inside the attention kernels' stores of dQ and dK */
+        TRY(mb_cuda_attention_backward_rope(c->dqkv, c->scratch, c->d_attn, a->attn_out, a->lse, a->qkv,
+                                            c->cu_seqlens, c->batch.sequences, n, heads, cfg->head_dim,
+                                            mb_layer_window(cfg, l), c->deterministic,
+                                            c->rope_tables[rope_kind(cfg, l)], c->stream, err));
+    } else {
+        TRY(mb_cuda_attention_backward(c->dqkv, c->scratch, c->d_attn, a->attn_out, a->lse, a->qkv, c->cu_seqlens,
+                                       c->batch.sequences, n, heads, cfg->head_dim, mb_layer_window(cfg, l),
+                                       c->deterministic, c->stream, err));
+        mark(c, "rope bwd");
+        TRY(mb_cuda_rope(c->dqkv, c->positions, n, heads, cfg->head_dim, mb_layer_rope_theta(cfg, l), -1, c->stream,
+                         err));
+    }
     mark(c, "gemm Wqkv bwd");
     if (w->attn_norm == nullptr)
         return mb_cuda_linear_backward(c->matmul, c->dh, g->wqkv, g->wqkv_bias, c->scratch, c->dqkv, attn_in,

@@ -112,6 +112,11 @@ int mb_cuda_positions(int32_t *positions, const int32_t *cu_seqlens, int num_seq
  * backward of dQ and dK. */
 int mb_cuda_rope(mb_bf16 *qkv, const int32_t *positions, int n, int heads, int head_dim, double theta, int direction,
                  cudaStream_t stream, mb_error *err);
+/* table [n][head_dim/2] of (cos, sin) float pairs: the angles mb_cuda_rope uses for each token and frequency (the
+ * same float expressions), for kernels that apply RoPE's backward in their own stores
+ * (mb_cuda_attention_backward_rope). 8-byte aligned. */
+int mb_cuda_rope_table(float *table, const int32_t *positions, int n, int head_dim, double theta,
+                       cudaStream_t stream, mb_error *err);
 
 /* ---- attention.cu: packed variable-length attention, tensor cores (mma.sync bf16, fp32 softmax) ----
  * qkv [n, 3H] (Q | K | V, heads contiguous, H = heads·head_dim), out [n, H], lse [n, heads] (natural log).
@@ -131,6 +136,15 @@ int mb_cuda_attention_backward(mb_bf16 *dqkv, void *workspace, const mb_bf16 *do
                                const float *lse, const mb_bf16 *qkv, const int32_t *cu_seqlens, int num_seqs, int n,
                                int heads, int head_dim, int window, int deterministic, cudaStream_t stream,
                                mb_error *err);
+/* mb_cuda_attention_backward followed by RoPE's backward on dQ and dK (mb_cuda_rope with direction −1), done in the
+ * kernels' own stores from fp32 (no pass over dqkv; rounded to bf16 once instead of twice) with the angles of
+ * rope_table (mb_cuda_rope_table for the layer's theta). Only where mb_cuda_attention_backward_fuses_rope says so:
+ * the band kernels (local layers) and the sm_90a wgmma backward (global layers); elsewhere it fails. */
+int mb_cuda_attention_backward_fuses_rope(int head_dim, int window, int deterministic);
+int mb_cuda_attention_backward_rope(mb_bf16 *dqkv, void *workspace, const mb_bf16 *dout, const mb_bf16 *out,
+                                    const float *lse, const mb_bf16 *qkv, const int32_t *cu_seqlens, int num_seqs,
+                                    int n, int heads, int head_dim, int window, int deterministic,
+                                    const float *rope_table, cudaStream_t stream, mb_error *err);
 /* Device self-tests of the sm_90a attention kernels (attention_wgmma_fwd.cu, attention_wgmma_bwd.cu): one tile
  * product through their shared-memory layouts and the whole kernel on a small packed batch, against host references;
  * a readable summary goes into report. Forward: 0 pass, 1 skipped (no sm_90a), -1 failed. Backward: 0 pass, 1

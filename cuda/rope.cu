@@ -95,7 +95,35 @@ __global__ void __launch_bounds__(kRopeThreads)
     }
 }
 
+/* table[i·half + k] = (cos, sin) of token i's angle for frequency k: the float expressions of rope_kernel's table. */
+__global__ void rope_table_kernel(float2 *table, const int32_t *positions, int n, int head_dim, float theta) {
+    int half = head_dim / 2;
+    size_t count = (size_t)n * half;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < count; i += (size_t)gridDim.x * blockDim.x) {
+        int t = (int)(i / half), k = (int)(i - (size_t)t * half);
+        float inv_freq = 1.0f / powf(theta, (float)(2 * k) / (float)head_dim);
+        float angle = (float)positions[t] * inv_freq;
+        table[i] = make_float2(cosf(angle), sinf(angle));
+    }
+}
+
 }  // namespace
+
+extern "C" int mb_cuda_rope_table(float *table, const int32_t *positions, int n, int head_dim, double theta,
+                                  cudaStream_t stream, mb_error *err) {
+    MB_REQUIRE(err, table && positions, "rope_table: missing table or positions");
+    MB_REQUIRE(err, n >= 0 && head_dim > 0 && head_dim % 2 == 0, "rope_table: bad shape n %d, head_dim %d", n,
+               head_dim);
+    MB_REQUIRE(err, theta > 0.0, "rope_table: theta must be > 0, got %g", theta);
+    MB_REQUIRE(err, reinterpret_cast<uintptr_t>(table) % 8 == 0, "rope_table: table must be 8-byte aligned");
+    if (n == 0) return 0;
+    size_t count = (size_t)n * (head_dim / 2);
+    unsigned blocks = (unsigned)(count / 256 + 1 < 65536 ? count / 256 + 1 : 65536);
+    rope_table_kernel<<<blocks, 256, 0, stream>>>(reinterpret_cast<float2 *>(table), positions, n, head_dim,
+                                                   (float)theta);
+    MB_CUDA_CHECK_LAUNCH(err, "rope_table_kernel");
+    return 0;
+}
 
 extern "C" int mb_cuda_positions(int32_t *positions, const int32_t *cu_seqlens, int num_seqs, int n,
                                  cudaStream_t stream, mb_error *err) {

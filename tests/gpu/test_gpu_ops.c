@@ -1336,3 +1336,86 @@ Test(gpu_ops, stableadamw_packed) {
     run_stableadamw_packed((const int[5]){1, 1, 1, 1, 1}, 152); /* shifted by one element everywhere: still one phase */
     run_stableadamw_packed((const int[5]){0, 1, 2, 3, 1}, 153); /* phases differ: the element path */
 }
+
+/* ---- RoPE's backward inside the attention backward's stores (mb_cuda_attention_backward_rope) ---- */
+
+/* The fused call against the two separate ones (attention backward, then mb_cuda_rope with direction −1), both
+ * checked against the CPU elsewhere: dQ and dK agree up to the separate path's second bf16 rounding, dV is the same
+ * kernel's output bit for bit. A wrong angle, sign or pairing shows as an O(1) error. */
+static void run_attention_rope_fused(const int *lengths, int num_seqs, int heads, int head_dim, int window,
+                                     double theta, uint64_t seed) {
+    if (!mb_cuda_attention_backward_fuses_rope(head_dim, window, 0)) {
+        cr_log_info("attention rope fused: head_dim %d, window %d has no fused path on this device: skipped",
+                    head_dim, window);
+        return;
+    }
+    mb_rng rng;
+    mb_rng_seed(&rng, seed);
+    mb_error err = {{0}};
+    int32_t *cu = make_cu_seqlens(lengths, num_seqs);
+    int n = cu[num_seqs], hidden = heads * head_dim;
+    size_t qkv_count = (size_t)n * 3 * hidden, out_count = (size_t)n * hidden;
+    size_t workspace_bytes = mb_cuda_attention_workspace_bytes(n, num_seqs, heads, head_dim);
+    float *qkv, *dout;
+    mb_bf16 *d_qkv = random_bf16(&rng, qkv_count, 0.0, 1.0, &qkv);
+    mb_bf16 *d_dout = random_bf16(&rng, out_count, 0.0, 1.0, &dout);
+    int32_t *d_cu = to_device(cu, (size_t)(num_seqs + 1) * sizeof(int32_t));
+    int32_t *d_positions = dev_alloc((size_t)n * sizeof(int32_t));
+    float *d_table = dev_alloc((size_t)n * head_dim * sizeof(float));
+    void *workspace = dev_alloc(workspace_bytes);
+    mb_bf16 *d_out = dev_alloc(out_count * sizeof(mb_bf16)), *d_dqkv = dev_alloc(qkv_count * sizeof(mb_bf16));
+    float *d_lse = dev_alloc((size_t)n * heads * sizeof(float));
+    launched(mb_cuda_positions(d_positions, d_cu, num_seqs, n, test_stream, &err), &err, "positions");
+    launched(mb_cuda_rope_table(d_table, d_positions, n, head_dim, theta, test_stream, &err), &err, "rope_table");
+    launched(mb_cuda_attention_forward(d_out, d_lse, workspace, d_qkv, d_cu, num_seqs, n, heads, head_dim, window,
+                                       test_stream, &err), &err, "attention_forward");
+    float *separate, *fused;
+    dev_poison(d_dqkv, qkv_count * sizeof(mb_bf16));
+    launched(mb_cuda_attention_backward(d_dqkv, workspace, d_dout, d_out, d_lse, d_qkv, d_cu, num_seqs, n, heads,
+                                        head_dim, window, 0, test_stream, &err), &err, "attention_backward");
+    launched(mb_cuda_rope(d_dqkv, d_positions, n, heads, head_dim, theta, -1, test_stream, &err), &err, "rope");
+    separate = download_bf16(d_dqkv, qkv_count);
+    dev_poison(d_dqkv, qkv_count * sizeof(mb_bf16));
+    launched(mb_cuda_attention_backward_rope(d_dqkv, workspace, d_dout, d_out, d_lse, d_qkv, d_cu, num_seqs, n, heads,
+                                             head_dim, window, 0, d_table, test_stream, &err),
+             &err, "attention_backward_rope");
+    fused = download_bf16(d_dqkv, qkv_count);
+    static const char *block_names[3] = {"dQ", "dK", "dV"};
+    char what[160];
+    for (int block = 0; block < 3; block++) {
+        float *got = qkv_block(fused, n, hidden, block), *want = qkv_block(separate, n, hidden, block);
+        snprintf(what, sizeof what, "attention rope fused %s (n %d, head_dim %d, window %d)", block_names[block], n,
+                 head_dim, window);
+        cr_expect_eq(count_nonfinite(got, out_count), 0, "%s: non-finite or unwritten values", what);
+        if (block < 2)
+            expect_close(what, got, want, out_count, BF16_TOLERANCE);
+        else
+            expect_same_bits(what, got, want, out_count * sizeof(float));
+        free(got), free(want);
+    }
+    free(cu), free(qkv), free(dout), free(separate), free(fused);
+    cudaFree(d_qkv), cudaFree(d_dout), cudaFree(d_cu), cudaFree(d_positions), cudaFree(d_table), cudaFree(workspace);
+    cudaFree(d_out), cudaFree(d_dqkv), cudaFree(d_lse);
+}
+
+Test(gpu_ops, attention_rope_fused) {
+    require_gpu();
+    int count = (int)(sizeof kShortLengths / sizeof kShortLengths[0]);
+    const int long_beside_short[] = {size_for(8192, 1030), 1, 65, 3, 200, 130};
+    run_attention_rope_fused(kShortLengths, count, 2, 64, -1, 160000.0, 41); /* global layers (wgmma on sm_90a) */
+    run_attention_rope_fused(kShortLengths, count, 2, 64, 64, 10000.0, 42);  /* local layers (band) */
+    run_attention_rope_fused(long_beside_short, 6, 3, 64, -1, 160000.0, 43);
+    run_attention_rope_fused(long_beside_short, 6, 3, 64, 64, 10000.0, 44);
+    run_attention_rope_fused(kShortLengths, count, 2, 32, 64, 10000.0, 45);  /* band at head_dim 32 and 128 */
+    run_attention_rope_fused(kShortLengths, count, 2, 128, 64, 10000.0, 46);
+    /* a path without fusion refuses a table instead of ignoring it */
+    mb_error err = {{0}};
+    if (!mb_cuda_attention_backward_fuses_rope(64, -1, 1)) {
+        /* never dereferenced: the path check comes before any launch */
+        void *fake = (void *)(uintptr_t)4096;
+        int rc = mb_cuda_attention_backward_rope(fake, fake, fake, fake, fake, fake, fake, 1, 1, 1, 64, -1, 1, fake,
+                                                 test_stream, &err);
+        cr_expect_eq(rc, -1, "the deterministic global path must refuse a rope table");
+        cr_expect(strstr(err.message, "fuses_rope") != NULL, "refusal names the check to ask: %s", err.message);
+    }
+}
