@@ -698,7 +698,8 @@ __global__ void attention_dq_convert_rope_kernel(mb::bf16 *dqkv, const float *dq
     const float4 *x1_from = reinterpret_cast<const float4 *>(dq_accum + first);
     const float4 *x2_from = reinterpret_cast<const float4 *>(dq_accum + first + half);
     const float4 a0 = x1_from[0], a1 = x1_from[1], b0 = x2_from[0], b1 = x2_from[1];
-    float x1[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w}, x2[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+    float x1[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+    float x2[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
 #pragma unroll
     for (int k = 0; k < 8; k++) {
         x1[k] *= scale;
