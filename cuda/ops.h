@@ -114,7 +114,7 @@ int mb_cuda_rope(mb_bf16 *qkv, const int32_t *positions, int n, int heads, int h
                  cudaStream_t stream, mb_error *err);
 /* table [n][head_dim/2] of (cos, sin) float pairs: the angles mb_cuda_rope uses for each token and frequency (the
  * same float expressions), for kernels that apply RoPE's backward in their own stores
- * (mb_cuda_attention_backward_rope). 8-byte aligned. */
+ * (mb_cuda_attention_backward_rope, which needs it 16-byte aligned; this call needs 8). */
 int mb_cuda_rope_table(float *table, const int32_t *positions, int n, int head_dim, double theta,
                        cudaStream_t stream, mb_error *err);
 
