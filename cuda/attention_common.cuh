@@ -46,6 +46,12 @@ __device__ __forceinline__ void cp_async_16(void *shared, const void *global, bo
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(bytes) : "memory");
 }
 
+/* A 16-byte copy to a shared-space address whose source is known to be valid (no zero-fill operand): the wgmma
+ * producers' copies of whole tiles. */
+__device__ __forceinline__ void cp_async_16_whole(uint32_t shared_address, const void *global) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address), "l"(global) : "memory");
+}
+
 __device__ __forceinline__ void cp_async_4(void *shared, const void *global, bool valid) {
     uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
     int bytes = valid ? 4 : 0;

@@ -611,11 +611,6 @@ __device__ __forceinline__ void consumers_sync() {
     asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
 }
 
-/* A 16-byte cp.async to a shared address without the zero-fill operand (the source is inside the sequence). */
-__device__ __forceinline__ void cp_async_16_full(uint32_t dst, const char *src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-}
-
 /* One warp queues rows [r0, r0 + 64) of a [*, 64] bf16 slice into a swizzled tile: lane l copies chunk l % 8 of
  * rows l / 8 + 4·it (4 whole 128-byte rows per instruction); rows >= r_end become zeros (source never read). */
 __device__ __forceinline__ void warp_load_rows(char *tile, const mb::bf16 *src, size_t row_stride, int r0,
@@ -629,8 +624,8 @@ __device__ __forceinline__ void warp_load_rows(char *tile, const mb::bf16 *src, 
         const size_t four_rows = 4 * row_stride * sizeof(mb::bf16);
 #pragma unroll
         for (int m = 0; m < kStepQueries / 8; m++) {
-            cp_async_16_full(even + 1024 * m, from);
-            cp_async_16_full(odd + 1024 * m, from + four_rows);
+            cp_async_16_whole(even + 1024 * m, from);
+            cp_async_16_whole(odd + 1024 * m, from + four_rows);
             from += 2 * four_rows;
         }
         return;

@@ -149,11 +149,6 @@ __device__ __forceinline__ uint32_t swizzled_offset(int row, int chunk) {
     return (uint32_t)(row * kRowBytes + ((chunk ^ (row & 7)) << 4));
 }
 
-/* A 16-byte cp.async without the zero-fill operand (the source is known to be inside the sequence). */
-__device__ __forceinline__ void copy_16_full(uint32_t dst, const char *src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-}
-
 /* load_kv_tile for a tile wholly inside the sequence: no per-row predicates or multiplies. Lane l copies chunk l % 8
  * of rows l / 8 + 4·it; rows of even and odd it differ by 4 in row % 8, so two swizzled bases serve every row (row
  * + 8 is 1024 bytes further, an immediate), and the K and V sources step by 4 rows. ~3 instructions per copy
@@ -169,12 +164,12 @@ __device__ __forceinline__ void load_kv_tile_full(uint32_t stage, const mb::bf16
     const size_t four_rows = 4 * row_stride * sizeof(mb::bf16);
 #pragma unroll
     for (int m = 0; m < kKeyTile / 8; m++) {
-        copy_16_full(even + 1024 * m, k_src);
-        copy_16_full(even + 1024 * m + kTileBytes, v_src);
+        cp_async_16_whole(even + 1024 * m, k_src);
+        cp_async_16_whole(even + 1024 * m + kTileBytes, v_src);
         k_src += four_rows;
         v_src += four_rows;
-        copy_16_full(odd + 1024 * m, k_src);
-        copy_16_full(odd + 1024 * m + kTileBytes, v_src);
+        cp_async_16_whole(odd + 1024 * m, k_src);
+        cp_async_16_whole(odd + 1024 * m + kTileBytes, v_src);
         k_src += four_rows;
         v_src += four_rows;
     }

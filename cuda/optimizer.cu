@@ -111,6 +111,17 @@ __device__ __forceinline__ void store_bf16x4(mb::bf16 *address, const float4 &x)
     __stcg(reinterpret_cast<uint2 *>(address), raw);
 }
 
+/* Words base + u·kThreads (u < kUnroll, those below `vectors`) of three arrays, every load issued before any use. */
+__device__ __forceinline__ void load_words(float4 (&a)[kUnroll], float4 (&b)[kUnroll], float4 (&c)[kUnroll],
+                                           const float4 *a_words, const float4 *b_words, const float4 *c_words,
+                                           int base, int vectors) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; u++) {
+        int j = base + u * kThreads;
+        if (j < vectors) a[u] = __ldcg(a_words + j), b[u] = __ldcg(b_words + j), c[u] = __ldcg(c_words + j);
+    }
+}
+
 /* ---- per-element arithmetic (the CPU's operation order, every operation explicitly rounded) ---- */
 
 struct moment_rule {
@@ -157,11 +168,7 @@ __global__ void __launch_bounds__(kThreads)
     double sum = 0.0;
     for (int base = threadIdx.x; base < vectors; base += kUnroll * kThreads) {
         float4 gu[kUnroll], mu[kUnroll], vu[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; u++) {
-            int j = base + u * kThreads;
-            if (j < vectors) gu[u] = __ldcg(grad4 + j), mu[u] = __ldcg(m4 + j), vu[u] = __ldcg(v4 + j);
-        }
+        load_words(gu, mu, vu, grad4, m4, v4, base, vectors);
 #pragma unroll
         for (int u = 0; u < kUnroll; u++) {
             int j = base + u * kThreads;
@@ -233,11 +240,7 @@ __global__ void __launch_bounds__(kThreads, 3)
     const int vectors = span.vectors();
     for (int base = threadIdx.x; base < vectors; base += kUnroll * kThreads) {
         float4 pu[kUnroll], mu[kUnroll], vu[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; u++) {
-            int j = base + u * kThreads;
-            if (j < vectors) pu[u] = __ldcg(param4 + j), mu[u] = __ldcg(m4 + j), vu[u] = __ldcg(v4 + j);
-        }
+        load_words(pu, mu, vu, param4, m4, v4, base, vectors);
 #pragma unroll
         for (int u = 0; u < kUnroll; u++) {
             int j = base + u * kThreads;

@@ -58,6 +58,13 @@ __device__ __forceinline__ void store_vec(mb::bf16 *address, const float in[kVec
     }
 }
 
+/* The rotation angle of frequency k at `position` (fp32, the CPU reference's order): one expression for the rotating
+ * kernel and the table of mb_cuda_rope_table, whose values the fused backward relies on being the same. */
+__device__ __forceinline__ float rope_angle(int position, int k, int head_dim, float theta) {
+    float inv_freq = 1.0f / powf(theta, (float)(2 * k) / (float)head_dim);
+    return (float)position * inv_freq;
+}
+
 /* Block b rotates tokens [b·tokens_per_block, +tokens_per_block). Shared: cos then sin, [tokens_per_block][d/2]. */
 template <int kVec>
 __global__ void __launch_bounds__(kRopeThreads)
@@ -69,8 +76,7 @@ __global__ void __launch_bounds__(kRopeThreads)
     float *cos_table = rope_table, *sin_table = rope_table + tokens_per_block * half;
     for (int i = threadIdx.x; i < tokens * half; i += blockDim.x) {
         int t = i / half, k = i - t * half;
-        float inv_freq = 1.0f / powf(theta, (float)(2 * k) / (float)head_dim);
-        float angle = (float)positions[first + t] * inv_freq;
+        float angle = rope_angle(positions[first + t], k, head_dim, theta);
         cos_table[i] = cosf(angle);
         sin_table[i] = direction * sinf(angle);
     }
@@ -95,14 +101,13 @@ __global__ void __launch_bounds__(kRopeThreads)
     }
 }
 
-/* table[i·half + k] = (cos, sin) of token i's angle for frequency k: the float expressions of rope_kernel's table. */
+/* table[i·half + k] = (cos, sin) of token i's angle for frequency k, as rope_kernel's table. */
 __global__ void rope_table_kernel(float2 *table, const int32_t *positions, int n, int head_dim, float theta) {
     int half = head_dim / 2;
     size_t count = (size_t)n * half;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < count; i += (size_t)gridDim.x * blockDim.x) {
         int t = (int)(i / half), k = (int)(i - (size_t)t * half);
-        float inv_freq = 1.0f / powf(theta, (float)(2 * k) / (float)head_dim);
-        float angle = (float)positions[t] * inv_freq;
+        float angle = rope_angle(positions[t], k, head_dim, theta);
         table[i] = make_float2(cosf(angle), sinf(angle));
     }
 }
