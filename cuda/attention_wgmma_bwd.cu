@@ -5,33 +5,35 @@
  *   P_ij = exp(s_ij − lse_i),  dP_ij = do_i·v_j,  dS_ij = P_ij (dP_ij − delta_i)
  *   dV_j = Σ_i P_ij do_i,  dK_j = scale Σ_i dS_ij q_i  (written, bf16),  dq_accum_i += Σ_j dS_ij k_j  (fp32, unscaled)
  *
- * One block of 256 threads (two consumer warpgroups, no producer) per 128-key tile of the plan and head; warpgroup g
- * owns keys 64g..64g+63 of the tile, and holds their dK and dV (64 × 64 fp32 each) in registers. The block loops over
- * the sequence's queries in steps of 64; per step and warpgroup (m64nNk16 = one wgmma, bf16 in, fp32 accumulate):
- *   Sᵀ  = K_g·Qᵀ        4 × m64n64k16, A = K (smem, K-major), B = Q (smem, K-major)
- *   dPᵀ = V_g·dOᵀ       4 × m64n64k16, A = V, B = dO
+ * One block of 384 threads per 128-key tile of the plan and head: warpgroups 0 and 1 consume, warpgroup 2's first
+ * warp produces (setmaxnreg 240 / 24). Warpgroup g owns keys 64g..64g+63 of the tile and holds their dK and dV
+ * (64 × 64 fp32 each) in registers. The block loops over the sequence's queries in steps of 128 (FlashAttention-3's
+ * hdim-64 tile); per step and warpgroup (m64nNk16 = one wgmma, bf16 in, fp32 accumulate):
+ *   Sᵀ  = K_g·Qᵀ        4 × m64n128k16, A = K (smem, K-major), B = Q (smem, K-major)
+ *   dPᵀ = V_g·dOᵀ       4 × m64n128k16, A = V, B = dO
  *   Pᵀ, dSᵀ in fp32 registers (exp2 with scale·log2 e folded in), packed to bf16 A fragments in registers
- *   dV += Pᵀ·dO         4 × m64n64k16, A = Pᵀ (registers), B = dO (smem, N-major: the transpose bit)
- *   dK += dSᵀ·Q         4 × m64n64k16, A = dSᵀ (registers), B = Q (N-major)
- *   dSᵀ -> smem [key][query];  barrier;
- *   dQ[:, 32g..32g+31] = dS·K   8 × m64n32k16 over all 128 keys, A = dS (smem [key][query]: M-major), B = K (N-major,
- *                                column offset 32g); added to dq_accum with red.global.add.v4.f32 during the NEXT step
- *                                (its wgmma group is waited for only after the next step's Sᵀ and dPᵀ are queued).
+ *   dV += Pᵀ·dO         8 × m64n64k16, A = Pᵀ (registers), B = dO (smem, N-major: the transpose bit)
+ *   dK += dSᵀ·Q         8 × m64n64k16, A = dSᵀ (registers), B = Q (N-major)
+ *   dSᵀ -> smem [key][query] (two 64-query halves); both groups' rows are needed by
+ *   dQ[64g.., :] = dS·K 8 × m64n64k16 over the 128 keys, A = half g of dSᵀ (M-major), B = K (N-major); issued at the
+ *                       start of the NEXT step, added to dq_accum while that step's Sᵀ runs: each warp stages its 16
+ *                       rows in shared memory and adds them with bulk reduce-adds (cp.reduce.async.bulk, one 256-byte
+ *                       row per lane).
  * Every shared tile has rows of 64 bf16 = 128 bytes stored with the 128-byte swizzle (CUTLASS Swizzle<3,4,3>: the
  * 16-byte chunk index, address bits [4,7), is XORed with the row index mod 8, bits [7,10)), 1024-byte aligned, so one
  * buffer serves as a K-major operand ([row][d] with d the reduction) and as an MN-major one ([k][n] with the rows the
  * reduction) — the layouts of the PTX ISA "Shared Memory Matrix Layout" section (canonical layouts
  * ((8,m),(T,2k)):((8T,SBO),(1,T)) K-major and ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)) MN-major, T = 8 bf16).
- * v1 (round 1, MB_ATTENTION_WGMMA_BWD=v1): Q, dO, lse and delta are double-buffered with cp.async by all 256 threads
- * (zero-filled past the sequence), dSᵀ is double-buffered so the dQ product of step i may still read it while step
- * i+1 begins. Two block barriers per step keep the warpgroups in lock step.
- * v2 (default): 384 threads; warpgroup 2's first warp is a producer that copies Q, dO, lse and delta (cp.async) into a
- * 3-stage ring published through mbarriers (full / empty, the forward kernel's scheme), and setmaxnreg moves its
- * registers to the consumers (24 / 240). The loop has no block barrier: the dSᵀ exchange for dQ goes through two more
- * mbarrier pairs (ds_full / ds_empty per dS stage), so a warpgroup may run up to one step ahead of the other and one's
- * exp/dS work overlaps the other's wgmmas. Within a warpgroup, dQ(i−1) is queued BEHIND Sᵀ(i) and dPᵀ(i) (v1: in
- * front), so the tensor cores have dPᵀ and dQ to work on while Pᵀ(i) is computed. Products, fragments, masks and the
- * dq_accum reduction are v1's device functions unchanged.
+ *
+ * Pipeline: the producer warp copies Q, dO, lse and delta of each step (cp.async, zero-filled past the sequence) into
+ * a 2-stage ring and publishes a step as soon as it has landed (mbarrier `full`); the consumers hand a stage back
+ * (`empty`) once dV and dK have read it. The dSᵀ exchange between the warpgroups goes through two more mbarrier pairs
+ * (ds_full / ds_empty per dSᵀ stage), so a warpgroup may run up to one step ahead of the other and one's exp/dS work
+ * overlaps the other's wgmmas. There is no block barrier in the loop.
+ *
+ * History (docs/kernels/attention_wgmma_bwd.md): round 1 (64-query steps, two block barriers per step) and round 2
+ * (the producer warp and mbarriers, 64-query steps, dQ split by columns with red.global.add.v4) were replaced in
+ * session 5 by this kernel (128-query steps, dQ split by rows, bulk reduce-adds); both were measured beside it first.
  *
  * Tails: the tile's keys past the sequence end and the last step's queries past it are zero-filled on load and their
  * P is set to 0 (masks on those steps only); nothing outside [seq_begin, seq_end) is read or written. The sm_80 pass
@@ -61,38 +63,15 @@ namespace {
 constexpr int kHeadDim = 64;
 constexpr int kBlockKeys = kWgmmaBackwardTile; /* 128 keys per block */
 constexpr int kGroupKeys = 64;                 /* keys per consumer warpgroup (the M of every wgmma) */
-constexpr int kStepQueries = 64;               /* queries per step */
-constexpr int kBwdThreads = 256;               /* two warpgroups */
+constexpr int kStepQueries = 128;              /* queries per step */
+constexpr int kSteps16 = kStepQueries / 16;    /* k-steps of the dV and dK products */
+static_assert(kSteps16 * 16 == kStepQueries, "whole k-steps");
 constexpr int kRowBytes = kHeadDim * 2;        /* one tile row: 64 bf16 = one 128-byte swizzle row */
 constexpr int kSwizzleAtom = 8 * kRowBytes;    /* 8 rows: the 1024-byte repeat of the 128-byte swizzle */
+constexpr uint32_t kKeyTileBytes = kBlockKeys * kRowBytes, kStepTileBytes = kStepQueries * kRowBytes;
+constexpr uint32_t kDsStageBytes = 2 * kKeyTileBytes; /* dSᵀ: two [128 keys][64 queries] halves */
+constexpr int kStages = 2; /* Q / dO / lse / delta ring; each step is published as soon as it lands (3: no faster) */
 
-/* Shared memory, byte offsets from a 1024-byte aligned base. */
-constexpr uint32_t kTileK = 0;                                       /* K [128 keys][64 d] */
-constexpr uint32_t kTileV = kTileK + kBlockKeys * kRowBytes;         /* V [128 keys][64 d] */
-constexpr uint32_t kTileQ = kTileV + kBlockKeys * kRowBytes;         /* Q [stage][64 queries][64 d] */
-constexpr uint32_t kTileDO = kTileQ + 2 * kStepQueries * kRowBytes;  /* dO [stage][64 queries][64 d] */
-constexpr uint32_t kTileDS = kTileDO + 2 * kStepQueries * kRowBytes; /* dSᵀ [stage][128 keys][64 queries] */
-constexpr uint32_t kLse = kTileDS + 2 * kBlockKeys * kRowBytes;      /* lse [stage][64] fp32 */
-constexpr uint32_t kDelta = kLse + 2 * kStepQueries * 4;             /* delta [stage][64] fp32 */
-constexpr uint32_t kSharedUsed = kDelta + 2 * kStepQueries * 4;
-constexpr size_t kSharedBytes = kSharedUsed + kSwizzleAtom; /* slack to align the base to 1024 bytes */
-constexpr uint32_t kStepTileBytes = kStepQueries * kRowBytes, kKeyTileBytes = kBlockKeys * kRowBytes;
-static_assert(kTileQ % kSwizzleAtom == 0 && kTileDO % kSwizzleAtom == 0 && kTileDS % kSwizzleAtom == 0 &&
-                  kStepTileBytes % kSwizzleAtom == 0 && kKeyTileBytes % kSwizzleAtom == 0 &&
-                  kBlockKeys == 2 * kGroupKeys,
-              "swizzled tiles start on 1024-byte boundaries");
-
-/* v2 layout: K, V, then a kStages ring of Q / dO / lse / delta (the producer warp's), dSᵀ double-buffered, and the
- * mbarriers; 1024-byte aligned base as v1. */
-namespace v2 {
-constexpr int kStages = 3; /* Q/dO/lse/delta ring */
-/* The producer publishes step i − kPublishLag after queueing step i (kPublishLag + 1 steps in flight). The consumers
- * hand stage i back after step i, so the producer's wait for step i − kStages needs it published: lag <= stages − 1,
- * and one more stage of slack keeps the producer from waiting on the step it has just published. Measured (session
- * 4, H200, with the lean full-step copies): 5 stages with lag 3 were slower than 3 with lag 1 (6.60 vs 6.22 ms at
- * 8192-token documents, 1.047 vs 1.008 ms at 1024), as a lag of 3 was in the forward. */
-constexpr int kPublishLag = 1;
-static_assert(kPublishLag >= 1 && kPublishLag <= kStages - 2, "the ring deadlocks unless lag <= stages - 2");
 constexpr int kConsumerThreads = 2 * 128;        /* warpgroups 0 and 1 */
 constexpr int kThreads = kConsumerThreads + 128; /* + the producer warpgroup (warp 8 copies, 9..11 leave) */
 constexpr int kProducerWarp = kConsumerThreads / mb::kWarpSize;
@@ -104,20 +83,26 @@ static_assert((kLaunchRegisters - kProducerRegisters) * 128 ==
                   (kConsumerRegisters - kLaunchRegisters) * kConsumerThreads,
               "the consumers' setmaxnreg.inc must be covered by the producer's dec");
 
-constexpr uint32_t kTileK = 0;
-constexpr uint32_t kTileV = kTileK + kKeyTileBytes;
-constexpr uint32_t kTileQ = kTileV + kKeyTileBytes;                 /* Q [stage][64 queries][64 d] */
-constexpr uint32_t kTileDO = kTileQ + kStages * kStepTileBytes;     /* dO [stage][64 queries][64 d] */
-constexpr uint32_t kTileDS = kTileDO + kStages * kStepTileBytes;    /* dSᵀ [2][128 keys][64 queries] */
-constexpr uint32_t kLse = kTileDS + 2 * kKeyTileBytes;              /* lse [stage][64] fp32 */
-constexpr uint32_t kDelta = kLse + kStages * kStepQueries * 4;      /* delta [stage][64] fp32 */
+/* dQ staging for the bulk reductions: per consumer warp its 16 rows of 64 fp32, rows 288 bytes apart (256 + 32: the
+ * 8 rows a warp's 64-bit stores touch at once fall into disjoint bank ranges, two wavefronts per store). */
+constexpr uint32_t kDqPitch = 288, kDqWarpBytes = 16 * kDqPitch;
+
+/* Shared memory, byte offsets from a 1024-byte aligned base. */
+constexpr uint32_t kTileK = 0;                                   /* K [128 keys][64 d] */
+constexpr uint32_t kTileV = kTileK + kKeyTileBytes;              /* V [128 keys][64 d] */
+constexpr uint32_t kTileQ = kTileV + kKeyTileBytes;              /* Q [stage][128 queries][64 d] */
+constexpr uint32_t kTileDO = kTileQ + kStages * kStepTileBytes;  /* dO [stage][128 queries][64 d] */
+constexpr uint32_t kTileDS = kTileDO + kStages * kStepTileBytes; /* dSᵀ [2][half][128 keys][64 queries] */
+constexpr uint32_t kLse = kTileDS + 2 * kDsStageBytes;           /* lse [stage][128] fp32 */
+constexpr uint32_t kDelta = kLse + kStages * kStepQueries * 4;   /* delta [stage][128] fp32 */
 constexpr uint32_t kBarriers = kDelta + kStages * kStepQueries * 4; /* full[S] empty[S] ds_full[2] ds_empty[2] */
-constexpr uint32_t kSharedUsed = kBarriers + 8 * (2 * kStages + 4);
-constexpr size_t kSharedBytes = kSharedUsed + kSwizzleAtom;
+constexpr uint32_t kDqStaging = (kBarriers + 8 * (2 * kStages + 4) + 127) / 128 * 128; /* [8 warps][16][kDqPitch] */
+constexpr uint32_t kSharedUsed = kDqStaging + 8 * kDqWarpBytes;
+constexpr size_t kSharedBytes = kSharedUsed + kSwizzleAtom; /* slack to align the base to 1024 bytes */
 static_assert(kTileQ % kSwizzleAtom == 0 && kTileDO % kSwizzleAtom == 0 && kTileDS % kSwizzleAtom == 0 &&
-                  kBarriers % 8 == 0 && kProducerWarp * mb::kWarpSize == kConsumerThreads,
-              "swizzled tiles on 1024-byte boundaries, mbarriers on 8, the producer warp after the consumers");
-}  // namespace v2
+                  kStepTileBytes % kSwizzleAtom == 0 && kBarriers % 8 == 0 && kBlockKeys == 2 * kGroupKeys &&
+                  kProducerWarp * mb::kWarpSize == kConsumerThreads && kSharedBytes <= 227 * 1024,
+              "swizzled tiles on 1024-byte boundaries, mbarriers on 8, inside the 227 KB an sm_90 block may use");
 
 /* Everything the kernel reads besides the plan. */
 struct backward_args {
@@ -193,9 +178,10 @@ __device__ __forceinline__ void fence_registers(float (&r)[N]) {
     for (int i = 0; i < N; i++) asm volatile("" : "+f"(r[i])::"memory");
 }
 
-__device__ __forceinline__ void fence_registers(uint32_t (&r)[4][4]) {
+template <int kSteps>
+__device__ __forceinline__ void fence_registers(uint32_t (&r)[kSteps][4]) {
 #pragma unroll
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < kSteps; i++)
 #pragma unroll
         for (int k = 0; k < 4; k++) asm volatile("" : "+r"(r[i][k])::"memory");
 }
@@ -218,20 +204,6 @@ __device__ __forceinline__ void wgmma_m64n64_ss(float (&d)[32], uint64_t desc_a,
         : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA), "n"(kTransB));
 #endif
 }
-
-template <int kTransA, int kTransB>
-__device__ __forceinline__ void wgmma_m64n32_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-#if MB_WGMMA_ENABLED
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, %19, %20;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
-          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA), "n"(kTransB));
-#endif
-}
-
 template <int kTransB>
 __device__ __forceinline__ void wgmma_m64n64_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
                                                 int accumulate) {
@@ -254,37 +226,24 @@ __device__ __forceinline__ void wgmma_m64n64_rs(float (&d)[32], const uint32_t (
  * for accumulator matrix D": warp w of the group owns rows 16w..16w+15; element 4j + e of a thread is row
  * 16w + lane/4 + 8·(e/2), column 8j + 2·(lane%4) + (e%2) — per 8-column block the layout of mma.sync m16n8) ---- */
 
-/* acc[64 × 64] = X·Yᵀ over d: X = 64 rows [row][d] at x, Y = 64 rows [row][d] at y, both K-major swizzled tiles.
- * k-step ks starts 32 bytes further into each 128-byte row. Used for Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ. */
-__device__ __forceinline__ void issue_scores(float (&acc)[32], uint32_t x, uint32_t y) {
+/* acc[64 × 64] += A·Y: A [64 × 16·kSteps] in registers (a[k-step], pack_a_fragments), Y = [16·kSteps k rows][64 n]
+ * at y read N-major (transpose bit); k-step kk starts 16 rows (2048 bytes) further. Used for dV += Pᵀ·dO and
+ * dK += dSᵀ·Q (kSteps = the step's queries / 16). */
+template <int kSteps>
+__device__ __forceinline__ void issue_accumulate(float (&acc)[32], const uint32_t (&a)[kSteps][4], uint32_t y) {
 #pragma unroll
-    for (int ks = 0; ks < kHeadDim / 16; ks++)
-        wgmma_m64n64_ss<0, 0>(acc, smem_desc(x + 32 * ks), smem_desc(y + 32 * ks), ks);
-}
-
-/* acc[64 × 64] += A·Y: A [64 × 64] in registers (a[k-step], pack_a_fragments), Y = [64 k rows][64 n] at y read
- * N-major (transpose bit); k-step kk starts 16 rows (2048 bytes) further. Used for dV += Pᵀ·dO and dK += dSᵀ·Q. */
-__device__ __forceinline__ void issue_accumulate(float (&acc)[32], const uint32_t (&a)[4][4], uint32_t y) {
-#pragma unroll
-    for (int kk = 0; kk < kStepQueries / 16; kk++)
+    for (int kk = 0; kk < kSteps; kk++)
         wgmma_m64n64_rs<1>(acc, a[kk], smem_desc(y + 16 * kRowBytes * kk), 1);
-}
-
-/* acc[64 × 32] = Xᵀ·Y[:, columns] over 128 rows: X = [128 k rows][64 m] at x read M-major, Y = [128 k rows][64 n]
- * read N-major from `y_columns` = the tile's address + 2·(first column) (an in-row offset of the swizzled tile). Used
- * for dQ[:, 32g..] = dS·K[:, 32g..] with dSᵀ stored [key][query]. */
-__device__ __forceinline__ void issue_dq(float (&acc)[16], uint32_t x, uint32_t y_columns) {
-#pragma unroll
-    for (int kk = 0; kk < kBlockKeys / 16; kk++)
-        wgmma_m64n32_ss<1, 1>(acc, smem_desc(x + 16 * kRowBytes * kk), smem_desc(y_columns + 16 * kRowBytes * kk), kk);
 }
 
 /* bf16 A fragments of a 64 × 64 accumulator for the next product (register-A wgmma, PTX ISA figure "WGMMA .m64nNk16
  * register fragment layout for matrix A"): k-step kk covers accumulator columns 16kk..16kk+15, i.e. elements
  * 8kk..8kk+7: {row r, cols c, c+1}, {row r+8, ...}, {row r, cols c+8, c+9}, {row r+8, ...}. */
-__device__ __forceinline__ void pack_a_fragments(uint32_t (&a)[4][4], const float (&acc)[32]) {
+template <int kSteps, int kCount>
+__device__ __forceinline__ void pack_a_fragments(uint32_t (&a)[kSteps][4], const float (&acc)[kCount]) {
+    static_assert(kCount == 8 * kSteps, "one k-step of 16 columns per 8 accumulator elements");
 #pragma unroll
-    for (int kk = 0; kk < 4; kk++)
+    for (int kk = 0; kk < kSteps; kk++)
 #pragma unroll
         for (int r = 0; r < 4; r++) a[kk][r] = mb::pack_bf16x2(acc[8 * kk + 2 * r], acc[8 * kk + 2 * r + 1]);
 }
@@ -305,7 +264,7 @@ __device__ __forceinline__ fragment_position my_fragment() {
  * become zeros (their source address is the slice start, never read). */
 template <int kRows>
 __device__ __forceinline__ void load_tile_async(char *tile, const mb::bf16 *src, size_t row_stride, int r0, int r_end) {
-    for (int c = threadIdx.x; c < kRows * 8; c += kBwdThreads) {
+    for (int c = threadIdx.x; c < kRows * 8; c += kConsumerThreads) {
         int r = c / 8, chunk = c % 8;
         bool valid = r0 + r < r_end;
         const mb::bf16 *from = valid ? src + (size_t)(r0 + r) * row_stride + chunk * 8 : src;
@@ -317,11 +276,11 @@ __device__ __forceinline__ void load_tile_async(char *tile, const mb::bf16 *src,
  * become 0. key0 = the thread's first key, query0 = the step's first query. The mask is a template argument, taken
  * by a block-uniform branch (probabilities_masked_if): as a run-time flag ptxas computed it for every element and
  * selected (~100 of a step's 870 instructions per warp, ncu, session 4). */
-template <bool kMask>
-__device__ __forceinline__ void probabilities(float (&s)[32], const float *lse_tile, fragment_position f,
+template <bool kMask, int kCount>
+__device__ __forceinline__ void probabilities(float (&s)[kCount], const float *lse_tile, fragment_position f,
                                               float scale_log2, int key0, int key_end, int query0, int query_hi) {
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
+    for (int j = 0; j < kCount / 4; j++) {
         const float2 lse = *reinterpret_cast<const float2 *>(lse_tile + 8 * j + f.col);
         const float shift[2] = {lse.x * kLog2e, lse.y * kLog2e};
 #pragma unroll
@@ -337,7 +296,8 @@ __device__ __forceinline__ void probabilities(float (&s)[32], const float *lse_t
 }
 
 /* probabilities<true> on tail steps (`mask`, uniform over the block), probabilities<false> on all others. */
-__device__ __forceinline__ void probabilities_masked_if(bool mask, float (&s)[32], const float *lse_tile,
+template <int kCount>
+__device__ __forceinline__ void probabilities_masked_if(bool mask, float (&s)[kCount], const float *lse_tile,
                                                         fragment_position f, float scale_log2, int key0, int key_end,
                                                         int query0, int query_hi) {
     if (mask)
@@ -347,61 +307,39 @@ __device__ __forceinline__ void probabilities_masked_if(bool mask, float (&s)[32
 }
 
 /* dSᵀ = Pᵀ ∘ (dPᵀ − delta) in place in dp. */
-__device__ __forceinline__ void score_gradients(float (&dp)[32], const float (&p)[32], const float *delta_tile,
+template <int kCount>
+__device__ __forceinline__ void score_gradients(float (&dp)[kCount], const float (&p)[kCount], const float *delta_tile,
                                                 fragment_position f) {
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
+    for (int j = 0; j < kCount / 4; j++) {
         const float2 delta = *reinterpret_cast<const float2 *>(delta_tile + 8 * j + f.col);
 #pragma unroll
         for (int e = 0; e < 4; e++) dp[4 * j + e] = p[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? delta.y : delta.x));
     }
 }
 
-/* dSᵀ A fragments -> the swizzled [key][query] tile (rows key_row0 = the group's first key row + f.row): fragment
- * a[kk][r] holds row + 8·(r%2), query columns 8·(2kk + r/2) + f.col, +1 — one 32-bit store; the swizzle spreads a
- * warp's 8 rows over 8 different 16-byte chunks (no bank conflicts). */
-__device__ __forceinline__ void store_score_gradients(char *ds_tile, const uint32_t (&a)[4][4], int key_row0,
-                                                      fragment_position f) {
+/* dSᵀ A fragments -> the swizzled [key][query] tiles of the step, 128 queries as two halves of 64 (rows: the
+ * warp's 16 keys from warp_row0 = the group's first key row + 16·warp). Fragment a[kk][r] is an 8 × 8 bf16 matrix in
+ * the mma layout: rows lane/4 (+8 for odd r) of the warp's 16, query columns 8·(2kk + r/2) + 2·(lane%4), +1. One
+ * stmatrix.x4 per k-step stores all four (lane l gives the address of row l % 8 of matrix l / 8; the swizzle keeps
+ * the 8 rows of a matrix in 8 different 16-byte chunks: no bank conflicts): 8 instructions instead of 32 32-bit
+ * stores. */
+template <int kSteps>
+__device__ __forceinline__ void store_score_gradients(char *ds_tile, const uint32_t (&a)[kSteps][4], int warp_row0) {
+    const int lane = threadIdx.x % mb::kWarpSize, matrix = lane / 8;
+    const int row = warp_row0 + lane % 8 + 8 * (matrix & 1);
+    const uint32_t tiles = shared_address(ds_tile);
 #pragma unroll
-    for (int kk = 0; kk < 4; kk++)
-#pragma unroll
-        for (int r = 0; r < 4; r++) {
-            int row = key_row0 + 8 * (r & 1), chunk = 2 * kk + (r >> 1);
-            *reinterpret_cast<uint32_t *>(ds_tile + swizzled(row, chunk) + 2 * f.col) = a[kk][r];
-        }
-}
-
-/* Adds four consecutive floats (16-byte aligned) without reading them back: one vector reduction (sm_90). */
-__device__ __forceinline__ void reduce_add4(float *address, float x, float y, float z, float w) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(address), "f"(x), "f"(y), "f"(z), "f"(w)
-                 : "memory");
+    for (int kk = 0; kk < kSteps; kk++) {
+        const int chunk = 2 * kk + (matrix >> 1);
+        const uint32_t address = tiles + (chunk >> 3) * kKeyTileBytes + swizzled(row, chunk & 7);
+#if MB_WGMMA_ENABLED
+        asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(address),
+                     "r"(a[kk][0]), "r"(a[kk][1]), "r"(a[kk][2]), "r"(a[kk][3])
+                     : "memory");
 #else
-    atomicAdd(address, x);
-    atomicAdd(address + 1, y);
-    atomicAdd(address + 2, z);
-    atomicAdd(address + 3, w);
+        (void)address;
 #endif
-}
-
-/* dq_accum[query0 + f.row (+8), columns] += acc (64 × 32 accumulator; `columns` points at the group's first column of
- * row 0). Lane pairs (2c, 2c+1) swap halves so that the even lane holds row r, columns 4c..4c+3 of each 8-column
- * block and the odd lane row r + 8: one 16-byte reduction per block. Rows >= query_hi are skipped. */
-__device__ __forceinline__ void reduce_dq(float *columns, int hidden, const float (&acc)[16], int query0, int query_hi,
-                                          fragment_position f) {
-    const bool odd = (threadIdx.x & 1) != 0;
-    const int query = query0 + f.row + (odd ? 8 : 0);
-    float *row = columns + (size_t)query * hidden + (f.col & ~2); /* 4·(lane%4 / 2) */
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-        float send0 = odd ? acc[4 * j] : acc[4 * j + 2], send1 = odd ? acc[4 * j + 1] : acc[4 * j + 3];
-        float got0 = __shfl_xor_sync(0xffffffffu, send0, 1), got1 = __shfl_xor_sync(0xffffffffu, send1, 1);
-        if (query < query_hi) {
-            if (odd)
-                reduce_add4(row + 8 * j, got0, got1, acc[4 * j + 2], acc[4 * j + 3]);
-            else
-                reduce_add4(row + 8 * j, acc[4 * j], acc[4 * j + 1], got0, got1);
-        }
     }
 }
 
@@ -443,100 +381,18 @@ __device__ __forceinline__ char *aligned_shared(uint4 *raw) {
     return reinterpret_cast<char *>(raw) + ((kSwizzleAtom - address % kSwizzleAtom) % kSwizzleAtom);
 }
 
-/* ---- the kernel ---- */
-
-/* Queues Q, dO, lse and delta of queries [q0, q0 + 64) (zeros past q_hi) into `stage`. */
-__device__ __forceinline__ void load_step(char *smem, int stage, const backward_args &a, int head, int q0, int q_hi) {
-    const int hidden = a.heads * kHeadDim;
-    load_tile_async<kStepQueries>(smem + kTileQ + stage * kStepTileBytes, a.qkv + head * kHeadDim, 3 * (size_t)hidden,
-                                  q0, q_hi);
-    load_tile_async<kStepQueries>(smem + kTileDO + stage * kStepTileBytes, a.dout + head * kHeadDim, hidden, q0, q_hi);
-    load_floats_async<kBwdThreads>(reinterpret_cast<float *>(smem + kLse) + stage * kStepQueries, a.lse + head, a.heads,
-                                   q0, q_hi, kStepQueries);
-    load_floats_async<kBwdThreads>(reinterpret_cast<float *>(smem + kDelta) + stage * kStepQueries, a.delta + head,
-                                   a.heads, q0, q_hi, kStepQueries);
-}
-
 /* What a block knows about its tile, fixed over the query loop. */
 struct block_context {
     tile_position t;
     int head, hidden, query_lo, query_hi, steps, key_a; /* key_a: this thread's first key (the other: key_a + 8) */
     bool tail_keys;                                     /* the tile ends before 128 keys: mask every step */
-    uint32_t base, k_rows, v_rows, k_columns;           /* shared addresses */
-    float *dq_columns;                                  /* dq_accum + head·64 + this group's first column */
+    uint32_t base, k_rows, v_rows;                      /* shared addresses */
+    float *dq_columns;                                  /* dq_accum + head·64 */
     fragment_position f;
     int group;
 };
 
-/* Step i up to its dQ product: load wait and barrier, Sᵀ and dPᵀ, (with kReducePrevious: the previous step's dQ,
- * issued just before this call, is waited for once Sᵀ and dPᵀ are queued behind it and added to dq_accum), Pᵀ,
- * dV += Pᵀ·dO, dSᵀ, dK += dSᵀ·Q, dSᵀ to shared memory, barrier. Every wgmma group it waits for was committed in the
- * same loop iteration: ptxas serializes all wgmmas (C7514) when accumulators of a group from an earlier iteration are
- * read after a partial wait. */
-template <bool kReducePrevious>
-__device__ __forceinline__ void step_front(int i, char *smem, const backward_args &a, const block_context &c,
-                                           float (&s)[32], float (&dp)[32], float (&dk)[32], float (&dv)[32],
-                                           float (&dq)[16]) {
-    const int q0 = c.query_lo + i * kStepQueries, stage = i & 1;
-    /* The stage refilled here was last read by step i-1's wgmmas, all complete before its second barrier. */
-    if (i + 1 < c.steps) load_step(smem, stage ^ 1, a, c.head, q0 + kStepQueries, c.query_hi);
-    cp_async_commit(); /* possibly empty: keeps "all but the newest group" meaning step i */
-    cp_async_wait<1>();
-    fence_proxy_async();
-    __syncthreads();
-    const uint32_t q_tile = c.base + kTileQ + stage * kStepTileBytes;
-    const uint32_t do_tile = c.base + kTileDO + stage * kStepTileBytes;
-    const float *lse_tile = reinterpret_cast<const float *>(smem + kLse) + stage * kStepQueries;
-    const float *delta_tile = reinterpret_cast<const float *>(smem + kDelta) + stage * kStepQueries;
-
-    wgmma_fence();
-    issue_scores(s, c.k_rows, q_tile); /* Sᵀ */
-    wgmma_commit();
-    issue_scores(dp, c.v_rows, do_tile); /* dPᵀ */
-    wgmma_commit();
-    if (kReducePrevious) { /* groups in flight: dQ(i-1), Sᵀ, dPᵀ */
-        wgmma_wait<2>();
-        fence_registers(dq);
-        reduce_dq(c.dq_columns, c.hidden, dq, q0 - kStepQueries, c.query_hi, c.f);
-    }
-    wgmma_wait<1>();
-    fence_registers(s);
-    const bool mask = c.tail_keys || q0 + kStepQueries > c.query_hi; /* block-uniform */
-    probabilities_masked_if(mask, s, lse_tile, c.f, a.scale_log2, c.key_a, c.t.end, q0, c.query_hi);
-    uint32_t p_frag[4][4];
-    pack_a_fragments(p_frag, s);
-    wgmma_fence();
-    issue_accumulate(dv, p_frag, do_tile); /* dV += Pᵀ·dO */
-    wgmma_commit();
-    wgmma_wait<1>(); /* dPᵀ */
-    fence_registers(dp);
-    score_gradients(dp, s, delta_tile, c.f);
-    uint32_t ds_frag[4][4];
-    pack_a_fragments(ds_frag, dp);
-    wgmma_fence();
-    issue_accumulate(dk, ds_frag, q_tile); /* dK += dSᵀ·Q (unscaled) */
-    wgmma_commit();
-    store_score_gradients(smem + kTileDS + stage * kKeyTileBytes, ds_frag, c.group * kGroupKeys + c.f.row, c.f);
-    fence_proxy_async();
-    wgmma_wait<0>(); /* this step's reads of Q, dO, P and dS are done before the barrier */
-    fence_registers(dv);
-    fence_registers(dk);
-    fence_registers(p_frag);
-    fence_registers(ds_frag);
-    __syncthreads(); /* both groups' dSᵀ rows are in the stage's dS tile */
-}
-
-/* dQ[:, 32g..] = dS·K for step i (one commit group, not waited for). */
-__device__ __forceinline__ void issue_step_dq(int i, const block_context &c, float (&dq)[16]) {
-    wgmma_fence();
-    issue_dq(dq, c.base + kTileDS + (i & 1) * kKeyTileBytes, c.k_columns);
-    wgmma_commit();
-}
-
-
-/* ---- v2: a producer warp feeds Q, dO, lse, delta through an mbarrier ring; no block barrier in the loop ---- */
-
-namespace v2 {
+/* ---- the producer warp and the mbarrier ring ---- */
 
 /* mbarrier addresses (shared::cta). Arrival counts: full = the producer's 32 lanes (each publishes its own
  * cp.async); empty and ds_empty = the 8 consumer warps (write-after-read only: one lane per warp after the warp's
@@ -611,19 +467,20 @@ __device__ __forceinline__ void consumers_sync() {
     asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
 }
 
-/* One warp queues rows [r0, r0 + 64) of a [*, 64] bf16 slice into a swizzled tile: lane l copies chunk l % 8 of
+/* One warp queues rows [r0, r0 + kRows) of a [*, 64] bf16 slice into a swizzled tile: lane l copies chunk l % 8 of
  * rows l / 8 + 4·it (4 whole 128-byte rows per instruction); rows >= r_end become zeros (source never read). */
+template <int kRows>
 __device__ __forceinline__ void warp_load_rows(char *tile, const mb::bf16 *src, size_t row_stride, int r0,
                                                int r_end) {
     const int lane = threadIdx.x % mb::kWarpSize, chunk = lane % 8;
-    if (r0 + kStepQueries <= r_end) { /* whole step inside the sequence (uniform): no predicates, ~3 instr. a copy */
+    if (r0 + kRows <= r_end) { /* whole step inside the sequence (uniform): no predicates, ~3 instr. a copy */
         const int row = lane / 8; /* rows row + 4·it: even and odd it differ by 4 in row % 8, row + 8 is +1024 B */
         const uint32_t base = shared_address(tile);
         const uint32_t even = base + swizzled(row, chunk), odd = base + swizzled(row + 4, chunk);
         const char *from = reinterpret_cast<const char *>(src + (size_t)(r0 + row) * row_stride + chunk * 8);
         const size_t four_rows = 4 * row_stride * sizeof(mb::bf16);
 #pragma unroll
-        for (int m = 0; m < kStepQueries / 8; m++) {
+        for (int m = 0; m < kRows / 8; m++) {
             cp_async_16_whole(even + 1024 * m, from);
             cp_async_16_whole(odd + 1024 * m, from + four_rows);
             from += 2 * four_rows;
@@ -631,7 +488,7 @@ __device__ __forceinline__ void warp_load_rows(char *tile, const mb::bf16 *src, 
         return;
     }
 #pragma unroll 2 /* the producer runs in 24 registers */
-    for (int it = 0; it < kStepQueries / 4; it++) {
+    for (int it = 0; it < kRows / 4; it++) {
         const int row = lane / 8 + 4 * it;
         const bool valid = r0 + row < r_end;
         cp_async_16(tile + swizzled(row, chunk), valid ? src + (size_t)(r0 + row) * row_stride + chunk * 8 : src,
@@ -639,19 +496,21 @@ __device__ __forceinline__ void warp_load_rows(char *tile, const mb::bf16 *src, 
     }
 }
 
-/* One warp queues the 64 floats of rows [r0, r0 + 64) (element stride `stride`), zeros past r_end. */
+/* One warp queues the kRows floats of rows [r0, r0 + kRows) (element stride `stride`), zeros past r_end. */
+template <int kRows>
 __device__ __forceinline__ void warp_load_floats(float *dst, const float *src, int stride, int r0, int r_end) {
     const int lane = threadIdx.x % mb::kWarpSize;
 #pragma unroll
-    for (int r = lane; r < kStepQueries; r += mb::kWarpSize) {
+    for (int r = lane; r < kRows; r += mb::kWarpSize) {
         const bool valid = r0 + r < r_end;
         cp_async_4(dst + r, valid ? src + (size_t)(r0 + r) * stride : src, valid);
     }
 }
 
 /* The producer warp: step i goes to stage i % kStages once the consumers released its previous use (step
- * i − kStages); step i − kPublishLag is published (its cp.async complete, proxy fence, 32 arrivals) right after step
- * i is queued, so kPublishLag + 1 steps are in flight; the last ones at the end. */
+ * i − kStages) and is published (its cp.async complete, proxy fence, 32 arrivals on `full`) as soon as it has landed.
+ * With two stages the consumers work on step i − 1 meanwhile. (Round 2 published one step late with three stages;
+ * publishing later than that measured slower in both kernels.) */
 __device__ void produce(char *smem, const ring &b, const backward_args &a, int head, int query_lo, int query_hi,
                         int steps) {
     const int hidden = a.heads * kHeadDim;
@@ -659,83 +518,232 @@ __device__ void produce(char *smem, const ring &b, const backward_args &a, int h
     for (int i = 0; i < steps; i++) {
         const int stage = i % kStages, q0 = query_lo + i * kStepQueries;
         if (i >= kStages) mbarrier_wait(b.empty + 8 * stage, ((i / kStages) - 1) & 1);
-        warp_load_rows(smem + kTileQ + stage * kStepTileBytes, q, 3 * (size_t)hidden, q0, query_hi);
-        warp_load_rows(smem + kTileDO + stage * kStepTileBytes, g, hidden, q0, query_hi);
-        warp_load_floats(reinterpret_cast<float *>(smem + kLse) + stage * kStepQueries, a.lse + head, a.heads, q0,
-                         query_hi);
-        warp_load_floats(reinterpret_cast<float *>(smem + kDelta) + stage * kStepQueries, a.delta + head, a.heads,
-                         q0, query_hi);
+        warp_load_rows<kStepQueries>(smem + kTileQ + stage * kStepTileBytes, q, 3 * (size_t)hidden, q0, query_hi);
+        warp_load_rows<kStepQueries>(smem + kTileDO + stage * kStepTileBytes, g, hidden, q0, query_hi);
+        warp_load_floats<kStepQueries>(reinterpret_cast<float *>(smem + kLse) + stage * kStepQueries, a.lse + head,
+                                       a.heads, q0, query_hi);
+        warp_load_floats<kStepQueries>(reinterpret_cast<float *>(smem + kDelta) + stage * kStepQueries,
+                                       a.delta + head, a.heads, q0, query_hi);
         cp_async_commit();
-        if (i >= kPublishLag) {
-            cp_async_wait<kPublishLag>();
-            fence_proxy_async();
-            mbarrier_arrive(b.full + 8 * ((i - kPublishLag) % kStages));
-        }
+        cp_async_wait<0>();
+        fence_proxy_async();
+        mbarrier_arrive(b.full + 8 * stage);
     }
-    cp_async_wait<0>();
-    fence_proxy_async();
-    for (int i = steps > kPublishLag ? steps - kPublishLag : 0; i < steps; i++)
-        mbarrier_arrive(b.full + 8 * (i % kStages));
 }
 
-/* One consumer step i (warpgroup g = keys 64g..64g+63 of the tile). Commit groups, in order: Sᵀ(i), dPᵀ(i),
- * [dQ(i−1)], dV(i), dK(i) — dQ(i−1) sits behind Sᵀ and dPᵀ so the tensor cores have it to do while Pᵀ(i) is
- * computed, and every group is waited for inside this call (C7514, see step_front). Cross-warpgroup traffic:
+/* ---- the products of a 128-query step ---- */
+
+template <int kTransA, int kTransB>
+__device__ __forceinline__ void wgmma_m64n128_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+#if MB_WGMMA_ENABLED
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, %67, "
+        "%68;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+          "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),
+          "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
+          "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+          "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
+          "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA), "n"(kTransB));
+#endif
+}
+
+/* The first k-step of a fresh accumulator (scale-d false): write-only operands, so the compiler need not keep the
+ * accumulator's previous values alive up to here. With "+f" (the generic form) the previous step's 64 Pᵀ and 64 dSᵀ
+ * values stayed live across the rest of a step: ptxas spilled and serialized the wgmmas (C7512). */
+template <int kTransA, int kTransB>
+__device__ __forceinline__ void wgmma_m64n128_ss_first(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+#if MB_WGMMA_ENABLED
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "
+        "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "
+        "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "
+        "%56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, %67, %68;\n}\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]),
+          "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]),
+          "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]),
+          "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31]), "=f"(d[32]),
+          "=f"(d[33]), "=f"(d[34]), "=f"(d[35]), "=f"(d[36]), "=f"(d[37]), "=f"(d[38]), "=f"(d[39]), "=f"(d[40]),
+          "=f"(d[41]), "=f"(d[42]), "=f"(d[43]), "=f"(d[44]), "=f"(d[45]), "=f"(d[46]), "=f"(d[47]), "=f"(d[48]),
+          "=f"(d[49]), "=f"(d[50]), "=f"(d[51]), "=f"(d[52]), "=f"(d[53]), "=f"(d[54]), "=f"(d[55]), "=f"(d[56]),
+          "=f"(d[57]), "=f"(d[58]), "=f"(d[59]), "=f"(d[60]), "=f"(d[61]), "=f"(d[62]), "=f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(0), "n"(kTransA), "n"(kTransB));
+#endif
+}
+
+template <int kTransA, int kTransB>
+__device__ __forceinline__ void wgmma_m64n64_ss_first(float (&d)[32], uint64_t desc_a, uint64_t desc_b) {
+#if MB_WGMMA_ENABLED
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "
+        "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, %35, %36;\n}\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]),
+          "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]),
+          "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]),
+          "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31])
+        : "l"(desc_a), "l"(desc_b), "r"(0), "n"(kTransA), "n"(kTransB));
+#endif
+}
+
+/* acc[64 × 128] = X·Yᵀ over d: X = 64 rows at x, Y = 128 rows at y, both K-major swizzled tiles (k-step ks starts
+ * 32 bytes further into each row). Sᵀ = K_g·Qᵀ and dPᵀ = V_g·dOᵀ. */
+__device__ __forceinline__ void issue_scores(float (&acc)[64], uint32_t x, uint32_t y) {
+    wgmma_m64n128_ss_first<0, 0>(acc, smem_desc(x), smem_desc(y));
+#pragma unroll
+    for (int ks = 1; ks < kHeadDim / 16; ks++)
+        wgmma_m64n128_ss<0, 0>(acc, smem_desc(x + 32 * ks), smem_desc(y + 32 * ks), 1);
+}
+
+/* acc[64 queries × 64 d] = dS[queries][keys]·K over the 128 keys: A = one dSᵀ half [128 keys][64 queries] at
+ * ds_half read M-major, B = the K tile [128 keys][64 d] read N-major; k-step kk = keys 16kk.. (+2048 bytes). */
+__device__ __forceinline__ void issue_dq_rows(float (&acc)[32], uint32_t ds_half, uint32_t k_tile) {
+    wgmma_m64n64_ss_first<1, 1>(acc, smem_desc(ds_half), smem_desc(k_tile));
+#pragma unroll
+    for (int kk = 1; kk < kBlockKeys / 16; kk++)
+        wgmma_m64n64_ss<1, 1>(acc, smem_desc(ds_half + 16 * kRowBytes * kk), smem_desc(k_tile + 16 * kRowBytes * kk),
+                              1);
+}
+
+/* The block's shared addresses for step i (stage i % kStages). */
+struct step_tiles {
+    uint32_t q, dout;
+    const float *lse, *delta;
+    __device__ step_tiles(char *smem, uint32_t base, int stage) {
+        q = base + kTileQ + stage * kStepTileBytes;
+        dout = base + kTileDO + stage * kStepTileBytes;
+        lse = reinterpret_cast<const float *>(smem + kLse) + stage * kStepQueries;
+        delta = reinterpret_cast<const float *>(smem + kDelta) + stage * kStepQueries;
+    }
+};
+
+/* dQ(step) for this warpgroup's 64 query rows, queued as one commit group once both groups' dSᵀ(step) are stored. */
+__device__ __forceinline__ void issue_step_dq(int step, const block_context &c, const ring &b, float (&dq)[32]) {
+    const int ds_stage = step & 1;
+    mbarrier_wait(b.ds_full + 8 * ds_stage, (step >> 1) & 1);
+    wgmma_fence();
+    issue_dq_rows(dq, c.base + kTileDS + ds_stage * kDsStageBytes + c.group * kKeyTileBytes, c.base + kTileK);
+    wgmma_commit();
+}
+
+/* ---- dQ into dq_accum: per-thread vector reductions, or bulk reduce-adds of staged rows ---- */
+
+/* One bulk reduce-add of `bytes` (multiple of 16) fp32 values from shared memory onto global memory (TMA engine,
+ * PTX "cp.reduce.async.bulk"), committed as this thread's next bulk group. */
+__device__ __forceinline__ void bulk_reduce_add(float *global, uint32_t shared, uint32_t bytes) {
+#if MB_WGMMA_ENABLED
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(global),
+                 "r"(shared), "r"(bytes)
+                 : "memory");
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#endif
+}
+
+/* Waits until this thread's bulk operations have read their shared-memory sources (the staging may be rewritten). */
+__device__ __forceinline__ void bulk_wait_reads() {
+#if MB_WGMMA_ENABLED
+    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+#endif
+}
+
+/* Waits until this thread's bulk operations are complete. */
+__device__ __forceinline__ void bulk_wait_all() {
+#if MB_WGMMA_ENABLED
+    asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+#endif
+}
+
+/* dq_accum[rows query0 + 0..63 of this warpgroup, the head's 64 columns] += acc (this warpgroup's dQ accumulator).
+ * Each warp stages its own 16 rows (row = 16·warp + lane/4 (+8), 64-bit stores at a 288-byte pitch) and lanes 0..15
+ * each add one 256-byte row with a bulk reduce-add (rows >= query_hi are skipped); nothing is shared between warps,
+ * so a __syncwarp orders the stores before the bulk reads, and each lane waits for its previous row's reads before
+ * the staging is rewritten. The bulk instruction takes uniform-register operands, so ptxas issues the 16 lanes' rows
+ * one after another (ELECT, R2UR, UBLKRED per row; ~18 % of the stall samples in ncu); one lane looping over the 16
+ * rows itself measured slower (0.967 vs 0.936 ms at 1024, 6.15–6.19 vs 5.90–5.94 ms at 8192). (Round 2's per-thread red.global.add.v4 after a lane-pair exchange took 27 % of this
+ * kernel's stall samples in ncu: each reduction waited for its shuffles, the next shuffle's registers for the
+ * reduction to read its sources; the bulk form measured 1–1.5 % faster training steps at 8192.) */
+__device__ __forceinline__ void add_dq(char *smem, const block_context &c, const float (&acc)[32], int query0) {
+    const int lane = threadIdx.x % mb::kWarpSize, warp = threadIdx.x / mb::kWarpSize;
+    char *staging = smem + kDqStaging + warp * kDqWarpBytes;
+    if (lane < 16) bulk_wait_reads();
+    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+        for (int half = 0; half < 2; half++)
+            *reinterpret_cast<float2 *>(staging + (lane / 4 + 8 * half) * kDqPitch + (8 * j + c.f.col) * 4) =
+                make_float2(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
+    fence_proxy_async();
+    __syncwarp();
+    const int query = query0 + 16 * (warp % 4) + lane;
+    if (lane < 16 && query < c.query_hi)
+        bulk_reduce_add(c.dq_columns + (size_t)query * c.hidden, shared_address(staging + lane * kDqPitch),
+                        kHeadDim * 4);
+}
+
+/* One consumer step i (warpgroup g = keys 64g..64g+63 of the tile). Commit groups, in order: [dQ(i−1)], Sᵀ(i),
+ * dPᵀ(i), dV(i), dK(i), each waited for inside this call (ptxas serializes every wgmma, C7514, when an accumulator of
+ * a group committed in an earlier loop iteration is read after a partial wait).
+ * Registers: Sᵀ and dPᵀ are 64 fp32 each, dK and dV 32 each, 192 live while a step's scores are worked on; so dQ(i−1)
+ * (32 more) is issued BEFORE Sᵀ(i) and added to dq_accum before dPᵀ(i) is issued, and Pᵀ and dSᵀ are packed to bf16
+ * only after both are formed in fp32 (the fp32 and bf16 copies are never live together).
+ * Cross-warpgroup traffic:
  *   dQ(i−1) reads both groups' dSᵀ(i−1): wait ds_full[(i−1)&1] (phase (i−1)>>1);
  *   dSᵀ(i) overwrites the stage that dQ(i−2) of both groups read: wait ds_empty[i&1] (phase (i−2)>>1);
- *   Q/dO stage i % kStages goes back to the producer once dV(i) and dK(i) are done (empty).
- * A group can thus run up to about one step ahead of the other, never two (a barrier's next phase needs the
- * slower group's arrivals, which come after its wait of the current phase), so parity waits are unambiguous. */
+ *   the Q/dO stage i % kStages goes back to the producer once dV(i) and dK(i) are done (empty).
+ * A group can thus run up to about one step ahead of the other, never two (a barrier's next phase needs the slower
+ * group's arrivals, which come after its wait of the current phase), so the parity waits are unambiguous. */
 template <bool kHasPrevious>
 __device__ __forceinline__ void consume_step(int i, char *smem, const backward_args &a, const block_context &c,
-                                             const ring &b, float (&s)[32], float (&dp)[32], float (&dk)[32],
-                                             float (&dv)[32], float (&dq)[16]) {
-    constexpr int kBehind = kHasPrevious ? 2 : 1; /* groups queued behind Sᵀ (dPᵀ, dQ) and behind dPᵀ (dQ, dV) */
+                                             const ring &b, float (&s)[64], float (&dp)[64], float (&dk)[32],
+                                             float (&dv)[32], float (&dq)[32]) {
     const int q0 = c.query_lo + i * kStepQueries, stage = i % kStages, ds_stage = i & 1;
+    if (kHasPrevious) issue_step_dq(i - 1, c, b, dq);
     mbarrier_wait(b.full + 8 * stage, (i / kStages) & 1);
-    const uint32_t q_tile = c.base + kTileQ + stage * kStepTileBytes;
-    const uint32_t do_tile = c.base + kTileDO + stage * kStepTileBytes;
-    const float *lse_tile = reinterpret_cast<const float *>(smem + kLse) + stage * kStepQueries;
-    const float *delta_tile = reinterpret_cast<const float *>(smem + kDelta) + stage * kStepQueries;
+    const step_tiles t(smem, c.base, stage);
 
     wgmma_fence();
-    issue_scores(s, c.k_rows, q_tile); /* Sᵀ */
-    wgmma_commit();
-    issue_scores(dp, c.v_rows, do_tile); /* dPᵀ */
+    issue_scores(s, c.k_rows, t.q); /* Sᵀ */
     wgmma_commit();
     if (kHasPrevious) {
-        mbarrier_wait(b.ds_full + 8 * (ds_stage ^ 1), ((i - 1) >> 1) & 1);
-        wgmma_fence();
-        issue_dq(dq, c.base + kTileDS + (ds_stage ^ 1) * kKeyTileBytes, c.k_columns); /* dQ(i−1) */
-        wgmma_commit();
-    }
-    wgmma_wait<kBehind>(); /* Sᵀ */
-    fence_registers(s);
-    const bool mask = c.tail_keys || q0 + kStepQueries > c.query_hi; /* uniform */
-    probabilities_masked_if(mask, s, lse_tile, c.f, a.scale_log2, c.key_a, c.t.end, q0, c.query_hi);
-    uint32_t p_frag[4][4];
-    pack_a_fragments(p_frag, s);
-    wgmma_fence();
-    issue_accumulate(dv, p_frag, do_tile); /* dV += Pᵀ·dO */
-    wgmma_commit();
-    wgmma_wait<kBehind>(); /* dPᵀ */
-    fence_registers(dp);
-    score_gradients(dp, s, delta_tile, c.f);
-    uint32_t ds_frag[4][4];
-    pack_a_fragments(ds_frag, dp);
-    wgmma_fence();
-    issue_accumulate(dk, ds_frag, q_tile); /* dK += dSᵀ·Q (unscaled) */
-    wgmma_commit();
-    if (i >= 2) mbarrier_wait(b.ds_empty + 8 * ds_stage, ((i - 2) >> 1) & 1);
-    store_score_gradients(smem + kTileDS + ds_stage * kKeyTileBytes, ds_frag, c.group * kGroupKeys + c.f.row, c.f);
-    fence_proxy_async();
-    mbarrier_arrive(b.ds_full + 8 * ds_stage);
-    if (kHasPrevious) {
-        wgmma_wait<2>(); /* dQ(i−1); dV(i), dK(i) may still run */
+        wgmma_wait<1>(); /* dQ(i−1); Sᵀ may still run */
         fence_registers(dq);
-        reduce_dq(c.dq_columns, c.hidden, dq, q0 - kStepQueries, c.query_hi, c.f);
+        add_dq(smem, c, dq, q0 - kStepQueries + kGroupKeys * c.group);
         warp_arrive(b.ds_empty + 8 * (ds_stage ^ 1));
     }
+    wgmma_fence();
+    issue_scores(dp, c.v_rows, t.dout); /* dPᵀ */
+    wgmma_commit();
+    wgmma_wait<1>(); /* Sᵀ */
+    fence_registers(s);
+    const bool mask = c.tail_keys || q0 + kStepQueries > c.query_hi; /* uniform */
+    probabilities_masked_if(mask, s, t.lse, c.f, a.scale_log2, c.key_a, c.t.end, q0, c.query_hi);
+    wgmma_wait<0>(); /* dPᵀ */
+    fence_registers(dp);
+    score_gradients(dp, s, t.delta, c.f);
+    uint32_t p_frag[kSteps16][4], ds_frag[kSteps16][4];
+    pack_a_fragments(p_frag, s);
+    pack_a_fragments(ds_frag, dp);
+    wgmma_fence();
+    issue_accumulate(dv, p_frag, t.dout); /* dV += Pᵀ·dO */
+    wgmma_commit();
+    issue_accumulate(dk, ds_frag, t.q); /* dK += dSᵀ·Q (unscaled) */
+    wgmma_commit();
+    if (i >= 2) mbarrier_wait(b.ds_empty + 8 * ds_stage, ((i - 2) >> 1) & 1);
+    store_score_gradients(smem + kTileDS + ds_stage * kDsStageBytes, ds_frag, c.group * kGroupKeys + c.f.row - c.f.row % 16);
+    fence_proxy_async();
+    mbarrier_arrive(b.ds_full + 8 * ds_stage);
     wgmma_wait<0>(); /* this step's reads of Q, dO and the P / dS fragments are done */
     fence_registers(dv);
     fence_registers(dk);
@@ -746,84 +754,30 @@ __device__ __forceinline__ void consume_step(int i, char *smem, const backward_a
 
 /* A consumer warpgroup's whole loop, then the last dQ and the dK / dV rows. K and V are already in shared memory. */
 __device__ __forceinline__ void consume(char *smem, const backward_args &a, const block_context &c, const ring &b) {
-    float dk[32], dv[32], s[32], dp[32], dq[16];
+    float dk[32], dv[32], s[64], dp[64], dq[32];
 #pragma unroll
-    for (int e = 0; e < 32; e++) dk[e] = dv[e] = s[e] = dp[e] = 0.0f;
+    for (int e = 0; e < 64; e++) s[e] = dp[e] = 0.0f;
 #pragma unroll
-    for (int e = 0; e < 16; e++) dq[e] = 0.0f;
+    for (int e = 0; e < 32; e++) dk[e] = dv[e] = dq[e] = 0.0f;
     consume_step<false>(0, smem, a, c, b, s, dp, dk, dv, dq);
     for (int i = 1; i < c.steps; i++) consume_step<true>(i, smem, a, c, b, s, dp, dk, dv, dq);
     const int last = c.steps - 1;
-    mbarrier_wait(b.ds_full + 8 * (last & 1), (last >> 1) & 1);
-    wgmma_fence();
-    issue_dq(dq, c.base + kTileDS + (last & 1) * kKeyTileBytes, c.k_columns);
-    wgmma_commit();
+    issue_step_dq(last, c, b, dq);
     wgmma_wait<0>();
     fence_registers(dq);
-    reduce_dq(c.dq_columns, c.hidden, dq, c.query_lo + last * kStepQueries, c.query_hi, c.f);
+    add_dq(smem, c, dq, c.query_lo + last * kStepQueries + kGroupKeys * c.group);
+    bulk_wait_all(); /* the staging rows stay readable, and the sums land, before the block exits */
     const size_t qkv_stride = 3 * (size_t)c.hidden;
     store_key_rows(a.dqkv + c.hidden + c.head * kHeadDim, qkv_stride, dk, c.key_a, c.t.end, c.f.col, a.scale, a.rope);
     store_key_rows(a.dqkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, dv, c.key_a, c.t.end, c.f.col, 1.0f,
                    nullptr);
 }
 
-}  // namespace v2
 
 #endif /* device helpers */
 
-__global__ void __launch_bounds__(kBwdThreads, 1) wgmma_backward_kernel(backward_args a, mb::attention_plan plan) {
-#if MB_WGMMA_ENABLED
-    extern __shared__ uint4 shared_raw[];
-    char *smem = aligned_shared(shared_raw);
-    block_context c;
-    if (!find_tile(&c.t, &c.head, plan.seq_first, plan.tile_seq, a.cu_seqlens, a.num_seqs, a.heads, kBlockKeys)) return;
-    c.hidden = a.heads * kHeadDim;
-    const size_t qkv_stride = 3 * (size_t)c.hidden;
-    partner_range(c.t, -1, &c.query_lo, &c.query_hi); /* global layer: the whole sequence */
-    c.steps = mb::ceil_div(c.query_hi - c.query_lo, kStepQueries);
-
-    load_tile_async<kBlockKeys>(smem + kTileK, a.qkv + c.hidden + c.head * kHeadDim, qkv_stride, c.t.start, c.t.end);
-    load_tile_async<kBlockKeys>(smem + kTileV, a.qkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, c.t.start,
-                                c.t.end);
-    load_step(smem, 0, a, c.head, c.query_lo, c.query_hi);
-    cp_async_commit();
-
-    c.group = threadIdx.x / 128;
-    c.f = my_fragment();
-    c.key_a = c.t.start + kGroupKeys * c.group + c.f.row;
-    c.tail_keys = c.t.start + kBlockKeys > c.t.end;
-    c.base = shared_address(smem);
-    c.k_rows = c.base + kTileK + c.group * kGroupKeys * kRowBytes;
-    c.v_rows = c.base + kTileV + c.group * kGroupKeys * kRowBytes;
-    c.k_columns = c.base + kTileK + c.group * 32 * 2; /* dQ: this group's 32 columns of K */
-    c.dq_columns = a.dq_accum + c.head * kHeadDim + c.group * 32;
-
-    float dk[32], dv[32], s[32], dp[32], dq[16];
-#pragma unroll
-    for (int i = 0; i < 32; i++) dk[i] = dv[i] = s[i] = dp[i] = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 16; i++) dq[i] = 0.0f;
-
-    /* Rotated loop: iteration i issues dQ(i-1) and runs step i's front, which adds dQ(i-1) while Sᵀ(i), dPᵀ(i) run. */
-    step_front<false>(0, smem, a, c, s, dp, dk, dv, dq);
-    for (int i = 1; i < c.steps; i++) {
-        issue_step_dq(i - 1, c, dq);
-        step_front<true>(i, smem, a, c, s, dp, dk, dv, dq);
-    }
-    issue_step_dq(c.steps - 1, c, dq);
-    wgmma_wait<0>();
-    fence_registers(dq);
-    reduce_dq(c.dq_columns, c.hidden, dq, c.query_lo + (c.steps - 1) * kStepQueries, c.query_hi, c.f);
-    store_key_rows(a.dqkv + c.hidden + c.head * kHeadDim, qkv_stride, dk, c.key_a, c.t.end, c.f.col, a.scale, a.rope);
-    store_key_rows(a.dqkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, dv, c.key_a, c.t.end, c.f.col, 1.0f,
-                   nullptr);
-#endif
-}
-
-/* v2 (default): warpgroups 0 and 1 consume as v1 (same products, masks and dQ split), warpgroup 2's first warp
- * produces Q/dO/lse/delta into the mbarrier ring (v2::produce); the consumers load K and V themselves first. */
-__global__ void __launch_bounds__(v2::kThreads, 1)
-    wgmma_backward_v2_kernel(backward_args a, mb::attention_plan plan) {
+/* The kernel: warpgroups 0 and 1 load K and V, then consume (consume); warpgroup 2's first warp produces. */
+__global__ void __launch_bounds__(kThreads, 1) wgmma_backward_kernel(backward_args a, mb::attention_plan plan) {
 #if MB_WGMMA_ENABLED
     extern __shared__ uint4 shared_raw[];
     char *smem = aligned_shared(shared_raw);
@@ -833,62 +787,68 @@ __global__ void __launch_bounds__(v2::kThreads, 1)
     partner_range(c.t, -1, &c.query_lo, &c.query_hi); /* global layer: the whole sequence */
     c.steps = mb::ceil_div(c.query_hi - c.query_lo, kStepQueries);
     c.base = shared_address(smem);
-    const uint32_t barriers = c.base + v2::kBarriers;
-    const v2::ring b = {barriers, barriers + 8 * v2::kStages, barriers + 16 * v2::kStages,
-                        barriers + 16 * v2::kStages + 16};
+    const uint32_t barriers = c.base + kBarriers;
+    const ring b = {barriers, barriers + 8 * kStages, barriers + 16 * kStages, barriers + 16 * kStages + 16};
     if (threadIdx.x == 0) {
-        for (int s = 0; s < v2::kStages; s++) {
-            v2::mbarrier_init(b.full + 8 * s, mb::kWarpSize);
-            v2::mbarrier_init(b.empty + 8 * s, v2::kConsumerThreads / mb::kWarpSize);
+        for (int s = 0; s < kStages; s++) {
+            mbarrier_init(b.full + 8 * s, mb::kWarpSize);
+            mbarrier_init(b.empty + 8 * s, kConsumerThreads / mb::kWarpSize);
         }
         for (int s = 0; s < 2; s++) {
-            v2::mbarrier_init(b.ds_full + 8 * s, v2::kConsumerThreads);
-            v2::mbarrier_init(b.ds_empty + 8 * s, v2::kConsumerThreads / mb::kWarpSize);
+            mbarrier_init(b.ds_full + 8 * s, kConsumerThreads);
+            mbarrier_init(b.ds_empty + 8 * s, kConsumerThreads / mb::kWarpSize);
         }
     }
     __syncthreads();
     const int warp = threadIdx.x / mb::kWarpSize;
-    if (warp >= v2::kProducerWarp) {
-        v2::registers_decrease<v2::kProducerRegisters>();
-        if (warp == v2::kProducerWarp) v2::produce(smem, b, a, c.head, c.query_lo, c.query_hi, c.steps);
+    if (warp >= kProducerWarp) {
+        registers_decrease<kProducerRegisters>();
+        if (warp == kProducerWarp) produce(smem, b, a, c.head, c.query_lo, c.query_hi, c.steps);
     } else {
-        v2::registers_increase<v2::kConsumerRegisters>();
+        registers_increase<kConsumerRegisters>();
         const size_t qkv_stride = 3 * (size_t)c.hidden;
-        load_tile_async<kBlockKeys>(smem + v2::kTileK, a.qkv + c.hidden + c.head * kHeadDim, qkv_stride, c.t.start,
+        load_tile_async<kBlockKeys>(smem + kTileK, a.qkv + c.hidden + c.head * kHeadDim, qkv_stride, c.t.start,
                                     c.t.end);
-        load_tile_async<kBlockKeys>(smem + v2::kTileV, a.qkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride,
-                                    c.t.start, c.t.end);
+        load_tile_async<kBlockKeys>(smem + kTileV, a.qkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, c.t.start,
+                                    c.t.end);
         cp_async_commit();
         c.group = threadIdx.x / 128;
         c.f = my_fragment();
         c.key_a = c.t.start + kGroupKeys * c.group + c.f.row;
         c.tail_keys = c.t.start + kBlockKeys > c.t.end;
-        c.k_rows = c.base + v2::kTileK + c.group * kGroupKeys * kRowBytes;
-        c.v_rows = c.base + v2::kTileV + c.group * kGroupKeys * kRowBytes;
-        c.k_columns = c.base + v2::kTileK + c.group * 32 * 2; /* dQ: this group's 32 columns of K */
-        c.dq_columns = a.dq_accum + c.head * kHeadDim + c.group * 32;
+        c.k_rows = c.base + kTileK + c.group * kGroupKeys * kRowBytes;
+        c.v_rows = c.base + kTileV + c.group * kGroupKeys * kRowBytes;
+        c.dq_columns = a.dq_accum + c.head * kHeadDim;
         cp_async_wait<0>();
         fence_proxy_async();
-        v2::consumers_sync(); /* K and V of both groups' threads are in shared memory */
-        v2::consume(smem, a, c, b);
+        consumers_sync(); /* K and V of both groups' threads are in shared memory */
+        consume(smem, a, c, b);
     }
 #endif
 }
 
 /* ---- self-test part 1: the three tile products on exact inputs ---- */
 
-/* x, y: [128][64] bf16. out_scores [128][64] = X·Y[0..64)ᵀ per group (rows 64g..); out_accumulate [128][64] =
- * X[rows][0..64) · Y[0..64)[64] with X taken into registers in the accumulator layout; out_dq [64][64] = Yᵀ·X over
- * 128 rows, columns 32g.. by group g. */
-__global__ void __launch_bounds__(kBwdThreads, 1)
+/* The small integers of exact_value (host), for A fragments built on the device. */
+[[maybe_unused]] __device__ __forceinline__ float exact_value_device(int row, int col, int salt) {
+    return (float)(((row * 7 + col * 3 + salt) % 17) - 8) / 16.0f;
+}
+
+/* The kernel's products. x, y: [128][64] bf16, z: [128][128] bf16. Group g writes out_scores [128][128] rows 64g.. =
+ * X[64g..]·Yᵀ (m64n128, both K-major); out_accumulate [128][64] rows 64g.. = A·Y with A[r][k] = exact_value(r, k, 3)
+ * over 128 k (register A, 8 k-steps, N-major Y); out_dq [128][64] rows 64g.. = Z[:, 64g..]ᵀ·X (M-major A = the
+ * second index of Z, N-major X). */
+__global__ void __launch_bounds__(kConsumerThreads, 1)
     wgmma_products_kernel(float *out_scores, float *out_accumulate, float *out_dq, const mb::bf16 *x,
-                          const mb::bf16 *y) {
+                             const mb::bf16 *y, const mb::bf16 *z) {
 #if MB_WGMMA_ENABLED
     extern __shared__ uint4 shared_raw[];
     char *smem = aligned_shared(shared_raw);
-    load_tile_async<kBlockKeys>(smem + kTileK, x, kHeadDim, 0, kBlockKeys);
-    load_tile_async<kStepQueries>(smem + kTileQ, y, kHeadDim, 0, kStepQueries);
-    load_tile_async<kBlockKeys>(smem + kTileDS, y, kHeadDim, 0, kBlockKeys);
+    constexpr uint32_t kX = 0, kY = kKeyTileBytes, kZ = 2 * kKeyTileBytes; /* Z: two [128][64] halves */
+    load_tile_async<kBlockKeys>(smem + kX, x, kHeadDim, 0, kBlockKeys);
+    load_tile_async<kBlockKeys>(smem + kY, y, kHeadDim, 0, kBlockKeys);
+    load_tile_async<kBlockKeys>(smem + kZ, z, 2 * kHeadDim, 0, kBlockKeys);
+    load_tile_async<kBlockKeys>(smem + kZ + kKeyTileBytes, z + kHeadDim, 2 * kHeadDim, 0, kBlockKeys);
     cp_async_commit();
     cp_async_wait<0>();
     fence_proxy_async();
@@ -896,36 +856,37 @@ __global__ void __launch_bounds__(kBwdThreads, 1)
     const int group = threadIdx.x / 128;
     const fragment_position f = my_fragment();
     const uint32_t base = shared_address(smem);
-    float s[32], acc[32], dq[16];
+    float s[64], acc[32], dq[32];
 #pragma unroll
-    for (int i = 0; i < 32; i++) {
+    for (int i = 0; i < 64; i++) {
         int row = group * kGroupKeys + f.row + 8 * ((i % 4) >> 1), col = 8 * (i / 4) + f.col + (i & 1);
-        s[i] = mb::to_float(x[row * kHeadDim + col]); /* X in the accumulator layout, as Pᵀ would be */
-        acc[i] = 0.0f;
+        s[i] = exact_value_device(row, col, 3); /* A in the accumulator layout, as Pᵀ would be */
     }
-    uint32_t x_frag[4][4];
-    pack_a_fragments(x_frag, s);
+#pragma unroll
+    for (int i = 0; i < 32; i++) acc[i] = dq[i] = 0.0f;
+    uint32_t a_frag[kSteps16][4];
+    pack_a_fragments(a_frag, s);
     wgmma_fence();
-    issue_scores(s, base + kTileK + group * kGroupKeys * kRowBytes, base + kTileQ);
+    issue_scores(s, base + kX + group * kGroupKeys * kRowBytes, base + kY);
     wgmma_commit();
-    issue_accumulate(acc, x_frag, base + kTileQ);
+    issue_accumulate(acc, a_frag, base + kY);
     wgmma_commit();
-    issue_dq(dq, base + kTileDS, base + kTileK + group * 32 * 2);
+    issue_dq_rows(dq, base + kZ + group * kKeyTileBytes, base + kX);
     wgmma_commit();
     wgmma_wait<0>();
     fence_registers(s);
     fence_registers(acc);
     fence_registers(dq);
-    fence_registers(x_frag);
+    fence_registers(a_frag);
+#pragma unroll
+    for (int i = 0; i < 64; i++) {
+        int row = group * kGroupKeys + f.row + 8 * ((i % 4) >> 1), col = 8 * (i / 4) + f.col + (i & 1);
+        out_scores[row * kBlockKeys + col] = s[i];
+    }
 #pragma unroll
     for (int i = 0; i < 32; i++) {
         int row = group * kGroupKeys + f.row + 8 * ((i % 4) >> 1), col = 8 * (i / 4) + f.col + (i & 1);
-        out_scores[row * kHeadDim + col] = s[i];
         out_accumulate[row * kHeadDim + col] = acc[i];
-    }
-#pragma unroll
-    for (int i = 0; i < 16; i++) {
-        int row = f.row + 8 * ((i % 4) >> 1), col = group * 32 + 8 * (i / 4) + f.col + (i & 1);
         out_dq[row * kHeadDim + col] = dq[i];
     }
 #endif
@@ -947,16 +908,7 @@ bool mb_attention_wgmma_backward_supports(int head_dim, int window) {
 
 namespace {
 
-/* Which kernel runs: MB_ATTENTION_WGMMA_BWD=v1 (read per call) keeps round 1's kernel (block barriers, no producer);
- * anything else runs v2. */
-enum class backward_version { v1, v2 };
-
-backward_version version_from_environment() {
-    const char *set = getenv("MB_ATTENTION_WGMMA_BWD");
-    return set != nullptr && strcmp(set, "v1") == 0 ? backward_version::v1 : backward_version::v2;
-}
-
-int launch_backward(backward_version version, mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout,
+int launch_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout,
                     const float *lse, const float *delta, const mb::bf16 *qkv, const int32_t *cu_seqlens,
                     mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim, int window,
                     const float2 *rope, cudaStream_t stream, mb_error *err) {
@@ -976,17 +928,10 @@ int launch_backward(backward_version version, mb::bf16 *dqkv, float *dq_accum, c
     float scale = 1.0f / sqrtf((float)kHeadDim);
     backward_args args = {dqkv,    dq_accum, dout,  qkv,           lse, delta, cu_seqlens,
                           num_seqs, heads,    scale, kLog2e * scale, rope};
-    if (version == backward_version::v1) {
-        MB_CUDA_CHECK(err, cudaFuncSetAttribute(wgmma_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                (int)kSharedBytes));
-        wgmma_backward_kernel<<<plan.blocks, kBwdThreads, kSharedBytes, stream>>>(args, plan);
-        MB_CUDA_CHECK_LAUNCH(err, "wgmma_backward_kernel");
-        return 0;
-    }
-    MB_CUDA_CHECK(err, cudaFuncSetAttribute(wgmma_backward_v2_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            (int)v2::kSharedBytes));
-    wgmma_backward_v2_kernel<<<plan.blocks, v2::kThreads, v2::kSharedBytes, stream>>>(args, plan);
-    MB_CUDA_CHECK_LAUNCH(err, "wgmma_backward_v2_kernel");
+    MB_CUDA_CHECK(err, cudaFuncSetAttribute(wgmma_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            (int)kSharedBytes));
+    wgmma_backward_kernel<<<plan.blocks, kThreads, kSharedBytes, stream>>>(args, plan);
+    MB_CUDA_CHECK_LAUNCH(err, "wgmma_backward_kernel");
     return 0;
 }
 
@@ -996,7 +941,7 @@ int mb_attention_wgmma_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 
                                 const float *delta, const mb::bf16 *qkv, const int32_t *cu_seqlens,
                                 mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim, int window,
                                 const float2 *rope, cudaStream_t stream, mb_error *err) {
-    return launch_backward(version_from_environment(), dqkv, dq_accum, dout, lse, delta, qkv, cu_seqlens, plan,
+    return launch_backward(dqkv, dq_accum, dout, lse, delta, qkv, cu_seqlens, plan,
                            num_seqs, n, heads, head_dim, window, rope, stream, err);
 }
 
@@ -1073,53 +1018,58 @@ struct device_buffers {
         }                                                                                              \
     } while (0)
 
+/* The kernel's three product forms (wgmma_products_kernel) against host loops; exact inputs, so the error must be 0. */
 int selftest_products(report_text &r) {
-    constexpr int kRows = kBlockKeys, kCols = kHeadDim;
-    std::vector<mb_bf16> x(kRows * kCols), y(kRows * kCols);
-    std::vector<float> xf(kRows * kCols), yf(kRows * kCols);
-    for (int i = 0; i < kRows; i++)
+    constexpr int kRows = kBlockKeys, kCols = kHeadDim, kWide = 2 * kHeadDim;
+    std::vector<mb_bf16> x(kRows * kCols), y(kRows * kCols), z(kRows * kWide);
+    std::vector<float> xf(x.size()), yf(y.size()), zf(z.size());
+    for (int i = 0; i < kRows; i++) {
         for (int k = 0; k < kCols; k++) {
-            xf[i * kCols + k] = exact_value(i, k, 1);
-            yf[i * kCols + k] = exact_value(k, i, 5);
-            x[i * kCols + k] = mb_bf16_from_float(xf[i * kCols + k]);
-            y[i * kCols + k] = mb_bf16_from_float(yf[i * kCols + k]);
+            x[i * kCols + k] = mb_bf16_from_float(xf[i * kCols + k] = exact_value(i, k, 1));
+            y[i * kCols + k] = mb_bf16_from_float(yf[i * kCols + k] = exact_value(k, i, 5));
         }
-    std::vector<double> want_scores(kRows * kCols, 0.0), want_accumulate(kRows * kCols, 0.0), want_dq(64 * kCols, 0.0);
+        for (int k = 0; k < kWide; k++) z[i * kWide + k] = mb_bf16_from_float(zf[i * kWide + k] = exact_value(i, k, 9));
+    }
+    std::vector<double> want_scores(kRows * kRows, 0.0), want_accumulate(kRows * kCols, 0.0),
+        want_dq(kRows * kCols, 0.0);
     for (int i = 0; i < kRows; i++)
-        for (int k = 0; k < kCols; k++)
-            for (int d = 0; d < kCols; d++) {
-                want_scores[i * kCols + k] += (double)xf[i * kCols + d] * yf[k * kCols + d];
-                want_accumulate[i * kCols + k] += (double)xf[i * kCols + d] * yf[d * kCols + k];
+        for (int k = 0; k < kRows; k++)
+            for (int d = 0; d < kCols; d++) want_scores[i * kRows + k] += (double)xf[i * kCols + d] * yf[k * kCols + d];
+    for (int i = 0; i < kRows; i++)
+        for (int c = 0; c < kCols; c++)
+            for (int k = 0; k < kRows; k++) {
+                want_accumulate[i * kCols + c] += (double)exact_value(i, k, 3) * yf[k * kCols + c];
+                want_dq[i * kCols + c] += (double)zf[k * kWide + i] * xf[k * kCols + c];
             }
-    for (int m = 0; m < 64; m++)
-        for (int k = 0; k < kCols; k++)
-            for (int row = 0; row < kRows; row++)
-                want_dq[m * kCols + k] += (double)yf[row * kCols + m] * xf[row * kCols + k];
 
     device_buffers buffers;
-    mb::bf16 *dx, *dy;
+    mb::bf16 *dx, *dy, *dz;
     float *scores, *accumulate, *dq;
     SELFTEST_CUDA(buffers.allocate(&dx, x.size()));
     SELFTEST_CUDA(buffers.allocate(&dy, y.size()));
-    SELFTEST_CUDA(buffers.allocate(&scores, x.size()));
-    SELFTEST_CUDA(buffers.allocate(&accumulate, x.size()));
-    SELFTEST_CUDA(buffers.allocate(&dq, (size_t)64 * kCols));
+    SELFTEST_CUDA(buffers.allocate(&dz, z.size()));
+    SELFTEST_CUDA(buffers.allocate(&scores, want_scores.size()));
+    SELFTEST_CUDA(buffers.allocate(&accumulate, want_accumulate.size()));
+    SELFTEST_CUDA(buffers.allocate(&dq, want_dq.size()));
     SELFTEST_CUDA(cudaMemcpy(dx, x.data(), x.size() * 2, cudaMemcpyHostToDevice));
     SELFTEST_CUDA(cudaMemcpy(dy, y.data(), y.size() * 2, cudaMemcpyHostToDevice));
+    SELFTEST_CUDA(cudaMemcpy(dz, z.data(), z.size() * 2, cudaMemcpyHostToDevice));
+    constexpr size_t kBytes = 4 * kKeyTileBytes + kSwizzleAtom;
     SELFTEST_CUDA(
-        cudaFuncSetAttribute(wgmma_products_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSharedBytes));
-    wgmma_products_kernel<<<1, kBwdThreads, kSharedBytes>>>(scores, accumulate, dq, dx, dy);
+        cudaFuncSetAttribute(wgmma_products_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kBytes));
+    wgmma_products_kernel<<<1, kConsumerThreads, kBytes>>>(scores, accumulate, dq, dx, dy, dz);
     SELFTEST_CUDA(cudaGetLastError());
     SELFTEST_CUDA(cudaDeviceSynchronize());
-    std::vector<float> got_scores(x.size()), got_accumulate(x.size()), got_dq((size_t)64 * kCols);
-    SELFTEST_CUDA(cudaMemcpy(got_scores.data(), scores, x.size() * 4, cudaMemcpyDeviceToHost));
-    SELFTEST_CUDA(cudaMemcpy(got_accumulate.data(), accumulate, x.size() * 4, cudaMemcpyDeviceToHost));
+    std::vector<float> got_scores(want_scores.size()), got_accumulate(want_accumulate.size()), got_dq(want_dq.size());
+    SELFTEST_CUDA(cudaMemcpy(got_scores.data(), scores, got_scores.size() * 4, cudaMemcpyDeviceToHost));
+    SELFTEST_CUDA(cudaMemcpy(got_accumulate.data(), accumulate, got_accumulate.size() * 4, cudaMemcpyDeviceToHost));
     SELFTEST_CUDA(cudaMemcpy(got_dq.data(), dq, got_dq.size() * 4, cudaMemcpyDeviceToHost));
-    bool ok =
-        compare(r, "scores X·Yt (SS, K-major A and B)", got_scores.data(), want_scores.data(), kRows, kCols, 1e-5);
-    ok &=
-        compare(r, "accumulate X·Y (RS, N-major B)", got_accumulate.data(), want_accumulate.data(), kRows, kCols, 1e-5);
-    ok &= compare(r, "dq Yt·X[:, 32g..] (SS, M-major A, N-major B)", got_dq.data(), want_dq.data(), 64, kCols, 1e-5);
+    bool ok = compare(r, "scores X·Yt (SS m64n128, K-major A and B)", got_scores.data(), want_scores.data(), kRows,
+                      kRows, 1e-5);
+    ok &= compare(r, "accumulate A·Y (RS, 8 k-steps, N-major B)", got_accumulate.data(), want_accumulate.data(),
+                  kRows, kCols, 1e-5);
+    ok &= compare(r, "dq Z[:, 64g..]t·X (SS m64n64, M-major A, N-major B)", got_dq.data(), want_dq.data(), kRows,
+                  kCols, 1e-5);
     return ok ? 0 : 1;
 }
 
@@ -1187,9 +1137,9 @@ bool compare_relative(report_text &r, const char *what, const std::vector<float>
     return ok;
 }
 
-/* Runs one kernel version on a packed batch (a 520-token sequence takes 9 query steps: v2's 3-stage ring and its
- * two dS stages wrap several times) against the double-precision reference. */
-int selftest_kernel(report_text &r, backward_version version) {
+/* Runs the kernel on a packed batch (a 520-token sequence takes 5 query steps: the 2-stage ring and the two dSᵀ
+ * stages wrap twice) against the double-precision reference. */
+int selftest_kernel(report_text &r) {
     const std::vector<int> lengths = {200, 65, 1, 130, 520};
     const int heads = 2, hidden = heads * kHeadDim, num_seqs = (int)lengths.size();
     std::vector<int32_t> cu_seqlens(1, 0), seq_first(1, 0), tile_seq;
@@ -1241,7 +1191,7 @@ int selftest_kernel(report_text &r, backward_version version) {
                                (unsigned)(((n + kBlockKeys - 1) / kBlockKeys + num_seqs) * heads)};
     mb_error err;
     err.message[0] = '\0';
-    if (launch_backward(version, d_dqkv, d_dq, d_dout, d_lse, d_delta, d_qkv, d_cu, plan, num_seqs, n, heads,
+    if (launch_backward(d_dqkv, d_dq, d_dout, d_lse, d_delta, d_qkv, d_cu, plan, num_seqs, n, heads,
                         kHeadDim, -1, nullptr, nullptr, &err) != 0) {
         r.add("launch: %s\n", err.message);
         return -1;
@@ -1259,7 +1209,7 @@ int selftest_kernel(report_text &r, backward_version version) {
             got_dk[(size_t)i * hidden + c] = mb_bf16_to_float(got_bits[(size_t)i * 3 * hidden + hidden + c]);
             got_dv[(size_t)i * hidden + c] = mb_bf16_to_float(got_bits[(size_t)i * 3 * hidden + 2 * hidden + c]);
         }
-    r.add("whole kernel %s, lengths 200 65 1 130 520, 2 heads:\n", version == backward_version::v1 ? "v1" : "v2");
+    r.add("whole kernel, lengths 200 65 1 130 520, 2 heads:\n");
     bool ok = compare_relative(r, "  dQ", got_dq, want_dq, hidden, 1e-2);
     ok &= compare_relative(r, "  dK", got_dk, want_dk, hidden, 1e-2);
     ok &= compare_relative(r, "  dV", got_dv, want_dv, hidden, 1e-2);
@@ -1277,9 +1227,7 @@ extern "C" int mb_cuda_attention_wgmma_backward_selftest(char *report, size_t si
     }
     int products = selftest_products(r);
     if (products < 0) return -1;
-    int kernel_v2 = selftest_kernel(r, backward_version::v2);
-    if (kernel_v2 < 0) return -1;
-    int kernel_v1 = selftest_kernel(r, backward_version::v1);
-    if (kernel_v1 < 0) return -1;
-    return products == 0 && kernel_v2 == 0 && kernel_v1 == 0 ? 0 : 1;
+    int kernel = selftest_kernel(r);
+    if (kernel < 0) return -1;
+    return products == 0 && kernel == 0 ? 0 : 1;
 }

@@ -7,7 +7,7 @@
 #include "attention_common.cuh"
 
 /* Keys per block: the tile size of the plan handed to mb_attention_wgmma_backward (two consumer warpgroups of 64
- * keys each, one 128-key K/V tile resident in shared memory). */
+ * keys each, one 128-key K/V tile resident in shared memory; queries are visited in steps of 128). */
 constexpr int kWgmmaBackwardTile = 128;
 
 /* True when this kernel can run the call: head_dim 64, a global layer (window < 0), the current device is compute
@@ -17,19 +17,19 @@ bool mb_attention_wgmma_backward_supports(int head_dim, int window);
 /* Writes the dK and dV blocks of dqkv [n, 3H] for every token (dK = scale·Σ_i dS_ij q_i, dV = Σ_i P_ij dO_i, bf16)
  * and ADDS the unscaled Σ_j dS_ij k_j into dq_accum [n, H] fp32 (zeroed by the caller; the caller's convert kernel
  * writes dQ = scale·dq_accum). P_ij = exp(s_ij − lse_i), dS = P ∘ (dP − delta_i), dP = dO·Vᵀ. `plan` must be built
- * for tiles of kWgmmaBackwardTile tokens. MB_ATTENTION_WGMMA_BWD=v1 (read per call) runs round 1's kernel instead
- * of v2 (same contract). With a rope table (mb_cuda_rope_table, else nullptr) dK is stored with RoPE's backward
- * applied (dQ's is the convert kernel's). Returns 0, or -1 with err filled (bad arguments, failed launch). */
+ * for tiles of kWgmmaBackwardTile tokens. With a rope table (mb_cuda_rope_table, else nullptr) dK is stored with
+ * RoPE's backward applied (dQ's is the convert kernel's). Returns 0, or -1 with err filled (bad arguments, failed
+ * launch). */
 int mb_attention_wgmma_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout, const float *lse,
                                 const float *delta, const mb::bf16 *qkv, const int32_t *cu_seqlens,
                                 mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim, int window,
                                 const float2 *rope, cudaStream_t stream, mb_error *err);
 
 /* Device self-test (synchronizes; allocates its own buffers). Part 1 runs the kernel's three wgmma tile products
- * (K-major Sᵀ = X·Yᵀ, register-A dV-style X·Y with N-major B, and the dQ product with M-major A and N-major B at a
- * column offset) on exact small-integer inputs and compares with a host loop (the error must be 0); part 2 runs the
- * whole kernel, v2 then v1, on a packed batch (lengths 200, 65, 1, 130, 520; 2 heads) against a double-precision
- * host reference.
+ * (K-major m64n128 Sᵀ = X·Yᵀ, the register-A dV-style product over 8 k-steps with N-major B, and the dQ product with
+ * M-major A and N-major B) on exact small-integer inputs and compares with a host loop (the error must be 0); part 2
+ * runs the whole kernel on a packed batch (lengths 200, 65, 1, 130, 520; 2 heads) against a double-precision host
+ * reference.
  * Writes a readable summary (max errors, first wrong row/column) into report. Returns 0 when everything matches,
  * 1 on a mismatch, 2 when the device or build cannot run sm_90a code (skipped), -1 on a CUDA error. */
 extern "C" int mb_cuda_attention_wgmma_backward_selftest(char *report, size_t size);

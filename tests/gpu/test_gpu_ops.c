@@ -869,7 +869,7 @@ Test(gpu_ops, attention_band_edges) {
  * kernel against a double-precision reference); they skip on devices without sm_90a. */
 Test(gpu_ops, attention_wgmma_selftests) {
     require_gpu();
-    char report[4096];
+    char report[8192];
     int rc = mb_cuda_attention_wgmma_fwd_selftest(report, sizeof report);
     cr_log_info("wgmma forward self-test: %s", report);
     cr_expect(rc == 0 || rc == 1, "wgmma forward self-test failed: %s", report);
