@@ -1185,6 +1185,11 @@ int cuda_profile(mb_backend *b, int reset, char *out, size_t size) {
     return 0;
 }
 
+/* Everything queued on the compute stream is complete (the optimizer step is the last work of a step there). */
+int cuda_synchronize(mb_backend *b, mb_error *err) {
+    return wait_for(impl_of(b), impl_of(b)->stream, "synchronize", err);
+}
+
 const mb_backend_ops cuda_ops = {
     "cuda",
     cuda_destroy,
@@ -1206,6 +1211,7 @@ const mb_backend_ops cuda_ops = {
     cuda_begin_grad_sync,
     cuda_profile,
     cuda_set_recompute,
+    cuda_synchronize,
 };
 
 /* The state arena: master | grads | m | v (fp32) | bf16 copy | two device doubles. On one GPU every part has the

@@ -69,29 +69,42 @@ static int run_train_bench(const train_bench_options *o) {
     mb_model_create(&host, &config, &err);
     mb_params_init(&host.table, &config, host.params, 1);
     backend->ops->write_params(backend, host.params, &err);
-    int32_t *ids = malloc((size_t)o->micro_tokens * sizeof(int32_t));
-    int32_t *labels = malloc((size_t)o->micro_tokens * sizeof(int32_t));
-    int32_t *cu = malloc(((size_t)o->micro_tokens + 2) * sizeof(int32_t));
+    /* Every batch is made before the clock starts, and the clock runs from a drained device after the warmup steps
+     * to a drained device after the last step (the method of tools/bench_hf.py). Until session 5 the clock ran per
+     * step, from before the step's launches to the return of its last launch: the make_batch time between steps
+     * was left out while the device kept working, and the last step's queued backward was never waited for. */
+    int total_steps = o->warmup + o->steps, *sequences = malloc((size_t)total_steps * sizeof(int));
+    size_t batch_ints = (size_t)o->micro_tokens * total_steps;
+    int32_t *ids = malloc(batch_ints * sizeof(int32_t)), *labels = malloc(batch_ints * sizeof(int32_t));
+    int32_t *cu = malloc(((size_t)o->micro_tokens + 2) * total_steps * sizeof(int32_t));
     mb_rng rng;
     mb_rng_seed(&rng, 3);
+    int rc = ids == NULL || labels == NULL || cu == NULL || sequences == NULL ? mb_fail(&err, "out of host memory") : 0;
+    for (int step = 0; rc == 0 && step < total_steps; step++)
+        make_batch(&rng, &config, o->seq_len, o->micro_tokens, ids + (size_t)step * o->micro_tokens,
+                   labels + (size_t)step * o->micro_tokens, cu + ((size_t)o->micro_tokens + 2) * step,
+                   &sequences[step]);
     mb_stableadamw adamw;
     mb_stableadamw_init(&adamw, 1e-4, 1e-5);
-    double total = 0.0;
-    int rc = 0;
-    for (int step = 0; rc == 0 && step < o->warmup + o->steps; step++) {
-        int sequences;
-        make_batch(&rng, &config, o->seq_len, o->micro_tokens, ids, labels, cu, &sequences);
-        mb_batch batch = {o->micro_tokens, sequences, ids, cu, labels, NULL};
+    double start = 0.0, total = 0.0;
+    for (int step = 0; rc == 0 && step < total_steps; step++) {
+        if (step == o->warmup) {
+            if (o->profile && backend->ops->profile != NULL) backend->ops->profile(backend, 1, NULL, 0);
+            rc = mb_backend_synchronize(backend, &err);
+            start = mb_monotonic_seconds();
+            if (rc != 0) break;
+        }
+        size_t offset = (size_t)step * o->micro_tokens;
+        mb_batch batch = {o->micro_tokens, sequences[step], ids + offset, cu + ((size_t)o->micro_tokens + 2) * step,
+                          labels + offset, NULL};
         mb_forward_result result;
-        double start = mb_monotonic_seconds();
         rc = backend->ops->zero_grads(backend, &err);
         if (rc == 0) rc = backend->ops->forward(backend, &batch, &result, &err);
         if (rc == 0) rc = backend->ops->backward(backend, (float)(1.0 / result.loss_count), &err);
         if (rc == 0) rc = backend->ops->optimizer_step(backend, &adamw, 1e-4, &err);
-        if (step >= o->warmup) total += mb_monotonic_seconds() - start;
-        if (rc == 0 && step + 1 == o->warmup && o->profile && backend->ops->profile != NULL)
-            backend->ops->profile(backend, 1, NULL, 0);
     }
+    if (rc == 0) rc = mb_backend_synchronize(backend, &err);
+    total = mb_monotonic_seconds() - start;
     if (rc != 0) {
         fprintf(stderr, "modernbert bench: %s\n", err.message);
     } else {
@@ -115,6 +128,7 @@ static int run_train_bench(const train_bench_options *o) {
     free(ids);
     free(labels);
     free(cu);
+    free(sequences);
     mb_model_free(&host);
     mb_backend_destroy(backend);
     return rc == 0 ? 0 : 1;
@@ -126,8 +140,8 @@ static int bench_train(int argc, char **argv) {
         {"seq", required_argument, NULL, 's'},   {"tokens", required_argument, NULL, 't'},
         {"steps", required_argument, NULL, 'n'}, {"help", no_argument, NULL, 'h'},
         {"profile", no_argument, NULL, 'p'},     {"recompute", required_argument, NULL, 'r'},
-        {NULL, 0, NULL, 0}};
-    train_bench_options o = {"tiny", "auto", 1024, 8192, 5, 1, 0, MB_RECOMPUTE_NONE};
+        {"warmup", required_argument, NULL, 'w'}, {NULL, 0, NULL, 0}};
+    train_bench_options o = {"tiny", "auto", 1024, 8192, 5, 2, 0, MB_RECOMPUTE_NONE};
     optind = 1;
     int c;
     while ((c = getopt_long(argc, argv, "", long_options, NULL)) != -1) {
@@ -137,6 +151,7 @@ static int bench_train(int argc, char **argv) {
         case 's': o.seq_len = atoi(optarg); break;
         case 't': o.micro_tokens = atoi(optarg); break;
         case 'n': o.steps = atoi(optarg); break;
+        case 'w': o.warmup = atoi(optarg); break;
         case 'p': o.profile = 1; break;
         case 'r':
             if (mb_recompute_from_name(optarg, &o.recompute) != 0) {
@@ -146,17 +161,19 @@ static int bench_train(int argc, char **argv) {
             break;
         case 'h':
             printf("usage: modernbert bench train [--model tiny|base|large] [--backend auto|cpu|cuda] [--seq N]\n"
-                   "                              [--tokens N] [--steps N] [--profile] [--recompute none|norms|mlp]\n"
-                   "Times forward + backward + optimizer steps on random packed batches of --tokens tokens made of\n"
-                   "--seq-token documents, and prints the step time, tokens/s and model TFLOP/s (FLOP convention of\n"
+                   "                              [--tokens N] [--steps N] [--warmup N] [--profile]\n"
+                   "                              [--recompute none|norms|mlp]\n"
+                   "Times --steps forward + backward + optimizer steps (after --warmup untimed ones, default 2) on\n"
+                   "random packed batches of --tokens tokens made of --seq-token documents, from a drained device to\n"
+                   "a drained device, and prints the step time, tokens/s and model TFLOP/s (FLOP convention of\n"
                    "docs/performance.md). --profile adds the device time per op family (CUDA; MB_PROFILE=1);\n"
                    "--recompute sets which activations the backward rebuilds (run.recompute; CUDA).\n");
             return 0;
         default: return 2;
         }
     }
-    if (o.seq_len < 1 || o.micro_tokens < o.seq_len || o.steps < 1) {
-        fprintf(stderr, "modernbert bench train: need --seq >= 1, --tokens >= --seq, --steps >= 1\n");
+    if (o.seq_len < 1 || o.micro_tokens < o.seq_len || o.steps < 1 || o.warmup < 0) {
+        fprintf(stderr, "modernbert bench train: need --seq >= 1, --tokens >= --seq, --steps >= 1, --warmup >= 0\n");
         return 2;
     }
     return run_train_bench(&o);

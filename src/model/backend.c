@@ -60,6 +60,10 @@ int mb_backend_set_recompute(mb_backend *backend, mb_recompute level, mb_error *
     return backend->ops->set_recompute(backend, level, err);
 }
 
+int mb_backend_synchronize(mb_backend *backend, mb_error *err) {
+    return backend->ops->synchronize == NULL ? 0 : backend->ops->synchronize(backend, err);
+}
+
 static const char *const recompute_names[] = {"none", "norms", "mlp"};
 
 int mb_recompute_from_name(const char *name, mb_recompute *level) {

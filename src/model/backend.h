@@ -71,6 +71,9 @@ typedef struct mb_backend_ops {
     /* Optional (NULL: the backend keeps every activation, as the CPU reference does): the mb_recompute level. Call
      * before reserve; a later change re-carves the activation memory at the next forward. */
     int (*set_recompute)(mb_backend *backend, mb_recompute level, mb_error *err);
+    /* Optional (NULL: every op returns with its work done, as the CPU reference's do): waits until the work queued
+     * so far is complete (forward, backward and optimizer_step may return before their device work ends). */
+    int (*synchronize)(mb_backend *backend, mb_error *err);
 } mb_backend_ops;
 
 struct mb_backend {
@@ -87,6 +90,8 @@ int mb_backend_create(mb_backend **backend, const char *name, const mb_config *c
 void mb_backend_destroy(mb_backend *backend);
 /* Sets the recompute level where the backend has one (a no-op returning 0 where it keeps everything). */
 int mb_backend_set_recompute(mb_backend *backend, mb_recompute level, mb_error *err);
+/* Waits until the backend's queued device work is complete (a no-op returning 0 where every op is synchronous). */
+int mb_backend_synchronize(mb_backend *backend, mb_error *err);
 /* "none", "norms", "mlp" (for configs and command lines); -1 for other names. */
 int mb_recompute_from_name(const char *name, mb_recompute *level);
 const char *mb_recompute_name(mb_recompute level);
