@@ -637,7 +637,7 @@ __device__ __forceinline__ void issue_step_dq(int step, const block_context &c, 
     wgmma_commit();
 }
 
-/* ---- dQ into dq_accum: per-thread vector reductions, or bulk reduce-adds of staged rows ---- */
+/* ---- dQ into dq_accum: bulk reduce-adds of staged rows ---- */
 
 /* One bulk reduce-add of `bytes` (multiple of 16) fp32 values from shared memory onto global memory (TMA engine,
  * PTX "cp.reduce.async.bulk"), committed as this thread's next bulk group. */

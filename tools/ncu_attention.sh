@@ -22,8 +22,8 @@ profile() { # profile GPU NAME KERNEL_REGEX bench-attention-arguments...
     ncu -i "/tmp/$name.ncu-rep" --page details --print-details all > "/tmp/${name}_details.txt" 2>&1
     tar czf "$out/$name.tgz" -C /tmp "$name.csv" "${name}_details.txt" "$name.log" "$name.err"
 }
-jobs=("bwd8192 wgmma_backward_v2 --seq 8192 --window -1" "fwd8192 wgmma_forward_persistent --seq 8192 --window -1"
-      "bwd1024 wgmma_backward_v2 --seq 1024 --window -1" "bandbwd band_backward_centre --seq 1024 --window 64")
+jobs=("bwd8192 wgmma_backward_kernel --seq 8192 --window -1" "fwd8192 wgmma_forward_persistent --seq 8192 --window -1"
+      "bwd1024 wgmma_backward_kernel --seq 1024 --window -1" "bandbwd band_backward_centre --seq 1024 --window 64")
 for k in "${!jobs[@]}"; do
     # shellcheck disable=SC2086 # the job strings are word lists
     profile $((k % gpus)) ${jobs[$k]} &
