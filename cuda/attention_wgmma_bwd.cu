@@ -47,16 +47,11 @@
 
 #include "attention_wgmma_bwd.h"
 #include "ops.h" /* mb_bf16 host conversions (self-test) */
+#include "wgmma.cuh"
 
 extern "C" {
 #include "common/rng.h" /* a C header without extern "C" guards of its own */
 }
-
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define MB_WGMMA_ENABLED 1
-#else
-#define MB_WGMMA_ENABLED 0
-#endif
 
 namespace {
 
@@ -117,12 +112,7 @@ struct backward_args {
 };
 
 /* The device helpers exist in the host and sm_90a passes only: the sm_80 pass compiles empty kernel bodies. */
-#if MB_WGMMA_ENABLED || !defined(__CUDA_ARCH__)
-
-/* Byte offset of 16-byte chunk `chunk` (8 bf16, 0..7) of row `row` in a swizzled tile of 128-byte rows. */
-__device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
-    return (uint32_t)(row * kRowBytes + ((chunk ^ (row & 7)) << 4));
-}
+#if MB_WGMMA_SM90 || !defined(__CUDA_ARCH__)
 
 /* ---- sm_90a primitives (empty in the sm_80 pass) ---- */
 
@@ -137,60 +127,9 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t address) {
     return (uint64_t)((address & 0x3FFFF) >> 4) | (kLeading << 16) | (kStride << 32) | (kSwizzle128 << 62);
 }
 
-__device__ __forceinline__ uint32_t shared_address(const void *pointer) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
-}
-
-/* Orders this thread's earlier register accesses before the warpgroup's next wgmma (all 128 threads execute it). */
-__device__ __forceinline__ void wgmma_fence() {
-#if MB_WGMMA_ENABLED
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void wgmma_commit() {
-#if MB_WGMMA_ENABLED
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-#endif
-}
-
-/* Waits until at most kPending of this warpgroup's committed wgmma groups are in flight (groups finish in order). */
-template <int kPending>
-__device__ __forceinline__ void wgmma_wait() {
-#if MB_WGMMA_ENABLED
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
-#endif
-}
-
-/* Shared memory written by ordinary stores or cp.async and read next by wgmma (the async proxy): each writing thread
- * fences before the barrier that publishes the data. */
-__device__ __forceinline__ void fence_proxy_async() {
-#if MB_WGMMA_ENABLED
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
-
-/* Compiler-only fences on registers that an in-flight wgmma reads or writes: the compiler must neither read an
- * accumulator before the wgmma.wait_group that completes it nor reuse an A-fragment register before that wait. */
-template <int N>
-__device__ __forceinline__ void fence_registers(float (&r)[N]) {
-#pragma unroll
-    for (int i = 0; i < N; i++) asm volatile("" : "+f"(r[i])::"memory");
-}
-
-template <int kSteps>
-__device__ __forceinline__ void fence_registers(uint32_t (&r)[kSteps][4]) {
-#pragma unroll
-    for (int i = 0; i < kSteps; i++)
-#pragma unroll
-        for (int k = 0; k < 4; k++) asm volatile("" : "+r"(r[i][k])::"memory");
-}
-
-/* wgmma.mma_async m64nNk16, bf16 x bf16 -> fp32 (PTX ISA "Asynchronous Warpgroup Level Matrix Multiply-Accumulate").
- * accumulate = 0 overwrites d (scale-d false). kTransA / kTransB = 1: A M-major / B N-major. */
 template <int kTransA, int kTransB>
 __device__ __forceinline__ void wgmma_m64n64_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-#if MB_WGMMA_ENABLED
+#if MB_WGMMA_SM90
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
@@ -207,7 +146,7 @@ __device__ __forceinline__ void wgmma_m64n64_ss(float (&d)[32], uint64_t desc_a,
 template <int kTransB>
 __device__ __forceinline__ void wgmma_m64n64_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
                                                 int accumulate) {
-#if MB_WGMMA_ENABLED
+#if MB_WGMMA_SM90
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
@@ -268,7 +207,7 @@ __device__ __forceinline__ void load_tile_async(char *tile, const mb::bf16 *src,
         int r = c / 8, chunk = c % 8;
         bool valid = r0 + r < r_end;
         const mb::bf16 *from = valid ? src + (size_t)(r0 + r) * row_stride + chunk * 8 : src;
-        cp_async_16(tile + swizzled(r, chunk), from, valid);
+        cp_async_16(tile + swizzled_offset(r, chunk), from, valid);
     }
 }
 
@@ -332,8 +271,8 @@ __device__ __forceinline__ void store_score_gradients(char *ds_tile, const uint3
 #pragma unroll
     for (int kk = 0; kk < kSteps; kk++) {
         const int chunk = 2 * kk + (matrix >> 1);
-        const uint32_t address = tiles + (chunk >> 3) * kKeyTileBytes + swizzled(row, chunk & 7);
-#if MB_WGMMA_ENABLED
+        const uint32_t address = tiles + (chunk >> 3) * kKeyTileBytes + swizzled_offset(row, chunk & 7);
+#if MB_WGMMA_SM90
         asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(address),
                      "r"(a[kk][0]), "r"(a[kk][1]), "r"(a[kk][2]), "r"(a[kk][3])
                      : "memory");
@@ -401,22 +340,10 @@ struct ring {
     uint32_t full, empty, ds_full, ds_empty;
 };
 
-__device__ __forceinline__ void mbarrier_init(uint32_t bar, int count) {
-#if MB_WGMMA_ENABLED
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-#endif
-}
-
-__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
-#if MB_WGMMA_ENABLED
-    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
-#endif
-}
-
 /* One test of the phase of the given parity (try_wait may suspend the thread for a short system-dependent time). */
 __device__ __forceinline__ bool mbarrier_try_wait(uint32_t bar, uint32_t parity) {
     uint32_t done = 1;
-#if MB_WGMMA_ENABLED
+#if MB_WGMMA_SM90
     asm volatile(
         "{\n.reg .pred p;\n"
         "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
@@ -448,20 +375,6 @@ __device__ __forceinline__ void warp_arrive(uint32_t bar) {
     if (threadIdx.x % mb::kWarpSize == 0) mbarrier_arrive(bar);
 }
 
-template <int kRegisters>
-__device__ __forceinline__ void registers_decrease() {
-#if MB_WGMMA_ENABLED
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
-#endif
-}
-
-template <int kRegisters>
-__device__ __forceinline__ void registers_increase() {
-#if MB_WGMMA_ENABLED
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
-#endif
-}
-
 /* Named barrier 1 over the two consumer warpgroups (barrier 0 is __syncthreads; the producer never joins). */
 __device__ __forceinline__ void consumers_sync() {
     asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
@@ -476,7 +389,7 @@ __device__ __forceinline__ void warp_load_rows(char *tile, const mb::bf16 *src, 
     if (r0 + kRows <= r_end) { /* whole step inside the sequence (uniform): no predicates, ~3 instr. a copy */
         const int row = lane / 8; /* rows row + 4·it: even and odd it differ by 4 in row % 8, row + 8 is +1024 B */
         const uint32_t base = shared_address(tile);
-        const uint32_t even = base + swizzled(row, chunk), odd = base + swizzled(row + 4, chunk);
+        const uint32_t even = base + swizzled_offset(row, chunk), odd = base + swizzled_offset(row + 4, chunk);
         const char *from = reinterpret_cast<const char *>(src + (size_t)(r0 + row) * row_stride + chunk * 8);
         const size_t four_rows = 4 * row_stride * sizeof(mb::bf16);
 #pragma unroll
@@ -491,7 +404,7 @@ __device__ __forceinline__ void warp_load_rows(char *tile, const mb::bf16 *src, 
     for (int it = 0; it < kRows / 4; it++) {
         const int row = lane / 8 + 4 * it;
         const bool valid = r0 + row < r_end;
-        cp_async_16(tile + swizzled(row, chunk), valid ? src + (size_t)(r0 + row) * row_stride + chunk * 8 : src,
+        cp_async_16(tile + swizzled_offset(row, chunk), valid ? src + (size_t)(r0 + row) * row_stride + chunk * 8 : src,
                     valid);
     }
 }
@@ -535,7 +448,7 @@ __device__ void produce(char *smem, const ring &b, const backward_args &a, int h
 
 template <int kTransA, int kTransB>
 __device__ __forceinline__ void wgmma_m64n128_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-#if MB_WGMMA_ENABLED
+#if MB_WGMMA_SM90
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
@@ -561,7 +474,7 @@ __device__ __forceinline__ void wgmma_m64n128_ss(float (&d)[64], uint64_t desc_a
  * values stayed live across the rest of a step: ptxas spilled and serialized the wgmmas (C7512). */
 template <int kTransA, int kTransB>
 __device__ __forceinline__ void wgmma_m64n128_ss_first(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
-#if MB_WGMMA_ENABLED
+#if MB_WGMMA_SM90
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
@@ -583,7 +496,7 @@ __device__ __forceinline__ void wgmma_m64n128_ss_first(float (&d)[64], uint64_t 
 
 template <int kTransA, int kTransB>
 __device__ __forceinline__ void wgmma_m64n64_ss_first(float (&d)[32], uint64_t desc_a, uint64_t desc_b) {
-#if MB_WGMMA_ENABLED
+#if MB_WGMMA_SM90
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
@@ -642,7 +555,7 @@ __device__ __forceinline__ void issue_step_dq(int step, const block_context &c, 
 /* One bulk reduce-add of `bytes` (multiple of 16) fp32 values from shared memory onto global memory (TMA engine,
  * PTX "cp.reduce.async.bulk"), committed as this thread's next bulk group. */
 __device__ __forceinline__ void bulk_reduce_add(float *global, uint32_t shared, uint32_t bytes) {
-#if MB_WGMMA_ENABLED
+#if MB_WGMMA_SM90
     asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(global),
                  "r"(shared), "r"(bytes)
                  : "memory");
@@ -652,14 +565,14 @@ __device__ __forceinline__ void bulk_reduce_add(float *global, uint32_t shared, 
 
 /* Waits until this thread's bulk operations have read their shared-memory sources (the staging may be rewritten). */
 __device__ __forceinline__ void bulk_wait_reads() {
-#if MB_WGMMA_ENABLED
+#if MB_WGMMA_SM90
     asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
 #endif
 }
 
 /* Waits until this thread's bulk operations are complete. */
 __device__ __forceinline__ void bulk_wait_all() {
-#if MB_WGMMA_ENABLED
+#if MB_WGMMA_SM90
     asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 #endif
 }
@@ -778,7 +691,7 @@ __device__ __forceinline__ void consume(char *smem, const backward_args &a, cons
 
 /* The kernel: warpgroups 0 and 1 load K and V, then consume (consume); warpgroup 2's first warp produces. */
 __global__ void __launch_bounds__(kThreads, 1) wgmma_backward_kernel(backward_args a, mb::attention_plan plan) {
-#if MB_WGMMA_ENABLED
+#if MB_WGMMA_SM90
     extern __shared__ uint4 shared_raw[];
     char *smem = aligned_shared(shared_raw);
     block_context c;
@@ -841,7 +754,7 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_backward_kernel(backward_ar
 __global__ void __launch_bounds__(kConsumerThreads, 1)
     wgmma_products_kernel(float *out_scores, float *out_accumulate, float *out_dq, const mb::bf16 *x,
                              const mb::bf16 *y, const mb::bf16 *z) {
-#if MB_WGMMA_ENABLED
+#if MB_WGMMA_SM90
     extern __shared__ uint4 shared_raw[];
     char *smem = aligned_shared(shared_raw);
     constexpr uint32_t kX = 0, kY = kKeyTileBytes, kZ = 2 * kKeyTileBytes; /* Z: two [128][64] halves */

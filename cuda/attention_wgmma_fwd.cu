@@ -25,8 +25,10 @@
  * Masks only on the sequence's last key tile (keys >= the sequence end get −inf; those rows are zero-filled).
  *
  * Every sm_90 / sm_90a instruction (wgmma, setmaxnreg, fence.proxy.async, mbarrier try_wait) is inside
- * MB_WGMMA_FWD_SM90 so that the sm_80 pass of the build compiles the kernels with empty bodies. */
+ * MB_WGMMA_SM90 (wgmma.cuh) so that the sm_80 pass of the build compiles the kernels with empty bodies; the primitives
+ * both wgmma kernels use are in wgmma.cuh. */
 #include "attention_wgmma_fwd.h"
+#include "wgmma.cuh"
 
 #include <cmath>
 #include <cstdio>
@@ -34,9 +36,6 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define MB_WGMMA_FWD_SM90 1
-#endif
 
 namespace {
 
@@ -81,21 +80,9 @@ struct persistent_shape {
     static_assert(kSharedBytes + 1024 <= 227 * 1024, "fits one block per SM");
 };
 
-#ifdef MB_WGMMA_FWD_SM90
+#if MB_WGMMA_SM90
 
 /* ---- shared memory, barriers, copies ---- */
-
-__device__ __forceinline__ uint32_t shared_address(const void *p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void mbarrier_init(uint32_t bar, int count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-
-__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
-    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
-}
 
 /* Blocks until the barrier's phase with the given parity has completed. */
 __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
@@ -123,30 +110,9 @@ __device__ __forceinline__ bool mbarrier_ready(uint32_t bar, uint32_t parity) {
     return ready != 0;
 }
 
-/* Orders this thread's generic-proxy shared-memory writes (cp.async results included, once waited for) before
- * later async-proxy reads (wgmma operands). */
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-
 __device__ __forceinline__ void copy_16(uint32_t dst, const void *src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
                  : "memory");
-}
-
-template <int kRegisters>
-__device__ __forceinline__ void registers_decrease() {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
-}
-
-template <int kRegisters>
-__device__ __forceinline__ void registers_increase() {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
-}
-
-/* Byte offset of 16-byte chunk `chunk` (8 bf16) of row `row` in a 128-byte-swizzled tile whose base is
- * 1024-byte aligned: the chunk index is XORed with row % 8 (CUTLASS Swizzle<3,4,3> on byte addresses, the
- * SWIZZLE_128B of wgmma descriptors / TMA; cute/atom/mma_traits_sm90_gmma.hpp Layout_K_SW128_Atom). */
-__device__ __forceinline__ uint32_t swizzled_offset(int row, int chunk) {
-    return (uint32_t)(row * kRowBytes + ((chunk ^ (row & 7)) << 4));
 }
 
 /* load_kv_tile for a tile wholly inside the sequence: no per-row predicates or multiplies. Lane l copies chunk l % 8
@@ -207,21 +173,6 @@ __device__ __forceinline__ void load_kv_tile(uint32_t stage, const mb::bf16 *k_b
 __device__ __forceinline__ uint64_t sw128_descriptor(uint32_t address, uint32_t lbo_bytes, uint32_t sbo_bytes) {
     return (uint64_t)((address & 0x3FFFF) >> 4) | ((uint64_t)((lbo_bytes >> 4) & 0x3FFF) << 16) |
            ((uint64_t)((sbo_bytes >> 4) & 0x3FFF) << 32) | (1ull << 62);
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void wgmma_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
-}
-
-/* Keeps the compiler from moving accesses of wgmma accumulators across the asynchronous window (CUTLASS
- * warpgroup_fence_operand). */
-template <int kCount>
-__device__ __forceinline__ void fence_registers(float (&x)[kCount]) {
-#pragma unroll
-    for (int i = 0; i < kCount; i++) asm volatile("" : "+f"(x[i])::"memory");
 }
 
 /* d[64 × 128] (+)= a[64 × 16] · B[16 × 128]: A from registers (bf16 pairs), B K-major from shared memory.
@@ -502,14 +453,14 @@ __device__ __forceinline__ void consume(mb::bf16 *out, float *lse, const mb::bf1
     store_rows(out, lse, o, row_max, row_sum, row_a, t.end, hidden, heads, head);
 }
 
-#endif /* MB_WGMMA_FWD_SM90 */
+#endif /* MB_WGMMA_SM90 */
 
 template <bool kPingPong>
 __global__ void __launch_bounds__(kThreads, 1)
     wgmma_forward_kernel(mb::bf16 *out, float *lse, const mb::bf16 *qkv, const int32_t *cu_seqlens,
                          const int32_t *seq_first, const int32_t *tile_seq, int num_seqs, int heads,
                          float scale_log2) {
-#ifdef MB_WGMMA_FWD_SM90
+#if MB_WGMMA_SM90
     __shared__ __align__(8) uint64_t barriers[2 * kStages]; /* full[kStages], then empty[kStages] */
     extern __shared__ __align__(1024) unsigned char shared_raw[];
     tile_position t;
@@ -559,7 +510,7 @@ __global__ void __launch_bounds__(kThreads, 1)
  *  - the softmax reduces the row max as a tree and sums the exponentials in four partial sums (shorter chains).
  * kGroups = 2 (128-query items, 240 registers) is kept as a measurement point (MB_ATTENTION_WGMMA_FWD=v2_128). */
 
-#ifdef MB_WGMMA_FWD_SM90
+#if MB_WGMMA_SM90
 
 struct work_item {
     int start, end;     /* query rows [start, end) */
@@ -846,13 +797,13 @@ __device__ void consume_persistent(mb::bf16 *out, float *lse, uint32_t q_tiles, 
     }
 }
 
-#endif /* MB_WGMMA_FWD_SM90 */
+#endif /* MB_WGMMA_SM90 */
 
 template <int kGroups>
 __global__ void __launch_bounds__(persistent_shape<kGroups>::kThreads, 1)
     wgmma_forward_persistent_kernel(mb::bf16 *out, float *lse, const mb::bf16 *qkv, const int32_t *cu_seqlens,
                                     const int32_t *seq_first, const int32_t *tile_seq, int num_seqs, int heads) {
-#ifdef MB_WGMMA_FWD_SM90
+#if MB_WGMMA_SM90
     using shape = persistent_shape<kGroups>;
     /* full[stages], empty[stages], q_full[2], q_empty[2] */
     __shared__ __align__(8) uint64_t barriers[2 * kPersistentStages + 4];
@@ -893,7 +844,7 @@ constexpr size_t kSelftestSharedBytes = kStageBytes + kRowsPerWarpgroup * kRowBy
 __global__ void __launch_bounds__(128)
     wgmma_products_selftest_kernel(float *s_out, float *s_ss_out, float *o_out, const mb::bf16 *q_in,
                                    const mb::bf16 *k_in, const mb::bf16 *v_in, const float *p_in) {
-#ifdef MB_WGMMA_FWD_SM90
+#if MB_WGMMA_SM90
     extern __shared__ __align__(1024) unsigned char shared_raw[];
     const uint32_t stage = (shared_address(shared_raw) + 1023u) & ~1023u, q_tile = stage + kStageBytes;
     const int warp = threadIdx.x / mb::kWarpSize, lane = threadIdx.x % mb::kWarpSize, quad = lane % 4;
