@@ -60,7 +60,8 @@ constexpr int kBlockKeys = kWgmmaBackwardTile; /* 128 keys per block */
 constexpr int kGroupKeys = 64;                 /* keys per consumer warpgroup (the M of every wgmma) */
 constexpr int kStepQueries = 128;              /* queries per step */
 constexpr int kSteps16 = kStepQueries / 16;    /* k-steps of the dV and dK products */
-static_assert(kSteps16 * 16 == kStepQueries, "whole k-steps");
+constexpr int kScores = kStepQueries / 2;      /* Sᵀ or dPᵀ elements per thread: 64 × 128 over a warpgroup */
+static_assert(kSteps16 * 16 == kStepQueries && kScores == 8 * kSteps16, "whole k-steps, 8 elements per k-step");
 constexpr int kRowBytes = kHeadDim * 2;        /* one tile row: 64 bf16 = one 128-byte swizzle row */
 constexpr int kSwizzleAtom = 8 * kRowBytes;    /* 8 rows: the 1024-byte repeat of the 128-byte swizzle */
 constexpr uint32_t kKeyTileBytes = kBlockKeys * kRowBytes, kStepTileBytes = kStepQueries * kRowBytes;
@@ -165,24 +166,20 @@ __device__ __forceinline__ void wgmma_m64n64_rs(float (&d)[32], const uint32_t (
  * for accumulator matrix D": warp w of the group owns rows 16w..16w+15; element 4j + e of a thread is row
  * 16w + lane/4 + 8·(e/2), column 8j + 2·(lane%4) + (e%2) — per 8-column block the layout of mma.sync m16n8) ---- */
 
-/* acc[64 × 64] += A·Y: A [64 × 16·kSteps] in registers (a[k-step], pack_a_fragments), Y = [16·kSteps k rows][64 n]
- * at y read N-major (transpose bit); k-step kk starts 16 rows (2048 bytes) further. Used for dV += Pᵀ·dO and
- * dK += dSᵀ·Q (kSteps = the step's queries / 16). */
-template <int kSteps>
-__device__ __forceinline__ void issue_accumulate(float (&acc)[32], const uint32_t (&a)[kSteps][4], uint32_t y) {
+/* acc[64 × 64] += A·Y: A [64 × 128] in registers (a[k-step], pack_a_fragments), Y = [128 k rows][64 n] at y read
+ * N-major (transpose bit); k-step kk starts 16 rows (2048 bytes) further. Used for dV += Pᵀ·dO and dK += dSᵀ·Q. */
+__device__ __forceinline__ void issue_accumulate(float (&acc)[32], const uint32_t (&a)[kSteps16][4], uint32_t y) {
 #pragma unroll
-    for (int kk = 0; kk < kSteps; kk++)
+    for (int kk = 0; kk < kSteps16; kk++)
         wgmma_m64n64_rs<1>(acc, a[kk], smem_desc(y + 16 * kRowBytes * kk), 1);
 }
 
-/* bf16 A fragments of a 64 × 64 accumulator for the next product (register-A wgmma, PTX ISA figure "WGMMA .m64nNk16
+/* bf16 A fragments of a 64 × 128 accumulator for the next product (register-A wgmma, PTX ISA figure "WGMMA .m64nNk16
  * register fragment layout for matrix A"): k-step kk covers accumulator columns 16kk..16kk+15, i.e. elements
  * 8kk..8kk+7: {row r, cols c, c+1}, {row r+8, ...}, {row r, cols c+8, c+9}, {row r+8, ...}. */
-template <int kSteps, int kCount>
-__device__ __forceinline__ void pack_a_fragments(uint32_t (&a)[kSteps][4], const float (&acc)[kCount]) {
-    static_assert(kCount == 8 * kSteps, "one k-step of 16 columns per 8 accumulator elements");
+__device__ __forceinline__ void pack_a_fragments(uint32_t (&a)[kSteps16][4], const float (&acc)[kScores]) {
 #pragma unroll
-    for (int kk = 0; kk < kSteps; kk++)
+    for (int kk = 0; kk < kSteps16; kk++)
 #pragma unroll
         for (int r = 0; r < 4; r++) a[kk][r] = mb::pack_bf16x2(acc[8 * kk + 2 * r], acc[8 * kk + 2 * r + 1]);
 }
@@ -215,11 +212,11 @@ __device__ __forceinline__ void load_tile_async(char *tile, const mb::bf16 *src,
  * become 0. key0 = the thread's first key, query0 = the step's first query. The mask is a template argument, taken
  * by a block-uniform branch (probabilities_masked_if): as a run-time flag ptxas computed it for every element and
  * selected (~100 of a step's 870 instructions per warp, ncu, session 4). */
-template <bool kMask, int kCount>
-__device__ __forceinline__ void probabilities(float (&s)[kCount], const float *lse_tile, fragment_position f,
+template <bool kMask>
+__device__ __forceinline__ void probabilities(float (&s)[kScores], const float *lse_tile, fragment_position f,
                                               float scale_log2, int key0, int key_end, int query0, int query_hi) {
 #pragma unroll
-    for (int j = 0; j < kCount / 4; j++) {
+    for (int j = 0; j < kScores / 4; j++) {
         const float2 lse = *reinterpret_cast<const float2 *>(lse_tile + 8 * j + f.col);
         const float shift[2] = {lse.x * kLog2e, lse.y * kLog2e};
 #pragma unroll
@@ -235,8 +232,7 @@ __device__ __forceinline__ void probabilities(float (&s)[kCount], const float *l
 }
 
 /* probabilities<true> on tail steps (`mask`, uniform over the block), probabilities<false> on all others. */
-template <int kCount>
-__device__ __forceinline__ void probabilities_masked_if(bool mask, float (&s)[kCount], const float *lse_tile,
+__device__ __forceinline__ void probabilities_masked_if(bool mask, float (&s)[kScores], const float *lse_tile,
                                                         fragment_position f, float scale_log2, int key0, int key_end,
                                                         int query0, int query_hi) {
     if (mask)
@@ -246,11 +242,10 @@ __device__ __forceinline__ void probabilities_masked_if(bool mask, float (&s)[kC
 }
 
 /* dSᵀ = Pᵀ ∘ (dPᵀ − delta) in place in dp. */
-template <int kCount>
-__device__ __forceinline__ void score_gradients(float (&dp)[kCount], const float (&p)[kCount], const float *delta_tile,
-                                                fragment_position f) {
+__device__ __forceinline__ void score_gradients(float (&dp)[kScores], const float (&p)[kScores],
+                                                const float *delta_tile, fragment_position f) {
 #pragma unroll
-    for (int j = 0; j < kCount / 4; j++) {
+    for (int j = 0; j < kScores / 4; j++) {
         const float2 delta = *reinterpret_cast<const float2 *>(delta_tile + 8 * j + f.col);
 #pragma unroll
         for (int e = 0; e < 4; e++) dp[4 * j + e] = p[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? delta.y : delta.x));
@@ -263,13 +258,12 @@ __device__ __forceinline__ void score_gradients(float (&dp)[kCount], const float
  * stmatrix.x4 per k-step stores all four (lane l gives the address of row l % 8 of matrix l / 8; the swizzle keeps
  * the 8 rows of a matrix in 8 different 16-byte chunks: no bank conflicts): 8 instructions instead of 32 32-bit
  * stores. */
-template <int kSteps>
-__device__ __forceinline__ void store_score_gradients(char *ds_tile, const uint32_t (&a)[kSteps][4], int warp_row0) {
+__device__ __forceinline__ void store_score_gradients(char *ds_tile, const uint32_t (&a)[kSteps16][4], int warp_row0) {
     const int lane = threadIdx.x % mb::kWarpSize, matrix = lane / 8;
     const int row = warp_row0 + lane % 8 + 8 * (matrix & 1);
     const uint32_t tiles = shared_address(ds_tile);
 #pragma unroll
-    for (int kk = 0; kk < kSteps; kk++) {
+    for (int kk = 0; kk < kSteps16; kk++) {
         const int chunk = 2 * kk + (matrix >> 1);
         const uint32_t address = tiles + (chunk >> 3) * kKeyTileBytes + swizzled_offset(row, chunk & 7);
 #if MB_WGMMA_SM90
@@ -512,7 +506,7 @@ __device__ __forceinline__ void wgmma_m64n64_ss_first(float (&d)[32], uint64_t d
 
 /* acc[64 × 128] = X·Yᵀ over d: X = 64 rows at x, Y = 128 rows at y, both K-major swizzled tiles (k-step ks starts
  * 32 bytes further into each row). Sᵀ = K_g·Qᵀ and dPᵀ = V_g·dOᵀ. */
-__device__ __forceinline__ void issue_scores(float (&acc)[64], uint32_t x, uint32_t y) {
+__device__ __forceinline__ void issue_scores(float (&acc)[kScores], uint32_t x, uint32_t y) {
     wgmma_m64n128_ss_first<0, 0>(acc, smem_desc(x), smem_desc(y));
 #pragma unroll
     for (int ks = 1; ks < kHeadDim / 16; ks++)
@@ -583,9 +577,10 @@ __device__ __forceinline__ void bulk_wait_all() {
  * so a __syncwarp orders the stores before the bulk reads, and each lane waits for its previous row's reads before
  * the staging is rewritten. The bulk instruction takes uniform-register operands, so ptxas issues the 16 lanes' rows
  * one after another (ELECT, R2UR, UBLKRED per row; ~18 % of the stall samples in ncu); one lane looping over the 16
- * rows itself measured slower (0.967 vs 0.936 ms at 1024, 6.15–6.19 vs 5.90–5.94 ms at 8192). (Round 2's per-thread red.global.add.v4 after a lane-pair exchange took 27 % of this
- * kernel's stall samples in ncu: each reduction waited for its shuffles, the next shuffle's registers for the
- * reduction to read its sources; the bulk form measured 1–1.5 % faster training steps at 8192.) */
+ * rows itself measured slower (0.967 vs 0.936 ms at 1024, 6.15–6.19 vs 5.90–5.94 ms at 8192). (Round 2's per-thread
+ * red.global.add.v4 after a lane-pair exchange took 27 % of this kernel's stall samples in ncu: each reduction waited
+ * for its shuffles, the next shuffle's registers for the reduction to read its sources; the bulk form measured
+ * 1–1.5 % faster training steps at 8192.) */
 __device__ __forceinline__ void add_dq(char *smem, const block_context &c, const float (&acc)[32], int query0) {
     const int lane = threadIdx.x % mb::kWarpSize, warp = threadIdx.x / mb::kWarpSize;
     char *staging = smem + kDqStaging + warp * kDqWarpBytes;
@@ -619,8 +614,8 @@ __device__ __forceinline__ void add_dq(char *smem, const block_context &c, const
  * group's arrivals, which come after its wait of the current phase), so the parity waits are unambiguous. */
 template <bool kHasPrevious>
 __device__ __forceinline__ void consume_step(int i, char *smem, const backward_args &a, const block_context &c,
-                                             const ring &b, float (&s)[64], float (&dp)[64], float (&dk)[32],
-                                             float (&dv)[32], float (&dq)[32]) {
+                                             const ring &b, float (&s)[kScores], float (&dp)[kScores],
+                                             float (&dk)[32], float (&dv)[32], float (&dq)[32]) {
     const int q0 = c.query_lo + i * kStepQueries, stage = i % kStages, ds_stage = i & 1;
     if (kHasPrevious) issue_step_dq(i - 1, c, b, dq);
     mbarrier_wait(b.full + 8 * stage, (i / kStages) & 1);
@@ -654,7 +649,8 @@ __device__ __forceinline__ void consume_step(int i, char *smem, const backward_a
     issue_accumulate(dk, ds_frag, t.q); /* dK += dSᵀ·Q (unscaled) */
     wgmma_commit();
     if (i >= 2) mbarrier_wait(b.ds_empty + 8 * ds_stage, ((i - 2) >> 1) & 1);
-    store_score_gradients(smem + kTileDS + ds_stage * kDsStageBytes, ds_frag, c.group * kGroupKeys + c.f.row - c.f.row % 16);
+    const int warp_row0 = c.group * kGroupKeys + c.f.row - c.f.row % 16; /* the warp's first key row in the tile */
+    store_score_gradients(smem + kTileDS + ds_stage * kDsStageBytes, ds_frag, warp_row0);
     fence_proxy_async();
     mbarrier_arrive(b.ds_full + 8 * ds_stage);
     wgmma_wait<0>(); /* this step's reads of Q, dO and the P / dS fragments are done */
@@ -667,9 +663,9 @@ __device__ __forceinline__ void consume_step(int i, char *smem, const backward_a
 
 /* A consumer warpgroup's whole loop, then the last dQ and the dK / dV rows. K and V are already in shared memory. */
 __device__ __forceinline__ void consume(char *smem, const backward_args &a, const block_context &c, const ring &b) {
-    float dk[32], dv[32], s[64], dp[64], dq[32];
+    float dk[32], dv[32], s[kScores], dp[kScores], dq[32];
 #pragma unroll
-    for (int e = 0; e < 64; e++) s[e] = dp[e] = 0.0f;
+    for (int e = 0; e < kScores; e++) s[e] = dp[e] = 0.0f;
 #pragma unroll
     for (int e = 0; e < 32; e++) dk[e] = dv[e] = dq[e] = 0.0f;
     consume_step<false>(0, smem, a, c, b, s, dp, dk, dv, dq);
@@ -769,9 +765,9 @@ __global__ void __launch_bounds__(kConsumerThreads, 1)
     const int group = threadIdx.x / 128;
     const fragment_position f = my_fragment();
     const uint32_t base = shared_address(smem);
-    float s[64], acc[32], dq[32];
+    float s[kScores], acc[32], dq[32];
 #pragma unroll
-    for (int i = 0; i < 64; i++) {
+    for (int i = 0; i < kScores; i++) {
         int row = group * kGroupKeys + f.row + 8 * ((i % 4) >> 1), col = 8 * (i / 4) + f.col + (i & 1);
         s[i] = exact_value_device(row, col, 3); /* A in the accumulator layout, as Pᵀ would be */
     }
@@ -792,7 +788,7 @@ __global__ void __launch_bounds__(kConsumerThreads, 1)
     fence_registers(dq);
     fence_registers(a_frag);
 #pragma unroll
-    for (int i = 0; i < 64; i++) {
+    for (int i = 0; i < kScores; i++) {
         int row = group * kGroupKeys + f.row + 8 * ((i % 4) >> 1), col = 8 * (i / 4) + f.col + (i & 1);
         out_scores[row * kBlockKeys + col] = s[i];
     }
