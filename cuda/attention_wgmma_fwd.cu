@@ -175,46 +175,6 @@ __device__ __forceinline__ uint64_t sw128_descriptor(uint32_t address, uint32_t 
            ((uint64_t)((sbo_bytes >> 4) & 0x3FFF) << 32) | (1ull << 62);
 }
 
-/* d[64 × 128] (+)= a[64 × 16] · B[16 × 128]: A from registers (bf16 pairs), B K-major from shared memory.
- * scale_d = 0 overwrites d. Accumulator layout (CLayout_64xN): warp w of the warpgroup owns rows 16w..16w+15;
- * d[4j + 2h + c] is row 16w + lane/4 + 8h, column 8j + 2(lane%4) + c. */
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
-                                                 int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16\n"
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63},\n"
-        "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
-          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
-          "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
-          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),
-          "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
-          "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
-          "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
-          "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
-}
-
-/* d[64 × 64] (+)= a[64 × 16] · B[16 × 64]: A from registers, B MN-major from shared memory (imm-trans-b = 1). */
-__device__ __forceinline__ void wgmma_m64n64k16_trans_b(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
-                                                        int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16\n"
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31},\n"
-        "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
-          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
-          "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
-          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
-}
-
 /* ---- the three tile products and the softmax (separate so that the self-test runs the same code) ---- */
 
 /* A fragments of this warp's 16 query rows (row_a = row of lanes' first half, row_a + 8 the second) over the 64
@@ -242,14 +202,14 @@ __device__ __forceinline__ void load_q_fragments(uint32_t (&q)[4][4], const mb::
 __device__ __forceinline__ void issue_scores(float (&s)[64], const uint32_t (&q)[4][4], uint32_t k_tile) {
     const uint64_t desc = sw128_descriptor(k_tile, 16, 1024);
 #pragma unroll
-    for (int ks = 0; ks < 4; ks++) wgmma_m64n128k16(s, q[ks], desc + (uint64_t)(2 * ks), ks > 0);
+    for (int ks = 0; ks < 4; ks++) wgmma_m64n128_rs<0>(s, q[ks], desc + (uint64_t)(2 * ks), ks > 0);
 }
 
 /* Queues O[64 × 64] += P[64 × 128] · V_tile[128 × 64] (8 k-steps of 16 keys: +2048 bytes = two 8-row groups). */
 __device__ __forceinline__ void issue_pv(float (&o)[32], const uint32_t (&p)[8][4], uint32_t v_tile) {
     const uint64_t desc = sw128_descriptor(v_tile, 16, 1024);
 #pragma unroll
-    for (int kk = 0; kk < 8; kk++) wgmma_m64n64k16_trans_b(o, p[kk], desc + (uint64_t)(128 * kk), 1);
+    for (int kk = 0; kk < 8; kk++) wgmma_m64n64_rs<1>(o, p[kk], desc + (uint64_t)(128 * kk), 1);
 }
 
 /* Score accumulators -> bf16 A fragments of the P·V product: key step kk covers S columns 16kk..16kk+15, i.e.
@@ -586,33 +546,13 @@ __device__ __forceinline__ void warp_arrive(uint32_t bar) {
     if (threadIdx.x % mb::kWarpSize == 0) mbarrier_arrive(bar);
 }
 
-/* d[64 × 128] (+)= A[64 × 16] · B[16 × 128], both from shared memory, both K-major (imm-trans-a = imm-trans-b = 0). */
-__device__ __forceinline__ void wgmma_m64n128k16_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16\n"
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63},\n"
-        "%64, %65, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
-          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
-          "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
-          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),
-          "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
-          "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
-          "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
-          "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-}
-
 /* Queues S[64 × 128] = Q · K_tileᵀ with Q (this warpgroup's 64 rows, 1024-aligned) from shared memory: the A
  * descriptor has the K tile's form (K-major, 8-row groups 1024 bytes apart, +32 bytes per k-step of 16). */
 __device__ __forceinline__ void issue_scores_ss(float (&s)[64], uint32_t q_tile, uint32_t k_tile) {
     const uint64_t desc_a = sw128_descriptor(q_tile, 16, 1024), desc_b = sw128_descriptor(k_tile, 16, 1024);
 #pragma unroll
-    for (int ks = 0; ks < 4; ks++) wgmma_m64n128k16_ss(s, desc_a + (uint64_t)(2 * ks), desc_b + (uint64_t)(2 * ks), ks > 0);
+    for (int ks = 0; ks < 4; ks++)
+        wgmma_m64n128_ss<0, 0>(s, desc_a + (uint64_t)(2 * ks), desc_b + (uint64_t)(2 * ks), ks > 0);
 }
 
 /* softmax_tile with shorter dependency chains: the row max in four interleaved chains joined by a tree (depth 5

@@ -1,9 +1,10 @@
 /* Hopper (sm_90a) primitives shared by the wgmma attention kernels (attention_wgmma_fwd.cu, attention_wgmma_bwd.cu):
  * the 128-byte swizzle offset, shared addresses, the generic-to-async proxy fence, mbarrier init and arrive,
- * setmaxnreg, and wgmma fence / commit / wait with the register fences that keep the compiler away from accumulators
- * in flight. The asm exists in the sm_90a pass only; elsewhere (the sm_80 pass, which compiles those kernels with
- * empty bodies, and the host pass) the functions are empty, so code that calls them still parses. The waits differ
- * between the two kernels (a spin in the forward, a bounded wait in the backward) and stay in their files. */
+ * setmaxnreg, wgmma fence / commit / wait with the register fences that keep the compiler away from accumulators in
+ * flight, and the wgmma instructions themselves (m64n128 and m64n64, shared- or register-A). The asm exists in the
+ * sm_90a pass only; elsewhere (the sm_80 pass, which compiles those kernels with empty bodies, and the host pass) the
+ * functions are empty, so code that calls them still parses. The waits differ between the two kernels (a spin in the
+ * forward, a bounded wait in the backward) and stay in their files, as do the descriptors. */
 #ifndef MB_CUDA_WGMMA_CUH
 #define MB_CUDA_WGMMA_CUH
 
@@ -100,6 +101,104 @@ __device__ __forceinline__ void fence_registers(uint32_t (&x)[kSteps][4]) {
 #pragma unroll
         for (int k = 0; k < 4; k++) asm volatile("" : "+r"(x[i][k])::"memory");
 }
+
+/* ---- wgmma.mma_async m64nNk16, bf16 × bf16 → fp32 (PTX ISA "Asynchronous Warpgroup Level Matrix
+ * Multiply-Accumulate") ----
+ * _ss: A and B from shared memory (matrix descriptors); _rs: A from registers (the register-A fragment, 4 × bf16x2),
+ * B from shared memory. kTransA / kTransB = 1: A M-major / B N-major (the imm-trans operands). accumulate = 0
+ * overwrites d (scale-d false). The _first forms always overwrite and take d write-only: with the read-write form the
+ * compiler keeps d's previous values alive up to the wgmma (in the backward that kept a step's 64 Pᵀ and 64 dSᵀ values
+ * across the whole step: ptxas spilled and serialized the wgmmas, C7512). Accumulator layout (CLayout_64xN): warp w of
+ * the warpgroup owns rows 16w..16w+15; d[4j + 2h + c] is row 16w + lane/4 + 8h, column 8j + 2(lane%4) + c. */
+
+/* The operand lists of these wrappers: the accumulator d[0..N) with constraint c ("+f" read and written, "=f"
+ * written only), and the matching placeholders %0..%N-1 of the asm text. */
+#define MB_WGMMA_D8(c, i) \
+    c(d[i]), c(d[i + 1]), c(d[i + 2]), c(d[i + 3]), c(d[i + 4]), c(d[i + 5]), c(d[i + 6]), c(d[i + 7])
+#define MB_WGMMA_D32(c) MB_WGMMA_D8(c, 0), MB_WGMMA_D8(c, 8), MB_WGMMA_D8(c, 16), MB_WGMMA_D8(c, 24)
+#define MB_WGMMA_D64(c) \
+    MB_WGMMA_D32(c), MB_WGMMA_D8(c, 32), MB_WGMMA_D8(c, 40), MB_WGMMA_D8(c, 48), MB_WGMMA_D8(c, 56)
+#define MB_WGMMA_REGS32                                                                                                \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, " \
+    "%24, %25, %26, %27, %28, %29, %30, %31}"
+#define MB_WGMMA_REGS64                                                                                                \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, " \
+    "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, "  \
+    "%46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+
+template <int kTransA, int kTransB>
+__device__ __forceinline__ void wgmma_m64n128_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+#if MB_WGMMA_SM90
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " MB_WGMMA_REGS64
+                 ", %64, %65, p, 1, 1, %67, %68;\n}\n"
+                 : MB_WGMMA_D64("+f")
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA), "n"(kTransB));
+#endif
+}
+
+template <int kTransA, int kTransB>
+__device__ __forceinline__ void wgmma_m64n128_ss_first(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+#if MB_WGMMA_SM90
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " MB_WGMMA_REGS64
+                 ", %64, %65, p, 1, 1, %67, %68;\n}\n"
+                 : MB_WGMMA_D64("=f")
+                 : "l"(desc_a), "l"(desc_b), "r"(0), "n"(kTransA), "n"(kTransB));
+#endif
+}
+
+template <int kTransB>
+__device__ __forceinline__ void wgmma_m64n128_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
+                                                 int accumulate) {
+#if MB_WGMMA_SM90
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " MB_WGMMA_REGS64
+                 ", {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
+                 : MB_WGMMA_D64("+f")
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(kTransB));
+#endif
+}
+
+template <int kTransA, int kTransB>
+__device__ __forceinline__ void wgmma_m64n64_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+#if MB_WGMMA_SM90
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " MB_WGMMA_REGS32
+                 ", %32, %33, p, 1, 1, %35, %36;\n}\n"
+                 : MB_WGMMA_D32("+f")
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA), "n"(kTransB));
+#endif
+}
+
+template <int kTransA, int kTransB>
+__device__ __forceinline__ void wgmma_m64n64_ss_first(float (&d)[32], uint64_t desc_a, uint64_t desc_b) {
+#if MB_WGMMA_SM90
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " MB_WGMMA_REGS32
+                 ", %32, %33, p, 1, 1, %35, %36;\n}\n"
+                 : MB_WGMMA_D32("=f")
+                 : "l"(desc_a), "l"(desc_b), "r"(0), "n"(kTransA), "n"(kTransB));
+#endif
+}
+
+template <int kTransB>
+__device__ __forceinline__ void wgmma_m64n64_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
+                                                int accumulate) {
+#if MB_WGMMA_SM90
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " MB_WGMMA_REGS32
+                 ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+                 : MB_WGMMA_D32("+f")
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(kTransB));
+#endif
+}
+
+#undef MB_WGMMA_D8
+#undef MB_WGMMA_D32
+#undef MB_WGMMA_D64
+#undef MB_WGMMA_REGS32
+#undef MB_WGMMA_REGS64
 
 }  // namespace
 
