@@ -273,10 +273,12 @@ __global__ void __launch_bounds__(fwd_shape<D, kWarps, kRB>::kThreads, fwd_shape
 
 /* D_i = do_i · o_i per (token, head) = pair (dout and out are [pairs, D]): one thread per 8 elements (16-byte loads),
  * the D/8 threads of a pair summed by shuffles in a fixed order. With dq_accum, also zeroes the pair's D floats of
- * the dQ accumulator of the atomic backward (two 16-byte stores per thread). */
+ * the dQ accumulator of the atomic backward (two 16-byte stores per thread): at [n, H] (dq_rows 0) or in the
+ * head-major layout of the wgmma backward (dq_rows rows per head; a pair's row is zeroed whole, so the block
+ * permutation inside it does not matter). */
 template <int D>
 __global__ void attention_delta_kernel(float *delta, float *dq_accum, const mb::bf16 *dout, const mb::bf16 *out,
-                                       size_t pairs) {
+                                       size_t pairs, int heads, size_t dq_rows) {
     constexpr int kLanes = D / 8; /* 4, 8 or 16: a pair's threads sit inside one warp */
     static_assert(mb::kWarpSize % kLanes == 0, "a pair's threads must share a warp");
     size_t g = blockIdx.x * (size_t)blockDim.x + threadIdx.x, pair = g / kLanes, element = g * 8;
@@ -288,7 +290,8 @@ __global__ void attention_delta_kernel(float *delta, float *dq_accum, const mb::
 #pragma unroll
         for (int k = 0; k < 8; k++) sum = fmaf(x[k], y[k], sum);
         if (dq_accum != nullptr) {
-            float4 *to = reinterpret_cast<float4 *>(dq_accum + element);
+            const size_t pair_row = dq_rows == 0 ? pair : (pair % heads) * dq_rows + pair / heads;
+            float4 *to = reinterpret_cast<float4 *>(dq_accum + pair_row * D + (g % kLanes) * 8);
             to[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             to[1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
@@ -671,13 +674,23 @@ __global__ void __launch_bounds__(kWarps *mb::kWarpSize, bwd_shape<D, kWarps, kR
     }
 }
 
+/* Float offset of dQ elements d8..d8 + 7 (d8 % 8 == 0) of (token, head) in dq_accum: [n, H] when dq_rows is 0, else
+ * the wgmma backward's head-major layout (attention_wgmma_bwd.h; head_dim 64). */
+__device__ __forceinline__ size_t dq_accum_offset(size_t token, int head, int d8, int head_dim, int heads,
+                                                  size_t dq_rows) {
+    if (dq_rows == 0) return token * heads * head_dim + (size_t)head * head_dim + d8;
+    return mb_wgmma_dq_offset(token, head, d8, dq_rows);
+}
+
 /* dQ block of dqkv = bf16(scale · dq_accum), eight elements per thread. */
-__global__ void attention_dq_convert_kernel(mb::bf16 *dqkv, const float *dq_accum, size_t groups, int hidden,
-                                            float scale) {
+__global__ void attention_dq_convert_kernel(mb::bf16 *dqkv, const float *dq_accum, size_t groups, int heads,
+                                            int head_dim, size_t dq_rows, float scale) {
     size_t g = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (g >= groups) return;
+    const int hidden = heads * head_dim;
     size_t element = g * 8, token = element / hidden, column = element % hidden;
-    const float4 *from = reinterpret_cast<const float4 *>(dq_accum + element);
+    const float4 *from = reinterpret_cast<const float4 *>(
+        dq_accum + dq_accum_offset(token, (int)(column / head_dim), (int)(column % head_dim), head_dim, heads, dq_rows));
     float4 lo = from[0], hi = from[1];
     float values[8] = {lo.x * scale, lo.y * scale, lo.z * scale, lo.w * scale,
                        hi.x * scale, hi.y * scale, hi.z * scale, hi.w * scale};
@@ -687,16 +700,17 @@ __global__ void attention_dq_convert_kernel(mb::bf16 *dqkv, const float *dq_accu
 /* The same with RoPE's backward: a thread converts elements d0..d0+7 of one head vector and their partners d0 + D/2
  * (d0 < D/2), rotating each pair with the token's angles from `rope` (mb_cuda_rope_table) before rounding. */
 __global__ void attention_dq_convert_rope_kernel(mb::bf16 *dqkv, const float *dq_accum, const float2 *rope,
-                                                 size_t groups, int heads, int head_dim, float scale) {
+                                                 size_t groups, int heads, int head_dim, size_t dq_rows, float scale) {
     size_t g = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (g >= groups) return;
     const int half = head_dim / 2, per_head = half / 8, hidden = heads * head_dim;
     const size_t token = g / ((size_t)heads * per_head);
     const int rest = (int)(g - token * heads * per_head), head = rest / per_head, d0 = (rest % per_head) * 8;
-    const size_t first = token * hidden + (size_t)head * head_dim + d0;
     const float2 *angles = rope + token * half + d0;
-    const float4 *x1_from = reinterpret_cast<const float4 *>(dq_accum + first);
-    const float4 *x2_from = reinterpret_cast<const float4 *>(dq_accum + first + half);
+    const float4 *x1_from =
+        reinterpret_cast<const float4 *>(dq_accum + dq_accum_offset(token, head, d0, head_dim, heads, dq_rows));
+    const float4 *x2_from =
+        reinterpret_cast<const float4 *>(dq_accum + dq_accum_offset(token, head, d0 + half, head_dim, heads, dq_rows));
     const float4 a0 = x1_from[0], a1 = x1_from[1], b0 = x2_from[0], b1 = x2_from[1];
     float x1[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
     float x2[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
@@ -717,7 +731,7 @@ struct workspace_layout {
     int32_t *seq_first; /* [num_seqs + 1] */
     int32_t *tile_seq;  /* [max_tiles(n, num_seqs, kMinTile)] */
     float *delta;       /* [n, heads] */
-    float *dq_accum;    /* [n, heads·head_dim] */
+    float *dq_accum;    /* [n, heads·head_dim], or head-major for the wgmma backward (mb_wgmma_dq_rows(n) per head) */
 };
 
 size_t align256(size_t bytes) { return (bytes + 255) & ~(size_t)255; }
@@ -866,8 +880,8 @@ int launch_backward_deterministic(mb::bf16 *dqkv, workspace_layout w, const mb::
 }
 
 /* dQ = scale · dq_accum into the Q block of dqkv (after an atomic backward), rotated back by RoPE's backward when a
- * rope table is given. */
-int convert_dq(mb::bf16 *dqkv, workspace_layout w, int n, int heads, int head_dim, const float2 *rope,
+ * rope table is given. dq_rows: 0 for the [n, H] accumulator, else the wgmma backward's rows per head. */
+int convert_dq(mb::bf16 *dqkv, workspace_layout w, int n, int heads, int head_dim, size_t dq_rows, const float2 *rope,
                cudaStream_t stream, mb_error *err) {
     int hidden = heads * head_dim;
     size_t groups = (size_t)n * hidden / 8;
@@ -875,12 +889,12 @@ int convert_dq(mb::bf16 *dqkv, workspace_layout w, int n, int heads, int head_di
     if (rope != nullptr) {
         groups /= 2; /* a thread takes a pair of 8-element groups */
         attention_dq_convert_rope_kernel<<<(unsigned)mb::ceil_div(groups, (size_t)256), 256, 0, stream>>>(
-            dqkv, w.dq_accum, rope, groups, heads, head_dim, scale);
+            dqkv, w.dq_accum, rope, groups, heads, head_dim, dq_rows, scale);
         MB_CUDA_CHECK_LAUNCH(err, "attention_dq_convert_rope_kernel");
         return 0;
     }
-    attention_dq_convert_kernel<<<(unsigned)mb::ceil_div(groups, (size_t)256), 256, 0, stream>>>(dqkv, w.dq_accum,
-                                                                                                 groups, hidden, scale);
+    attention_dq_convert_kernel<<<(unsigned)mb::ceil_div(groups, (size_t)256), 256, 0, stream>>>(
+        dqkv, w.dq_accum, groups, heads, head_dim, dq_rows, scale);
     MB_CUDA_CHECK_LAUNCH(err, "attention_dq_convert_kernel");
     return 0;
 }
@@ -899,7 +913,7 @@ int launch_backward_atomic(mb::bf16 *dqkv, workspace_layout w, const mb::bf16 *d
         dqkv, w.dq_accum, dout, lse, w.delta, qkv, cu_seqlens, w.seq_first, w.tile_seq, num_seqs, heads, window,
         scale, scale_log2);
     MB_CUDA_CHECK_LAUNCH(err, "attention_backward_kernel");
-    return convert_dq(dqkv, w, n, heads, D, nullptr, stream, err);
+    return convert_dq(dqkv, w, n, heads, D, 0, nullptr, stream, err);
 }
 
 /* Which backward runs. deterministic = 1: the ordered kernels. deterministic = 0: the atomic kernel, v4 (4 warps ×
@@ -947,7 +961,7 @@ int launch_backward(mb::bf16 *dqkv, workspace_layout w, const mb::bf16 *dout, co
         if (mb_attention_wgmma_backward(dqkv, w.dq_accum, dout, lse, w.delta, qkv, cu_seqlens, plan, num_seqs, n,
                                         heads, D, window, rope, stream, err) != 0)
             return -1;
-        return convert_dq(dqkv, w, n, heads, D, rope, stream, err);
+        return convert_dq(dqkv, w, n, heads, D, mb_wgmma_dq_rows(n), rope, stream, err);
     case backward_path::ordered:
         return launch_backward_deterministic<D>(dqkv, w, dout, lse, qkv, cu_seqlens, num_seqs, n, heads, window,
                                                 stream, err);
@@ -968,8 +982,9 @@ int launch_backward(mb::bf16 *dqkv, workspace_layout w, const mb::bf16 *dout, co
 }  // namespace
 
 extern "C" size_t mb_cuda_attention_workspace_bytes(int n, int num_seqs, int heads, int head_dim) {
+    /* dq_accum: [n, H], or the wgmma backward's head-major layout with its pad rows (the larger) */
     return seq_first_bytes(num_seqs) + tile_seq_bytes(n, num_seqs) + delta_bytes(n, heads) +
-           align256((size_t)n * heads * head_dim * sizeof(float));
+           align256(mb_wgmma_dq_rows(n) * heads * head_dim * sizeof(float));
 }
 
 extern "C" int mb_cuda_attention_forward(mb_bf16 *out, float *lse, void *workspace, const mb_bf16 *qkv,
@@ -1013,13 +1028,13 @@ int attention_backward(mb_bf16 *dqkv, void *workspace, const mb_bf16 *dout, cons
                "attention_backward_rope: the rope table must be 16-byte aligned");
     size_t pairs = (size_t)n * heads;
     float *dq_accum = path == backward_path::ordered || path == backward_path::band ? nullptr : w.dq_accum;
+    const size_t dq_rows = path == backward_path::wgmma ? mb_wgmma_dq_rows(n) : 0;
     const mb::bf16 *g = reinterpret_cast<const mb::bf16 *>(dout), *o = reinterpret_cast<const mb::bf16 *>(out);
     unsigned delta_blocks = (unsigned)mb::ceil_div(pairs * head_dim / 8, (size_t)256);
-    switch (head_dim) {
-    case 32: attention_delta_kernel<32><<<delta_blocks, 256, 0, stream>>>(w.delta, dq_accum, g, o, pairs); break;
-    case 64: attention_delta_kernel<64><<<delta_blocks, 256, 0, stream>>>(w.delta, dq_accum, g, o, pairs); break;
-    default: attention_delta_kernel<128><<<delta_blocks, 256, 0, stream>>>(w.delta, dq_accum, g, o, pairs); break;
-    }
+    auto delta_kernel = head_dim == 32 ? attention_delta_kernel<32>
+                        : head_dim == 64 ? attention_delta_kernel<64>
+                                         : attention_delta_kernel<128>;
+    delta_kernel<<<delta_blocks, 256, 0, stream>>>(w.delta, dq_accum, g, o, pairs, heads, dq_rows);
     MB_CUDA_CHECK_LAUNCH(err, "attention_delta_kernel");
     mb::bf16 *d = reinterpret_cast<mb::bf16 *>(dqkv);
     const mb::bf16 *x = reinterpret_cast<const mb::bf16 *>(qkv);

@@ -17,8 +17,8 @@
  *   dSᵀ -> smem [key][query] (two 64-query halves); both groups' rows are needed by
  *   dQ[64g.., :] = dS·K 8 × m64n64k16 over the 128 keys, A = half g of dSᵀ (M-major), B = K (N-major); issued at the
  *                       start of the NEXT step, added to dq_accum while that step's Sᵀ runs: each warp stages its 16
- *                       rows in shared memory and adds them with bulk reduce-adds (cp.reduce.async.bulk, one 256-byte
- *                       row per lane).
+ *                       rows in shared memory and adds them with one 4 KB bulk reduce-add (cp.reduce.async.bulk) into
+ *                       the head-major dq_accum of attention_wgmma_bwd.h.
  * Every shared tile has rows of 64 bf16 = 128 bytes stored with the 128-byte swizzle (CUTLASS Swizzle<3,4,3>: the
  * 16-byte chunk index, address bits [4,7), is XORed with the row index mod 8, bits [7,10)), 1024-byte aligned, so one
  * buffer serves as a K-major operand ([row][d] with d the reduction) and as an MN-major one ([k][n] with the rows the
@@ -36,7 +36,9 @@
  * session 5 by this kernel (128-query steps, dQ split by rows, bulk reduce-adds); both were measured beside it first.
  *
  * Tails: the tile's keys past the sequence end and the last step's queries past it are zero-filled on load and their
- * P is set to 0 (masks on those steps only); nothing outside [seq_begin, seq_end) is read or written. The sm_80 pass
+ * P is set to 0 (masks on those steps only), so their dQ rows are exact zeros; the one write outside [seq_begin,
+ * seq_end) is those zeros, added onto the (up to 15) dq_accum rows after a sequence's last query, which belong to the
+ * next sequence or to the pad (a no-op on the sum). The sm_80 pass
  * compiles an empty kernel body; mb_attention_wgmma_backward_supports refuses anything but an sm_90a binary. */
 #include <cmath>
 #include <cstdarg>
@@ -79,9 +81,10 @@ static_assert((kLaunchRegisters - kProducerRegisters) * 128 ==
                   (kConsumerRegisters - kLaunchRegisters) * kConsumerThreads,
               "the consumers' setmaxnreg.inc must be covered by the producer's dec");
 
-/* dQ staging for the bulk reductions: per consumer warp its 16 rows of 64 fp32, rows 288 bytes apart (256 + 32: the
- * 8 rows a warp's 64-bit stores touch at once fall into disjoint bank ranges, two wavefronts per store). */
-constexpr uint32_t kDqPitch = 288, kDqWarpBytes = 16 * kDqPitch;
+/* dQ staging for the bulk reductions: per consumer warp its 16 rows of 64 fp32 exactly as the head-major dq_accum
+ * holds them (256-byte rows, 32-byte blocks permuted by token % 4: the 8 rows a warp's 64-bit stores touch at once
+ * fall into disjoint bank ranges, two wavefronts per store). */
+constexpr uint32_t kDqRowBytes = kHeadDim * 4, kDqWarpBytes = 16 * kDqRowBytes;
 
 /* Shared memory, byte offsets from a 1024-byte aligned base. */
 constexpr uint32_t kTileK = 0;                                   /* K [128 keys][64 d] */
@@ -92,7 +95,7 @@ constexpr uint32_t kTileDS = kTileDO + kStages * kStepTileBytes; /* dSᵀ [2][ha
 constexpr uint32_t kLse = kTileDS + 2 * kDsStageBytes;           /* lse [stage][128] fp32 */
 constexpr uint32_t kDelta = kLse + kStages * kStepQueries * 4;   /* delta [stage][128] fp32 */
 constexpr uint32_t kBarriers = kDelta + kStages * kStepQueries * 4; /* full[S] empty[S] ds_full[2] ds_empty[2] */
-constexpr uint32_t kDqStaging = (kBarriers + 8 * (2 * kStages + 4) + 127) / 128 * 128; /* [8 warps][16][kDqPitch] */
+constexpr uint32_t kDqStaging = (kBarriers + 8 * (2 * kStages + 4) + 127) / 128 * 128; /* [8 warps][16][256 B] */
 constexpr uint32_t kSharedUsed = kDqStaging + 8 * kDqWarpBytes;
 constexpr size_t kSharedBytes = kSharedUsed + kSwizzleAtom; /* slack to align the base to 1024 bytes */
 static_assert(kTileQ % kSwizzleAtom == 0 && kTileDO % kSwizzleAtom == 0 && kTileDS % kSwizzleAtom == 0 &&
@@ -108,6 +111,7 @@ struct backward_args {
     const float *lse, *delta;
     const int32_t *cu_seqlens;
     int num_seqs, heads;
+    size_t dq_rows; /* rows per head of dq_accum: mb_wgmma_dq_rows(n) */
     float scale, scale_log2;
     const float2 *rope; /* RoPE's backward on dK in its store (table of mb_cuda_rope_table), or nullptr */
 };
@@ -286,7 +290,7 @@ struct block_context {
     int head, hidden, query_lo, query_hi, steps, key_a; /* key_a: this thread's first key (the other: key_a + 8) */
     bool tail_keys;                                     /* the tile ends before 128 keys: mask every step */
     uint32_t base, k_rows, v_rows;                      /* shared addresses */
-    float *dq_columns;                                  /* dq_accum + head·64 */
+    float *dq_head;                                     /* the head's [dq_rows][64] block of dq_accum */
     fragment_position f;
     int group;
 };
@@ -466,40 +470,34 @@ __device__ __forceinline__ void bulk_wait_reads() {
 #endif
 }
 
-/* Waits until this thread's bulk operations are complete. */
-__device__ __forceinline__ void bulk_wait_all() {
-#if MB_WGMMA_SM90
-    asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
-#endif
-}
 
 /* dq_accum[rows query0 + 0..63 of this warpgroup, the head's 64 columns] += acc (this warpgroup's dQ accumulator).
- * Each warp stages its own 16 rows (row = 16·warp + lane/4 (+8), 64-bit stores at a 288-byte pitch) and lanes 0..15
- * each add one 256-byte row with a bulk reduce-add (rows >= query_hi are skipped); nothing is shared between warps,
- * so a __syncwarp orders the stores before the bulk reads, and each lane waits for its previous row's reads before
- * the staging is rewritten. The bulk instruction takes uniform-register operands, so ptxas issues the 16 lanes' rows
- * one after another (ELECT, R2UR, UBLKRED per row; ~18 % of the stall samples in ncu); one lane looping over the 16
- * rows itself measured slower (0.967 vs 0.936 ms at 1024, 6.15–6.19 vs 5.90–5.94 ms at 8192). (Round 2's per-thread
- * red.global.add.v4 after a lane-pair exchange took 27 % of this kernel's stall samples in ncu: each reduction waited
- * for its shuffles, the next shuffle's registers for the reduction to read its sources; the bulk form measured
- * 1–1.5 % faster training steps at 8192.) */
+ * Each warp stages its own 16 rows (row = 16·warp + lane/4 (+8), 64-bit stores) in the byte layout of the head-major
+ * dq_accum (attention_wgmma_bwd.h: 32-byte block j of token t at block j ^ (t % 4)) and lane 0 adds all 16 rows with
+ * one 4 KB bulk reduce-add; rows past the sequence hold exact zeros (their P was masked), and a warp whose first row
+ * is past it adds nothing. Nothing is shared between warps, so a __syncwarp orders the stores before the bulk read,
+ * and lane 0 waits for its previous bulk's reads before the staging is rewritten.
+ * (Session 5 laid dq_accum out as [n, H]: 16 bulk adds of one 256-byte row per warp, which ptxas issues one lane
+ * after another (ELECT, R2UR, UBLKRED per row; ~18 % of the stall samples in ncu). Round 2's per-thread
+ * red.global.add.v4 after a lane-pair exchange took 27 %.) */
 __device__ __forceinline__ void add_dq(char *smem, const block_context &c, const float (&acc)[32], int query0) {
     const int lane = threadIdx.x % mb::kWarpSize, warp = threadIdx.x / mb::kWarpSize;
     char *staging = smem + kDqStaging + warp * kDqWarpBytes;
-    if (lane < 16) bulk_wait_reads();
+    const int row0 = query0 + 16 * (warp % 4);
+    if (lane == 0) bulk_wait_reads();
     __syncwarp();
 #pragma unroll
-    for (int j = 0; j < 8; j++)
+    for (int half = 0; half < 2; half++) {
+        const int r = lane / 4 + 8 * half, block_key = (row0 + r) % 4;
 #pragma unroll
-        for (int half = 0; half < 2; half++)
-            *reinterpret_cast<float2 *>(staging + (lane / 4 + 8 * half) * kDqPitch + (8 * j + c.f.col) * 4) =
+        for (int j = 0; j < 8; j++)
+            *reinterpret_cast<float2 *>(staging + r * kDqRowBytes + (8 * (j ^ block_key) + c.f.col) * 4) =
                 make_float2(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
+    }
     fence_proxy_async();
     __syncwarp();
-    const int query = query0 + 16 * (warp % 4) + lane;
-    if (lane < 16 && query < c.query_hi)
-        bulk_reduce_add(c.dq_columns + (size_t)query * c.hidden, shared_address(staging + lane * kDqPitch),
-                        kHeadDim * 4);
+    if (lane == 0 && row0 < c.query_hi)
+        bulk_reduce_add(c.dq_head + (size_t)row0 * kHeadDim, shared_address(staging), kDqWarpBytes);
 }
 
 /* One consumer step i (warpgroup g = keys 64g..64g+63 of the tile). Commit groups, in order: [dQ(i−1)], Sᵀ(i),
@@ -577,7 +575,9 @@ __device__ __forceinline__ void consume(char *smem, const backward_args &a, cons
     wgmma_wait<0>();
     fence_registers(dq);
     add_dq(smem, c, dq, c.query_lo + last * kStepQueries + kGroupKeys * c.group);
-    bulk_wait_all(); /* the staging rows stay readable, and the sums land, before the block exits */
+    /* the staging must stay until the last bulk add has read it; the adds themselves land before the grid completes
+     * (the next kernel reads dq_accum), as TMA stores do, so the block need not wait for them */
+    if (threadIdx.x % mb::kWarpSize == 0) bulk_wait_reads();
     const size_t qkv_stride = 3 * (size_t)c.hidden;
     store_key_rows(a.dqkv + c.hidden + c.head * kHeadDim, qkv_stride, dk, c.key_a, c.t.end, c.f.col, a.scale, a.rope);
     store_key_rows(a.dqkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, dv, c.key_a, c.t.end, c.f.col, 1.0f,
@@ -629,7 +629,7 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_backward_kernel(backward_ar
         c.tail_keys = c.t.start + kBlockKeys > c.t.end;
         c.k_rows = c.base + kTileK + c.group * kGroupKeys * kRowBytes;
         c.v_rows = c.base + kTileV + c.group * kGroupKeys * kRowBytes;
-        c.dq_columns = a.dq_accum + c.head * kHeadDim;
+        c.dq_head = a.dq_accum + (size_t)c.head * a.dq_rows * kHeadDim;
         cp_async_wait<0>();
         fence_proxy_async();
         consumers_sync(); /* K and V of both groups' threads are in shared memory */
@@ -737,8 +737,8 @@ int launch_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout,
                "attention_wgmma_backward: dqkv, dq_accum, dout and qkv must be 16-byte aligned");
     if (plan.blocks == 0) return 0;
     float scale = 1.0f / sqrtf((float)kHeadDim);
-    backward_args args = {dqkv,    dq_accum, dout,  qkv,           lse, delta, cu_seqlens,
-                          num_seqs, heads,    scale, kLog2e * scale, rope};
+    backward_args args = {dqkv,     dq_accum, dout, qkv, lse, delta, cu_seqlens, num_seqs, heads, mb_wgmma_dq_rows(n),
+                          scale,    kLog2e * scale, rope};
     MB_CUDA_CHECK(err, cudaFuncSetAttribute(wgmma_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             (int)kSharedBytes));
     wgmma_backward_kernel<<<plan.blocks, kThreads, kSharedBytes, stream>>>(args, plan);
@@ -985,7 +985,8 @@ int selftest_kernel(report_text &r) {
     SELFTEST_CUDA(buffers.allocate(&d_dout, dout.size()));
     SELFTEST_CUDA(buffers.allocate(&d_lse, lse.size()));
     SELFTEST_CUDA(buffers.allocate(&d_delta, delta.size()));
-    SELFTEST_CUDA(buffers.allocate(&d_dq, want_dq.size()));
+    const size_t dq_rows = mb_wgmma_dq_rows(n), dq_floats = (size_t)heads * dq_rows * kHeadDim;
+    SELFTEST_CUDA(buffers.allocate(&d_dq, dq_floats));
     SELFTEST_CUDA(buffers.allocate(&d_cu, cu_seqlens.size()));
     SELFTEST_CUDA(buffers.allocate(&d_first, seq_first.size()));
     SELFTEST_CUDA(buffers.allocate(&d_tiles, tile_seq.size()));
@@ -997,7 +998,7 @@ int selftest_kernel(report_text &r) {
     SELFTEST_CUDA(cudaMemcpy(d_first, seq_first.data(), seq_first.size() * 4, cudaMemcpyHostToDevice));
     SELFTEST_CUDA(cudaMemcpy(d_tiles, tile_seq.data(), tile_seq.size() * 4, cudaMemcpyHostToDevice));
     SELFTEST_CUDA(cudaMemset(d_dqkv, 0xff, qkv.size() * 2)); /* NaN: a token the kernel forgets stays NaN */
-    SELFTEST_CUDA(cudaMemset(d_dq, 0, want_dq.size() * 4));
+    SELFTEST_CUDA(cudaMemset(d_dq, 0, dq_floats * 4));
     mb::attention_plan plan = {d_first, d_tiles, kBlockKeys,
                                (unsigned)(((n + kBlockKeys - 1) / kBlockKeys + num_seqs) * heads)};
     mb_error err;
@@ -1008,9 +1009,14 @@ int selftest_kernel(report_text &r) {
         return -1;
     }
     SELFTEST_CUDA(cudaDeviceSynchronize());
-    std::vector<float> got_dq(want_dq.size());
+    std::vector<float> head_major(dq_floats), got_dq(want_dq.size());
     std::vector<mb_bf16> got_bits(qkv.size());
-    SELFTEST_CUDA(cudaMemcpy(got_dq.data(), d_dq, got_dq.size() * 4, cudaMemcpyDeviceToHost));
+    SELFTEST_CUDA(cudaMemcpy(head_major.data(), d_dq, dq_floats * 4, cudaMemcpyDeviceToHost));
+    for (int i = 0; i < n; i++) /* the head-major, block-permuted layout back to [n, H] */
+        for (int h = 0; h < heads; h++)
+            for (int d = 0; d < kHeadDim; d++)
+                got_dq[(size_t)i * hidden + h * kHeadDim + d] =
+                    head_major[mb_wgmma_dq_offset(i, h, d - d % 8, dq_rows) + d % 8];
     SELFTEST_CUDA(cudaMemcpy(got_bits.data(), d_dqkv, got_bits.size() * 2, cudaMemcpyDeviceToHost));
     std::vector<float> got_dk(want_dk.size()), got_dv(want_dv.size());
     const float scale = 1.0f / sqrtf((float)kHeadDim);

@@ -14,9 +14,23 @@ constexpr int kWgmmaBackwardTile = 128;
  * capability 9.x and the kernel was built with sm_90a code (binaryVersion >= 90). Queries the device every call. */
 bool mb_attention_wgmma_backward_supports(int head_dim, int window);
 
+/* This kernel's dQ accumulator layout (the other backward kernels use [n, H]): head-major, [heads][rows][64] fp32
+ * with rows = n + kWgmmaDqPadRows, so that each warp adds its 16 query rows of a head with ONE bulk reduce-add of
+ * 4 KB (rows past a sequence's end receive exact zeros; the pad keeps the last sequence's 16 rows inside the buffer;
+ * pad rows are never read). Within a row, the eight 32-byte blocks of 8 floats are permuted: block b of token t is
+ * stored at block b ^ (t % 4), which makes the warp's 64-bit staging stores in shared memory conflict-free (the staged
+ * bytes are copied as they are). mb_wgmma_dq_offset gives the float offset of elements d8..d8+7 (d8 % 8 == 0). */
+constexpr int kWgmmaDqPadRows = 16;
+
+__host__ __device__ inline size_t mb_wgmma_dq_rows(int n) { return (size_t)n + kWgmmaDqPadRows; }
+
+__host__ __device__ inline size_t mb_wgmma_dq_offset(size_t token, int head, int d8, size_t rows) {
+    return ((size_t)head * rows + token) * 64 + 8 * (size_t)((d8 / 8) ^ (int)(token % 4));
+}
+
 /* Writes the dK and dV blocks of dqkv [n, 3H] for every token (dK = scale·Σ_i dS_ij q_i, dV = Σ_i P_ij dO_i, bf16)
- * and ADDS the unscaled Σ_j dS_ij k_j into dq_accum [n, H] fp32 (zeroed by the caller; the caller's convert kernel
- * writes dQ = scale·dq_accum). P_ij = exp(s_ij − lse_i), dS = P ∘ (dP − delta_i), dP = dO·Vᵀ. `plan` must be built
+ * and ADDS the unscaled Σ_j dS_ij k_j into dq_accum (the layout above, mb_wgmma_dq_rows(n) rows per head, zeroed by
+ * the caller in rows < n; the caller's convert kernel writes dQ = scale·dq_accum). P_ij = exp(s_ij − lse_i), dS = P ∘ (dP − delta_i), dP = dO·Vᵀ. `plan` must be built
  * for tiles of kWgmmaBackwardTile tokens. With a rope table (mb_cuda_rope_table, else nullptr) dK is stored with
  * RoPE's backward applied (dQ's is the convert kernel's). Returns 0, or -1 with err filled (bad arguments, failed
  * launch). */
