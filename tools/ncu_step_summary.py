@@ -7,6 +7,7 @@ The bench runs warmup + timed steps under ncu (kernels serialized, one at a time
 (invocations of adamw_params_kernel). Prints each family's ms per step and share, then the biggest kernels.
 """
 import re
+import signal
 import sys
 
 FAMILIES = [  # first match wins: (family, regex on the kernel name)
@@ -77,4 +78,5 @@ def main():
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends the output quietly
     sys.exit(main())
