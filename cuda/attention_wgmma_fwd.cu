@@ -1,22 +1,15 @@
 /* FlashAttention-3-style forward on Hopper (sm_90a wgmma), global layers at head_dim 64 (math and interface in
  * attention_wgmma_fwd.h; design, register/shared budgets and measurements in docs/kernels/attention_wgmma.md).
  *
- * Two versions, chosen per call by MB_ATTENTION_WGMMA_FWD (launch_version): v2 (default; "v2_128" with two consumer
- * warpgroups) is the persistent kernel described before wgmma_forward_persistent_kernel: one block per SM walks the
- * plan's work list, three consumer warpgroups of 64 queries (192-query items), Q read by the tensor cores from
- * shared memory, a 5-stage K/V ring that runs on across items. v1 ("v1", round 1) is described next; v2 shares its
- * tile products, masks, stores and per-tile schedule.
- *
- * v1: block = 384 threads: warps 0..7 are two consumer warpgroups of 64 query rows each (128-query tile = the plan's
- * tile), warps 8..11 the producer warpgroup, of which warp 8 copies and the rest leave (setmaxnreg hands their
- * registers to the consumers: 240 each). The producer copies 128-key K and V tiles with cp.async into a ring of kStages
- * shared-memory stages (128-byte swizzled rows) and publishes each with an mbarrier ("full"); consumers hand a stage
- * back through a second mbarrier ("empty") once the tensor cores are done with it. There is no block-wide barrier
- * in the main loop, so the two consumer warpgroups drift apart and one's softmax overlaps the other's wgmma; with
- * MB_ATTENTION_WGMMA_PINGPONG=1 they take turns explicitly (FA3's ping-pong, the kernel's kPingPong instance).
+ * A persistent kernel (described before wgmma_forward_persistent_kernel): one block per SM walks the plan's work
+ * list; three consumer warpgroups of 64 queries (192-query items) read Q from shared memory; one producer warp
+ * copies K/V tiles with cp.async into a 5-stage ring that runs on across items, and each item's Q tile into one of
+ * two Q buffers, publishing them through mbarriers ("full", "q_full"); the consumers hand stages back ("empty",
+ * "q_empty"). There is no block-wide barrier in the main loop, so the warpgroups drift apart and one's softmax
+ * overlaps the others' wgmma.
  *
  * Per consumer warpgroup and key tile i (FA3's intra-warpgroup overlap):
- *   S_i = Q·K_iᵀ       wgmma m64n128k16, A = Q in registers (loaded once), B = K_i from shared memory (K-major)
+ *   S_i = Q·K_iᵀ       wgmma m64n128k16, A = Q from shared memory (K-major), B = K_i from shared memory (K-major)
  *   O  += P_{i-1}·V_{i-1}  wgmma m64n64k16, A = P in registers (bf16), B = V from shared memory (MN-major, trans-b)
  *                      issued right behind S_i, so it runs while the softmax of S_i executes
  *   online softmax of S_i in fp32 registers (exp2, scale·log2 e folded into one FMA); once P_{i-1}·V_{i-1} has
@@ -24,8 +17,12 @@
  *   that reads them is done).
  * Masks only on the sequence's last key tile (keys >= the sequence end get −inf; those rows are zero-filled).
  *
+ * Round 1 (one 128-query block per plan tile, Q in registers, an optional ping-pong instance) and the two-warpgroup
+ * persistent instance were measured beside this kernel in sessions 3 and 4 and removed in session 6 (git history:
+ * commit 2ce48eb has them; docs/kernels/attention_wgmma.md keeps their design and figures).
+ *
  * Every sm_90 / sm_90a instruction (wgmma, setmaxnreg, fence.proxy.async, mbarrier try_wait) is inside
- * MB_WGMMA_SM90 (wgmma.cuh) so that the sm_80 pass of the build compiles the kernels with empty bodies; the primitives
+ * MB_WGMMA_SM90 (wgmma.cuh) so that the sm_80 pass of the build compiles the kernel with an empty body; the primitives
  * both wgmma kernels use are in wgmma.cuh. */
 #include "attention_wgmma_fwd.h"
 #include "wgmma.cuh"
@@ -41,37 +38,22 @@ namespace {
 
 constexpr int kHeadDim = 64;
 constexpr int kKeyTile = 128;                                    /* keys per K/V tile (N of the score wgmma) */
-constexpr int kConsumerWarps = 8, kProducerWarp = kConsumerWarps; /* warps 0..7 consume, warp 8 produces */
-constexpr int kThreads = (kConsumerWarps + 4) * mb::kWarpSize;  /* + the producer's whole warpgroup (setmaxnreg) */
-/* Register split (setmaxnreg): the kernel starts at 65536 / 384 = 168 per thread; the producer warpgroup drops to
- * 24 and the consumers rise to 240 (128·24 + 256·240 = 64512 <= 65536), FA3's split for two consumer warpgroups. */
-constexpr int kProducerRegisters = 24, kConsumerRegisters = 240;
 constexpr int kRowsPerWarpgroup = 64;
-constexpr int kStages = 4;                     /* >= 3: the producer publishes tile i−1 after queueing tile i */
 constexpr int kRowBytes = kHeadDim * 2;        /* 128: one 128-byte swizzle atom row per key */
 constexpr int kTileBytes = kKeyTile * kRowBytes; /* 16 KB: K (or V) of one stage */
 constexpr int kStageBytes = 2 * kTileBytes;      /* K then V */
-constexpr size_t kSharedBytes = (size_t)kStages * kStageBytes + 1024; /* + slack to align the ring to 1024 bytes */
-static_assert(kStages >= 3, "the producer's lagged publish deadlocks with 2 stages");
-static_assert(kWgmmaForwardTile == 2 * kRowsPerWarpgroup, "two consumer warpgroups of 64 rows");
-static_assert(kProducerRegisters * 128 + kConsumerRegisters * 2 * 128 <= 65536 && kConsumerRegisters % 8 == 0 &&
-                  kProducerRegisters % 8 == 0,
-              "setmaxnreg split must fit the register file");
-static_assert(kProducerWarp * mb::kWarpSize + 128 == kThreads, "the producer warp leads the last warpgroup");
-
-/* v2's block shape (the persistent kernel below): kGroups consumer warpgroups of 64 query rows and the producer
- * warpgroup; FA3's register split for 2 (24 / 240) and 3 (32 / 160) consumer warpgroups; two Q tiles and a 5-stage
- * K/V ring (177 or 209 KB for 2 or 3 groups, one block per SM either way). */
+/* The block shape: three consumer warpgroups of 64 query rows (192-query work items) and the producer warpgroup;
+ * FA3's register split for three consumer warpgroups (32 / 160); two Q tiles and a 5-stage K/V ring (209 KB: one
+ * block per SM). */
 constexpr int kPersistentStages = 5;
-template <int kGroups>
 struct persistent_shape {
-    static_assert(kGroups == 2 || kGroups == 3, "two or three consumer warpgroups");
+    static constexpr int kGroups = 3;
     static constexpr int kRows = kGroups * kRowsPerWarpgroup; /* query rows per work item */
     static constexpr int kConsumerWarps = 4 * kGroups;
     static constexpr int kThreads = (kGroups + 1) * 128;
-    static constexpr int kProducerRegisters = kGroups == 3 ? 32 : 24;
-    static constexpr int kConsumerRegisters = kGroups == 3 ? 160 : 240;
-    static constexpr int kQBytes = kRows * kRowBytes; /* 16 or 24 KB */
+    static constexpr int kProducerRegisters = 32;
+    static constexpr int kConsumerRegisters = 160;
+    static constexpr int kQBytes = kRows * kRowBytes; /* 24 KB */
     static constexpr size_t kSharedBytes = 2 * (size_t)kQBytes + (size_t)kPersistentStages * kStageBytes + 1024;
     static_assert(kProducerRegisters * 128 + kConsumerRegisters * kGroups * 128 <= 65536,
                   "setmaxnreg split must fit the register file");
@@ -177,34 +159,6 @@ __device__ __forceinline__ uint64_t sw128_descriptor(uint32_t address, uint32_t 
 
 /* ---- the three tile products and the softmax (separate so that the self-test runs the same code) ---- */
 
-/* A fragments of this warp's 16 query rows (row_a = row of lanes' first half, row_a + 8 the second) over the 64
- * head dimensions, straight from global memory; rows >= row_end are zeros. The wgmma A register layout
- * (ALayout_64x16 = CLayout_64x16) is per warp the mma.sync m16n8k16 A layout: q[ks][0] = (row_a, 16ks + 2·quad..+1),
- * [1] = (row_a + 8, same columns), [2] = (row_a, 16ks + 8 + 2·quad..), [3] = (row_a + 8, 16ks + 8 + 2·quad..). */
-__device__ __forceinline__ void load_q_fragments(uint32_t (&q)[4][4], const mb::bf16 *q_base, size_t row_stride,
-                                                 int row_a, int row_end) {
-    const int quad = threadIdx.x % 4;
-#pragma unroll
-    for (int half = 0; half < 2; half++) {
-        const int row = row_a + 8 * half;
-        const bool valid = row < row_end;
-        const uint32_t *src = reinterpret_cast<const uint32_t *>(q_base + (valid ? (size_t)row * row_stride : 0));
-#pragma unroll
-        for (int ks = 0; ks < 4; ks++) {
-            q[ks][half] = valid ? src[8 * ks + quad] : 0u;
-            q[ks][2 + half] = valid ? src[8 * ks + 4 + quad] : 0u;
-        }
-    }
-}
-
-/* Queues S[64 × 128] = Q · K_tileᵀ (4 k-steps of 16 head dimensions: +32 bytes inside the swizzle atom). One commit
- * group. The caller waits. */
-__device__ __forceinline__ void issue_scores(float (&s)[64], const uint32_t (&q)[4][4], uint32_t k_tile) {
-    const uint64_t desc = sw128_descriptor(k_tile, 16, 1024);
-#pragma unroll
-    for (int ks = 0; ks < 4; ks++) wgmma_m64n128_rs<0>(s, q[ks], desc + (uint64_t)(2 * ks), ks > 0);
-}
-
 /* Queues O[64 × 64] += P[64 × 128] · V_tile[128 × 64] (8 k-steps of 16 keys: +2048 bytes = two 8-row groups). */
 __device__ __forceinline__ void issue_pv(float (&o)[32], const uint32_t (&p)[8][4], uint32_t v_tile) {
     const uint64_t desc = sw128_descriptor(v_tile, 16, 1024);
@@ -229,37 +183,6 @@ __device__ __forceinline__ void mask_tail(float (&s)[64], int k0, int key_end) {
 #pragma unroll
         for (int c = 0; c < 2; c++)
             if (k0 + 8 * j + 2 * quad + c >= key_end) s[4 * j + c] = s[4 * j + 2 + c] = -INFINITY;
-}
-
-/* Online softmax of one score tile for this thread's two rows (h = 0: lane/4, h = 1: +8): new running max (log2
- * units), correction[h] = exp2(old max − new max) for O and the running sum, s -> exp2(s·scale_log2 − max) in place,
- * the running sum updated (per-thread partial; the quad's partials are added at the end). pack_p follows once the
- * previous P·V product has completed: redefining P's registers while a wgmma still reads them would make ptxas
- * serialize every wgmma (C7513). */
-__device__ __forceinline__ void softmax_tile(float (&s)[64], float (&row_max)[2], float (&row_sum)[2],
-                                             float (&correction)[2], float scale_log2) {
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        float tile_max = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < 16; j++) tile_max = fmaxf(tile_max, fmaxf(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]));
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-        const float new_max = fmaxf(row_max[h], tile_max * scale_log2);
-        const float reference = new_max == -INFINITY ? 0.0f : new_max; /* nothing visible yet: keep zeros */
-        correction[h] = fast_exp2(row_max[h] - reference);
-        float sum = row_sum[h] * correction[h];
-#pragma unroll
-        for (int j = 0; j < 16; j++)
-#pragma unroll
-            for (int c = 0; c < 2; c++) {
-                const int e = 4 * j + 2 * h + c;
-                s[e] = fast_exp2(fmaf(s[e], scale_log2, -reference));
-                sum += s[e];
-            }
-        row_sum[h] = sum;
-        row_max[h] = new_max;
-    }
 }
 
 __device__ __forceinline__ void rescale(float (&o)[32], const float (&correction)[2]) {
@@ -291,186 +214,22 @@ __device__ __forceinline__ void store_rows(mb::bf16 *out, float *lse, const floa
     }
 }
 
-/* The producer warp: tile i goes to stage i % kStages once the consumers have released its previous use; tile i−1
- * is published (cp.async complete, proxy fence, mbarrier arrive by all 32 lanes) right after tile i is queued, so
- * two tiles are in flight. */
-__device__ void produce(uint32_t ring, uint32_t full, uint32_t empty, const mb::bf16 *k_base, const mb::bf16 *v_base,
-                        size_t row_stride, int key_lo, int key_hi, int key_tiles) {
-    for (int i = 0; i < key_tiles; i++) {
-        const int stage = i % kStages;
-        if (i >= kStages) mbarrier_wait(empty + 8 * stage, ((i / kStages) - 1) & 1);
-        load_kv_tile(ring + stage * kStageBytes, k_base, v_base, row_stride, key_lo + i * kKeyTile, key_hi);
-        cp_async_commit();
-        if (i >= 1) {
-            cp_async_wait<1>();
-            fence_proxy_async();
-            mbarrier_arrive(full + 8 * ((i - 1) % kStages));
-        }
-    }
-    cp_async_wait<0>();
-    fence_proxy_async();
-    mbarrier_arrive(full + 8 * ((key_tiles - 1) % kStages));
-}
-
-/* Turn-taking of the two consumer warpgroups (FA3's UseSchedulerBarrier "ping-pong"), kOn = false: no-ops.
- * Named barrier 1 + w is warpgroup w's turn (256 threads: its own 128 wait with bar.sync, the other's 128 arrive with
- * bar.arrive). A warpgroup waits for its turn before issuing a batch of wgmma and passes the turn right after, so the
- * batches alternate 0, 1, 0, 1, ... and one warpgroup's softmax runs while the other's products occupy the tensor
- * cores. Warpgroup 1 grants the first turn; both issue the same number of batches (same key tiles), so warpgroup 1
- * skips passing after its last batch and every barrier ends balanced. Inactive warpgroups (rows past a short tile)
- * take their turns like the others. */
-template <bool kOn>
-struct turns {
-    int warpgroup;
-    __device__ explicit turns(int wg) : warpgroup(wg) {
-        if (kOn && warpgroup == 1) asm volatile("bar.arrive 1, 256;\n" ::: "memory");
-    }
-    __device__ void wait() const {
-        if (!kOn) return;
-        if (warpgroup == 0)
-            asm volatile("bar.sync 1, 256;\n" ::: "memory");
-        else
-            asm volatile("bar.sync 2, 256;\n" ::: "memory");
-    }
-    __device__ void pass(bool last_batch) const {
-        if (!kOn) return;
-        if (warpgroup == 0)
-            asm volatile("bar.arrive 2, 256;\n" ::: "memory");
-        else if (!last_batch)
-            asm volatile("bar.arrive 1, 256;\n" ::: "memory");
-    }
-};
-
-/* Hands stage `stage` back to the producer (one arrival per consumer warp, after the warp's wgmma reads of it have
- * completed). */
-__device__ __forceinline__ void release(uint32_t empty, int stage) {
-    __syncwarp();
-    if (threadIdx.x % mb::kWarpSize == 0) mbarrier_arrive(empty + 8 * stage);
-}
-
-/* One consumer warpgroup's work: 64 query rows against every key tile of the sequence (see the file comment). */
-template <bool kPingPong>
-__device__ __forceinline__ void consume(mb::bf16 *out, float *lse, const mb::bf16 *q_base, size_t qkv_stride,
-                                       uint32_t ring, uint32_t full, uint32_t empty, const tile_position &t, int head,
-                                       int heads, int key_lo, int key_hi, int key_tiles, float scale_log2) {
-    const int warp = threadIdx.x / mb::kWarpSize, hidden = heads * kHeadDim;
-    const int warpgroup = warp / 4, lane = threadIdx.x % mb::kWarpSize;
-    const int row_a = t.start + warpgroup * kRowsPerWarpgroup + (warp % 4) * 16 + lane / 4;
-    /* A warpgroup whose rows are all past a short tile computes on zero rows and stores nothing: keeping every
-     * wgmma out of divergent branches is what lets ptxas pipeline them (C7518 otherwise). */
-    const turns<kPingPong> turn(warpgroup);
-    uint32_t q[4][4], p[8][4];
-    float s[64], o[32];
-    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f}, correction[2];
-#pragma unroll
-    for (int e = 0; e < 64; e++) s[e] = 0.0f;
-#pragma unroll
-    for (int e = 0; e < 32; e++) o[e] = 0.0f;
-    load_q_fragments(q, q_base, qkv_stride, row_a, t.end);
-
-    /* tile 0: scores and softmax only (O is still zero) */
-    mbarrier_wait(full, 0);
-    turn.wait();
-    wgmma_fence();
-    issue_scores(s, q, ring);
-    wgmma_commit();
-    turn.pass(false);
-    wgmma_wait<0>();
-    fence_registers(s);
-    if (key_lo + kKeyTile > key_hi) mask_tail(s, key_lo, key_hi);
-    softmax_tile(s, row_max, row_sum, correction, scale_log2);
-    pack_p(p, s);
-    for (int i = 1; i < key_tiles; i++) {
-        const int stage = i % kStages, previous = (i - 1) % kStages, k0 = key_lo + i * kKeyTile;
-        mbarrier_wait(full + 8 * stage, (i / kStages) & 1);
-        turn.wait();
-        fence_registers(o);
-        wgmma_fence();
-        issue_scores(s, q, ring + stage * kStageBytes);
-        wgmma_commit();
-        issue_pv(o, p, ring + previous * kStageBytes + kTileBytes);
-        wgmma_commit();
-        turn.pass(false);
-        wgmma_wait<1>(); /* S_i done; P_{i-1}·V_{i-1} may still run */
-        fence_registers(s);
-        if (k0 + kKeyTile > key_hi) mask_tail(s, k0, key_hi);
-        softmax_tile(s, row_max, row_sum, correction, scale_log2);
-        wgmma_wait<0>(); /* P_{i-1}·V_{i-1} done: O and P's registers are free */
-        fence_registers(o);
-        rescale(o, correction);
-        pack_p(p, s);
-        release(empty, previous);
-    }
-    turn.wait();
-    fence_registers(o);
-    wgmma_fence();
-    issue_pv(o, p, ring + ((key_tiles - 1) % kStages) * kStageBytes + kTileBytes);
-    wgmma_commit();
-    turn.pass(true);
-    wgmma_wait<0>();
-    fence_registers(o);
-    release(empty, (key_tiles - 1) % kStages); /* symmetric bookkeeping; the producer may already be gone */
-    store_rows(out, lse, o, row_max, row_sum, row_a, t.end, hidden, heads, head);
-}
-
-#endif /* MB_WGMMA_SM90 */
-
-template <bool kPingPong>
-__global__ void __launch_bounds__(kThreads, 1)
-    wgmma_forward_kernel(mb::bf16 *out, float *lse, const mb::bf16 *qkv, const int32_t *cu_seqlens,
-                         const int32_t *seq_first, const int32_t *tile_seq, int num_seqs, int heads,
-                         float scale_log2) {
-#if MB_WGMMA_SM90
-    __shared__ __align__(8) uint64_t barriers[2 * kStages]; /* full[kStages], then empty[kStages] */
-    extern __shared__ __align__(1024) unsigned char shared_raw[];
-    tile_position t;
-    int head;
-    if (!find_tile(&t, &head, seq_first, tile_seq, cu_seqlens, num_seqs, heads, kWgmmaForwardTile)) return;
-    const uint32_t ring = (shared_address(shared_raw) + 1023u) & ~1023u;
-    const uint32_t full = shared_address(barriers), empty = full + 8 * kStages;
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < kStages; s++) {
-            mbarrier_init(full + 8 * s, mb::kWarpSize);
-            mbarrier_init(empty + 8 * s, kConsumerWarps);
-        }
-    }
-    __syncthreads();
-    const int hidden = heads * kHeadDim;
-    const size_t qkv_stride = 3 * (size_t)hidden;
-    const mb::bf16 *q_base = qkv + head * kHeadDim, *k_base = q_base + hidden, *v_base = q_base + 2 * hidden;
-    const int key_lo = t.seq_begin, key_hi = t.seq_end; /* global layer: the whole sequence */
-    const int key_tiles = mb::ceil_div(key_hi - key_lo, kKeyTile);
-    const int warp = threadIdx.x / mb::kWarpSize;
-    if (warp >= kConsumerWarps) { /* the producer warpgroup: one warp copies, three leave */
-        registers_decrease<kProducerRegisters>();
-        if (warp == kProducerWarp) produce(ring, full, empty, k_base, v_base, qkv_stride, key_lo, key_hi, key_tiles);
-    } else {
-        registers_increase<kConsumerRegisters>();
-        consume<kPingPong>(out, lse, q_base, qkv_stride, ring, full, empty, t, head, heads, key_lo, key_hi,
-                           key_tiles, scale_log2);
-    }
-#endif
-}
-
-/* ---- v2 (round 2, the default): persistent blocks, Q through shared memory, kGroups consumer warpgroups ----
+/* ---- the persistent schedule ----
  *
- * Why (docs/kernels/attention_wgmma.md, "Round 2"): v1 gives each SM one block of 128 queries that pays its prologue
- * (Q from global, the first K/V tile's latency, a scores product nothing overlaps) and epilogue unhidden, and per
- * 128-key tile only two consumer warps per SM sub-partition to hide the softmax's dependency chains (max -> shuffles
- * -> exp -> sum) behind the other warpgroup's wgmma. v2 (FA3's shape for head_dim 64: 192 × 128 tiles, three
- * consumer warpgroups at 160 registers, Q read by the tensor cores from shared memory):
+ * Why (docs/kernels/attention_wgmma.md, "Round 2"): round 1 gave each SM one block of 128 queries that paid its
+ * prologue (Q from global, the first K/V tile's latency, a scores product nothing overlaps) and epilogue unhidden, and
+ * per 128-key tile only two consumer warps per SM sub-partition to hide the softmax's dependency chains (max ->
+ * shuffles -> exp -> sum) behind the other warpgroup's wgmma. This kernel (FA3's shape for head_dim 64: 192 × 128
+ * tiles, three consumer warpgroups at 160 registers, Q read by the tensor cores from shared memory):
  *  - a grid of (at most) one block per SM walks the plan's (tile, head) list with stride gridDim.x (longest first);
  *    the producer warp fetches the next work item's bounds and its Q tile (double-buffered, own mbarriers) while the
  *    consumers still work on the current one, and its K/V ring (5 stages) runs on across items without a drain;
- *  - kGroups = 3: 192-query items. The plan is built for 128-query tiles (attention.cu); slot t of a sequence becomes
- *    the 192-query item t when 192·t < length, the other slots are skipped (ceil(L/128) >= ceil(L/192) slots, so
- *    every row is covered, longest-first order kept). A warpgroup whose 64 rows lie past a short item only follows
- *    the barrier protocol (waits each tile, hands it back) instead of computing on zero rows;
+ *  - 192-query items. The plan is built for 128-query tiles (attention.cu); slot t of a sequence becomes the 192-query
+ *    item t when 192·t < length, the other slots are skipped (ceil(L/128) >= ceil(L/192) slots, so every row is
+ *    covered, longest-first order kept). A warpgroup whose 64 rows lie past a short item only follows the barrier
+ *    protocol (waits each tile, hands it back) instead of computing on zero rows;
  *  - S = Q·Kᵀ as an SS wgmma (A = the Q tile through a K-major 128-byte-swizzle descriptor, the same layout as K);
- *  - the softmax reduces the row max as a tree and sums the exponentials in four partial sums (shorter chains).
- * kGroups = 2 (128-query items, 240 registers) is kept as a measurement point (MB_ATTENTION_WGMMA_FWD=v2_128). */
-
-#if MB_WGMMA_SM90
+ *  - the softmax reduces the row max as a tree and sums the exponentials in four partial sums (shorter chains). */
 
 struct work_item {
     int start, end;     /* query rows [start, end) */
@@ -548,7 +307,7 @@ __device__ __forceinline__ void warp_arrive(uint32_t bar) {
 
 /* Queues S[64 × 128] = Q · K_tileᵀ with Q (this warpgroup's 64 rows, 1024-aligned) from shared memory: the A
  * descriptor has the K tile's form (K-major, 8-row groups 1024 bytes apart, +32 bytes per k-step of 16). */
-__device__ __forceinline__ void issue_scores_ss(float (&s)[64], uint32_t q_tile, uint32_t k_tile) {
+__device__ __forceinline__ void issue_scores(float (&s)[64], uint32_t q_tile, uint32_t k_tile) {
     const uint64_t desc_a = sw128_descriptor(q_tile, 16, 1024), desc_b = sw128_descriptor(k_tile, 16, 1024);
 #pragma unroll
     for (int ks = 0; ks < 4; ks++)
@@ -612,7 +371,7 @@ __device__ __forceinline__ void attend_item(mb::bf16 *out, float *lse, const wor
     int stage = g % kPersistentStages;
     mbarrier_wait(full + 8 * stage, (g / kPersistentStages) & 1);
     wgmma_fence();
-    issue_scores_ss(s, q_tile, ring + stage * kStageBytes);
+    issue_scores(s, q_tile, ring + stage * kStageBytes);
     wgmma_commit();
     wgmma_wait<0>();
     fence_registers(s);
@@ -625,7 +384,7 @@ __device__ __forceinline__ void attend_item(mb::bf16 *out, float *lse, const wor
         mbarrier_wait(full + 8 * stage, ((g + i) / kPersistentStages) & 1);
         fence_registers(o);
         wgmma_fence();
-        issue_scores_ss(s, q_tile, ring + stage * kStageBytes);
+        issue_scores(s, q_tile, ring + stage * kStageBytes);
         wgmma_commit();
         issue_pv(o, p, ring + previous * kStageBytes + kTileBytes);
         wgmma_commit();
@@ -666,12 +425,11 @@ __device__ __forceinline__ void pass_item(uint32_t full, uint32_t empty, uint32_
 /* The producer warp: per work item c (Q buffer c % 2, reused once the consumers handed item c − 2's back), the item's
  * bounds into items[c % 2] (lane 0; published by the Q barrier's release) and its Q tile, then its K/V tiles into the
  * ring; after the last item a sentinel (head −1) tells the consumers to leave. */
-template <int kGroups>
 __device__ void produce_persistent(uint32_t q_tiles, uint32_t ring, uint32_t full, uint32_t empty, uint32_t q_full,
                                    uint32_t q_empty, work_item *items, const mb::bf16 *qkv,
                                    const int32_t *cu_seqlens, const int32_t *seq_first, const int32_t *tile_seq,
                                    int num_seqs, int heads) {
-    using shape = persistent_shape<kGroups>;
+    using shape = persistent_shape;
     const int hidden = heads * kHeadDim;
     const size_t row_stride = 3 * (size_t)hidden;
     const int total_tiles = seq_first[num_seqs];
@@ -715,11 +473,10 @@ __device__ void produce_persistent(uint32_t q_tiles, uint32_t ring, uint32_t ful
 
 /* The consumer warpgroups: per work item, wait for its bounds and Q tile, then attend (or pass, rows past a short
  * item), until the sentinel. */
-template <int kGroups>
 __device__ void consume_persistent(mb::bf16 *out, float *lse, uint32_t q_tiles, uint32_t ring, uint32_t full,
                                    uint32_t empty, uint32_t q_full, uint32_t q_empty, const work_item *items,
                                    int heads) {
-    using shape = persistent_shape<kGroups>;
+    using shape = persistent_shape;
     const int group = threadIdx.x / (4 * mb::kWarpSize);
     int g = 0;
     for (int c = 0;; c++) {
@@ -739,12 +496,11 @@ __device__ void consume_persistent(mb::bf16 *out, float *lse, uint32_t q_tiles, 
 
 #endif /* MB_WGMMA_SM90 */
 
-template <int kGroups>
-__global__ void __launch_bounds__(persistent_shape<kGroups>::kThreads, 1)
+__global__ void __launch_bounds__(persistent_shape::kThreads, 1)
     wgmma_forward_persistent_kernel(mb::bf16 *out, float *lse, const mb::bf16 *qkv, const int32_t *cu_seqlens,
                                     const int32_t *seq_first, const int32_t *tile_seq, int num_seqs, int heads) {
 #if MB_WGMMA_SM90
-    using shape = persistent_shape<kGroups>;
+    using shape = persistent_shape;
     /* full[stages], empty[stages], q_full[2], q_empty[2] */
     __shared__ __align__(8) uint64_t barriers[2 * kPersistentStages + 4];
     __shared__ work_item items[2];
@@ -768,22 +524,22 @@ __global__ void __launch_bounds__(persistent_shape<kGroups>::kThreads, 1)
     if (warp >= shape::kConsumerWarps) { /* the producer warpgroup: one warp copies, three leave */
         registers_decrease<shape::kProducerRegisters>();
         if (warp == shape::kConsumerWarps)
-            produce_persistent<kGroups>(q_tiles, ring, full, empty, q_full, q_empty, items, qkv, cu_seqlens,
+            produce_persistent(q_tiles, ring, full, empty, q_full, q_empty, items, qkv, cu_seqlens,
                                         seq_first, tile_seq, num_seqs, heads);
     } else {
         registers_increase<shape::kConsumerRegisters>();
-        consume_persistent<kGroups>(out, lse, q_tiles, ring, full, empty, q_full, q_empty, items, heads);
+        consume_persistent(out, lse, q_tiles, ring, full, empty, q_full, q_empty, items, heads);
     }
 #endif
 }
 
 /* ---- self-test kernel: one warpgroup runs the tile products on fixed operands ----
- * q [64 × 64], k [128 × 64], v [128 × 64] bf16 row-major; p [64 × 128] fp32; results s [64 × 128] (v1: Q from
- * registers), s_ss [64 × 128] (v2: Q from the swizzled shared tile), o [64 × 64]. Shared: K/V stage, then Q. */
+ * q [64 × 64], k [128 × 64], v [128 × 64] bf16 row-major; p [64 × 128] fp32; results s [64 × 128] (Q from the
+ * swizzled shared tile, as the kernel reads it), o [64 × 64]. Shared: K/V stage, then Q. */
 constexpr size_t kSelftestSharedBytes = kStageBytes + kRowsPerWarpgroup * kRowBytes + 1024;
 __global__ void __launch_bounds__(128)
-    wgmma_products_selftest_kernel(float *s_out, float *s_ss_out, float *o_out, const mb::bf16 *q_in,
-                                   const mb::bf16 *k_in, const mb::bf16 *v_in, const float *p_in) {
+    wgmma_products_selftest_kernel(float *s_out, float *o_out, const mb::bf16 *q_in, const mb::bf16 *k_in,
+                                   const mb::bf16 *v_in, const float *p_in) {
 #if MB_WGMMA_SM90
     extern __shared__ __align__(1024) unsigned char shared_raw[];
     const uint32_t stage = (shared_address(shared_raw) + 1023u) & ~1023u, q_tile = stage + kStageBytes;
@@ -797,13 +553,12 @@ __global__ void __launch_bounds__(128)
     }
     __syncthreads();
     const int row_a = warp * 16 + lane / 4;
-    uint32_t q[4][4], p[8][4];
+    uint32_t p[8][4];
     float s[64], o[32], p_values[64];
     for (int e = 0; e < 64; e++) s[e] = 0.0f;
     for (int e = 0; e < 32; e++) o[e] = 0.0f;
-    load_q_fragments(q, q_in, kHeadDim, row_a, 64);
     wgmma_fence();
-    issue_scores(s, q, stage);
+    issue_scores(s, q_tile, stage);
     wgmma_commit();
     wgmma_wait<0>();
     fence_registers(s);
@@ -812,16 +567,6 @@ __global__ void __launch_bounds__(128)
             const int row = row_a + 8 * (e / 2), col = 8 * j + 2 * quad + (e & 1);
             s_out[row * kKeyTile + col] = s[4 * j + e];
             p_values[4 * j + e] = p_in[row * kKeyTile + col];
-        }
-    wgmma_fence();
-    issue_scores_ss(s, q_tile, stage);
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_registers(s);
-    for (int j = 0; j < 16; j++)
-        for (int e = 0; e < 4; e++) {
-            const int row = row_a + 8 * (e / 2), col = 8 * j + 2 * quad + (e & 1);
-            s_ss_out[row * kKeyTile + col] = s[4 * j + e];
         }
     pack_p(p, p_values);
     wgmma_fence();
@@ -848,7 +593,7 @@ bool mb_attention_wgmma_forward_supports(int head_dim, int window) {
         return false;
     }
     cudaFuncAttributes attributes;
-    if (cudaFuncGetAttributes(&attributes, wgmma_forward_kernel<false>) != cudaSuccess) {
+    if (cudaFuncGetAttributes(&attributes, wgmma_forward_persistent_kernel) != cudaSuccess) {
         (void)cudaGetLastError();
         return false;
     }
@@ -857,60 +602,19 @@ bool mb_attention_wgmma_forward_supports(int head_dim, int window) {
 
 namespace {
 
-/* Which kernel runs, read per call from MB_ATTENTION_WGMMA_FWD: "v1" round 1's kernel (one block of 128 queries per
- * plan tile, Q in registers; MB_ATTENTION_WGMMA_PINGPONG=1 then selects its turn-taking instance), "v2_128" the
- * persistent kernel with two consumer warpgroups (128-query items), anything else (unset) the default v2: the
- * persistent kernel with three (192-query items). */
-enum class forward_version { v1, v1_pingpong, v2, v2_128 };
-
-bool env_equals(const char *name, const char *value) {
-    const char *set = getenv(name);
-    return set != nullptr && strcmp(set, value) == 0;
-}
-
-forward_version selected_version() {
-    if (env_equals("MB_ATTENTION_WGMMA_FWD", "v1"))
-        return env_equals("MB_ATTENTION_WGMMA_PINGPONG", "1") ? forward_version::v1_pingpong : forward_version::v1;
-    if (env_equals("MB_ATTENTION_WGMMA_FWD", "v2_128")) return forward_version::v2_128;
-    return forward_version::v2;
-}
-
-template <int kGroups>
+/* The launch: min(plan.blocks, max_blocks) persistent blocks (the SM count, or fewer in the self-test so that each
+ * block walks many items). Arguments checked by the caller. */
 int launch_persistent(mb::bf16 *out, float *lse, const mb::bf16 *qkv, const int32_t *cu_seqlens,
                       const mb::attention_plan &plan, int num_seqs, int heads, unsigned max_blocks,
                       cudaStream_t stream, mb_error *err) {
-    using shape = persistent_shape<kGroups>;
-    auto kernel = wgmma_forward_persistent_kernel<kGroups>;
-    MB_CUDA_CHECK(err, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            (int)shape::kSharedBytes));
-    const unsigned blocks = plan.blocks < max_blocks ? plan.blocks : max_blocks;
-    kernel<<<blocks, shape::kThreads, shape::kSharedBytes, stream>>>(out, lse, qkv, cu_seqlens, plan.seq_first,
-                                                                     plan.tile_seq, num_seqs, heads);
-    MB_CUDA_CHECK_LAUNCH(err, "wgmma_forward_persistent_kernel");
-    return 0;
-}
-
-/* The launch of one version; the persistent kernels get min(plan.blocks, max_blocks) blocks (the SM count, or fewer
- * in the self-test so that each block walks many items). Arguments checked by the caller. */
-int launch_version(forward_version version, unsigned max_blocks, mb::bf16 *out, float *lse, const mb::bf16 *qkv,
-                   const int32_t *cu_seqlens, const mb::attention_plan &plan, int num_seqs, int heads,
-                   cudaStream_t stream, mb_error *err) {
     if (plan.blocks == 0) return 0;
-    switch (version) {
-    case forward_version::v2:
-        return launch_persistent<3>(out, lse, qkv, cu_seqlens, plan, num_seqs, heads, max_blocks, stream, err);
-    case forward_version::v2_128:
-        return launch_persistent<2>(out, lse, qkv, cu_seqlens, plan, num_seqs, heads, max_blocks, stream, err);
-    case forward_version::v1:
-    case forward_version::v1_pingpong:
-        break;
-    }
-    const float scale_log2 = kLog2e / sqrtf((float)kHeadDim);
-    auto kernel = version == forward_version::v1_pingpong ? wgmma_forward_kernel<true> : wgmma_forward_kernel<false>;
-    MB_CUDA_CHECK(err, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSharedBytes));
-    kernel<<<plan.blocks, kThreads, kSharedBytes, stream>>>(out, lse, qkv, cu_seqlens, plan.seq_first, plan.tile_seq,
-                                                            num_seqs, heads, scale_log2);
-    MB_CUDA_CHECK_LAUNCH(err, "wgmma_forward_kernel");
+    using shape = persistent_shape;
+    MB_CUDA_CHECK(err, cudaFuncSetAttribute(wgmma_forward_persistent_kernel,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shape::kSharedBytes));
+    const unsigned blocks = plan.blocks < max_blocks ? plan.blocks : max_blocks;
+    wgmma_forward_persistent_kernel<<<blocks, shape::kThreads, shape::kSharedBytes, stream>>>(
+        out, lse, qkv, cu_seqlens, plan.seq_first, plan.tile_seq, num_seqs, heads);
+    MB_CUDA_CHECK_LAUNCH(err, "wgmma_forward_persistent_kernel");
     return 0;
 }
 
@@ -935,8 +639,7 @@ int mb_attention_wgmma_forward(mb::bf16 *out, float *lse, const mb::bf16 *qkv, c
     int device = 0, sm_count = 0;
     MB_CUDA_CHECK(err, cudaGetDevice(&device));
     MB_CUDA_CHECK(err, cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
-    return launch_version(selected_version(), (unsigned)sm_count, out, lse, qkv, cu_seqlens, plan, num_seqs, heads,
-                          stream, err);
+    return launch_persistent(out, lse, qkv, cu_seqlens, plan, num_seqs, heads, (unsigned)sm_count, stream, err);
 }
 
 /* ---- self-test (host side) ---- */
@@ -999,11 +702,11 @@ struct mismatch {
         }                                                                                                         \
     } while (0)
 
-/* (1) and (2): the tile products of one warpgroup against exact host sums: S with Q from registers (v1) and from
- * the swizzled shared tile (v2), O = P·V. */
-int selftest_products(char *report, size_t size, mismatch *scores, mismatch *scores_ss, mismatch *values) {
+/* (1) and (2): the tile products of one warpgroup against exact host sums: S with Q from the swizzled shared tile,
+ * O = P·V. */
+int selftest_products(char *report, size_t size, mismatch *scores, mismatch *values) {
     std::vector<mb::bf16> q(64 * kHeadDim), k(kKeyTile * kHeadDim), v(kKeyTile * kHeadDim);
-    std::vector<float> p(64 * kKeyTile), s_got(64 * kKeyTile), s_ss_got(64 * kKeyTile), o_got(64 * kHeadDim);
+    std::vector<float> p(64 * kKeyTile), s_got(64 * kKeyTile), o_got(64 * kHeadDim);
     for (int r = 0; r < 64; r++)
         for (int d = 0; d < kHeadDim; d++) q[r * kHeadDim + d] = __float2bfloat16(selftest_q(r, d));
     for (int c = 0; c < kKeyTile; c++)
@@ -1013,38 +716,33 @@ int selftest_products(char *report, size_t size, mismatch *scores, mismatch *sco
         }
     for (int r = 0; r < 64; r++)
         for (int c = 0; c < kKeyTile; c++) p[r * kKeyTile + c] = selftest_p(r, c);
-    device_buffer dq, dk, dv, dp, ds, ds_ss, dout;
+    device_buffer dq, dk, dv, dp, ds, dout;
     SELFTEST_CUDA(dq.allocate(q.size() * sizeof(mb::bf16)));
     SELFTEST_CUDA(dk.allocate(k.size() * sizeof(mb::bf16)));
     SELFTEST_CUDA(dv.allocate(v.size() * sizeof(mb::bf16)));
     SELFTEST_CUDA(dp.allocate(p.size() * sizeof(float)));
     SELFTEST_CUDA(ds.allocate(s_got.size() * sizeof(float)));
-    SELFTEST_CUDA(ds_ss.allocate(s_ss_got.size() * sizeof(float)));
     SELFTEST_CUDA(dout.allocate(o_got.size() * sizeof(float)));
     SELFTEST_CUDA(cudaMemcpy(dq.ptr, q.data(), q.size() * sizeof(mb::bf16), cudaMemcpyHostToDevice));
     SELFTEST_CUDA(cudaMemcpy(dk.ptr, k.data(), k.size() * sizeof(mb::bf16), cudaMemcpyHostToDevice));
     SELFTEST_CUDA(cudaMemcpy(dv.ptr, v.data(), v.size() * sizeof(mb::bf16), cudaMemcpyHostToDevice));
     SELFTEST_CUDA(cudaMemcpy(dp.ptr, p.data(), p.size() * sizeof(float), cudaMemcpyHostToDevice));
     SELFTEST_CUDA(cudaMemset(ds.ptr, 0xFF, s_got.size() * sizeof(float))); /* NaN: unwritten entries fail */
-    SELFTEST_CUDA(cudaMemset(ds_ss.ptr, 0xFF, s_ss_got.size() * sizeof(float)));
     SELFTEST_CUDA(cudaMemset(dout.ptr, 0xFF, o_got.size() * sizeof(float)));
     SELFTEST_CUDA(cudaFuncSetAttribute(wgmma_products_selftest_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        (int)kSelftestSharedBytes));
-    wgmma_products_selftest_kernel<<<1, 128, kSelftestSharedBytes>>>(ds.as<float>(), ds_ss.as<float>(),
-                                                                     dout.as<float>(), dq.as<mb::bf16>(),
-                                                                     dk.as<mb::bf16>(), dv.as<mb::bf16>(),
-                                                                     dp.as<float>());
+    wgmma_products_selftest_kernel<<<1, 128, kSelftestSharedBytes>>>(ds.as<float>(), dout.as<float>(),
+                                                                     dq.as<mb::bf16>(), dk.as<mb::bf16>(),
+                                                                     dv.as<mb::bf16>(), dp.as<float>());
     SELFTEST_CUDA(cudaGetLastError());
     SELFTEST_CUDA(cudaDeviceSynchronize());
     SELFTEST_CUDA(cudaMemcpy(s_got.data(), ds.ptr, s_got.size() * sizeof(float), cudaMemcpyDeviceToHost));
-    SELFTEST_CUDA(cudaMemcpy(s_ss_got.data(), ds_ss.ptr, s_ss_got.size() * sizeof(float), cudaMemcpyDeviceToHost));
     SELFTEST_CUDA(cudaMemcpy(o_got.data(), dout.ptr, o_got.size() * sizeof(float), cudaMemcpyDeviceToHost));
     for (int r = 0; r < 64; r++)
         for (int c = 0; c < kKeyTile; c++) {
             double want = 0.0;
             for (int d = 0; d < kHeadDim; d++) want += (double)selftest_q(r, d) * selftest_k(c, d);
             scores->check(r * kKeyTile + c, s_got[r * kKeyTile + c], want, 1e-3);
-            scores_ss->check(r * kKeyTile + c, s_ss_got[r * kKeyTile + c], want, 1e-3);
         }
     for (int r = 0; r < 64; r++)
         for (int n = 0; n < kHeadDim; n++) {
@@ -1055,19 +753,13 @@ int selftest_products(char *report, size_t size, mismatch *scores, mismatch *sco
     return 0;
 }
 
-/* The whole-forward runs of (3): every version, the persistent ones also on 1–3 blocks so that one block walks many
- * work items (Q buffers and the K/V ring wrap across items). */
+/* The whole-forward runs of (3): a block per item, and 1 or 3 blocks so that one block walks many work items (Q
+ * buffers and the K/V ring wrap across items). */
 struct forward_run {
     const char *name;
-    forward_version version;
     unsigned max_blocks;
 };
-constexpr forward_run kForwardRuns[] = {
-    {"v1", forward_version::v1, 1u << 30},         {"v1-pingpong", forward_version::v1_pingpong, 1u << 30},
-    {"v2", forward_version::v2, 1u << 30},         {"v2/1blk", forward_version::v2, 1},
-    {"v2/3blk", forward_version::v2, 3},           {"v2_128", forward_version::v2_128, 1u << 30},
-    {"v2_128/2blk", forward_version::v2_128, 2},
-};
+constexpr forward_run kForwardRuns[] = {{"all-blocks", 1u << 30}, {"1blk", 1}, {"3blk", 3}};
 constexpr int kForwardRunCount = (int)(sizeof kForwardRuns / sizeof kForwardRuns[0]);
 
 /* (3): the whole forward of each run on a small packed batch against a double-precision reference. Lengths: 700
@@ -1139,9 +831,8 @@ int selftest_forward(char *report, size_t size, mismatch (&outs)[kForwardRunCoun
         SELFTEST_CUDA(cudaMemset(d_lse.ptr, 0xFF, lse.size() * sizeof(float)));
         mb_error err;
         memset(&err, 0, sizeof err);
-        if (launch_version(kForwardRuns[r].version, kForwardRuns[r].max_blocks, d_out.as<mb::bf16>(),
-                           d_lse.as<float>(), d_qkv.as<mb::bf16>(), d_cu.as<int32_t>(), plan, num_seqs, heads, 0,
-                           &err) != 0) {
+        if (launch_persistent(d_out.as<mb::bf16>(), d_lse.as<float>(), d_qkv.as<mb::bf16>(), d_cu.as<int32_t>(),
+                              plan, num_seqs, heads, kForwardRuns[r].max_blocks, 0, &err) != 0) {
             snprintf(report, size, "wgmma forward self-test: %s launch failed: %s", kForwardRuns[r].name,
                      err.message);
             return -1;
@@ -1168,10 +859,10 @@ extern "C" int mb_cuda_attention_wgmma_fwd_selftest(char *report, size_t size) {
                                "sm_90a build)");
         return 1;
     }
-    mismatch scores, scores_ss, values, outs[kForwardRunCount], lses[kForwardRunCount];
-    if (selftest_products(report, size, &scores, &scores_ss, &values) != 0) return -1;
+    mismatch scores, values, outs[kForwardRunCount], lses[kForwardRunCount];
+    if (selftest_products(report, size, &scores, &values) != 0) return -1;
     if (selftest_forward(report, size, outs, lses) != 0) return -1;
-    bool pass = scores.first_bad < 0 && scores_ss.first_bad < 0 && values.first_bad < 0;
+    bool pass = scores.first_bad < 0 && values.first_bad < 0;
     int first_failed = -1; /* the first whole-forward run with a bad element */
     for (int r = 0; r < kForwardRunCount; r++)
         if ((outs[r].first_bad >= 0 || lses[r].first_bad >= 0) && first_failed < 0) first_failed = r;
@@ -1181,14 +872,11 @@ extern "C" int mb_cuda_attention_wgmma_fwd_selftest(char *report, size_t size) {
     auto col_of = [](const mismatch &m, long cols) { return m.first_bad < 0 ? -1 : m.first_bad % cols; };
     size_t used = (size_t)snprintf(
         report, size,
-        "wgmma forward self-test %s: S=Q*K^T [64x128] Q regs max err %.3g (first bad row %ld col %ld: got %.6g "
-        "want %.6g), Q shared max err %.3g (first bad row %ld col %ld: got %.6g want %.6g); O=P*V [64x64] max err "
-        "%.3g (first bad row %ld col %ld: got %.6g want %.6g); forward (lengths 200,1,130,64,700; 2 heads) max err "
-        "out/lse:",
+        "wgmma forward self-test %s: S=Q*K^T [64x128] max err %.3g (first bad row %ld col %ld: got %.6g want "
+        "%.6g); O=P*V [64x64] max err %.3g (first bad row %ld col %ld: got %.6g want %.6g); forward (lengths "
+        "200,1,130,64,700; 2 heads) max err out/lse:",
         pass ? "passed" : "FAILED", scores.max_error, row_of(scores, kKeyTile), col_of(scores, kKeyTile), scores.got,
-        scores.want, scores_ss.max_error, row_of(scores_ss, kKeyTile), col_of(scores_ss, kKeyTile), scores_ss.got,
-        scores_ss.want, values.max_error, row_of(values, kHeadDim), col_of(values, kHeadDim), values.got,
-        values.want);
+        scores.want, values.max_error, row_of(values, kHeadDim), col_of(values, kHeadDim), values.got, values.want);
     for (int r = 0; r < kForwardRunCount && used < size; r++)
         used += (size_t)snprintf(report + used, size - used, " %s %.3g/%.3g%s", kForwardRuns[r].name,
                                  outs[r].max_error, lses[r].max_error,

@@ -8,7 +8,8 @@
 
 #include "attention_common.cuh"
 
-/* Queries per block: the tile size of the plan attention.cu builds for this kernel (2 consumer warpgroups × 64). */
+/* The tile size of the plan attention.cu builds for this kernel (the kernel's 192-query work items take the plan's
+ * slots t with 192·t inside the sequence; the others are skipped). */
 constexpr int kWgmmaForwardTile = 128;
 
 /* Whether the wgmma forward handles this call: head_dim 64, a global layer (window < 0), the current device of
@@ -16,20 +17,17 @@ constexpr int kWgmmaForwardTile = 128;
 bool mb_attention_wgmma_forward_supports(int head_dim, int window);
 
 /* out [n, heads·64] bf16 and lse [n, heads] fp32 from qkv [n, 3·heads·64]; plan built for kWgmmaForwardTile.
- * Returns 0, or -1 with *err filled (unsupported shape, launch failure). Asynchronous on `stream`.
- * MB_ATTENTION_WGMMA_FWD (read per call) picks the kernel: unset/"v2" the persistent kernel with 192-query work items
- * (round 2), "v2_128" the same with 128-query items, "v1" round 1's kernel (one 128-query block per plan tile; with
- * MB_ATTENTION_WGMMA_PINGPONG=1 its turn-taking instance). All read the same plan (tile 128). */
+ * Returns 0, or -1 with *err filled (unsupported shape, launch failure). Asynchronous on `stream`. One persistent
+ * kernel (192-query work items over the plan's 128-query slots). */
 int mb_attention_wgmma_forward(mb::bf16 *out, float *lse, const mb::bf16 *qkv, const int32_t *cu_seqlens,
                                mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim, int window,
                                cudaStream_t stream, mb_error *err);
 
 /* Device self-test of the kernel's building blocks, for debugging on a new machine: (1) S = Q·Kᵀ (64 × 128 over
- * d 64, K through the swizzled shared layout and K-major descriptors; Q once from registers (v1), once from the
- * swizzled shared tile (v2)), (2) O = P·V (64 × 64 over 128 keys, V through the MN-major descriptors, P packed from
- * accumulator registers), both against exact host sums, and (3) the whole forward of every version (v1, v1
- * ping-pong, v2, v2_128; the persistent ones also on 1–3 blocks) on a small packed batch (lengths 200, 1, 130, 64,
- * 700; 2 heads) against a double-precision host reference. The environment variables are not read here.
+ * d 64, Q and K through the swizzled shared layout and K-major descriptors), (2) O = P·V (64 × 64 over 128 keys, V
+ * through the MN-major descriptors, P packed from accumulator registers), both against exact host sums, and (3) the
+ * whole forward on a small packed batch (lengths 200, 1, 130, 64, 700; 2 heads), with a block per work item and with
+ * 1 and 3 blocks walking all items, against a double-precision host reference.
  * Writes a one-paragraph report (max errors, first wrong element) into report[size]. Returns 0 when all pass,
  * -1 when one fails or a CUDA call fails, 1 when skipped (no sm_90a device / code). Synchronizes the device. */
 extern "C" int mb_cuda_attention_wgmma_fwd_selftest(char *report, size_t size);
