@@ -3,7 +3,8 @@
 # session-3 device calls, docs/performance.md). Binaries are built elsewhere (MB_GPU_BUILD, default build-cuda) and
 # carried here with the shared libraries the GPU machine lacks in .devlib/ (../shared/tools/device-bundle).
 #   GPU 0: `modernbert bench attention` (1024- and 8192-token documents) and `bench train` for base @1024, base @8192,
-#          large @1024 (32,768 tokens per step), then base @1024 with run.recompute norms and mlp
+#          large @1024 (32,768 tokens per step; tools/gpu_clocks.sh adds the SM clock and power under load), then
+#          base @1024 with run.recompute norms and mlp
 #   GPU 1: transformers + torch.compile on the same three workloads (tools/bench_hf.py): the ratios of one call
 #   GPU 2: transformers' largest micro-batch at 8192 in 79.1 GiB (tools/hf_max_batch.py)
 #   GPU 3: ours at each recompute level (tools/max_microbatch.sh)
@@ -34,9 +35,9 @@ our_memory() {
 }
 ours() {
     for seq in 1024 8192; do "$binary" bench attention --seq $seq 2>&1 | grep "^attention [fb]"; done
-    for args in "${workloads[@]}"; do
-        "$binary" bench train --backend cuda --model $args --tokens 32768 --steps 10 2>&1 | grep "step time" |
-            sed "s/^/$args /"
+    for args in "${workloads[@]}"; do # with the SM clock and power under load (the 700 W cap, docs/performance.md)
+        tools/gpu_clocks.sh -- "$binary" bench train --backend cuda --model $args --tokens 32768 --steps 10 2>&1 |
+            grep -E "step time|gpu_clocks" | sed "s/^/$args /"
     done
     for level in norms mlp; do
         "$binary" bench train --backend cuda --model base --seq 1024 --tokens 32768 --steps 10 --recompute $level \
