@@ -689,8 +689,9 @@ __global__ void attention_dq_convert_kernel(mb::bf16 *dqkv, const float *dq_accu
     if (g >= groups) return;
     const int hidden = heads * head_dim;
     size_t element = g * 8, token = element / hidden, column = element % hidden;
-    const float4 *from = reinterpret_cast<const float4 *>(
-        dq_accum + dq_accum_offset(token, (int)(column / head_dim), (int)(column % head_dim), head_dim, heads, dq_rows));
+    const int head = (int)(column / head_dim), d8 = (int)(column % head_dim);
+    const float4 *from =
+        reinterpret_cast<const float4 *>(dq_accum + dq_accum_offset(token, head, d8, head_dim, heads, dq_rows));
     float4 lo = from[0], hi = from[1];
     float values[8] = {lo.x * scale, lo.y * scale, lo.z * scale, lo.w * scale,
                        hi.x * scale, hi.y * scale, hi.z * scale, hi.w * scale};

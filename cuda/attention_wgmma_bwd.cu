@@ -119,19 +119,6 @@ struct backward_args {
 /* The device helpers exist in the host and sm_90a passes only: the sm_80 pass compiles empty kernel bodies. */
 #if MB_WGMMA_SM90 || !defined(__CUDA_ARCH__)
 
-/* ---- sm_90a primitives (empty in the sm_80 pass) ---- */
-
-/* wgmma shared-memory matrix descriptor (PTX ISA "Matrix Descriptor Format"): start address >> 4 in bits 0-13,
- * leading-dimension byte offset >> 4 in 16-29, stride-dimension byte offset >> 4 in 32-45, base offset 0 (every tile
- * starts on a 1024-byte boundary; in-row start offsets such as +32 bytes per k-step keep bits 7-9 of the start),
- * swizzle mode in 62-63 (1 = 128-byte). For our 128-byte swizzled tiles, K-major and MN-major alike: SBO = 1024 bytes
- * (the next group of 8 rows); LBO is unused (K-major swizzled: "assumed 1"; MN-major: the next 64-element MN block,
- * absent here since M and N never exceed 64) and set to 1. */
-__device__ __forceinline__ uint64_t smem_desc(uint32_t address) {
-    constexpr uint64_t kLeading = 1, kStride = kSwizzleAtom >> 4, kSwizzle128 = 1;
-    return (uint64_t)((address & 0x3FFFF) >> 4) | (kLeading << 16) | (kStride << 32) | (kSwizzle128 << 62);
-}
-
 /* ---- tile products (one warpgroup; the accumulator layout, PTX ISA figure "WGMMA .m64nNk16 register fragment layout
  * for accumulator matrix D": warp w of the group owns rows 16w..16w+15; element 4j + e of a thread is row
  * 16w + lane/4 + 8·(e/2), column 8j + 2·(lane%4) + (e%2) — per 8-column block the layout of mma.sync m16n8) ---- */
@@ -141,7 +128,7 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t address) {
 __device__ __forceinline__ void issue_accumulate(float (&acc)[32], const uint32_t (&a)[kSteps16][4], uint32_t y) {
 #pragma unroll
     for (int kk = 0; kk < kSteps16; kk++)
-        wgmma_m64n64_rs<1>(acc, a[kk], smem_desc(y + 16 * kRowBytes * kk), 1);
+        wgmma_m64n64_rs<1>(acc, a[kk], sw128_descriptor(y + 16 * kRowBytes * kk), 1);
 }
 
 /* bf16 A fragments of a 64 × 128 accumulator for the next product (register-A wgmma, PTX ISA figure "WGMMA .m64nNk16
@@ -333,12 +320,6 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
         if (clock64() - start > kHangCycles) break;
 }
 
-/* One arrival per warp, after every lane got here (the lanes' wgmma reads are complete: write-after-read). */
-__device__ __forceinline__ void warp_arrive(uint32_t bar) {
-    __syncwarp();
-    if (threadIdx.x % mb::kWarpSize == 0) mbarrier_arrive(bar);
-}
-
 /* Named barrier 1 over the two consumer warpgroups (barrier 0 is __syncthreads; the producer never joins). */
 __device__ __forceinline__ void consumers_sync() {
     asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
@@ -413,20 +394,20 @@ __device__ void produce(char *smem, const ring &b, const backward_args &a, int h
 /* acc[64 × 128] = X·Yᵀ over d: X = 64 rows at x, Y = 128 rows at y, both K-major swizzled tiles (k-step ks starts
  * 32 bytes further into each row). Sᵀ = K_g·Qᵀ and dPᵀ = V_g·dOᵀ. */
 __device__ __forceinline__ void issue_scores(float (&acc)[kScores], uint32_t x, uint32_t y) {
-    wgmma_m64n128_ss_first<0, 0>(acc, smem_desc(x), smem_desc(y));
+    wgmma_m64n128_ss_first<0, 0>(acc, sw128_descriptor(x), sw128_descriptor(y));
 #pragma unroll
     for (int ks = 1; ks < kHeadDim / 16; ks++)
-        wgmma_m64n128_ss<0, 0>(acc, smem_desc(x + 32 * ks), smem_desc(y + 32 * ks), 1);
+        wgmma_m64n128_ss<0, 0>(acc, sw128_descriptor(x + 32 * ks), sw128_descriptor(y + 32 * ks), 1);
 }
 
 /* acc[64 queries × 64 d] = dS[queries][keys]·K over the 128 keys: A = one dSᵀ half [128 keys][64 queries] at
  * ds_half read M-major, B = the K tile [128 keys][64 d] read N-major; k-step kk = keys 16kk.. (+2048 bytes). */
 __device__ __forceinline__ void issue_dq_rows(float (&acc)[32], uint32_t ds_half, uint32_t k_tile) {
-    wgmma_m64n64_ss_first<1, 1>(acc, smem_desc(ds_half), smem_desc(k_tile));
+    wgmma_m64n64_ss_first<1, 1>(acc, sw128_descriptor(ds_half), sw128_descriptor(k_tile));
 #pragma unroll
     for (int kk = 1; kk < kBlockKeys / 16; kk++)
-        wgmma_m64n64_ss<1, 1>(acc, smem_desc(ds_half + 16 * kRowBytes * kk), smem_desc(k_tile + 16 * kRowBytes * kk),
-                              1);
+        wgmma_m64n64_ss<1, 1>(acc, sw128_descriptor(ds_half + 16 * kRowBytes * kk),
+                              sw128_descriptor(k_tile + 16 * kRowBytes * kk), 1);
 }
 
 /* The block's shared addresses for step i (stage i % kStages). */

@@ -30,10 +30,10 @@ __host__ __device__ inline size_t mb_wgmma_dq_offset(size_t token, int head, int
 
 /* Writes the dK and dV blocks of dqkv [n, 3H] for every token (dK = scale·Σ_i dS_ij q_i, dV = Σ_i P_ij dO_i, bf16)
  * and ADDS the unscaled Σ_j dS_ij k_j into dq_accum (the layout above, mb_wgmma_dq_rows(n) rows per head, zeroed by
- * the caller in rows < n; the caller's convert kernel writes dQ = scale·dq_accum). P_ij = exp(s_ij − lse_i), dS = P ∘ (dP − delta_i), dP = dO·Vᵀ. `plan` must be built
- * for tiles of kWgmmaBackwardTile tokens. With a rope table (mb_cuda_rope_table, else nullptr) dK is stored with
- * RoPE's backward applied (dQ's is the convert kernel's). Returns 0, or -1 with err filled (bad arguments, failed
- * launch). */
+ * the caller in rows < n; the caller's convert kernel writes dQ = scale·dq_accum). P_ij = exp(s_ij − lse_i),
+ * dS = P ∘ (dP − delta_i), dP = dO·Vᵀ. `plan` must be built for tiles of kWgmmaBackwardTile tokens. With a rope
+ * table (mb_cuda_rope_table, else nullptr) dK is stored with RoPE's backward applied (dQ's is the convert kernel's).
+ * Returns 0, or -1 with err filled (bad arguments, failed launch). */
 int mb_attention_wgmma_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout, const float *lse,
                                 const float *delta, const mb::bf16 *qkv, const int32_t *cu_seqlens,
                                 mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim, int window,

@@ -147,21 +147,11 @@ __device__ __forceinline__ void load_kv_tile(uint32_t stage, const mb::bf16 *k_b
 /* ---- wgmma (PTX ISA "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"; operand layouts as CUTLASS
  * cute/atom/mma_traits_sm90_gmma.hpp) ---- */
 
-/* Shared-memory matrix descriptor, 128-byte swizzle (layout type 1 in bits 62-63), fields in 16-byte units: start
- * address bits 0-13, leading byte offset 16-29, stride byte offset 32-45, base offset 0 (tiles 1024-aligned).
- * K-major (K tile for S = Q·Kᵀ): rows of 64 bf16, 8-row groups SBO = 1024 bytes apart, LBO unused by swizzled
- * K-major layouts (1 by convention). MN-major (V tile for O = P·V): the N = 64 columns are one 128-byte atom row,
- * 8-key groups SBO = 1024 bytes apart, LBO (the next 64-column atom) unused at N = 64. */
-__device__ __forceinline__ uint64_t sw128_descriptor(uint32_t address, uint32_t lbo_bytes, uint32_t sbo_bytes) {
-    return (uint64_t)((address & 0x3FFFF) >> 4) | ((uint64_t)((lbo_bytes >> 4) & 0x3FFF) << 16) |
-           ((uint64_t)((sbo_bytes >> 4) & 0x3FFF) << 32) | (1ull << 62);
-}
-
 /* ---- the three tile products and the softmax (separate so that the self-test runs the same code) ---- */
 
 /* Queues O[64 × 64] += P[64 × 128] · V_tile[128 × 64] (8 k-steps of 16 keys: +2048 bytes = two 8-row groups). */
 __device__ __forceinline__ void issue_pv(float (&o)[32], const uint32_t (&p)[8][4], uint32_t v_tile) {
-    const uint64_t desc = sw128_descriptor(v_tile, 16, 1024);
+    const uint64_t desc = sw128_descriptor(v_tile);
 #pragma unroll
     for (int kk = 0; kk < 8; kk++) wgmma_m64n64_rs<1>(o, p[kk], desc + (uint64_t)(128 * kk), 1);
 }
@@ -299,16 +289,10 @@ __device__ __forceinline__ void load_q_tile(uint32_t dst, const mb::bf16 *q_base
     }
 }
 
-/* One arrival per warp (lane 0, after the warp's lanes got here). */
-__device__ __forceinline__ void warp_arrive(uint32_t bar) {
-    __syncwarp();
-    if (threadIdx.x % mb::kWarpSize == 0) mbarrier_arrive(bar);
-}
-
 /* Queues S[64 × 128] = Q · K_tileᵀ with Q (this warpgroup's 64 rows, 1024-aligned) from shared memory: the A
  * descriptor has the K tile's form (K-major, 8-row groups 1024 bytes apart, +32 bytes per k-step of 16). */
 __device__ __forceinline__ void issue_scores(float (&s)[64], uint32_t q_tile, uint32_t k_tile) {
-    const uint64_t desc_a = sw128_descriptor(q_tile, 16, 1024), desc_b = sw128_descriptor(k_tile, 16, 1024);
+    const uint64_t desc_a = sw128_descriptor(q_tile), desc_b = sw128_descriptor(k_tile);
 #pragma unroll
     for (int ks = 0; ks < 4; ks++)
         wgmma_m64n128_ss<0, 0>(s, desc_a + (uint64_t)(2 * ks), desc_b + (uint64_t)(2 * ks), ks > 0);

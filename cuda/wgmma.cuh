@@ -4,7 +4,7 @@
  * flight, and the wgmma instructions themselves (m64n128 and m64n64, shared- or register-A). The asm exists in the
  * sm_90a pass only; elsewhere (the sm_80 pass, which compiles those kernels with empty bodies, and the host pass) the
  * functions are empty, so code that calls them still parses. The waits differ between the two kernels (a spin in the
- * forward, a bounded wait in the backward) and stay in their files, as do the descriptors. */
+ * forward, a bounded wait in the backward) and stay in their files. */
 #ifndef MB_CUDA_WGMMA_CUH
 #define MB_CUDA_WGMMA_CUH
 
@@ -47,6 +47,24 @@ __device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
 #if MB_WGMMA_SM90
     asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
 #endif
+}
+
+/* One arrival per warp, after every lane got here (for a consumer warp: its lanes' wgmma reads of the stage are
+ * complete, so the arrival hands it back: write-after-read). */
+__device__ __forceinline__ void warp_arrive(uint32_t bar) {
+    __syncwarp();
+    if (threadIdx.x % 32 == 0) mbarrier_arrive(bar);
+}
+
+/* wgmma shared-memory matrix descriptor (PTX ISA "Matrix Descriptor Format") of a 1024-byte aligned tile of 128-byte
+ * rows with the 128-byte swizzle: start address >> 4 in bits 0-13, leading-dimension byte offset >> 4 in 16-29,
+ * stride-dimension byte offset >> 4 in 32-45, base offset 0 (in-row start offsets such as +32 bytes per k-step keep
+ * bits 7-9 of the start), swizzle mode in 62-63 (1 = 128-byte). K-major and MN-major alike: SBO = 1024 bytes (the
+ * next group of 8 rows); LBO is unused (K-major swizzled: "assumed 1"; MN-major: the next 64-element block, absent
+ * since M and N of these tiles never exceed 64) and set to 1. */
+__device__ __forceinline__ uint64_t sw128_descriptor(uint32_t address) {
+    constexpr uint64_t kLeading = 1, kStride = 1024 >> 4, kSwizzle128 = 1;
+    return (uint64_t)((address & 0x3FFFF) >> 4) | (kLeading << 16) | (kStride << 32) | (kSwizzle128 << 62);
 }
 
 /* setmaxnreg: the producer warpgroup gives registers back, the consumer warpgroups take them. */
