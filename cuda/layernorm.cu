@@ -37,6 +37,26 @@ __device__ __forceinline__ void load_floats8(const float *address, float out[8])
     out[4] = hi.x, out[5] = hi.y, out[6] = hi.z, out[7] = hi.w;
 }
 
+/* x̂ = x·rstd + shift and dy of one lane's 8 columns, from the staged bf16 row. */
+__device__ __forceinline__ void chunk_values(const mb::bf16 *x, const mb::bf16 *dy, float rstd, float shift,
+                                             float (&xhat)[8], float (&dyv)[8]) {
+    mb::unpack_bf16x8(mb::load_bf16x8(x), xhat);
+    mb::unpack_bf16x8(mb::load_bf16x8(dy), dyv);
+#pragma unroll
+    for (int k = 0; k < 8; k++) xhat[k] = fmaf(xhat[k], rstd, shift);
+}
+
+/* sum[0..8) = (first ? 0 : sum) + part, as two 16-byte shared-memory accesses. */
+__device__ __forceinline__ void add_floats8(float *sum, const float *part, bool first) {
+    float4 *sum4 = reinterpret_cast<float4 *>(sum);
+#pragma unroll
+    for (int q = 0; q < 2; q++) {
+        float4 v = first ? make_float4(0.0f, 0.0f, 0.0f, 0.0f) : sum4[q];
+        v.x += part[4 * q], v.y += part[4 * q + 1], v.z += part[4 * q + 2], v.w += part[4 * q + 3];
+        sum4[q] = v;
+    }
+}
+
 /* First column of this lane in chunk c. */
 __device__ __forceinline__ int chunk_column(int c, int lane) { return c * kChunkWidth + lane * 8; }
 
@@ -115,13 +135,14 @@ __host__ __device__ constexpr int fused_blocks(int n) {
 }
 
 /* Shared-memory layout of one staged row: x, dy (and the old dx when accumulating) as bf16 rows of chunks·256
- * elements, indexed by column, then mean and rstd once per lane (each lane reads only its own copy). */
+ * elements, indexed by column, then mean and rstd (copied by lanes 0 and 1; a __syncwarp after the wait makes them
+ * visible to the whole warp). */
 __host__ __device__ constexpr int staged_tensors(bool accumulate) { return accumulate ? 3 : 2; }
 __host__ __device__ constexpr int stage_stats_offset(int chunks, bool accumulate) { /* bytes, a multiple of 512 */
     return staged_tensors(accumulate) * chunks * kChunkWidth * (int)sizeof(mb::bf16);
 }
 __host__ __device__ constexpr int stage_bytes(int chunks, bool accumulate) {
-    return stage_stats_offset(chunks, accumulate) + 2 * mb::kWarpSize * (int)sizeof(float);
+    return stage_stats_offset(chunks, accumulate) + 16; /* mean, rstd (16 bytes keep the next stage aligned) */
 }
 /* dynamic shared memory per block: the stages of every warp */
 __host__ __device__ constexpr int fused_dynamic_bytes(int chunks, bool accumulate) {
@@ -169,8 +190,7 @@ __device__ __forceinline__ void stage_row(unsigned char *stage, int row, int n, 
             if constexpr (kAccumulate) cp_async16(tiles + 2 * kRowElements + col, old_dx + offset + col);
         }
         float *stats = reinterpret_cast<float *>(stage + stage_stats_offset(kChunks, kAccumulate));
-        cp_async4(stats + 2 * lane, mean + row);
-        cp_async4(stats + 2 * lane + 1, rstd + row);
+        if (lane < 2) cp_async4(stats + lane, (lane == 0 ? mean : rstd) + row); /* read by every lane */
     }
     cp_async_commit();
 }
@@ -183,17 +203,29 @@ __global__ void __launch_bounds__(kFusedWarps *mb::kWarpSize, kChunks <= 4 ? 2 :
                                     const float *mean_in, const float *rstd_in, const float *weight, int n, int h) {
     constexpr int kRowElements = kChunks * kChunkWidth, kStageBytes = stage_bytes(kChunks, kAccumulate);
     extern __shared__ __align__(16) unsigned char fused_shared[];
-    __shared__ float block_sums[kSums > 0 ? kSums * kRowElements : 1];
+    __shared__ __align__(16) float block_sums[kSums > 0 ? kSums * kRowElements : 1];
     int warp = threadIdx.x / mb::kWarpSize, lane = threadIdx.x % mb::kWarpSize;
     int warps_in_grid = gridDim.x * kFusedWarps;
     unsigned char *stages = fused_shared + (size_t)warp * kFusedStages * kStageBytes;
 
     constexpr int kOwned = kChunks * 8; /* columns this lane owns (some may be >= h) */
+    constexpr bool kKeepRow = kWriteDx && kChunks <= 3 && kSums <= 1; /* more would spill (ptxas) */
     float dw_part[kSums >= 1 ? kOwned : 1], db_part[kSums >= 2 ? kOwned : 1];
+    float lane_weight[kWriteDx ? kOwned : 1]; /* this lane's weights, loaded once for all its rows */
 #pragma unroll
-    for (int i = 0; i < kOwned; i++) {
-        if constexpr (kSums >= 1) dw_part[i] = 0.0f;
-        if constexpr (kSums >= 2) db_part[i] = 0.0f;
+    for (int c = 0; c < kChunks; c++) {
+        const int col = chunk_column(c, lane);
+        if constexpr (kWriteDx) {
+            if (col < h) load_floats8(weight + col, lane_weight + 8 * c);
+            else
+#pragma unroll
+                for (int k = 0; k < 8; k++) lane_weight[8 * c + k] = 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            if constexpr (kSums >= 1) dw_part[8 * c + k] = 0.0f;
+            if constexpr (kSums >= 2) db_part[8 * c + k] = 0.0f;
+        }
     }
 
     int row = blockIdx.x * kFusedWarps + warp;
@@ -203,31 +235,35 @@ __global__ void __launch_bounds__(kFusedWarps *mb::kWarpSize, kChunks <= 4 ? 2 :
                                         mean_in, rstd_in, lane);
 
     for (int step = 0; row < n; row += warps_in_grid, step++) {
-        cp_async_wait<kFusedStages - 1>(); /* this row's group has landed */
+        cp_async_wait<kFusedStages - 1>(); /* this lane's copies of the row have landed */
+        __syncwarp();                      /* ... and every other lane's (mean and rstd are copied by lanes 0, 1) */
         unsigned char *stage = stages + (step % kFusedStages) * kStageBytes;
         const mb::bf16 *xs = reinterpret_cast<const mb::bf16 *>(stage), *dys = xs + kRowElements;
         const float *stats = reinterpret_cast<const float *>(stage + stage_stats_offset(kChunks, kAccumulate));
-        float mean = stats[2 * lane], rstd = stats[2 * lane + 1];
+        const float mean = stats[0], rstd = stats[1], shift = -mean * rstd; /* x̂ = x·rstd + shift */
 
-        float mean_g = 0.0f, mean_g_xhat = 0.0f;
+        /* x̂ and dy of the lane's columns; rows up to 768 wide keep them in registers for the second pass, wider
+         * ones read them again from shared memory (the registers would spill) */
+        float kept_xhat[kKeepRow ? kOwned : 1], kept_dy[kKeepRow ? kOwned : 1];
+        float scale_g = 0.0f, shift_g = 0.0f, scale_xhat = 0.0f; /* dx = g·scale_g + shift_g + x̂·scale_xhat */
         if constexpr (kWriteDx) {
             float sum_g = 0.0f, sum_g_xhat = 0.0f;
 #pragma unroll
             for (int c = 0; c < kChunks; c++) {
-                int col = chunk_column(c, lane);
+                const int col = chunk_column(c, lane);
                 if (col >= h) continue;
-                float xv[8], dyv[8], w[8];
-                mb::unpack_bf16x8(mb::load_bf16x8(xs + col), xv);
-                mb::unpack_bf16x8(mb::load_bf16x8(dys + col), dyv);
-                load_floats8(weight + col, w);
+                float xhat[8], dyv[8];
+                chunk_values(xs + col, dys + col, rstd, shift, xhat, dyv);
 #pragma unroll
                 for (int k = 0; k < 8; k++) {
-                    float g = dyv[k] * w[k];
+                    if constexpr (kKeepRow) kept_xhat[8 * c + k] = xhat[k], kept_dy[8 * c + k] = dyv[k];
+                    const float g = dyv[k] * lane_weight[8 * c + k];
                     sum_g += g;
-                    sum_g_xhat += g * (xv[k] - mean) * rstd;
+                    sum_g_xhat = fmaf(g, xhat[k], sum_g_xhat);
                 }
             }
-            mean_g = mb::warp_sum(sum_g) / (float)h, mean_g_xhat = mb::warp_sum(sum_g_xhat) / (float)h;
+            const float mean_g = mb::warp_sum(sum_g) / (float)h, mean_g_xhat = mb::warp_sum(sum_g_xhat) / (float)h;
+            scale_g = rstd, shift_g = -rstd * mean_g, scale_xhat = -rstd * mean_g_xhat;
         }
 
         size_t offset = (size_t)row * h;
@@ -235,20 +271,23 @@ __global__ void __launch_bounds__(kFusedWarps *mb::kWarpSize, kChunks <= 4 ? 2 :
         for (int c = 0; c < kChunks; c++) {
             int col = chunk_column(c, lane);
             if (col >= h) continue;
-            float xv[8], dyv[8], xhat[8];
-            mb::unpack_bf16x8(mb::load_bf16x8(xs + col), xv);
-            mb::unpack_bf16x8(mb::load_bf16x8(dys + col), dyv);
+            float xhat[8], dyv[8];
+            if constexpr (kKeepRow) {
+#pragma unroll
+                for (int k = 0; k < 8; k++) xhat[k] = kept_xhat[8 * c + k], dyv[k] = kept_dy[8 * c + k];
+            } else {
+                chunk_values(xs + col, dys + col, rstd, shift, xhat, dyv);
+            }
 #pragma unroll
             for (int k = 0; k < 8; k++) {
-                xhat[k] = (xv[k] - mean) * rstd;
-                if constexpr (kSums >= 1) dw_part[c * 8 + k] += dyv[k] * xhat[k];
-                if constexpr (kSums >= 2) db_part[c * 8 + k] += dyv[k];
+                if constexpr (kSums >= 1) dw_part[8 * c + k] = fmaf(dyv[k], xhat[k], dw_part[8 * c + k]);
+                if constexpr (kSums >= 2) db_part[8 * c + k] += dyv[k];
             }
             if constexpr (kWriteDx) {
-                float w[8], out[8];
-                load_floats8(weight + col, w);
+                float out[8];
 #pragma unroll
-                for (int k = 0; k < 8; k++) out[k] = rstd * (dyv[k] * w[k] - mean_g - xhat[k] * mean_g_xhat);
+                for (int k = 0; k < 8; k++)
+                    out[k] = fmaf(xhat[k], scale_xhat, fmaf(dyv[k] * lane_weight[8 * c + k], scale_g, shift_g));
                 if constexpr (kAccumulate) {
                     float previous[8];
                     mb::unpack_bf16x8(mb::load_bf16x8(xs + 2 * kRowElements + col), previous);
@@ -259,8 +298,8 @@ __global__ void __launch_bounds__(kFusedWarps *mb::kWarpSize, kChunks <= 4 ? 2 :
             }
         }
         /* refill the stage just read with the row kFusedStages ahead; cp.async is not ordered after earlier loads
-         * of the same thread by itself, so the warp barrier (which orders this lane's prior shared reads) goes
-         * first. With dx written every read has already fed a store; without dx it costs one WARPSYNC per row. */
+         * of the same lane by itself, and lanes 0 and 1 refill the statistics every lane read, so a warp barrier
+         * goes first. */
         __syncwarp();
         stage_row<kChunks, kAccumulate>(stage, row + kFusedStages * warps_in_grid, n, h, x, dy, dx, mean_in,
                                         rstd_in, lane);
@@ -275,12 +314,8 @@ __global__ void __launch_bounds__(kFusedWarps *mb::kWarpSize, kChunks <= 4 ? 2 :
                 for (int c = 0; c < kChunks; c++) {
                     int col = chunk_column(c, lane);
                     if (col >= h) continue;
-#pragma unroll
-                    for (int k = 0; k < 8; k++) {
-                        float *dw_sum = block_sums + col + k, *db_sum = dw_sum + kRowElements;
-                        if constexpr (kSums >= 1) *dw_sum = (w == 0 ? 0.0f : *dw_sum) + dw_part[c * 8 + k];
-                        if constexpr (kSums >= 2) *db_sum = (w == 0 ? 0.0f : *db_sum) + db_part[c * 8 + k];
-                    }
+                    if constexpr (kSums >= 1) add_floats8(block_sums + col, dw_part + 8 * c, w == 0);
+                    if constexpr (kSums >= 2) add_floats8(block_sums + kRowElements + col, db_part + 8 * c, w == 0);
                 }
             }
             __syncthreads();
