@@ -768,6 +768,9 @@ int mb_attention_band_backward(mb::bf16 *dqkv, const mb::bf16 *dout, const float
     MB_REQUIRE(err, dqkv && dout && lse && delta, "attention_band_backward: missing dqkv, dout, lse or delta");
     MB_REQUIRE(err, reinterpret_cast<uintptr_t>(dout) % 16 == 0, "attention_band_backward: dout must be 16-byte aligned");
     MB_NVTX_RANGE("attention_band_backward");
+    if (mb_attention_band_wgmma_supports(head_dim, window))
+        return mb_attention_band_wgmma_backward(dqkv, dout, lse, delta, qkv, cu_seqlens, plan, num_seqs, heads, window,
+                                                rope, stream, err);
     return with_shape(head_dim, window, [&](auto d, auto pad) {
         return launch_backward<decltype(d)::value, decltype(pad)::value>(dqkv, dout, lse, delta, qkv, c, err);
     });

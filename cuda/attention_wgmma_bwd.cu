@@ -291,35 +291,6 @@ struct ring {
     uint32_t full, empty, ds_full, ds_empty;
 };
 
-/* One test of the phase of the given parity (try_wait may suspend the thread for a short system-dependent time). */
-__device__ __forceinline__ bool mbarrier_try_wait(uint32_t bar, uint32_t parity) {
-    uint32_t done = 1;
-#if MB_WGMMA_SM90
-    asm volatile(
-        "{\n.reg .pred p;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-#endif
-    return done != 0;
-}
-
-/* A wait that lasts this long (~0.5 s at 2 GHz; a legitimate one lasts microseconds) is a deadlock (a parity or
- * arrival-count bug): the wait gives up and the kernel finishes with wrong results, which the self-test reports,
- * instead of hanging the test run (a trap here costs the consumers a 72-byte stack frame and spills). */
-constexpr long long kHangCycles = 1000000000LL;
-
-/* Blocks until the phase of the given parity has completed (safe while arrivals run at most one phase ahead of
- * the waiter, which every barrier here guarantees: see consume_step). */
-__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
-    if (mbarrier_try_wait(bar, parity)) return;
-    const long long start = clock64();
-    while (!mbarrier_try_wait(bar, parity))
-        if (clock64() - start > kHangCycles) break;
-}
-
 /* Named barrier 1 over the two consumer warpgroups (barrier 0 is __syncthreads; the producer never joins). */
 __device__ __forceinline__ void consumers_sync() {
     asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");

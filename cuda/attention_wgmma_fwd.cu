@@ -67,7 +67,7 @@ struct persistent_shape {
 /* ---- shared memory, barriers, copies ---- */
 
 /* Blocks until the barrier's phase with the given parity has completed. */
-__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
+__device__ __forceinline__ void mbarrier_spin_wait(uint32_t bar, uint32_t parity) {
     asm volatile(
         "{\n.reg .pred done;\n"
         "WAIT_AGAIN:\n"
@@ -353,7 +353,7 @@ __device__ __forceinline__ void attend_item(mb::bf16 *out, float *lse, const wor
 
     /* tile 0: scores and softmax only (O is still zero) */
     int stage = g % kPersistentStages;
-    mbarrier_wait(full + 8 * stage, (g / kPersistentStages) & 1);
+    mbarrier_spin_wait(full + 8 * stage, (g / kPersistentStages) & 1);
     wgmma_fence();
     issue_scores(s, q_tile, ring + stage * kStageBytes);
     wgmma_commit();
@@ -365,7 +365,7 @@ __device__ __forceinline__ void attend_item(mb::bf16 *out, float *lse, const wor
     for (int i = 1; i < key_tiles; i++) {
         const int previous = stage;
         stage = (g + i) % kPersistentStages;
-        mbarrier_wait(full + 8 * stage, ((g + i) / kPersistentStages) & 1);
+        mbarrier_spin_wait(full + 8 * stage, ((g + i) / kPersistentStages) & 1);
         fence_registers(o);
         wgmma_fence();
         issue_scores(s, q_tile, ring + stage * kStageBytes);
@@ -401,7 +401,7 @@ __device__ __forceinline__ void pass_item(uint32_t full, uint32_t empty, uint32_
     warp_arrive(q_release);
     for (int i = 0; i < key_tiles; i++) {
         const int stage = (g + i) % kPersistentStages;
-        mbarrier_wait(full + 8 * stage, ((g + i) / kPersistentStages) & 1);
+        mbarrier_spin_wait(full + 8 * stage, ((g + i) / kPersistentStages) & 1);
         warp_arrive(empty + 8 * stage);
     }
 }
@@ -428,7 +428,7 @@ __device__ void produce_persistent(uint32_t q_tiles, uint32_t ring, uint32_t ful
              * last of item c − 1) before blocking, so that the consumers are not kept from it meanwhile */
             const bool ready = __shfl_sync(0xffffffffu, mbarrier_ready(q_empty + 8 * buf, parity), 0); /* uniform */
             if (!ready) publish.flush();
-            mbarrier_wait(q_empty + 8 * buf, parity);
+            mbarrier_spin_wait(q_empty + 8 * buf, parity);
         }
         work_item item = {0, 0, 0, 0, -1};
         const bool found = next_work_item(&item, &w, gridDim.x, seq_first, tile_seq, cu_seqlens, total_tiles, heads,
@@ -446,7 +446,7 @@ __device__ void produce_persistent(uint32_t q_tiles, uint32_t ring, uint32_t ful
         const int key_tiles = mb::ceil_div(item.key_hi - item.key_lo, kKeyTile);
         for (int i = 0; i < key_tiles; i++, g++) {
             const int stage = g % kPersistentStages;
-            if (g >= kPersistentStages) mbarrier_wait(empty + 8 * stage, ((g / kPersistentStages) - 1) & 1);
+            if (g >= kPersistentStages) mbarrier_spin_wait(empty + 8 * stage, ((g / kPersistentStages) - 1) & 1);
             load_kv_tile(ring + stage * kStageBytes, q_base + hidden, q_base + 2 * hidden, row_stride,
                          item.key_lo + i * kKeyTile, item.key_hi);
             cp_async_commit();
@@ -465,7 +465,7 @@ __device__ void consume_persistent(mb::bf16 *out, float *lse, uint32_t q_tiles, 
     int g = 0;
     for (int c = 0;; c++) {
         const int buf = c & 1;
-        mbarrier_wait(q_full + 8 * buf, (c >> 1) & 1);
+        mbarrier_spin_wait(q_full + 8 * buf, (c >> 1) & 1);
         const work_item *slot = &items[buf];
         if (slot->head < 0) return;
         const int key_tiles = mb::ceil_div(slot->key_hi - slot->key_lo, kKeyTile);

@@ -1,10 +1,11 @@
-/* Hopper (sm_90a) primitives shared by the wgmma attention kernels (attention_wgmma_fwd.cu, attention_wgmma_bwd.cu):
- * the 128-byte swizzle offset, shared addresses, the generic-to-async proxy fence, mbarrier init and arrive,
+/* Hopper (sm_90a) primitives shared by the wgmma attention kernels (attention_wgmma_fwd.cu, attention_wgmma_bwd.cu,
+ * attention_band_wgmma.cu):
+ * the 128-byte swizzle offset, shared addresses, the generic-to-async proxy fence, mbarrier init, arrive and wait,
  * setmaxnreg, wgmma fence / commit / wait with the register fences that keep the compiler away from accumulators in
  * flight, and the wgmma instructions themselves (m64n128 and m64n64, shared- or register-A). The asm exists in the
  * sm_90a pass only; elsewhere (the sm_80 pass, which compiles those kernels with empty bodies, and the host pass) the
- * functions are empty, so code that calls them still parses. The waits differ between the two kernels (a spin in the
- * forward, a bounded wait in the backward) and stay in their files. */
+ * functions are empty, so code that calls them still parses. The mbarrier wait here is bounded (the backward kernels:
+ * attention_wgmma_bwd.cu, attention_band_wgmma.cu); the forward keeps its own plain spin (mbarrier_spin_wait). */
 #ifndef MB_CUDA_WGMMA_CUH
 #define MB_CUDA_WGMMA_CUH
 
@@ -47,6 +48,35 @@ __device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
 #if MB_WGMMA_SM90
     asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
 #endif
+}
+
+/* One test of the phase of the given parity (try_wait may suspend the thread for a short system-dependent time). */
+__device__ __forceinline__ bool mbarrier_try_wait(uint32_t bar, uint32_t parity) {
+    uint32_t done = 1;
+#if MB_WGMMA_SM90
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+#endif
+    return done != 0;
+}
+
+/* A wait that lasts this long (~0.5 s at 2 GHz; a legitimate one lasts microseconds) is a deadlock (a parity or
+ * arrival-count bug): the wait gives up and the kernel finishes with wrong results, which the self-test reports,
+ * instead of hanging the test run (a trap here costs the consumers a 72-byte stack frame and spills). */
+constexpr long long kHangCycles = 1000000000LL;
+
+/* Blocks until the phase of the given parity has completed (safe while arrivals run at most one phase ahead of
+ * the waiter, which the callers' barriers guarantee). */
+__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
+    if (mbarrier_try_wait(bar, parity)) return;
+    const long long start = clock64();
+    while (!mbarrier_try_wait(bar, parity))
+        if (clock64() - start > kHangCycles) break;
 }
 
 /* One arrival per warp, after every lane got here (for a consumer warp: its lanes' wgmma reads of the stage are

@@ -865,6 +865,20 @@ Test(gpu_ops, attention_band_edges) {
     run_attention("band d32", lengths, 10, 3, 32, 100, 95);
 }
 
+/* The Hopper band backward (cuda/attention_band_wgmma.cu) walks runs of 16 plan tiles and cuts them at sequence
+ * boundaries; the plan places longer sequences first, so lengths here rise (the launch order is not the index
+ * order). Sequences end just before, at and after a run's 1024 tokens, one spans three runs, short ones sit between;
+ * windows 64 (ModernBERT), 63 (the widest that needs no mask in a tile's own segment), 40 and 1. */
+Test(gpu_ops, attention_band_runs) {
+    require_gpu();
+    int lengths[] = {1, 3, 64, 65, 700, 1023, 5, 1024, 1025, 1088, 2100, 130};
+    int count = (int)(sizeof lengths / sizeof lengths[0]);
+    run_attention("band runs", lengths, count, 3, 64, 64, 101);
+    run_attention("band runs", lengths, count, 2, 64, 63, 102);
+    run_attention("band runs", lengths, count, 2, 64, 40, 103);
+    run_attention("band runs", lengths, count, 2, 64, 1, 104);
+}
+
 /* The sm_90a kernels' own device self-tests (tile products through their shared-memory descriptors, then the whole
  * kernel against a double-precision reference); they skip on devices without sm_90a. */
 Test(gpu_ops, attention_wgmma_selftests) {

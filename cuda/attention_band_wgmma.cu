@@ -1,0 +1,540 @@
+/* Sliding-window (band) attention backward on Hopper tensor cores (wgmma), head_dim 64, window <= 64: the local
+ * layers' backward of ModernBERT on sm_90a. Same math as cuda/attention_band.cu:
+ *   p_ij = exp(s_ij − lse_i), dp_ij = do_i · v_j, ds_ij = p_ij (dp_ij − D_i)   (s = q·k·scale, D_i = do_i · o_i)
+ *   dq_i = scale Σ_j ds_ij k_j,  dk_j = scale Σ_i ds_ij q_i,  dv_j = Σ_i p_ij do_i     over |i − j| <= w in one sequence
+ *
+ * Geometry: a sequence is cut into 64-token SEGMENTS (tiles). Tile i's partners are segments i − 1, i, i + 1 (its
+ * three CHUNKS c = 0, 1, 2); chunks outside the sequence are skipped, rows past its end are zero-filled and masked.
+ *
+ * Schedule (a segment ring): a block owns a RUN of up to kRunTiles consecutive plan tiles × one head, cut into
+ * PIECES at sequence boundaries. Three warpgroups:
+ *  - the producer warp loads each segment the run needs (Q, dO, K, V as 128-byte-swizzled 64-row tiles, lse and D)
+ *    once, into a ring of kRing slots, and publishes it on the slot's `full` mbarrier;
+ *  - warpgroup 0 forms dK, dV of tile i: per chunk Sᵀ = K·Q_cᵀ, dPᵀ = V·dO_cᵀ (shared A and B), Pᵀ and dSᵀ in
+ *    registers, dV += Pᵀ·dO_c, dK += dSᵀ·Q_c (register A);
+ *  - warpgroup 1 forms dQ of tile i: per chunk S = Q·K_cᵀ, dP = dO·V_cᵀ, P, dS, dQ += dS·K_c.
+ * After tile i both hand segment i − 1 back (`empty`, 8 warps); the producer refills its slot with segment i + 3.
+ * Each segment crosses L2→SM once per run (plus one halo segment at each piece end), against three times per tile
+ * for one-block-per-tile kernels, and the loads run ahead of the products. P and dS are formed by both warpgroups
+ * (7 products per pair); every element of dqkv is written once, by the warpgroup owning its row: no workspace, no
+ * atomics, bit-identical runs.
+ *
+ * Masks: d = (row token) − (chunk token) = r − x + 64 − 64c for tile row r and chunk column x; chunks 0 and 2 always
+ * need the triangle |d| <= w, chunk 1 only for w < 63 or a short last tile. Masked P is exactly 0, so is its dS.
+ * Design and figures: docs/kernels/attention_band.md ("segment ring"). */
+#include "attention_band.h"
+
+#include "attention_mma.cuh"
+#include "wgmma.cuh"
+
+#include <cstdlib>
+#include <cstring>
+
+namespace {
+
+constexpr int kHeadDim = 64;
+constexpr int kRows = kBandTile;   /* 64: a segment, and the warpgroups' M */
+constexpr int kRing = 4;           /* three in use, one loading */
+constexpr int kRunTiles = 16;      /* plan tiles per block */
+constexpr int kMaxWindow = kRows;  /* chunks 0 and 2 hold every partner of |d| <= 64 */
+constexpr int kThreads = 3 * 128;  /* dK/dV warpgroup, dQ warpgroup, producer warpgroup (one warp copies) */
+
+/* One ring slot: Q, dO, K, V tiles (64 rows of 64 bf16, 128-byte swizzle, 8 KB each), then lse and D (64 floats
+ * each); slots 1024-aligned. */
+constexpr uint32_t kTileBytes = kRows * 128;
+constexpr uint32_t kSegLse = 4 * kTileBytes, kSegDelta = kSegLse + kRows * 4;
+constexpr uint32_t kSlotBytes = (kSegDelta + kRows * 4 + 1023) / 1024 * 1024;
+constexpr size_t kSharedBytes = kRing * (size_t)kSlotBytes + 1024; /* + alignment slack */
+static_assert(kSharedBytes + 1024 <= 227 * 1024, "one block per SM");
+
+struct ring_args {
+    const int32_t *cu_seqlens, *seq_first, *tile_seq;
+    int num_seqs, heads, window;
+    float scale, scale_log2; /* 1/sqrt(64) and scale·log2 e */
+    const float2 *rope;      /* RoPE's backward on dQ and dK in their stores, or nullptr */
+};
+
+#if MB_WGMMA_SM90 || !defined(__CUDA_ARCH__)
+
+constexpr int kChunks = 3; /* segments i − 1, i, i + 1 */
+constexpr int kConsumerWarps = 8;
+constexpr int kProducerRegisters = 40, kConsumerRegisters = 224; /* 128 · (40 + 2 · 224) <= 65536 */
+constexpr uint32_t kSegQ = 0, kSegDO = kTileBytes, kSegK = 2 * kTileBytes, kSegV = 3 * kTileBytes;
+
+/* A piece: the run's consecutive tiles [first, last] of one sequence (local tile numbers) and the segments it loads,
+ * [seg_lo, seg_hi] = its tiles ± 1 inside the sequence. */
+struct piece {
+    int first, last, seg_lo, seg_hi, seq_begin, seq_end;
+};
+
+/* The next piece of the run from plan tile *t (< t_end), advancing *t past it. Uniform over the block. */
+__device__ __forceinline__ bool next_piece(piece *p, int *t, int t_end, const ring_args &a) {
+    if (*t >= t_end) return false;
+    /* The plan places sequences longest bucket first, so seq_first[s + 1] is not where sequence s ends: its tile
+     * count comes from its length. */
+    const int s = a.tile_seq[*t], s_first = a.seq_first[s];
+    p->seq_begin = a.cu_seqlens[s];
+    p->seq_end = a.cu_seqlens[s + 1];
+    const int s_tiles = (p->seq_end - p->seq_begin + kRows - 1) / kRows;
+    const int end = min(t_end, s_first + s_tiles);
+    p->first = *t - s_first;
+    p->last = end - 1 - s_first;
+    p->seg_lo = max(p->first - 1, 0);
+    p->seg_hi = min(p->last + 1, s_tiles - 1);
+    *t = end;
+    return true;
+}
+
+/* ---- the producer warp ---- */
+
+/* One warp queues the 64 rows of a segment tile whose row r is token `first` + r of a [*, 64] slice (row stride in
+ * elements); tokens >= end are zeros. Lane l copies chunk l % 8 of rows l / 8 + 4·it; a segment wholly inside the
+ * sequence needs no predicates (two swizzled bases serve all rows, as the forward's producer). */
+__device__ __forceinline__ void load_segment_tile(uint32_t tile, const mb::bf16 *src, size_t row_stride, int first,
+                                                  int end) {
+    const int lane = threadIdx.x % mb::kWarpSize, chunk = lane % 8, row = lane / 8;
+    if (first + kRows <= end) {
+        const uint32_t even = tile + swizzled_offset(row, chunk), odd = tile + swizzled_offset(row + 4, chunk);
+        const char *from = reinterpret_cast<const char *>(src + (size_t)(first + row) * row_stride + chunk * 8);
+        const size_t four_rows = 4 * row_stride * sizeof(mb::bf16);
+#pragma unroll
+        for (int m = 0; m < kRows / 8; m++) {
+            cp_async_16_whole(even + 1024 * m, from);
+            cp_async_16_whole(odd + 1024 * m, from + four_rows);
+            from += 2 * four_rows;
+        }
+        return;
+    }
+#pragma unroll 2
+    for (int it = 0; it < kRows / 4; it++) {
+        const int r = row + 4 * it;
+        const bool valid = first + r < end;
+        const mb::bf16 *from = valid ? src + (size_t)(first + r) * row_stride + chunk * 8 : src;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(tile + swizzled_offset(r, chunk)),
+                     "l"(from), "r"(valid ? 16 : 0)
+                     : "memory");
+    }
+}
+
+__device__ __forceinline__ void load_segment_floats(uint32_t dst, const float *src, int stride, int first, int end) {
+    const int lane = threadIdx.x % mb::kWarpSize;
+#pragma unroll
+    for (int k = 0; k < kRows / mb::kWarpSize; k++) {
+        const int r = lane + mb::kWarpSize * k;
+        const bool valid = first + r < end;
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst + 4 * r),
+                     "l"(valid ? src + (size_t)(first + r) * stride : src), "r"(valid ? 4 : 0)
+                     : "memory");
+    }
+}
+
+/* Copies queued for one slot are published one slot late (cp.async.wait_group 1), so two are in flight; as the
+ * forward's producer. */
+struct publisher {
+    uint32_t barrier = 0;
+    bool pending = false;
+    __device__ void committed(uint32_t next) {
+        if (pending) {
+            cp_async_wait<1>();
+            fence_proxy_async();
+            mbarrier_arrive(barrier);
+        }
+        barrier = next;
+        pending = true;
+    }
+    __device__ void flush() {
+        if (pending) {
+            cp_async_wait<0>();
+            fence_proxy_async();
+            mbarrier_arrive(barrier);
+        }
+        pending = false;
+    }
+};
+
+__device__ void produce(uint32_t ring, uint32_t full, uint32_t empty, const mb::bf16 *qkv, const mb::bf16 *dout,
+                        const float *lse, const float *delta, int head, int t, int t_end, const ring_args &a) {
+    const int hidden = a.heads * kHeadDim;
+    const size_t qkv_stride = 3 * (size_t)hidden;
+    const mb::bf16 *q = qkv + head * kHeadDim, *k = q + hidden, *v = q + 2 * hidden, *d_out = dout + head * kHeadDim;
+    publisher publish;
+    int g = 0; /* ring position: slot g % kRing, its (g / kRing)-th use */
+    piece p;
+    while (next_piece(&p, &t, t_end, a)) {
+        for (int j = p.seg_lo; j <= p.seg_hi; j++, g++) {
+            const int slot = g % kRing, first = p.seq_begin + kRows * j;
+            if (g >= kRing) mbarrier_wait(empty + 8 * slot, ((g / kRing) - 1) & 1);
+            const uint32_t base = ring + slot * kSlotBytes;
+            load_segment_tile(base + kSegQ, q, qkv_stride, first, p.seq_end);
+            load_segment_tile(base + kSegDO, d_out, hidden, first, p.seq_end);
+            load_segment_tile(base + kSegK, k, qkv_stride, first, p.seq_end);
+            load_segment_tile(base + kSegV, v, qkv_stride, first, p.seq_end);
+            load_segment_floats(base + kSegLse, lse + head, a.heads, first, p.seq_end);
+            load_segment_floats(base + kSegDelta, delta + head, a.heads, first, p.seq_end);
+            cp_async_commit();
+            publish.committed(full + 8 * slot);
+        }
+    }
+    publish.flush();
+}
+
+/* ---- the tile products (one warpgroup) ---- */
+
+/* acc[64 × 64] = A·Bᵀ over the 64 head dims: A [64 rows][64 d], B [64 rows][64 d], both K-major swizzled tiles. */
+__device__ __forceinline__ void issue_rows_by_rows(float (&acc)[32], uint32_t a, uint32_t b) {
+    const uint64_t desc_a = sw128_descriptor(a), desc_b = sw128_descriptor(b);
+    wgmma_m64n64_ss_first<0, 0>(acc, desc_a, desc_b);
+#pragma unroll
+    for (int ks = 1; ks < 4; ks++) wgmma_m64n64_ss<0, 0>(acc, desc_a + 2 * ks, desc_b + 2 * ks, 1);
+}
+
+/* acc[64 × 64] += X·Y: X [64 × 64] as register A fragments, Y [64 k rows][64 d] read N-major (+2048 bytes = 16 rows
+ * per k-step). */
+__device__ __forceinline__ void issue_accumulate(float (&acc)[32], const uint32_t (&x)[4][4], uint32_t y) {
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) wgmma_m64n64_rs<1>(acc, x[kk], sw128_descriptor(y + 2048 * kk), 1);
+}
+
+/* bf16 A fragments of a 64 × 64 accumulator (k-step kk = accumulator columns 16kk .. 16kk + 15). */
+__device__ __forceinline__ void pack_fragments(uint32_t (&x)[4][4], const float (&acc)[32]) {
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) x[kk][r] = mb::pack_bf16x2(acc[8 * kk + 2 * r], acc[8 * kk + 2 * r + 1]);
+}
+
+/* Thread's first accumulator row (16·warp + lane/4 within its warpgroup) and column (2·(lane % 4)); element 4j + e
+ * is row + 8·(e/2), column 8j + col + (e % 2). */
+struct fragment {
+    int row, col;
+};
+__device__ __forceinline__ fragment my_fragment() {
+    const int lane = threadIdx.x % mb::kWarpSize, warp = (threadIdx.x / mb::kWarpSize) % 4;
+    return {16 * warp + lane / 4, 2 * (lane % 4)};
+}
+
+/* Zeroes the elements of chunk c whose pair is invisible: |d| > window (d = r − x + 64 − 64c) or the chunk token
+ * (t0 − 64 + 64c + x for column x) outside [seq_begin, seq_end). Per row that leaves columns lo..hi. */
+__device__ __forceinline__ void mask_chunk(float (&p)[32], fragment f, int c, int window, int t0, int seq_begin,
+                                           int seq_end) {
+    const int chunk_first = t0 - kRows + kRows * c;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int centre = f.row + 8 * h + kRows - kRows * c; /* column of d = 0 */
+        const int lo = max(centre - window, seq_begin - chunk_first) - f.col;
+        const int hi = min(centre + window, seq_end - 1 - chunk_first) - f.col;
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int c2 = 0; c2 < 2; c2++) {
+                const int x = 8 * j + c2;
+                if (x < lo || x > hi) p[4 * j + 2 * h + c2] = 0.0f;
+            }
+    }
+}
+
+/* Whether chunk c of the tile [t0, t_end) has any invisible pair (uniform). */
+__device__ __forceinline__ bool chunk_needs_mask(int c, int window, int t0, int t_end) {
+    return c != 1 || window < kRows - 1 || t_end < t0 + kRows;
+}
+
+/* The ring position of segment j in a piece whose first loaded segment (seg_lo) sits at position g_base. */
+struct ring_view {
+    uint32_t ring, full;
+    int g_base, seg_lo;
+    __device__ uint32_t slot(int j) const { return ring + ((g_base + j - seg_lo) % kRing) * kSlotBytes; }
+    __device__ void wait(int j) const {
+        const int g = g_base + j - seg_lo;
+        mbarrier_wait(full + 8 * (g % kRing), (g / kRing) & 1);
+    }
+};
+
+/* The RoPE angles of the thread's accumulator elements: rows row_a and row_a + 8, n-tiles dt and dt + 4 share the
+ * angle of column 8·dt + 2·(lane % 4) + {0, 1} (one float4). Loaded at the tile's start, so that their latency hides
+ * behind the products: loaded at the store, they stalled the warpgroup once per tile with the next tile waiting, and
+ * the in-step backward took 0.436 ms per layer instead of 0.354 (H200, docs/kernels/attention_band.md). */
+struct row_angles {
+    float4 cs[2][kHeadDim / 16];
+};
+
+__device__ __forceinline__ void load_angles(row_angles &angles, const float2 *rope, int row_a, int row_end) {
+    const int quad = threadIdx.x % 4;
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int row = row_a + 8 * half;
+        if (row >= row_end) continue;
+        const float4 *from = reinterpret_cast<const float4 *>(rope + (size_t)row * (kHeadDim / 2) + 2 * quad);
+#pragma unroll
+        for (int dt = 0; dt < kHeadDim / 16; dt++) angles.cs[half][dt] = __ldg(from + 4 * dt);
+    }
+}
+
+/* The dK/dV warpgroup has no 32 registers to spare (it spills 20 bytes), so it asks for the tile's angles in L1:
+ * thread k of the warpgroup prefetches the 128-byte line k % 2 of row k / 2 (a row's 32 angles are 256 bytes). */
+__device__ __forceinline__ void prefetch_angles(const float2 *rope, int t0, int t_end) {
+    const int k = threadIdx.x % 128, row = t0 + k / 2;
+    if (row < t_end)
+        asm volatile("prefetch.global.L1 [%0];\n" ::"l"(rope + (size_t)row * (kHeadDim / 2) + 16 * (k % 2)));
+}
+
+/* store_rows_rope_back (attention_mma.cuh) with the angles already in registers. */
+__device__ __forceinline__ void store_rows_rope_loaded(mb::bf16 *dst, size_t row_stride, const float (&acc)[32],
+                                                       int row_a, int row_end, float scale,
+                                                       const row_angles &angles) {
+    constexpr int kHalfTiles = kHeadDim / 16;
+    const int quad = threadIdx.x % 4;
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int row = row_a + 8 * half;
+        if (row >= row_end) continue;
+        mb::bf16 *out = dst + (size_t)row * row_stride;
+#pragma unroll
+        for (int dt = 0; dt < kHalfTiles; dt++) {
+            const float4 cs = angles.cs[half][dt];
+            float x1[2], x2[2];
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                x1[c] = acc[4 * dt + 2 * half + c] * scale;
+                x2[c] = acc[4 * (dt + kHalfTiles) + 2 * half + c] * scale;
+                rope_back(x1[c], x2[c], c == 0 ? make_float2(cs.x, cs.y) : make_float2(cs.z, cs.w));
+            }
+            *reinterpret_cast<mb::bf162 *>(out + dt * 8 + 2 * quad) = __floats2bfloat162_rn(x1[0], x1[1]);
+            *reinterpret_cast<mb::bf162 *>(out + kHeadDim / 2 + dt * 8 + 2 * quad) =
+                __floats2bfloat162_rn(x2[0], x2[1]);
+        }
+    }
+}
+
+/* The dQ store: RoPE's backward with the angles loaded at the tile's start, or none (uniform). */
+__device__ __forceinline__ void store_rotated(mb::bf16 *dst, size_t row_stride, const float (&acc)[32], int row_a,
+                                              int row_end, const ring_args &a, const row_angles &angles) {
+    if (a.rope != nullptr)
+        store_rows_rope_loaded(dst, row_stride, acc, row_a, row_end, a.scale, angles);
+    else
+        store_rows<kHeadDim>(dst, row_stride, reinterpret_cast<const float(*)[4]>(acc), row_a, row_end, a.scale);
+}
+
+/* ---- warpgroup 0: dK, dV of tile i ---- */
+
+__device__ __forceinline__ void tile_dkdv(mb::bf16 *dqkv, const ring_view &r, const piece &p, int i, int head,
+                                          const ring_args &a) {
+    const fragment f = my_fragment();
+    const int t0 = p.seq_begin + kRows * i, t_end = min(t0 + kRows, p.seq_end);
+    if (a.rope != nullptr) prefetch_angles(a.rope, t0, t_end);
+    r.wait(i); /* the tile's own K and V feed every chunk's products, chunk 0's included */
+    const uint32_t own = r.slot(i);
+    float s[32], dp[32], dk[32], dv[32];
+    uint32_t p_frag[4][4], ds_frag[4][4];
+#pragma unroll
+    for (int e = 0; e < 32; e++) dk[e] = dv[e] = 0.0f;
+#pragma unroll
+    for (int c = 0; c < kChunks; c++) {
+        const int j = i - 1 + c;
+        if (j < p.seg_lo || j > p.seg_hi) continue; /* outside the sequence (uniform) */
+        r.wait(j);
+        const uint32_t chunk = r.slot(j);
+        fence_registers(dk);
+        fence_registers(dv);
+        wgmma_fence();
+        issue_rows_by_rows(s, own + kSegK, chunk + kSegQ);
+        wgmma_commit();
+        issue_rows_by_rows(dp, own + kSegV, chunk + kSegDO);
+        wgmma_commit();
+        wgmma_wait<1>(); /* Sᵀ, and the previous chunk's dV, dK products (the fragments may be rewritten) */
+        fence_registers(s);
+        fence_registers(dk);
+        fence_registers(dv);
+        const float *chunk_lse = reinterpret_cast<const float *>(__cvta_shared_to_generic(chunk + kSegLse));
+        const float *chunk_delta = reinterpret_cast<const float *>(__cvta_shared_to_generic(chunk + kSegDelta));
+#pragma unroll
+        for (int jj = 0; jj < 8; jj++) {
+            const float2 l = *reinterpret_cast<const float2 *>(chunk_lse + 8 * jj + f.col);
+            const float shift[2] = {l.x * kLog2e, l.y * kLog2e};
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                s[4 * jj + e] = fast_exp2(fmaf(s[4 * jj + e], a.scale_log2, -shift[e & 1]));
+        }
+        if (chunk_needs_mask(c, a.window, t0, t_end)) mask_chunk(s, f, c, a.window, t0, p.seq_begin, p.seq_end);
+        pack_fragments(p_frag, s);
+        wgmma_fence();
+        issue_accumulate(dv, p_frag, chunk + kSegDO); /* runs while dSᵀ is formed */
+        wgmma_commit();
+        wgmma_wait<1>(); /* dPᵀ */
+        fence_registers(dp);
+        fence_registers(dv);
+#pragma unroll
+        for (int jj = 0; jj < 8; jj++) {
+            const float2 dl = *reinterpret_cast<const float2 *>(chunk_delta + 8 * jj + f.col);
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                dp[4 * jj + e] = s[4 * jj + e] * (dp[4 * jj + e] - ((e & 1) ? dl.y : dl.x));
+        }
+        pack_fragments(ds_frag, dp);
+        wgmma_fence();
+        issue_accumulate(dk, ds_frag, chunk + kSegQ);
+        wgmma_commit();
+    }
+    wgmma_wait<0>();
+    fence_registers(dk);
+    fence_registers(dv);
+    const int hidden = a.heads * kHeadDim;
+    const size_t qkv_stride = 3 * (size_t)hidden;
+    store_rows_maybe_rope<kHeadDim>(dqkv + hidden + head * kHeadDim, qkv_stride,
+                                    reinterpret_cast<const float(*)[4]>(dk), t0 + f.row, t_end, a.scale, a.rope);
+    store_rows<kHeadDim>(dqkv + 2 * hidden + head * kHeadDim, qkv_stride, reinterpret_cast<const float(*)[4]>(dv),
+                         t0 + f.row, t_end, 1.0f);
+}
+
+/* ---- warpgroup 1: dQ of tile i ---- */
+
+__device__ __forceinline__ void tile_dq(mb::bf16 *dqkv, const ring_view &r, const piece &p, int i, int head,
+                                        const ring_args &a) {
+    const fragment f = my_fragment();
+    const int t0 = p.seq_begin + kRows * i, t_end = min(t0 + kRows, p.seq_end);
+    row_angles angles;
+    if (a.rope != nullptr) load_angles(angles, a.rope, t0 + f.row, t_end);
+    r.wait(i);
+    const uint32_t own = r.slot(i);
+    const float *own_lse = reinterpret_cast<const float *>(__cvta_shared_to_generic(own + kSegLse));
+    const float *own_delta = reinterpret_cast<const float *>(__cvta_shared_to_generic(own + kSegDelta));
+    float lse2[2], row_delta[2]; /* lse·log2 e and D of the thread's two rows (zero-filled past the sequence) */
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        lse2[h] = own_lse[f.row + 8 * h] * kLog2e;
+        row_delta[h] = own_delta[f.row + 8 * h];
+    }
+    float s[32], dp[32], dq[32];
+    uint32_t ds[4][4];
+#pragma unroll
+    for (int e = 0; e < 32; e++) dq[e] = 0.0f;
+#pragma unroll
+    for (int c = 0; c < kChunks; c++) {
+        const int j = i - 1 + c;
+        if (j < p.seg_lo || j > p.seg_hi) continue; /* outside the sequence (uniform) */
+        r.wait(j);
+        const uint32_t chunk = r.slot(j);
+        fence_registers(dq);
+        wgmma_fence();
+        issue_rows_by_rows(s, own + kSegQ, chunk + kSegK);
+        wgmma_commit();
+        issue_rows_by_rows(dp, own + kSegDO, chunk + kSegV);
+        wgmma_commit();
+        wgmma_wait<1>(); /* S (and the previous chunk's dQ product: ds may be rewritten); dP may still run */
+        fence_registers(s);
+        fence_registers(dq);
+#pragma unroll
+        for (int e = 0; e < 32; e++) s[e] = fast_exp2(fmaf(s[e], a.scale_log2, -lse2[(e >> 1) & 1]));
+        if (chunk_needs_mask(c, a.window, t0, t_end)) mask_chunk(s, f, c, a.window, t0, p.seq_begin, p.seq_end);
+        wgmma_wait<0>();
+        fence_registers(dp);
+#pragma unroll
+        for (int e = 0; e < 32; e++) s[e] *= dp[e] - row_delta[(e >> 1) & 1];
+        pack_fragments(ds, s);
+        wgmma_fence();
+        issue_accumulate(dq, ds, chunk + kSegK);
+        wgmma_commit();
+    }
+    wgmma_wait<0>();
+    fence_registers(dq);
+    const size_t qkv_stride = 3 * (size_t)a.heads * kHeadDim;
+    store_rotated(dqkv + head * kHeadDim, qkv_stride, dq, t0 + f.row, t_end, a, angles);
+}
+
+/* A consumer warpgroup walks the run's pieces and tiles in the producer's order; after tile i it hands segment i − 1
+ * back, after a piece's last tile the piece's remaining segments. */
+template <bool kKeys>
+__device__ void consume(mb::bf16 *dqkv, uint32_t ring, uint32_t full, uint32_t empty, int head, int t, int t_end,
+                        const ring_args &a) {
+    ring_view r = {ring, full, 0, 0};
+    piece p;
+    while (next_piece(&p, &t, t_end, a)) {
+        r.seg_lo = p.seg_lo;
+        for (int i = p.first; i <= p.last; i++) {
+            if (kKeys) tile_dkdv(dqkv, r, p, i, head, a);
+            else tile_dq(dqkv, r, p, i, head, a);
+            if (i - 1 >= p.seg_lo) warp_arrive(empty + 8 * ((r.g_base + i - 1 - p.seg_lo) % kRing));
+        }
+        for (int j = p.last; j <= p.seg_hi; j++) warp_arrive(empty + 8 * ((r.g_base + j - p.seg_lo) % kRing));
+        r.g_base += p.seg_hi - p.seg_lo + 1;
+    }
+}
+
+#endif /* MB_WGMMA_SM90 || host pass */
+
+__global__ void __launch_bounds__(kThreads, 1)
+    band_ring_backward_kernel(mb::bf16 *dqkv, const mb::bf16 *dout, const float *lse, const float *delta,
+                              const mb::bf16 *qkv, ring_args a) {
+#if MB_WGMMA_SM90
+    __shared__ __align__(8) uint64_t barriers[2 * kRing]; /* full[kRing], empty[kRing] */
+    extern __shared__ __align__(1024) unsigned char shared_raw[];
+    const uint32_t ring = (shared_address(shared_raw) + 1023u) & ~1023u;
+    const uint32_t full = shared_address(barriers), empty = full + 8 * kRing;
+    const int head = blockIdx.x % a.heads, run = blockIdx.x / a.heads;
+    const int total_tiles = a.seq_first[a.num_seqs], t = run * kRunTiles, t_end = min(t + kRunTiles, total_tiles);
+    if (t >= total_tiles) return; /* spare block (uniform) */
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < kRing; s++) {
+            mbarrier_init(full + 8 * s, mb::kWarpSize);
+            mbarrier_init(empty + 8 * s, kConsumerWarps);
+        }
+    }
+    __syncthreads();
+    const int group = threadIdx.x / 128;
+    if (group == 2) {
+        registers_decrease<kProducerRegisters>();
+        if (threadIdx.x % 128 < mb::kWarpSize) produce(ring, full, empty, qkv, dout, lse, delta, head, t, t_end, a);
+    } else {
+        registers_increase<kConsumerRegisters>();
+        if (group == 0) consume<true>(dqkv, ring, full, empty, head, t, t_end, a);
+        else consume<false>(dqkv, ring, full, empty, head, t, t_end, a);
+    }
+#endif
+}
+
+bool env_is(const char *name, const char *value) {
+    const char *set = getenv(name);
+    return set != nullptr && strcmp(set, value) == 0;
+}
+
+}  // namespace
+
+bool mb_attention_band_wgmma_supports(int head_dim, int window) {
+    if (head_dim != kHeadDim || window < 0 || window > kMaxWindow || env_is("MB_ATTENTION_BAND_BWD", "mma"))
+        return false;
+    int device = 0, major = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major != 9) {
+        (void)cudaGetLastError(); /* a failed query must not leave an error for the next launch check */
+        return false;
+    }
+    cudaFuncAttributes attributes;
+    if (cudaFuncGetAttributes(&attributes, band_ring_backward_kernel) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+    }
+    return attributes.binaryVersion >= 90;
+}
+
+int mb_attention_band_wgmma_backward(mb::bf16 *dqkv, const mb::bf16 *dout, const float *lse, const float *delta,
+                                     const mb::bf16 *qkv, const int32_t *cu_seqlens, mb::attention_plan plan,
+                                     int num_seqs, int heads, int window, const float2 *rope, cudaStream_t stream,
+                                     mb_error *err) {
+    MB_REQUIRE(err, window >= 0 && window <= kMaxWindow, "attention_band_wgmma_backward: window %d outside 0..%d",
+               window, kMaxWindow);
+    MB_REQUIRE(err, reinterpret_cast<uintptr_t>(dout) % 16 == 0 && reinterpret_cast<uintptr_t>(qkv) % 16 == 0,
+               "attention_band_wgmma_backward: qkv and dout must be 16-byte aligned");
+    MB_REQUIRE(err, reinterpret_cast<uintptr_t>(rope) % 16 == 0,
+               "attention_band_wgmma_backward: the RoPE table must be 16-byte aligned");
+    if (plan.blocks == 0) return 0;
+    const float scale = 1.0f / sqrtf((float)kHeadDim);
+    const ring_args args = {cu_seqlens, plan.seq_first, plan.tile_seq, num_seqs, heads, window, scale,
+                            scale * kLog2e, rope};
+    /* plan.blocks = (an upper bound of the tile count) × heads; runs of kRunTiles tiles, heads fastest */
+    const unsigned tiles = plan.blocks / (unsigned)heads, runs = (tiles + kRunTiles - 1) / kRunTiles;
+    MB_CUDA_CHECK(err, cudaFuncSetAttribute(band_ring_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            (int)kSharedBytes));
+    band_ring_backward_kernel<<<runs * (unsigned)heads, kThreads, kSharedBytes, stream>>>(dqkv, dout, lse, delta, qkv,
+                                                                                          args);
+    MB_CUDA_CHECK_LAUNCH(err, "band_ring_backward_kernel");
+    return 0;
+}
