@@ -513,6 +513,15 @@ __device__ __forceinline__ void consume_step(int i, char *smem, const backward_a
     warp_arrive(b.empty + 8 * stage);
 }
 
+/* Asks L1 for the RoPE angles of the warpgroup's 64 keys (thread k: the 128-byte line k % 2 of key k / 2; a key's 32
+ * angles are 256 bytes) one step before the dK store, so that the store does not wait a DRAM round trip with the SM
+ * idle (H200, in-step: −0.23 ms per base step at 1024, −0.16 at 8192). */
+__device__ __forceinline__ void prefetch_key_angles(const float2 *rope, const block_context &c) {
+    const int k = threadIdx.x % 128, key = c.t.start + kGroupKeys * c.group + k / 2;
+    if (rope != nullptr && key < c.t.end)
+        asm volatile("prefetch.global.L1 [%0];\n" ::"l"(rope + (size_t)key * (kHeadDim / 2) + 16 * (k % 2)));
+}
+
 /* A consumer warpgroup's whole loop, then the last dQ and the dK / dV rows. K and V are already in shared memory. */
 __device__ __forceinline__ void consume(char *smem, const backward_args &a, const block_context &c, const ring &b) {
     float dk[32], dv[32], s[kScores], dp[kScores], dq[32];
@@ -520,8 +529,12 @@ __device__ __forceinline__ void consume(char *smem, const backward_args &a, cons
     for (int e = 0; e < kScores; e++) s[e] = dp[e] = 0.0f;
 #pragma unroll
     for (int e = 0; e < 32; e++) dk[e] = dv[e] = dq[e] = 0.0f;
+    if (c.steps == 1) prefetch_key_angles(a.rope, c);
     consume_step<false>(0, smem, a, c, b, s, dp, dk, dv, dq);
-    for (int i = 1; i < c.steps; i++) consume_step<true>(i, smem, a, c, b, s, dp, dk, dv, dq);
+    for (int i = 1; i < c.steps; i++) {
+        if (i == c.steps - 1) prefetch_key_angles(a.rope, c);
+        consume_step<true>(i, smem, a, c, b, s, dp, dk, dv, dq);
+    }
     const int last = c.steps - 1;
     issue_step_dq(last, c, b, dq);
     wgmma_wait<0>();
