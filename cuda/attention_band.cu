@@ -753,6 +753,8 @@ int mb_attention_band_forward(mb::bf16 *out, float *lse, const mb::bf16 *qkv, co
     if (check_call("attention_band_forward", qkv, c, n, head_dim, err) != 0) return -1;
     MB_REQUIRE(err, out && lse, "attention_band_forward: missing out or lse");
     MB_NVTX_RANGE("attention_band_forward");
+    if (mb_attention_band_wgmma_supports(head_dim, window, false))
+        return mb_attention_band_wgmma_forward(out, lse, qkv, cu_seqlens, plan, num_seqs, heads, window, stream, err);
     return with_shape(head_dim, window, [&](auto d, auto pad) {
         return launch_forward<decltype(d)::value, decltype(pad)::value>(out, lse, qkv, c, err);
     });
@@ -768,7 +770,7 @@ int mb_attention_band_backward(mb::bf16 *dqkv, const mb::bf16 *dout, const float
     MB_REQUIRE(err, dqkv && dout && lse && delta, "attention_band_backward: missing dqkv, dout, lse or delta");
     MB_REQUIRE(err, reinterpret_cast<uintptr_t>(dout) % 16 == 0, "attention_band_backward: dout must be 16-byte aligned");
     MB_NVTX_RANGE("attention_band_backward");
-    if (mb_attention_band_wgmma_supports(head_dim, window))
+    if (mb_attention_band_wgmma_supports(head_dim, window, true))
         return mb_attention_band_wgmma_backward(dqkv, dout, lse, delta, qkv, cu_seqlens, plan, num_seqs, heads, window,
                                                 rope, stream, err);
     return with_shape(head_dim, window, [&](auto d, auto pad) {

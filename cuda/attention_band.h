@@ -31,10 +31,17 @@ int mb_attention_band_backward(mb::bf16 *dqkv, const mb::bf16 *dout, const float
                                int num_seqs, int n, int heads, int head_dim, int window, const float2 *rope,
                                cudaStream_t stream, mb_error *err);
 
-/* The Hopper backward for the production shape (cuda/attention_band_wgmma.cu): head_dim 64, 0 <= window <= 64, on a
- * compute capability 9.x device with the sm_90a build, unless MB_ATTENTION_BAND_BWD=mma (read per call) keeps the
- * mma.sync kernels. mb_attention_band_backward takes it by itself where it applies. */
-bool mb_attention_band_wgmma_supports(int head_dim, int window);
+/* The Hopper kernels for the production shape (cuda/attention_band_wgmma.cu): head_dim 64, 0 <= window <= 64, on a
+ * compute capability 9.x device with the sm_90a build, unless MB_ATTENTION_BAND_BWD=mma (backward) or
+ * MB_ATTENTION_BAND_FWD=mma (forward), read per call, keeps the mma.sync kernels. mb_attention_band_forward and
+ * mb_attention_band_backward take them by themselves where they apply. */
+bool mb_attention_band_wgmma_supports(int head_dim, int window, bool backward);
+
+/* What mb_attention_band_forward computes, with one wgmma kernel that walks runs of consecutive tiles through a
+ * ring of 64-token Q/K/V segments; arguments as there, head_dim 64. */
+int mb_attention_band_wgmma_forward(mb::bf16 *out, float *lse, const mb::bf16 *qkv, const int32_t *cu_seqlens,
+                                    mb::attention_plan plan, int num_seqs, int heads, int window, cudaStream_t stream,
+                                    mb_error *err);
 
 /* What mb_attention_band_backward computes, with one wgmma kernel that walks runs of consecutive tiles through a
  * ring of 64-token segments (cuda/attention_band_wgmma.cu); arguments as there, head_dim 64. Deterministic, no

@@ -1,23 +1,26 @@
-/* Sliding-window (band) attention backward on Hopper tensor cores (wgmma), head_dim 64, window <= 64: the local
- * layers' backward of ModernBERT on sm_90a. Same math as cuda/attention_band.cu:
- *   p_ij = exp(s_ij − lse_i), dp_ij = do_i · v_j, ds_ij = p_ij (dp_ij − D_i)   (s = q·k·scale, D_i = do_i · o_i)
- *   dq_i = scale Σ_j ds_ij k_j,  dk_j = scale Σ_i ds_ij q_i,  dv_j = Σ_i p_ij do_i     over |i − j| <= w in one sequence
+/* Sliding-window (band) attention on Hopper tensor cores (wgmma), head_dim 64, window <= 64: the local layers of
+ * ModernBERT on sm_90a, forward and backward. Same math as cuda/attention_band.cu:
+ *   forward:  s_ij = q_i·k_j·scale, lse_i = log Σ_j exp(s_ij), o_i = Σ_j exp(s_ij − lse_i) v_j
+ *   backward: p_ij = exp(s_ij − lse_i), dp_ij = do_i · v_j, ds_ij = p_ij (dp_ij − D_i)   (D_i = do_i · o_i)
+ *             dq_i = scale Σ_j ds_ij k_j,  dk_j = scale Σ_i ds_ij q_i,  dv_j = Σ_i p_ij do_i
+ * over |i − j| <= w in one sequence.
  *
  * Geometry: a sequence is cut into 64-token SEGMENTS (tiles). Tile i's partners are segments i − 1, i, i + 1 (its
- * three CHUNKS c = 0, 1, 2); chunks outside the sequence are skipped, rows past its end are zero-filled and masked.
+ * three CHUNKS c = 0, 1, 2); chunks outside the sequence are skipped (the forward computes them on its own segment
+ * and masks them whole), rows past its end are zero-filled and masked.
  *
- * Schedule (a segment ring): a block owns a RUN of up to kRunTiles consecutive plan tiles × one head, cut into
- * PIECES at sequence boundaries. Three warpgroups:
- *  - the producer warp loads each segment the run needs (Q, dO, K, V as 128-byte-swizzled 64-row tiles, lse and D)
- *    once, into a ring of kRing slots, and publishes it on the slot's `full` mbarrier;
- *  - warpgroup 0 forms dK, dV of tile i: per chunk Sᵀ = K·Q_cᵀ, dPᵀ = V·dO_cᵀ (shared A and B), Pᵀ and dSᵀ in
- *    registers, dV += Pᵀ·dO_c, dK += dSᵀ·Q_c (register A);
- *  - warpgroup 1 forms dQ of tile i: per chunk S = Q·K_cᵀ, dP = dO·V_cᵀ, P, dS, dQ += dS·K_c.
- * After tile i both hand segment i − 1 back (`empty`, 8 warps); the producer refills its slot with segment i + 3.
- * Each segment crosses L2→SM once per run (plus one halo segment at each piece end), against three times per tile
- * for one-block-per-tile kernels, and the loads run ahead of the products. P and dS are formed by both warpgroups
- * (7 products per pair); every element of dqkv is written once, by the warpgroup owning its row: no workspace, no
- * atomics, bit-identical runs.
+ * Schedule (a segment ring): a block walks consecutive tiles of one head (block_work: one run of kRunTiles tiles per
+ * block in the backward, an equal share per resident block in the forward), cut into PIECES at sequence and head
+ * boundaries. A producer warp loads each segment the piece needs once (Q, K, V, and for the backward dO, lse, D, as
+ * 128-byte-swizzled 64-row tiles) into a ring of kRing slots and publishes it on the slot's `full` mbarrier; after
+ * tile i the consumers hand segment i − 1 back (`empty`) and the producer refills its slot with segment i + 3. Each
+ * segment crosses L2→SM once per piece (plus one halo segment at each end), against three times per tile for
+ * one-block-per-tile kernels, and the loads run ahead of the products.
+ *  - Backward (band_ring_backward_kernel, one block per SM): warpgroup 0 forms dK, dV of tile i (per chunk Sᵀ = K·Q_cᵀ,
+ *    dPᵀ = V·dO_cᵀ, Pᵀ and dSᵀ in registers, dV += Pᵀ·dO_c, dK += dSᵀ·Q_c), warpgroup 1 dQ (S = Q·K_cᵀ, dP = dO·V_cᵀ,
+ *    P, dS, dQ += dS·K_c). P and dS are formed by both (7 products per pair); every element of dqkv is written once,
+ *    by the warpgroup owning its row: no workspace, no atomics, bit-identical runs.
+ *  - Forward (band_ring_forward_kernel, two blocks per SM): one warpgroup, chunk by chunk with the online softmax.
  *
  * Masks: d = (row token) − (chunk token) = r − x + 64 − 64c for tile row r and chunk column x; chunks 0 and 2 always
  * need the triangle |d| <= w, chunk 1 only for w < 63 or a short last tile. Masked P is exactly 0, so is its dS.
@@ -27,6 +30,7 @@
 #include "attention_mma.cuh"
 #include "wgmma.cuh"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -35,7 +39,7 @@ namespace {
 constexpr int kHeadDim = 64;
 constexpr int kRows = kBandTile;   /* 64: a segment, and the warpgroups' M */
 constexpr int kRing = 4;           /* three in use, one loading */
-constexpr int kRunTiles = 16;      /* plan tiles per block */
+constexpr int kRunTiles = 16;      /* consecutive tiles of one head in the work order (block_work) */
 constexpr int kMaxWindow = kRows;  /* chunks 0 and 2 hold every partner of |d| <= 64 */
 constexpr int kThreads = 3 * 128;  /* dK/dV warpgroup, dQ warpgroup, producer warpgroup (one warp copies) */
 
@@ -47,11 +51,19 @@ constexpr uint32_t kSlotBytes = (kSegDelta + kRows * 4 + 1023) / 1024 * 1024;
 constexpr size_t kSharedBytes = kRing * (size_t)kSlotBytes + 1024; /* + alignment slack */
 static_assert(kSharedBytes + 1024 <= 227 * 1024, "one block per SM");
 
+/* The forward's ring slot: Q, K, V tiles only (24 KB). Its block is one consumer warpgroup and the producer warp,
+ * two blocks per SM, so that one block's softmax overlaps the other's products. */
+constexpr uint32_t kFwdSlotBytes = 3 * kTileBytes;
+constexpr int kFwdThreads = 128 + 32, kFwdBlocksPerSm = 2;
+constexpr size_t kFwdSharedBytes = kRing * (size_t)kFwdSlotBytes + 1024;
+static_assert(kFwdBlocksPerSm * (kFwdSharedBytes + 1024 + 64) <= 228 * 1024, "two forward blocks per SM");
+
 struct ring_args {
     const int32_t *cu_seqlens, *seq_first, *tile_seq;
     int num_seqs, heads, window;
     float scale, scale_log2; /* 1/sqrt(64) and scale·log2 e */
     const float2 *rope;      /* RoPE's backward on dQ and dK in their stores, or nullptr */
+    int equal_shares;        /* 1: each block of a resident grid takes an equal share; 0: one run per block */
 };
 
 #if MB_WGMMA_SM90 || !defined(__CUDA_ARCH__)
@@ -60,28 +72,59 @@ constexpr int kChunks = 3; /* segments i − 1, i, i + 1 */
 constexpr int kConsumerWarps = 8;
 constexpr int kProducerRegisters = 40, kConsumerRegisters = 224; /* 128 · (40 + 2 · 224) <= 65536 */
 constexpr uint32_t kSegQ = 0, kSegDO = kTileBytes, kSegK = 2 * kTileBytes, kSegV = 3 * kTileBytes;
+constexpr uint32_t kFwdSegQ = 0, kFwdSegK = kTileBytes, kFwdSegV = 2 * kTileBytes;
 
-/* A piece: the run's consecutive tiles [first, last] of one sequence (local tile numbers) and the segments it loads,
- * [seg_lo, seg_hi] = its tiles ± 1 inside the sequence. */
-struct piece {
-    int first, last, seg_lo, seg_hi, seq_begin, seq_end;
+/* The work, (head, plan tile) pairs, in the order u = (run · heads + head) · kRunTiles + r for tile run · kRunTiles
+ * + r: runs of kRunTiles consecutive tiles of one head, the heads of one run next to each other, so that blocks
+ * running at once read the same tokens' rows for different heads (DRAM pages, L2 lines). A block takes [u, u_end):
+ *  - the backward: one run per block (384 blocks at 1024 tokens × 32 sequences, 2.9 waves at one per SM);
+ *  - the forward: an equal share per block of a resident grid (two per SM): one run per block left 1.45 waves
+ *    (0.110 against 0.103 ms), while equal shares cost the backward 3-5 % (0.272 against 0.265 ms: concurrent
+ *    blocks then cover a third of the heads of a token range, measured on an H200). */
+
+struct work_range {
+    int u, u_end, total_tiles;
 };
 
-/* The next piece of the run from plan tile *t (< t_end), advancing *t past it. Uniform over the block. */
-__device__ __forceinline__ bool next_piece(piece *p, int *t, int t_end, const ring_args &a) {
-    if (*t >= t_end) return false;
+/* This block's share of the work (empty for spare blocks). Uniform over the block. */
+__device__ __forceinline__ work_range block_work(const ring_args &a) {
+    const int total_tiles = a.seq_first[a.num_seqs];
+    const int total = (total_tiles + kRunTiles - 1) / kRunTiles * a.heads * kRunTiles; /* the last runs padded */
+    const int share = a.equal_shares ? (total + (int)gridDim.x - 1) / (int)gridDim.x : kRunTiles;
+    const int u = min((int)blockIdx.x * share, total);
+    return {u, min(u + share, total), total_tiles};
+}
+
+/* A piece: consecutive tiles [first, last] of one sequence and one head (local tile numbers) and the segments it
+ * loads, [seg_lo, seg_hi] = its tiles ± 1 inside the sequence. */
+struct piece {
+    int head, first, last, seg_lo, seg_hi, seq_begin, seq_end;
+};
+
+/* The next piece of the block's work, advancing w->u past it. Uniform over the block. */
+__device__ __forceinline__ bool next_piece(piece *p, work_range *w, const ring_args &a) {
+    int run, t;
+    for (;;) { /* skip the padding past the last tile */
+        if (w->u >= w->u_end) return false;
+        run = w->u / kRunTiles;
+        t = run / a.heads * kRunTiles + w->u % kRunTiles;
+        if (t < w->total_tiles) break;
+        w->u = (run + 1) * kRunTiles;
+    }
     /* The plan places sequences longest bucket first, so seq_first[s + 1] is not where sequence s ends: its tile
      * count comes from its length. */
-    const int s = a.tile_seq[*t], s_first = a.seq_first[s];
+    const int s = a.tile_seq[t], s_first = a.seq_first[s];
+    p->head = run % a.heads;
     p->seq_begin = a.cu_seqlens[s];
     p->seq_end = a.cu_seqlens[s + 1];
     const int s_tiles = (p->seq_end - p->seq_begin + kRows - 1) / kRows;
-    const int end = min(t_end, s_first + s_tiles);
-    p->first = *t - s_first;
+    const int run_end = t - w->u % kRunTiles + kRunTiles;
+    const int end = min(min(t + (w->u_end - w->u), run_end), s_first + s_tiles); /* the share's, run's or sequence's */
+    p->first = t - s_first;
     p->last = end - 1 - s_first;
     p->seg_lo = max(p->first - 1, 0);
     p->seg_hi = min(p->last + 1, s_tiles - 1);
-    *t = end;
+    w->u += end - t;
     return true;
 }
 
@@ -152,25 +195,36 @@ struct publisher {
     }
 };
 
+/* Fills the ring with every segment of the run in order: the backward's Q, dO, K, V, lse and D (kBackward), or the
+ * forward's Q, K and V (dout, lse and delta unused). */
+template <bool kBackward>
 __device__ void produce(uint32_t ring, uint32_t full, uint32_t empty, const mb::bf16 *qkv, const mb::bf16 *dout,
-                        const float *lse, const float *delta, int head, int t, int t_end, const ring_args &a) {
+                        const float *lse, const float *delta, work_range w, const ring_args &a) {
+    constexpr uint32_t slot_bytes = kBackward ? kSlotBytes : kFwdSlotBytes;
     const int hidden = a.heads * kHeadDim;
     const size_t qkv_stride = 3 * (size_t)hidden;
-    const mb::bf16 *q = qkv + head * kHeadDim, *k = q + hidden, *v = q + 2 * hidden, *d_out = dout + head * kHeadDim;
     publisher publish;
     int g = 0; /* ring position: slot g % kRing, its (g / kRing)-th use */
     piece p;
-    while (next_piece(&p, &t, t_end, a)) {
+    while (next_piece(&p, &w, a)) {
+        const int head = p.head;
+        const mb::bf16 *q = qkv + head * kHeadDim, *k = q + hidden, *v = q + 2 * hidden;
         for (int j = p.seg_lo; j <= p.seg_hi; j++, g++) {
             const int slot = g % kRing, first = p.seq_begin + kRows * j;
             if (g >= kRing) mbarrier_wait(empty + 8 * slot, ((g / kRing) - 1) & 1);
-            const uint32_t base = ring + slot * kSlotBytes;
-            load_segment_tile(base + kSegQ, q, qkv_stride, first, p.seq_end);
-            load_segment_tile(base + kSegDO, d_out, hidden, first, p.seq_end);
-            load_segment_tile(base + kSegK, k, qkv_stride, first, p.seq_end);
-            load_segment_tile(base + kSegV, v, qkv_stride, first, p.seq_end);
-            load_segment_floats(base + kSegLse, lse + head, a.heads, first, p.seq_end);
-            load_segment_floats(base + kSegDelta, delta + head, a.heads, first, p.seq_end);
+            const uint32_t base = ring + slot * slot_bytes;
+            if (kBackward) {
+                load_segment_tile(base + kSegQ, q, qkv_stride, first, p.seq_end);
+                load_segment_tile(base + kSegDO, dout + head * kHeadDim, hidden, first, p.seq_end);
+                load_segment_tile(base + kSegK, k, qkv_stride, first, p.seq_end);
+                load_segment_tile(base + kSegV, v, qkv_stride, first, p.seq_end);
+                load_segment_floats(base + kSegLse, lse + head, a.heads, first, p.seq_end);
+                load_segment_floats(base + kSegDelta, delta + head, a.heads, first, p.seq_end);
+            } else {
+                load_segment_tile(base + kFwdSegQ, q, qkv_stride, first, p.seq_end);
+                load_segment_tile(base + kFwdSegK, k, qkv_stride, first, p.seq_end);
+                load_segment_tile(base + kFwdSegV, v, qkv_stride, first, p.seq_end);
+            }
             cp_async_commit();
             publish.committed(full + 8 * slot);
         }
@@ -188,11 +242,13 @@ __device__ __forceinline__ void issue_rows_by_rows(float (&acc)[32], uint32_t a,
     for (int ks = 1; ks < 4; ks++) wgmma_m64n64_ss<0, 0>(acc, desc_a + 2 * ks, desc_b + 2 * ks, 1);
 }
 
-/* acc[64 × 64] += X·Y: X [64 × 64] as register A fragments, Y [64 k rows][64 d] read N-major (+2048 bytes = 16 rows
- * per k-step). */
-__device__ __forceinline__ void issue_accumulate(float (&acc)[32], const uint32_t (&x)[4][4], uint32_t y) {
+/* acc[64 × 64] += X·Y (or = X·Y with overwrite): X [64 × 64] as register A fragments, Y [64 k rows][64 d] read
+ * N-major (+2048 bytes = 16 rows per k-step). */
+__device__ __forceinline__ void issue_accumulate(float (&acc)[32], const uint32_t (&x)[4][4], uint32_t y,
+                                                 bool overwrite = false) {
 #pragma unroll
-    for (int kk = 0; kk < 4; kk++) wgmma_m64n64_rs<1>(acc, x[kk], sw128_descriptor(y + 2048 * kk), 1);
+    for (int kk = 0; kk < 4; kk++)
+        wgmma_m64n64_rs<1>(acc, x[kk], sw128_descriptor(y + 2048 * kk), kk == 0 && overwrite ? 0 : 1);
 }
 
 /* bf16 A fragments of a 64 × 64 accumulator (k-step kk = accumulator columns 16kk .. 16kk + 15). */
@@ -213,10 +269,11 @@ __device__ __forceinline__ fragment my_fragment() {
     return {16 * warp + lane / 4, 2 * (lane % 4)};
 }
 
-/* Zeroes the elements of chunk c whose pair is invisible: |d| > window (d = r − x + 64 − 64c) or the chunk token
- * (t0 − 64 + 64c + x for column x) outside [seq_begin, seq_end). Per row that leaves columns lo..hi. */
+/* Sets to `fill` (0 for P in the backward, −inf for the forward's scores) the elements of chunk c whose pair is
+ * invisible: |d| > window (d = r − x + 64 − 64c) or the chunk token (t0 − 64 + 64c + x for column x) outside
+ * [seq_begin, seq_end). Per row that leaves columns lo..hi. */
 __device__ __forceinline__ void mask_chunk(float (&p)[32], fragment f, int c, int window, int t0, int seq_begin,
-                                           int seq_end) {
+                                           int seq_end, float fill = 0.0f) {
     const int chunk_first = t0 - kRows + kRows * c;
 #pragma unroll
     for (int h = 0; h < 2; h++) {
@@ -228,7 +285,7 @@ __device__ __forceinline__ void mask_chunk(float (&p)[32], fragment f, int c, in
 #pragma unroll
             for (int c2 = 0; c2 < 2; c2++) {
                 const int x = 8 * j + c2;
-                if (x < lo || x > hi) p[4 * j + 2 * h + c2] = 0.0f;
+                if (x < lo || x > hi) p[4 * j + 2 * h + c2] = fill;
             }
     }
 }
@@ -240,9 +297,9 @@ __device__ __forceinline__ bool chunk_needs_mask(int c, int window, int t0, int 
 
 /* The ring position of segment j in a piece whose first loaded segment (seg_lo) sits at position g_base. */
 struct ring_view {
-    uint32_t ring, full;
+    uint32_t ring, full, slot_bytes;
     int g_base, seg_lo;
-    __device__ uint32_t slot(int j) const { return ring + ((g_base + j - seg_lo) % kRing) * kSlotBytes; }
+    __device__ uint32_t slot(int j) const { return ring + ((g_base + j - seg_lo) % kRing) * slot_bytes; }
     __device__ void wait(int j) const {
         const int g = g_base + j - seg_lo;
         mbarrier_wait(full + 8 * (g % kRing), (g / kRing) & 1);
@@ -316,8 +373,9 @@ __device__ __forceinline__ void store_rotated(mb::bf16 *dst, size_t row_stride, 
 
 /* ---- warpgroup 0: dK, dV of tile i ---- */
 
-__device__ __forceinline__ void tile_dkdv(mb::bf16 *dqkv, const ring_view &r, const piece &p, int i, int head,
+__device__ __forceinline__ void tile_dkdv(mb::bf16 *dqkv, const ring_view &r, const piece &p, int i,
                                           const ring_args &a) {
+    const int head = p.head;
     const fragment f = my_fragment();
     const int t0 = p.seq_begin + kRows * i, t_end = min(t0 + kRows, p.seq_end);
     if (a.rope != nullptr) prefetch_angles(a.rope, t0, t_end);
@@ -387,8 +445,9 @@ __device__ __forceinline__ void tile_dkdv(mb::bf16 *dqkv, const ring_view &r, co
 
 /* ---- warpgroup 1: dQ of tile i ---- */
 
-__device__ __forceinline__ void tile_dq(mb::bf16 *dqkv, const ring_view &r, const piece &p, int i, int head,
+__device__ __forceinline__ void tile_dq(mb::bf16 *dqkv, const ring_view &r, const piece &p, int i,
                                         const ring_args &a) {
+    const int head = p.head;
     const fragment f = my_fragment();
     const int t0 = p.seq_begin + kRows * i, t_end = min(t0 + kRows, p.seq_end);
     row_angles angles;
@@ -440,22 +499,133 @@ __device__ __forceinline__ void tile_dq(mb::bf16 *dqkv, const ring_view &r, cons
     store_rotated(dqkv + head * kHeadDim, qkv_stride, dq, t0 + f.row, t_end, a, angles);
 }
 
-/* A consumer warpgroup walks the run's pieces and tiles in the producer's order; after tile i it hands segment i − 1
- * back, after a piece's last tile the piece's remaining segments. */
-template <bool kKeys>
-__device__ void consume(mb::bf16 *dqkv, uint32_t ring, uint32_t full, uint32_t empty, int head, int t, int t_end,
-                        const ring_args &a) {
-    ring_view r = {ring, full, 0, 0};
+/* A consumer warpgroup walks the run's pieces and tiles in the producer's order, calling tile(r, p, i) for each;
+ * after tile i it hands segment i − 1 back, after a piece's last tile the piece's remaining segments. */
+template <class TileFunction>
+__device__ __forceinline__ void consume(uint32_t ring, uint32_t full, uint32_t empty, uint32_t slot_bytes,
+                                       work_range w, const ring_args &a, TileFunction tile) {
+    ring_view r = {ring, full, slot_bytes, 0, 0};
     piece p;
-    while (next_piece(&p, &t, t_end, a)) {
+    while (next_piece(&p, &w, a)) {
         r.seg_lo = p.seg_lo;
         for (int i = p.first; i <= p.last; i++) {
-            if (kKeys) tile_dkdv(dqkv, r, p, i, head, a);
-            else tile_dq(dqkv, r, p, i, head, a);
+            tile(r, p, i);
             if (i - 1 >= p.seg_lo) warp_arrive(empty + 8 * ((r.g_base + i - 1 - p.seg_lo) % kRing));
         }
         for (int j = p.last; j <= p.seg_hi; j++) warp_arrive(empty + 8 * ((r.g_base + j - p.seg_lo) % kRing));
         r.g_base += p.seg_hi - p.seg_lo + 1;
+    }
+}
+
+/* ---- the forward: out and lse of tile i (one warpgroup) ---- */
+
+/* Max (kMax) or sum of a quad's values: the four threads holding one accumulator row. */
+template <bool kMax>
+__device__ __forceinline__ float quad_reduce(float x) {
+#pragma unroll
+    for (int offset = 1; offset < 4; offset <<= 1) {
+        const float other = __shfl_xor_sync(0xffffffffu, x, offset);
+        x = kMax ? fmaxf(x, other) : x + other;
+    }
+    return x;
+}
+
+/* S_c = Q·K_jᵀ for the tile's chunk held by segment j. */
+__device__ __forceinline__ void issue_chunk_scores(float (&s)[32], const ring_view &r, uint32_t own, int j) {
+    r.wait(j);
+    wgmma_fence();
+    issue_rows_by_rows(s, own + kFwdSegQ, r.slot(j) + kFwdSegK);
+    wgmma_commit();
+}
+
+/* Chunk by chunk, with the online softmax: S_c = Q·K_cᵀ for the chunks inside the sequence (the tile's own first),
+ * masked to −inf; running row max m (scaled: shift = m·scale·log2 e) and sum l; O and l rescaled by 2^(shift_old −
+ * shift_new) when the max grows; P = 2^(S·scale·log2 e − shift), O += P·V_c. Then out = O / l and lse = (shift +
+ * log2 l)·ln 2. The next chunk's S is issued before this chunk's softmax (two score buffers), so the tensor cores
+ * work while the warpgroup does the exponentials. One or two chunks' scores at a time keep the warpgroup under 168
+ * registers (two blocks per SM): holding all three for a one-pass softmax took 240 and serialized the wgmmas at that
+ * limit (ptxas C7512).
+ * A chunk outside the sequence (first and last tiles) is still computed, on the tile's own segment, and masked
+ * whole (its tokens fail the sequence bounds, so P = 0): every tile issues the same wgmma groups, which ptxas needs
+ * to pipeline them (with the chunks skipped it serialized them, C7514). */
+__device__ __forceinline__ void tile_forward(mb::bf16 *out, float *lse, const ring_view &r, const piece &p, int i,
+                                             const ring_args &a) {
+    const int head = p.head;
+    const fragment f = my_fragment();
+    const int t0 = p.seq_begin + kRows * i, t_end = min(t0 + kRows, p.seq_end);
+    /* the segment of each chunk in processing order: own chunk first (it holds every row's diagonal), then the one
+     * before and the one after, or the own segment where those leave the sequence (masked whole) */
+    const auto segment = [&](int k) { return k == 0 ? i : k == 1 ? max(i - 1, p.seg_lo) : min(i + 1, p.seg_hi); };
+    r.wait(i);
+    const uint32_t own = r.slot(i);
+    float s[2][32], o[32], row_sum[2] = {0.0f, 0.0f}, row_max[2] = {-INFINITY, -INFINITY};
+    /* the exponent shift of a row max (0 while a row has seen only masked scores: rows past the sequence's end) */
+    const auto shift_of = [&](float m) { return m == -INFINITY ? 0.0f : m * a.scale_log2; };
+    uint32_t p_frag[4][4];
+    issue_chunk_scores(s[0], r, own, i);
+#pragma unroll
+    for (int k = 0; k < kChunks; k++) {
+        const int c = k == 0 ? 1 : k == 1 ? 0 : 2;
+        float(&sc)[32] = s[k % 2];
+        if (k + 1 < kChunks) {
+            fence_registers(s[(k + 1) % 2]);
+            issue_chunk_scores(s[(k + 1) % 2], r, own, segment(k + 1));
+            wgmma_wait<1>(); /* S_c, and the previous chunk's P·V; the next S may still run */
+        } else {
+            wgmma_wait<0>();
+        }
+        fence_registers(sc);
+        if (k > 0) fence_registers(o);
+        if (chunk_needs_mask(c, a.window, t0, t_end))
+            mask_chunk(sc, f, c, a.window, t0, p.seq_begin, p.seq_end, -INFINITY);
+        float grown[2], shift[2];
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            float chunk_max = -INFINITY;
+#pragma unroll
+            for (int jj = 0; jj < 8; jj++)
+                chunk_max = fmaxf(chunk_max, fmaxf(sc[4 * jj + 2 * h], sc[4 * jj + 2 * h + 1]));
+            const float new_max = fmaxf(row_max[h], quad_reduce<true>(chunk_max));
+            shift[h] = shift_of(new_max);
+            grown[h] = fast_exp2(shift_of(row_max[h]) - shift[h]);
+            row_max[h] = new_max;
+            row_sum[h] *= grown[h];
+        }
+        if (k > 0) {
+#pragma unroll
+            for (int e = 0; e < 32; e++) o[e] *= grown[(e >> 1) & 1];
+        }
+#pragma unroll
+        for (int e = 0; e < 32; e++) {
+            sc[e] = fast_exp2(fmaf(sc[e], a.scale_log2, -shift[(e >> 1) & 1]));
+            row_sum[(e >> 1) & 1] += sc[e];
+        }
+        pack_fragments(p_frag, sc);
+        fence_registers(o);
+        wgmma_fence();
+        issue_accumulate(o, p_frag, r.slot(segment(k)) + kFwdSegV, k == 0);
+        wgmma_commit();
+    }
+    float inverse[2], row_lse[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        row_sum[h] = quad_reduce<false>(row_sum[h]);
+        inverse[h] = row_sum[h] > 0.0f ? 1.0f / row_sum[h] : 0.0f;
+        row_lse[h] = (shift_of(row_max[h]) + __log2f(row_sum[h])) * kLn2;
+    }
+    wgmma_wait<0>();
+    fence_registers(o);
+    const int hidden = a.heads * kHeadDim;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int row = t0 + f.row + 8 * h;
+        if (row >= t_end) continue;
+        mb::bf16 *dst = out + (size_t)row * hidden + head * kHeadDim + f.col;
+#pragma unroll
+        for (int jj = 0; jj < 8; jj++)
+            *reinterpret_cast<mb::bf162 *>(dst + 8 * jj) =
+                __floats2bfloat162_rn(o[4 * jj + 2 * h] * inverse[h], o[4 * jj + 2 * h + 1] * inverse[h]);
+        if (f.col == 0) lse[(size_t)row * a.heads + head] = row_lse[h];
     }
 }
 
@@ -469,9 +639,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     extern __shared__ __align__(1024) unsigned char shared_raw[];
     const uint32_t ring = (shared_address(shared_raw) + 1023u) & ~1023u;
     const uint32_t full = shared_address(barriers), empty = full + 8 * kRing;
-    const int head = blockIdx.x % a.heads, run = blockIdx.x / a.heads;
-    const int total_tiles = a.seq_first[a.num_seqs], t = run * kRunTiles, t_end = min(t + kRunTiles, total_tiles);
-    if (t >= total_tiles) return; /* spare block (uniform) */
+    const work_range w = block_work(a);
+    if (w.u >= w.u_end) return; /* spare block (uniform) */
     if (threadIdx.x == 0) {
         for (int s = 0; s < kRing; s++) {
             mbarrier_init(full + 8 * s, mb::kWarpSize);
@@ -482,12 +651,44 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int group = threadIdx.x / 128;
     if (group == 2) {
         registers_decrease<kProducerRegisters>();
-        if (threadIdx.x % 128 < mb::kWarpSize) produce(ring, full, empty, qkv, dout, lse, delta, head, t, t_end, a);
+        if (threadIdx.x % 128 < mb::kWarpSize)
+            produce<true>(ring, full, empty, qkv, dout, lse, delta, w, a);
     } else {
         registers_increase<kConsumerRegisters>();
-        if (group == 0) consume<true>(dqkv, ring, full, empty, head, t, t_end, a);
-        else consume<false>(dqkv, ring, full, empty, head, t, t_end, a);
+        if (group == 0)
+            consume(ring, full, empty, kSlotBytes, w, a,
+                    [&](const ring_view &r, const piece &p, int i) { tile_dkdv(dqkv, r, p, i, a); });
+        else
+            consume(ring, full, empty, kSlotBytes, w, a,
+                    [&](const ring_view &r, const piece &p, int i) { tile_dq(dqkv, r, p, i, a); });
     }
+#endif
+}
+
+/* Two blocks per SM: the launch bounds hold the kernel to 168 registers (8 bytes of the piece loop spill). At its
+ * natural 182 only one block fits (the SM's quarters hold 3 of the 10 warps each), and the forward took 0.130 ms
+ * against 0.103 (H200, 1024-token sequences). */
+__global__ void __launch_bounds__(kFwdThreads, kFwdBlocksPerSm)
+    band_ring_forward_kernel(mb::bf16 *out, float *lse, const mb::bf16 *qkv, ring_args a) {
+#if MB_WGMMA_SM90
+    __shared__ __align__(8) uint64_t barriers[2 * kRing]; /* full[kRing], empty[kRing] */
+    extern __shared__ __align__(1024) unsigned char shared_raw[];
+    const uint32_t ring = (shared_address(shared_raw) + 1023u) & ~1023u;
+    const uint32_t full = shared_address(barriers), empty = full + 8 * kRing;
+    const work_range w = block_work(a);
+    if (w.u >= w.u_end) return; /* spare block (uniform) */
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < kRing; s++) {
+            mbarrier_init(full + 8 * s, mb::kWarpSize);
+            mbarrier_init(empty + 8 * s, 4); /* the consumer warpgroup's warps */
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x >= 128)
+        produce<false>(ring, full, empty, qkv, nullptr, nullptr, nullptr, w, a);
+    else
+        consume(ring, full, empty, kFwdSlotBytes, w, a,
+                [&](const ring_view &r, const piece &p, int i) { tile_forward(out, lse, r, p, i, a); });
 #endif
 }
 
@@ -496,10 +697,25 @@ bool env_is(const char *name, const char *value) {
     return set != nullptr && strcmp(set, value) == 0;
 }
 
+/* The grid of a ring kernel with equal shares: every block resident at once (as many per SM as the occupancy
+ * calculator allows for its registers and shared memory); no more blocks than plan.blocks, the (tile, head) count's
+ * upper bound. */
+int resident_grid(unsigned *grid, const mb::attention_plan &plan, const void *kernel, int threads, size_t shared,
+                  mb_error *err) {
+    int device = 0, sm_count = 0, blocks_per_sm = 0;
+    MB_CUDA_CHECK(err, cudaGetDevice(&device));
+    MB_CUDA_CHECK(err, cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+    MB_CUDA_CHECK(err, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, threads, shared));
+    MB_REQUIRE(err, blocks_per_sm >= 1, "attention band ring kernel: no block fits on an SM");
+    *grid = std::min(plan.blocks, (unsigned)(blocks_per_sm * sm_count));
+    return 0;
+}
+
 }  // namespace
 
-bool mb_attention_band_wgmma_supports(int head_dim, int window) {
-    if (head_dim != kHeadDim || window < 0 || window > kMaxWindow || env_is("MB_ATTENTION_BAND_BWD", "mma"))
+bool mb_attention_band_wgmma_supports(int head_dim, int window, bool backward) {
+    if (head_dim != kHeadDim || window < 0 || window > kMaxWindow ||
+        env_is(backward ? "MB_ATTENTION_BAND_BWD" : "MB_ATTENTION_BAND_FWD", "mma"))
         return false;
     int device = 0, major = 0;
     if (cudaGetDevice(&device) != cudaSuccess ||
@@ -508,7 +724,8 @@ bool mb_attention_band_wgmma_supports(int head_dim, int window) {
         return false;
     }
     cudaFuncAttributes attributes;
-    if (cudaFuncGetAttributes(&attributes, band_ring_backward_kernel) != cudaSuccess) {
+    if (cudaFuncGetAttributes(&attributes, backward ? (const void *)band_ring_backward_kernel
+                                                    : (const void *)band_ring_forward_kernel) != cudaSuccess) {
         (void)cudaGetLastError();
         return false;
     }
@@ -528,13 +745,33 @@ int mb_attention_band_wgmma_backward(mb::bf16 *dqkv, const mb::bf16 *dout, const
     if (plan.blocks == 0) return 0;
     const float scale = 1.0f / sqrtf((float)kHeadDim);
     const ring_args args = {cu_seqlens, plan.seq_first, plan.tile_seq, num_seqs, heads, window, scale,
-                            scale * kLog2e, rope};
-    /* plan.blocks = (an upper bound of the tile count) × heads; runs of kRunTiles tiles, heads fastest */
-    const unsigned tiles = plan.blocks / (unsigned)heads, runs = (tiles + kRunTiles - 1) / kRunTiles;
+                            scale * kLog2e, rope, 0};
+    /* one block per run: plan.blocks = (an upper bound of the tile count) × heads; spare blocks return at once */
+    const unsigned grid = (plan.blocks / (unsigned)heads + kRunTiles - 1) / kRunTiles * (unsigned)heads;
     MB_CUDA_CHECK(err, cudaFuncSetAttribute(band_ring_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             (int)kSharedBytes));
-    band_ring_backward_kernel<<<runs * (unsigned)heads, kThreads, kSharedBytes, stream>>>(dqkv, dout, lse, delta, qkv,
-                                                                                          args);
+    band_ring_backward_kernel<<<grid, kThreads, kSharedBytes, stream>>>(dqkv, dout, lse, delta, qkv, args);
     MB_CUDA_CHECK_LAUNCH(err, "band_ring_backward_kernel");
+    return 0;
+}
+
+int mb_attention_band_wgmma_forward(mb::bf16 *out, float *lse, const mb::bf16 *qkv, const int32_t *cu_seqlens,
+                                    mb::attention_plan plan, int num_seqs, int heads, int window, cudaStream_t stream,
+                                    mb_error *err) {
+    MB_REQUIRE(err, window >= 0 && window <= kMaxWindow, "attention_band_wgmma_forward: window %d outside 0..%d",
+               window, kMaxWindow);
+    MB_REQUIRE(err, reinterpret_cast<uintptr_t>(qkv) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 4 == 0,
+               "attention_band_wgmma_forward: qkv must be 16-byte aligned and out 4-byte aligned");
+    if (plan.blocks == 0) return 0;
+    const float scale = 1.0f / sqrtf((float)kHeadDim);
+    const ring_args args = {cu_seqlens, plan.seq_first, plan.tile_seq, num_seqs, heads, window, scale,
+                            scale * kLog2e, nullptr, 1};
+    MB_CUDA_CHECK(err, cudaFuncSetAttribute(band_ring_forward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            (int)kFwdSharedBytes));
+    unsigned grid = 0;
+    if (resident_grid(&grid, plan, (const void *)band_ring_forward_kernel, kFwdThreads, kFwdSharedBytes, err) != 0)
+        return -1;
+    band_ring_forward_kernel<<<grid, kFwdThreads, kFwdSharedBytes, stream>>>(out, lse, qkv, args);
+    MB_CUDA_CHECK_LAUNCH(err, "band_ring_forward_kernel");
     return 0;
 }

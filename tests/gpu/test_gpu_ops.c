@@ -865,10 +865,12 @@ Test(gpu_ops, attention_band_edges) {
     run_attention("band d32", lengths, 10, 3, 32, 100, 95);
 }
 
-/* The Hopper band backward (cuda/attention_band_wgmma.cu) walks runs of 16 plan tiles and cuts them at sequence
+/* The Hopper band kernels (cuda/attention_band_wgmma.cu) walk runs of 16 plan tiles and cut them at sequence
  * boundaries; the plan places longer sequences first, so lengths here rise (the launch order is not the index
  * order). Sequences end just before, at and after a run's 1024 tokens, one spans three runs, short ones sit between;
- * windows 64 (ModernBERT), 63 (the widest that needs no mask in a tile's own segment), 40 and 1. */
+ * windows 64 (ModernBERT), 63 (the widest that needs no mask in a tile's own segment), 40 and 1 (window 0 makes dQ
+ * and dK exactly zero, P = 1 on the diagonal and dP = D, so only rounding is left to compare). Then the same lengths
+ * on the mma.sync band kernels, which those replace on Hopper (elsewhere both halves test the same kernels). */
 Test(gpu_ops, attention_band_runs) {
     require_gpu();
     int lengths[] = {1, 3, 64, 65, 700, 1023, 5, 1024, 1025, 1088, 2100, 130};
@@ -877,6 +879,12 @@ Test(gpu_ops, attention_band_runs) {
     run_attention("band runs", lengths, count, 2, 64, 63, 102);
     run_attention("band runs", lengths, count, 2, 64, 40, 103);
     run_attention("band runs", lengths, count, 2, 64, 1, 104);
+    setenv("MB_ATTENTION_BAND_FWD", "mma", 1);
+    setenv("MB_ATTENTION_BAND_BWD", "mma", 1);
+    run_attention("band runs, mma.sync", lengths, count, 3, 64, 64, 106);
+    run_attention("band runs, mma.sync", lengths, count, 2, 64, 40, 107);
+    unsetenv("MB_ATTENTION_BAND_FWD");
+    unsetenv("MB_ATTENTION_BAND_BWD");
 }
 
 /* The sm_90a kernels' own device self-tests (tile products through their shared-memory descriptors, then the whole
