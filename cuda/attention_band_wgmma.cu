@@ -130,71 +130,6 @@ __device__ __forceinline__ bool next_piece(piece *p, work_range *w, const ring_a
 
 /* ---- the producer warp ---- */
 
-/* One warp queues the 64 rows of a segment tile whose row r is token `first` + r of a [*, 64] slice (row stride in
- * elements); tokens >= end are zeros. Lane l copies chunk l % 8 of rows l / 8 + 4·it; a segment wholly inside the
- * sequence needs no predicates (two swizzled bases serve all rows, as the forward's producer). */
-__device__ __forceinline__ void load_segment_tile(uint32_t tile, const mb::bf16 *src, size_t row_stride, int first,
-                                                  int end) {
-    const int lane = threadIdx.x % mb::kWarpSize, chunk = lane % 8, row = lane / 8;
-    if (first + kRows <= end) {
-        const uint32_t even = tile + swizzled_offset(row, chunk), odd = tile + swizzled_offset(row + 4, chunk);
-        const char *from = reinterpret_cast<const char *>(src + (size_t)(first + row) * row_stride + chunk * 8);
-        const size_t four_rows = 4 * row_stride * sizeof(mb::bf16);
-#pragma unroll
-        for (int m = 0; m < kRows / 8; m++) {
-            cp_async_16_whole(even + 1024 * m, from);
-            cp_async_16_whole(odd + 1024 * m, from + four_rows);
-            from += 2 * four_rows;
-        }
-        return;
-    }
-#pragma unroll 2
-    for (int it = 0; it < kRows / 4; it++) {
-        const int r = row + 4 * it;
-        const bool valid = first + r < end;
-        const mb::bf16 *from = valid ? src + (size_t)(first + r) * row_stride + chunk * 8 : src;
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(tile + swizzled_offset(r, chunk)),
-                     "l"(from), "r"(valid ? 16 : 0)
-                     : "memory");
-    }
-}
-
-__device__ __forceinline__ void load_segment_floats(uint32_t dst, const float *src, int stride, int first, int end) {
-    const int lane = threadIdx.x % mb::kWarpSize;
-#pragma unroll
-    for (int k = 0; k < kRows / mb::kWarpSize; k++) {
-        const int r = lane + mb::kWarpSize * k;
-        const bool valid = first + r < end;
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst + 4 * r),
-                     "l"(valid ? src + (size_t)(first + r) * stride : src), "r"(valid ? 4 : 0)
-                     : "memory");
-    }
-}
-
-/* Copies queued for one slot are published one slot late (cp.async.wait_group 1), so two are in flight; as the
- * forward's producer. */
-struct publisher {
-    uint32_t barrier = 0;
-    bool pending = false;
-    __device__ void committed(uint32_t next) {
-        if (pending) {
-            cp_async_wait<1>();
-            fence_proxy_async();
-            mbarrier_arrive(barrier);
-        }
-        barrier = next;
-        pending = true;
-    }
-    __device__ void flush() {
-        if (pending) {
-            cp_async_wait<0>();
-            fence_proxy_async();
-            mbarrier_arrive(barrier);
-        }
-        pending = false;
-    }
-};
-
 /* Fills the ring with every segment of the run in order: the backward's Q, dO, K, V, lse and D (kBackward), or the
  * forward's Q, K and V (dout, lse and delta unused). */
 template <bool kBackward>
@@ -213,17 +148,18 @@ __device__ void produce(uint32_t ring, uint32_t full, uint32_t empty, const mb::
             const int slot = g % kRing, first = p.seq_begin + kRows * j;
             if (g >= kRing) mbarrier_wait(empty + 8 * slot, ((g / kRing) - 1) & 1);
             const uint32_t base = ring + slot * slot_bytes;
+            const int end = p.seq_end;
             if (kBackward) {
-                load_segment_tile(base + kSegQ, q, qkv_stride, first, p.seq_end);
-                load_segment_tile(base + kSegDO, dout + head * kHeadDim, hidden, first, p.seq_end);
-                load_segment_tile(base + kSegK, k, qkv_stride, first, p.seq_end);
-                load_segment_tile(base + kSegV, v, qkv_stride, first, p.seq_end);
-                load_segment_floats(base + kSegLse, lse + head, a.heads, first, p.seq_end);
-                load_segment_floats(base + kSegDelta, delta + head, a.heads, first, p.seq_end);
+                warp_load_rows<kRows>(shared_pointer<char>(base + kSegQ), q, qkv_stride, first, end);
+                warp_load_rows<kRows>(shared_pointer<char>(base + kSegDO), dout + head * kHeadDim, hidden, first, end);
+                warp_load_rows<kRows>(shared_pointer<char>(base + kSegK), k, qkv_stride, first, end);
+                warp_load_rows<kRows>(shared_pointer<char>(base + kSegV), v, qkv_stride, first, end);
+                warp_load_floats<kRows>(shared_pointer<float>(base + kSegLse), lse + head, a.heads, first, end);
+                warp_load_floats<kRows>(shared_pointer<float>(base + kSegDelta), delta + head, a.heads, first, end);
             } else {
-                load_segment_tile(base + kFwdSegQ, q, qkv_stride, first, p.seq_end);
-                load_segment_tile(base + kFwdSegK, k, qkv_stride, first, p.seq_end);
-                load_segment_tile(base + kFwdSegV, v, qkv_stride, first, p.seq_end);
+                warp_load_rows<kRows>(shared_pointer<char>(base + kFwdSegQ), q, qkv_stride, first, end);
+                warp_load_rows<kRows>(shared_pointer<char>(base + kFwdSegK), k, qkv_stride, first, end);
+                warp_load_rows<kRows>(shared_pointer<char>(base + kFwdSegV), v, qkv_stride, first, end);
             }
             cp_async_commit();
             publish.committed(full + 8 * slot);
@@ -717,19 +653,7 @@ bool mb_attention_band_wgmma_supports(int head_dim, int window, bool backward) {
     if (head_dim != kHeadDim || window < 0 || window > kMaxWindow ||
         env_is(backward ? "MB_ATTENTION_BAND_BWD" : "MB_ATTENTION_BAND_FWD", "mma"))
         return false;
-    int device = 0, major = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major != 9) {
-        (void)cudaGetLastError(); /* a failed query must not leave an error for the next launch check */
-        return false;
-    }
-    cudaFuncAttributes attributes;
-    if (cudaFuncGetAttributes(&attributes, backward ? (const void *)band_ring_backward_kernel
-                                                    : (const void *)band_ring_forward_kernel) != cudaSuccess) {
-        (void)cudaGetLastError();
-        return false;
-    }
-    return attributes.binaryVersion >= 90;
+    return sm90a_kernel_runs(backward ? (const void *)band_ring_backward_kernel : (const void *)band_ring_forward_kernel);
 }
 
 int mb_attention_band_wgmma_backward(mb::bf16 *dqkv, const mb::bf16 *dout, const float *lse, const float *delta,

@@ -52,6 +52,13 @@ __device__ __forceinline__ void cp_async_16_whole(uint32_t shared_address, const
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address), "l"(global) : "memory");
 }
 
+/* cp_async_16 to a shared-space address (the wgmma forward's producer keeps 32-bit addresses). */
+__device__ __forceinline__ void cp_async_16_to(uint32_t shared_address, const void *global, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address), "l"(global),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+}
+
 __device__ __forceinline__ void cp_async_4(void *shared, const void *global, bool valid) {
     uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
     int bytes = valid ? 4 : 0;

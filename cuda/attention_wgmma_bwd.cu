@@ -296,46 +296,6 @@ __device__ __forceinline__ void consumers_sync() {
     asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
 }
 
-/* One warp queues rows [r0, r0 + kRows) of a [*, 64] bf16 slice into a swizzled tile: lane l copies chunk l % 8 of
- * rows l / 8 + 4·it (4 whole 128-byte rows per instruction); rows >= r_end become zeros (source never read). */
-template <int kRows>
-__device__ __forceinline__ void warp_load_rows(char *tile, const mb::bf16 *src, size_t row_stride, int r0,
-                                               int r_end) {
-    const int lane = threadIdx.x % mb::kWarpSize, chunk = lane % 8;
-    if (r0 + kRows <= r_end) { /* whole step inside the sequence (uniform): no predicates, ~3 instr. a copy */
-        const int row = lane / 8; /* rows row + 4·it: even and odd it differ by 4 in row % 8, row + 8 is +1024 B */
-        const uint32_t base = shared_address(tile);
-        const uint32_t even = base + swizzled_offset(row, chunk), odd = base + swizzled_offset(row + 4, chunk);
-        const char *from = reinterpret_cast<const char *>(src + (size_t)(r0 + row) * row_stride + chunk * 8);
-        const size_t four_rows = 4 * row_stride * sizeof(mb::bf16);
-#pragma unroll
-        for (int m = 0; m < kRows / 8; m++) {
-            cp_async_16_whole(even + 1024 * m, from);
-            cp_async_16_whole(odd + 1024 * m, from + four_rows);
-            from += 2 * four_rows;
-        }
-        return;
-    }
-#pragma unroll 2 /* the producer runs in 24 registers */
-    for (int it = 0; it < kRows / 4; it++) {
-        const int row = lane / 8 + 4 * it;
-        const bool valid = r0 + row < r_end;
-        cp_async_16(tile + swizzled_offset(row, chunk), valid ? src + (size_t)(r0 + row) * row_stride + chunk * 8 : src,
-                    valid);
-    }
-}
-
-/* One warp queues the kRows floats of rows [r0, r0 + kRows) (element stride `stride`), zeros past r_end. */
-template <int kRows>
-__device__ __forceinline__ void warp_load_floats(float *dst, const float *src, int stride, int r0, int r_end) {
-    const int lane = threadIdx.x % mb::kWarpSize;
-#pragma unroll
-    for (int r = lane; r < kRows; r += mb::kWarpSize) {
-        const bool valid = r0 + r < r_end;
-        cp_async_4(dst + r, valid ? src + (size_t)(r0 + r) * stride : src, valid);
-    }
-}
-
 /* The producer warp: step i goes to stage i % kStages once the consumers released its previous use (step
  * i − kStages) and is published (its cp.async complete, proxy fence, 32 arrivals on `full`) as soon as it has landed.
  * With two stages the consumers work on step i − 1 meanwhile. (Round 2 published one step late with three stages;
@@ -671,15 +631,7 @@ __global__ void __launch_bounds__(kConsumerThreads, 1)
 }  // namespace
 
 bool mb_attention_wgmma_backward_supports(int head_dim, int window) {
-    if (head_dim != kHeadDim || window >= 0) return false;
-    int device = 0, major = 0;
-    cudaFuncAttributes attributes;
-    bool ok = cudaGetDevice(&device) == cudaSuccess &&
-              cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major == 9 &&
-              cudaFuncGetAttributes(&attributes, wgmma_backward_kernel) == cudaSuccess &&
-              attributes.binaryVersion >= 90;
-    (void)cudaGetLastError(); /* a failed query must not surface as the next launch's error */
-    return ok;
+    return head_dim == kHeadDim && window < 0 && sm90a_kernel_runs((const void *)wgmma_backward_kernel);
 }
 
 namespace {

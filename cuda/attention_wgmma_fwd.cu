@@ -92,11 +92,6 @@ __device__ __forceinline__ bool mbarrier_ready(uint32_t bar, uint32_t parity) {
     return ready != 0;
 }
 
-__device__ __forceinline__ void copy_16(uint32_t dst, const void *src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
-                 : "memory");
-}
-
 /* load_kv_tile for a tile wholly inside the sequence: no per-row predicates or multiplies. Lane l copies chunk l % 8
  * of rows l / 8 + 4·it; rows of even and odd it differ by 4 in row % 8, so two swizzled bases serve every row (row
  * + 8 is 1024 bytes further, an immediate), and the K and V sources step by 4 rows. ~3 instructions per copy
@@ -139,8 +134,8 @@ __device__ __forceinline__ void load_kv_tile(uint32_t stage, const mb::bf16 *k_b
         const bool valid = k0 + row < key_end;
         const size_t offset = valid ? (size_t)(k0 + row) * row_stride + chunk * 8 : 0;
         const uint32_t dst = stage + swizzled_offset(row, chunk);
-        copy_16(dst, k_base + offset, valid);
-        copy_16(dst + kTileBytes, v_base + offset, valid);
+        cp_async_16_to(dst, k_base + offset, valid);
+        cp_async_16_to(dst + kTileBytes, v_base + offset, valid);
     }
 }
 
@@ -249,31 +244,6 @@ __device__ bool next_work_item(work_item *item, unsigned *w, unsigned step, cons
     }
 }
 
-/* Lag-one publishing of the producer's cp.async groups: a group's barrier gets this lane's arrival once the group
- * has landed, checked after the next group has been queued (two groups in flight) or at flush. A barrier that
- * expects 32 arrivals per phase is completed by the warp's 32 lanes. */
-struct publisher {
-    uint32_t barrier = 0;
-    bool pending = false;
-    __device__ void committed(uint32_t next) {
-        if (pending) {
-            cp_async_wait<1>();
-            fence_proxy_async();
-            mbarrier_arrive(barrier);
-        }
-        barrier = next;
-        pending = true;
-    }
-    __device__ void flush() {
-        if (pending) {
-            cp_async_wait<0>();
-            fence_proxy_async();
-            mbarrier_arrive(barrier);
-        }
-        pending = false;
-    }
-};
-
 /* One warp queues query rows [r0, r0 + kRows) into a 128-byte-swizzled tile (as load_kv_tile), rows >= r_end
  * zero-filled. */
 template <int kRows>
@@ -285,7 +255,7 @@ __device__ __forceinline__ void load_q_tile(uint32_t dst, const mb::bf16 *q_base
         const int row = lane / 8 + 4 * it;
         const bool valid = r0 + row < r_end;
         const size_t offset = valid ? (size_t)(r0 + row) * row_stride + chunk * 8 : 0;
-        copy_16(dst + swizzled_offset(row, chunk), q_base + offset, valid);
+        cp_async_16_to(dst + swizzled_offset(row, chunk), q_base + offset, valid);
     }
 }
 
@@ -569,19 +539,7 @@ __global__ void __launch_bounds__(128)
 }  // namespace
 
 bool mb_attention_wgmma_forward_supports(int head_dim, int window) {
-    if (head_dim != kHeadDim || window >= 0) return false;
-    int device = 0, major = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major != 9) {
-        (void)cudaGetLastError(); /* a failed query must not leave an error for the next launch check */
-        return false;
-    }
-    cudaFuncAttributes attributes;
-    if (cudaFuncGetAttributes(&attributes, wgmma_forward_persistent_kernel) != cudaSuccess) {
-        (void)cudaGetLastError();
-        return false;
-    }
-    return attributes.binaryVersion >= 90;
+    return head_dim == kHeadDim && window < 0 && sm90a_kernel_runs((const void *)wgmma_forward_persistent_kernel);
 }
 
 namespace {

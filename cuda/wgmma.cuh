@@ -11,6 +11,8 @@
 
 #include <cstdint>
 
+#include "attention_common.cuh" /* cp.async */
+
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define MB_WGMMA_SM90 1
 #else
@@ -18,6 +20,19 @@
 #endif
 
 namespace {
+
+/* Whether a kernel of the sm_90a kernels can run here: a compute capability 9.x device and an sm_90a binary of it in
+ * this build (host side; a failed query leaves no error behind for the next launch check). */
+inline bool sm90a_kernel_runs(const void *kernel) {
+    int device = 0, major = 0;
+    cudaFuncAttributes attributes;
+    const bool ok = cudaGetDevice(&device) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+                    major == 9 && cudaFuncGetAttributes(&attributes, kernel) == cudaSuccess &&
+                    attributes.binaryVersion >= 90;
+    (void)cudaGetLastError();
+    return ok;
+}
 
 /* Byte offset of 16-byte chunk `chunk` (8 bf16, 0..7) of row `row` in a 1024-byte aligned tile of 128-byte rows with
  * the 128-byte swizzle: the chunk index is XORed with row % 8 (CUTLASS Swizzle<3,4,3> on byte addresses, the
@@ -85,6 +100,82 @@ __device__ __forceinline__ void warp_arrive(uint32_t bar) {
     __syncwarp();
     if (threadIdx.x % 32 == 0) mbarrier_arrive(bar);
 }
+
+/* ---- the producer warps' copies (cp.async into 128-byte-swizzled tiles) and their publishing ---- */
+
+/* One warp queues rows [r0, r0 + kRows) of a [*, 64] bf16 slice (row stride in elements) into the swizzled tile
+ * `tile` (shared memory): lane l copies chunk l % 8 of rows l / 8 + 4·it (4 whole 128-byte rows per instruction);
+ * rows >= r_end become zeros (source never read). Generic pointers, as the global backward always had them: with
+ * 32-bit shared addresses its ptxas allocation changed (C7519) and it ran 0.8 % slower at 1024 tokens. */
+template <int kRows>
+__device__ __forceinline__ void warp_load_rows(char *tile, const mb::bf16 *src, size_t row_stride, int r0,
+                                               int r_end) {
+    const int lane = threadIdx.x % mb::kWarpSize, chunk = lane % 8;
+    if (r0 + kRows <= r_end) { /* whole tile inside the sequence (uniform): no predicates, ~3 instr. a copy */
+        const int row = lane / 8; /* rows row + 4·it: even and odd it differ by 4 in row % 8, row + 8 is +1024 B */
+        const uint32_t base = shared_address(tile);
+        const uint32_t even = base + swizzled_offset(row, chunk), odd = base + swizzled_offset(row + 4, chunk);
+        const char *from = reinterpret_cast<const char *>(src + (size_t)(r0 + row) * row_stride + chunk * 8);
+        const size_t four_rows = 4 * row_stride * sizeof(mb::bf16);
+#pragma unroll
+        for (int m = 0; m < kRows / 8; m++) {
+            cp_async_16_whole(even + 1024 * m, from);
+            cp_async_16_whole(odd + 1024 * m, from + four_rows);
+            from += 2 * four_rows;
+        }
+        return;
+    }
+#pragma unroll 2 /* producers run in 24-40 registers */
+    for (int it = 0; it < kRows / 4; it++) {
+        const int row = lane / 8 + 4 * it;
+        const bool valid = r0 + row < r_end;
+        cp_async_16(tile + swizzled_offset(row, chunk), valid ? src + (size_t)(r0 + row) * row_stride + chunk * 8 : src,
+                    valid);
+    }
+}
+
+/* One warp queues the kRows floats of rows [r0, r0 + kRows) (element stride `stride`) to `dst` (shared memory),
+ * zeros past r_end. */
+template <int kRows>
+__device__ __forceinline__ void warp_load_floats(float *dst, const float *src, int stride, int r0, int r_end) {
+    const int lane = threadIdx.x % mb::kWarpSize;
+#pragma unroll
+    for (int r = lane; r < kRows; r += mb::kWarpSize) {
+        const bool valid = r0 + r < r_end;
+        cp_async_4(dst + r, valid ? src + (size_t)(r0 + r) * stride : src, valid);
+    }
+}
+
+/* The generic pointer of a shared-space address (the ring kernels keep 32-bit addresses). */
+template <class T>
+__device__ __forceinline__ T *shared_pointer(uint32_t address) {
+    return reinterpret_cast<T *>(__cvta_shared_to_generic(address));
+}
+
+/* Lag-one publishing of the producer's cp.async groups: a group's barrier gets this lane's arrival once the group
+ * has landed, checked after the next group has been queued (two groups in flight) or at flush. A barrier that
+ * expects 32 arrivals per phase is completed by the warp's 32 lanes. */
+struct publisher {
+    uint32_t barrier = 0;
+    bool pending = false;
+    __device__ void committed(uint32_t next) {
+        if (pending) {
+            cp_async_wait<1>();
+            fence_proxy_async();
+            mbarrier_arrive(barrier);
+        }
+        barrier = next;
+        pending = true;
+    }
+    __device__ void flush() {
+        if (pending) {
+            cp_async_wait<0>();
+            fence_proxy_async();
+            mbarrier_arrive(barrier);
+        }
+        pending = false;
+    }
+};
 
 /* wgmma shared-memory matrix descriptor (PTX ISA "Matrix Descriptor Format") of a 1024-byte aligned tile of 128-byte
  * rows with the 128-byte swizzle: start address >> 4 in bits 0-13, leading-dimension byte offset >> 4 in 16-29,
