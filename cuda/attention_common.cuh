@@ -37,7 +37,6 @@ __device__ __forceinline__ void rope_back(float &x1, float &x2, float2 cs) {
     x2 = y2;
 }
 
-
 /* ---- cp.async (sm_80+): 16-byte global -> shared copies that bypass registers; src_size 0 writes zeros ---- */
 
 __device__ __forceinline__ void cp_async_16(void *shared, const void *global, bool valid) {
@@ -143,7 +142,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
 }
-
 
 }  // namespace
 

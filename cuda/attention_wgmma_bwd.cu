@@ -382,7 +382,6 @@ __device__ __forceinline__ void bulk_wait_reads() {
 #endif
 }
 
-
 /* dq_accum[rows query0 + 0..63 of this warpgroup, the head's 64 columns] += acc (this warpgroup's dQ accumulator).
  * Each warp stages its own 16 rows (row = 16·warp + lane/4 (+8), 64-bit stores) in the byte layout of the head-major
  * dq_accum (attention_wgmma_bwd.h: 32-byte block j of token t at block j ^ (t % 4)) and lane 0 adds all 16 rows with
@@ -508,7 +507,6 @@ __device__ __forceinline__ void consume(char *smem, const backward_args &a, cons
     store_key_rows(a.dqkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, dv, c.key_a, c.t.end, c.f.col, 1.0f,
                    nullptr);
 }
-
 
 #endif /* device helpers */
 

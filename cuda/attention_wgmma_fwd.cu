@@ -33,7 +33,6 @@
 #include <cstring>
 #include <vector>
 
-
 namespace {
 
 constexpr int kHeadDim = 64;
