@@ -802,11 +802,6 @@ int launch_forward_shape(mb::bf16 *out, float *lse, workspace_layout w, const mb
     return 0;
 }
 
-bool env_is(const char *name, const char *value) {
-    const char *set = getenv(name);
-    return set != nullptr && strcmp(set, value) == 0;
-}
-
 /* The plan of the kernel families beside this file (attention_common.cuh), built for their tile size. */
 int plan_for(mb::attention_plan *plan, workspace_layout w, const int32_t *cu_seqlens, int num_seqs, int n, int heads,
              int tile, cudaStream_t stream, mb_error *err) {

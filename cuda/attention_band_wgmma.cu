@@ -628,11 +628,6 @@ __global__ void __launch_bounds__(kFwdThreads, kFwdBlocksPerSm)
 #endif
 }
 
-bool env_is(const char *name, const char *value) {
-    const char *set = getenv(name);
-    return set != nullptr && strcmp(set, value) == 0;
-}
-
 /* The grid of a ring kernel with equal shares: every block resident at once (as many per SM as the occupancy
  * calculator allows for its registers and shared memory); no more blocks than plan.blocks, the (tile, head) count's
  * upper bound. */

@@ -12,6 +12,9 @@
 
 #include "common.cuh"
 
+#include <cstdlib>
+#include <cstring>
+
 namespace mb {
 /* What a launcher beside attention.cu receives (external linkage: the launchers live in other files): the plan for
  * its tile size and the grid that covers it. */
@@ -23,6 +26,12 @@ struct attention_plan {
 }  // namespace mb
 
 namespace {
+
+/* Whether environment variable `name` is set to `value`: the attention files' kernel switches, read per call (host). */
+inline bool env_is(const char *name, const char *value) {
+    const char *set = getenv(name);
+    return set != nullptr && strcmp(set, value) == 0;
+}
 
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
