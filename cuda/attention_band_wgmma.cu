@@ -270,41 +270,18 @@ __device__ __forceinline__ void prefetch_angles(const float2 *rope, int t0, int 
         asm volatile("prefetch.global.L1 [%0];\n" ::"l"(rope + (size_t)row * (kHeadDim / 2) + 16 * (k % 2)));
 }
 
-/* store_rows_rope_back (attention_mma.cuh) with the angles already in registers. */
-__device__ __forceinline__ void store_rows_rope_loaded(mb::bf16 *dst, size_t row_stride, const float (&acc)[32],
-                                                       int row_a, int row_end, float scale,
-                                                       const row_angles &angles) {
-    constexpr int kHalfTiles = kHeadDim / 16;
-    const int quad = threadIdx.x % 4;
-#pragma unroll
-    for (int half = 0; half < 2; half++) {
-        const int row = row_a + 8 * half;
-        if (row >= row_end) continue;
-        mb::bf16 *out = dst + (size_t)row * row_stride;
-#pragma unroll
-        for (int dt = 0; dt < kHalfTiles; dt++) {
-            const float4 cs = angles.cs[half][dt];
-            float x1[2], x2[2];
-#pragma unroll
-            for (int c = 0; c < 2; c++) {
-                x1[c] = acc[4 * dt + 2 * half + c] * scale;
-                x2[c] = acc[4 * (dt + kHalfTiles) + 2 * half + c] * scale;
-                rope_back(x1[c], x2[c], c == 0 ? make_float2(cs.x, cs.y) : make_float2(cs.z, cs.w));
-            }
-            *reinterpret_cast<mb::bf162 *>(out + dt * 8 + 2 * quad) = __floats2bfloat162_rn(x1[0], x1[1]);
-            *reinterpret_cast<mb::bf162 *>(out + kHeadDim / 2 + dt * 8 + 2 * quad) =
-                __floats2bfloat162_rn(x2[0], x2[1]);
-        }
-    }
-}
-
-/* The dQ store: RoPE's backward with the angles loaded at the tile's start, or none (uniform). */
+/* The dQ store: RoPE's backward with the angles loaded at the tile's start (store_rows_rotated, attention_mma.cuh),
+ * or none (uniform). */
 __device__ __forceinline__ void store_rotated(mb::bf16 *dst, size_t row_stride, const float (&acc)[32], int row_a,
                                               int row_end, const ring_args &a, const row_angles &angles) {
+    const auto rows = reinterpret_cast<const float(*)[4]>(acc);
     if (a.rope != nullptr)
-        store_rows_rope_loaded(dst, row_stride, acc, row_a, row_end, a.scale, angles);
+        store_rows_rotated<kHeadDim>(dst, row_stride, rows, row_a, row_end, a.scale, [&](int half, int dt, int c) {
+            const float4 cs = angles.cs[half][dt];
+            return c == 0 ? make_float2(cs.x, cs.y) : make_float2(cs.z, cs.w);
+        });
     else
-        store_rows<kHeadDim>(dst, row_stride, reinterpret_cast<const float(*)[4]>(acc), row_a, row_end, a.scale);
+        store_rows<kHeadDim>(dst, row_stride, rows, row_a, row_end, a.scale);
 }
 
 /* ---- warpgroup 0: dK, dV of tile i ---- */

@@ -226,19 +226,18 @@ __device__ __forceinline__ void store_rows(mb::bf16 *dst, size_t row_stride, con
     }
 }
 
-/* store_rows with RoPE's backward (rope_back) on each row's pairs (d, d + D/2) = n-tiles (dt, dt + D/16), the
- * angles from rope = the table of mb_cuda_rope_table ([token][D/2] (cos, sin)); rows are tokens. */
-template <int D>
-__device__ __forceinline__ void store_rows_rope_back(mb::bf16 *dst, size_t row_stride,
-                                                     const float acc[shape<D>::d_tiles][4], int row_a, int row_end,
-                                                     float scale, const float2 *rope) {
+/* store_rows with RoPE's backward (rope_back) on each row's pairs (d, d + D/2) = n-tiles (dt, dt + D/16);
+ * angle(half, dt, c) is the (cos, sin) of row row_a + 8·half, column dt·8 + 2·(lane % 4) + c (rows are tokens). */
+template <int D, class Angle>
+__device__ __forceinline__ void store_rows_rotated(mb::bf16 *dst, size_t row_stride,
+                                                   const float acc[shape<D>::d_tiles][4], int row_a, int row_end,
+                                                   float scale, Angle angle) {
     constexpr int kHalfTiles = D / 16;
     int quad = threadIdx.x % 4;
 #pragma unroll
     for (int half = 0; half < 2; half++) {
         int row = row_a + 8 * half;
         if (row >= row_end) continue;
-        const float2 *angles = rope + (size_t)row * (D / 2);
         mb::bf16 *out = dst + (size_t)row * row_stride;
 #pragma unroll
         for (int dt = 0; dt < kHalfTiles; dt++) {
@@ -247,12 +246,23 @@ __device__ __forceinline__ void store_rows_rope_back(mb::bf16 *dst, size_t row_s
             for (int c = 0; c < 2; c++) {
                 x1[c] = acc[dt][2 * half + c] * scale;
                 x2[c] = acc[dt + kHalfTiles][2 * half + c] * scale;
-                rope_back(x1[c], x2[c], angles[dt * 8 + 2 * quad + c]);
+                rope_back(x1[c], x2[c], angle(half, dt, c));
             }
             *reinterpret_cast<mb::bf162 *>(out + dt * 8 + 2 * quad) = __floats2bfloat162_rn(x1[0], x1[1]);
             *reinterpret_cast<mb::bf162 *>(out + D / 2 + dt * 8 + 2 * quad) = __floats2bfloat162_rn(x2[0], x2[1]);
         }
     }
+}
+
+/* store_rows_rotated with the angles read from rope = the table of mb_cuda_rope_table ([token][D/2] (cos, sin)). */
+template <int D>
+__device__ __forceinline__ void store_rows_rope_back(mb::bf16 *dst, size_t row_stride,
+                                                     const float acc[shape<D>::d_tiles][4], int row_a, int row_end,
+                                                     float scale, const float2 *rope) {
+    const int quad = threadIdx.x % 4;
+    store_rows_rotated<D>(dst, row_stride, acc, row_a, row_end, scale, [&](int half, int dt, int c) {
+        return rope[(size_t)(row_a + 8 * half) * (D / 2) + dt * 8 + 2 * quad + c];
+    });
 }
 
 /* store_rows, or store_rows_rope_back when a table is given (uniform). */
