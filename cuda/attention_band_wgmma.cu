@@ -542,25 +542,38 @@ __device__ __forceinline__ void tile_forward(mb::bf16 *out, float *lse, const ri
     }
 }
 
+/* A ring kernel's shared memory: the 1024-aligned slots and the mbarriers. */
+struct ring_memory {
+    uint32_t ring, full, empty; /* shared addresses: the slots, full[kRing], empty[kRing] */
+};
+
+/* Thread 0 initialises the barriers (full: the producer warp's 32 lanes; empty: consumer_warps arrivals), then the
+ * block synchronises. */
+__device__ __forceinline__ ring_memory setup_ring(unsigned char *shared_raw, uint64_t (&barriers)[2 * kRing],
+                                                  int consumer_warps) {
+    const ring_memory m = {(shared_address(shared_raw) + 1023u) & ~1023u, shared_address(barriers),
+                           shared_address(barriers) + 8 * kRing};
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < kRing; s++) {
+            mbarrier_init(m.full + 8 * s, mb::kWarpSize);
+            mbarrier_init(m.empty + 8 * s, consumer_warps);
+        }
+    }
+    __syncthreads();
+    return m;
+}
+
 #endif /* MB_WGMMA_SM90 || host pass */
 
 __global__ void __launch_bounds__(kThreads, 1)
     band_ring_backward_kernel(mb::bf16 *dqkv, const mb::bf16 *dout, const float *lse, const float *delta,
                               const mb::bf16 *qkv, ring_args a) {
 #if MB_WGMMA_SM90
-    __shared__ __align__(8) uint64_t barriers[2 * kRing]; /* full[kRing], empty[kRing] */
+    __shared__ __align__(8) uint64_t barriers[2 * kRing];
     extern __shared__ __align__(1024) unsigned char shared_raw[];
-    const uint32_t ring = (shared_address(shared_raw) + 1023u) & ~1023u;
-    const uint32_t full = shared_address(barriers), empty = full + 8 * kRing;
     const work_range w = block_work(a);
     if (w.u >= w.u_end) return; /* spare block (uniform) */
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < kRing; s++) {
-            mbarrier_init(full + 8 * s, mb::kWarpSize);
-            mbarrier_init(empty + 8 * s, kConsumerWarps);
-        }
-    }
-    __syncthreads();
+    const auto [ring, full, empty] = setup_ring(shared_raw, barriers, kConsumerWarps);
     const int group = threadIdx.x / 128;
     if (group == 2) {
         registers_decrease<kProducerRegisters>();
@@ -584,19 +597,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 __global__ void __launch_bounds__(kFwdThreads, kFwdBlocksPerSm)
     band_ring_forward_kernel(mb::bf16 *out, float *lse, const mb::bf16 *qkv, ring_args a) {
 #if MB_WGMMA_SM90
-    __shared__ __align__(8) uint64_t barriers[2 * kRing]; /* full[kRing], empty[kRing] */
+    __shared__ __align__(8) uint64_t barriers[2 * kRing];
     extern __shared__ __align__(1024) unsigned char shared_raw[];
-    const uint32_t ring = (shared_address(shared_raw) + 1023u) & ~1023u;
-    const uint32_t full = shared_address(barriers), empty = full + 8 * kRing;
     const work_range w = block_work(a);
     if (w.u >= w.u_end) return; /* spare block (uniform) */
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < kRing; s++) {
-            mbarrier_init(full + 8 * s, mb::kWarpSize);
-            mbarrier_init(empty + 8 * s, 4); /* the consumer warpgroup's warps */
-        }
-    }
-    __syncthreads();
+    const auto [ring, full, empty] = setup_ring(shared_raw, barriers, 4); /* one consumer warpgroup */
     if (threadIdx.x >= 128)
         produce<false>(ring, full, empty, qkv, nullptr, nullptr, nullptr, w, a);
     else
