@@ -57,6 +57,12 @@ constexpr size_t kMaxHostLogits = (size_t)1 << 22;
  * chunk of logits is kept (8192 × 50,368 bf16 = 0.8 GB instead of 30 KB per token: 6.7 GB at 221 k tokens) and the
  * backward re-runs the chunk's decoder GEMM. */
 constexpr int kDecoderChunkRows = 8192; /* MB_DECODER_CHUNK_ROWS overrides it (tests) */
+/* The MLM head runs on its labelled rows padded with ignored rows (target -1: loss 0, gradient 0) to a multiple of
+ * this, so that its GEMM shapes recur from batch to batch: a new shape costs a cuBLASLt heuristic query on the host,
+ * and at the start of the backward the device waits for the host (≈ 1.5-3 ms per step at 1024 before). The padding
+ * costs at most 255 rows of head work (≈ 2.5 % of the head's ≈ 10 k rows per 32 k tokens). MB_HEAD_ROW_MULTIPLE
+ * overrides it (1: no padding). */
+constexpr int kHeadRowMultiple = 256;
 constexpr size_t kAlign = 256;
 
 #define TRY(call)                                                                                                 \
@@ -96,6 +102,7 @@ struct profiler {
 struct batch_state {
     int tokens, sequences, rows, classes;
     int forward_done;
+    int label_rows; /* the batch's own head rows; rows adds the MLM head's padding (kHeadRowMultiple) */
 };
 
 struct cuda_backend {
@@ -155,6 +162,7 @@ struct cuda_backend {
     int deterministic;               /* MB_DETERMINISTIC=1: bit-reproducible attention backward (slower) */
     int recompute;                   /* mb_recompute: which activations the backward rebuilds instead of keeping */
     int decoder_chunk_rows;          /* kDecoderChunkRows unless MB_DECODER_CHUNK_ROWS */
+    int head_row_multiple;           /* kHeadRowMultiple unless MB_HEAD_ROW_MULTIPLE */
     profiler *prof;                  /* NULL unless MB_PROFILE=1 */
 };
 
@@ -341,6 +349,8 @@ int scratch_need(const mb_config *cfg, const budget *bud, size_t *bytes, mb_erro
         size_t s = mb_cuda_linear_backward_scratch_bytes(shape[0], shape[1]);
         if (s > need) need = s;
     }
+    size_t loss = mb_cuda_cross_entropy_backward_bias_scratch_bytes(rows, classes);
+    if (loss > need) need = loss;
     size_t ln = mb_cuda_layernorm_backward_scratch_bytes(n, H);
     if (ln > need) need = ln;
     ln = mb_cuda_layernorm_backward_scratch_bytes(rows, H);
@@ -489,6 +499,12 @@ int ensure_budget(cuda_backend *c, const mb_config *cfg, budget need, mb_error *
 
 /* ---- forward ---- */
 
+/* The MLM head's rows padded to a multiple of c->head_row_multiple (kHeadRowMultiple); other heads unpadded. */
+int padded_head_rows(const cuda_backend *c, const mb_config *cfg, int rows) {
+    if (cfg->head != MB_HEAD_MASKED_LM || rows == 0) return rows;
+    return (int)round_up(rows, c->head_row_multiple);
+}
+
 int count_head_rows(const mb_batch *batch, const mb_config *cfg) {
     if (cfg->head != MB_HEAD_MASKED_LM) return batch->sequence_count;
     int rows = 0;
@@ -509,6 +525,10 @@ int upload_batch(cuda_backend *c, const mb_config *cfg, const mb_batch *batch, i
                 c->host_targets[r] = batch->labels[i];
                 r++;
             }
+        for (; r < rows; r++) { /* padding: token 0's row, ignored (kHeadRowMultiple) */
+            c->host_rows[r] = 0;
+            c->host_targets[r] = -1;
+        }
     } else {
         for (int s = 0; s < S; s++) {
             c->host_rows[s] = batch->cu_seqlens[s]; /* the cls token (used by cls pooling) */
@@ -630,7 +650,7 @@ int head_forward(cuda_backend *c, const mb_config *cfg, mb_error *err) {
     int H = cfg->hidden_size, rows = c->batch.rows, classes = c->batch.classes;
     int is_mlm = cfg->head == MB_HEAD_MASKED_LM;
     MB_NVTX_RANGE("head_forward");
-    mark(c, "head fwd (gather, dense, norm, decoder, loss)");
+    mark(c, "head fwd (gather, dense, norm)");
     if (!is_mlm && cfg->classifier_pooling == MB_POOLING_MEAN)
         TRY(mean_pool_forward(c, rows, H, err));
     else
@@ -645,7 +665,9 @@ int head_forward(cuda_backend *c, const mb_config *cfg, mb_error *err) {
     for (int r0 = 0; r0 < rows; r0 += chunk) {
         int count = rows - r0 < chunk ? rows - r0 : chunk;
         mb_bf16 *z = chunk_logits(c, r0);
+        mark(c, "head fwd (decoder)");
         TRY(decoder_forward(c, cfg, z, r0, count, err));
+        mark(c, "head fwd (loss)");
         if (is_regression(cfg))
             TRY(mb_cuda_mse(nullptr, c->row_loss + r0, z, c->sequence_labels + r0, count, 1.0f, c->stream, err));
         else
@@ -657,11 +679,11 @@ int head_forward(cuda_backend *c, const mb_config *cfg, mb_error *err) {
 
 /* The one device→host transfer of the step: the loss sum, and the bf16 logits when they are returned. */
 int finish_forward(cuda_backend *c, const mb_config *cfg, mb_forward_result *result, mb_error *err) {
-    int rows = c->batch.rows, classes = c->batch.classes;
+    int rows = c->batch.label_rows, classes = c->batch.classes; /* the padding rows come after these */
     size_t logit_count = (size_t)rows * classes;
     /* with recompute the buffer holds only the last chunk's logits: returned only when that is all of them */
     int want_logits = logit_count <= host_logit_capacity(cfg, &c->cap) &&
-                      (logits_kept(c) || rows <= head_chunk_rows(c, cfg, rows));
+                      (logits_kept(c) || c->batch.rows <= head_chunk_rows(c, cfg, c->batch.rows));
     c->host_scalars[0] = 0.0;
     if (rows > 0)
         MB_CUDA_CHECK(err, cudaMemcpyAsync(c->host_scalars, c->device_scalars, sizeof(double), cudaMemcpyDeviceToHost,
@@ -687,9 +709,9 @@ int cuda_forward(mb_backend *b, const mb_batch *batch, mb_forward_result *result
     const mb_config *cfg = &b->config;
     memset(result, 0, sizeof *result);
     TRY(mb_batch_validate(batch, cfg, err));
-    int rows = count_head_rows(batch, cfg);
+    int label_rows = count_head_rows(batch, cfg), rows = padded_head_rows(c, cfg, label_rows);
     TRY(ensure_budget(c, cfg, budget{batch->token_count, batch->sequence_count, rows}, err));
-    c->batch = batch_state{batch->token_count, batch->sequence_count, rows, head_classes(cfg), 0};
+    c->batch = batch_state{batch->token_count, batch->sequence_count, rows, head_classes(cfg), 0, label_rows};
     MB_NVTX_RANGE("forward");
     TRY(upload_batch(c, cfg, batch, rows, err));
     TRY(embeddings_forward(c, cfg, batch->token_count, err));
@@ -732,17 +754,34 @@ int head_backward(cuda_backend *c, const mb_config *cfg, mb_bf16 *d_final, float
         if (!logits_kept(c)) {
             mark(c, "recompute (decoder)");
             TRY(decoder_forward(c, cfg, z, r0, count, err));
-            mark(c, "head bwd");
         }
-        if (is_regression(cfg))
+        mark(c, "head bwd (loss)");
+        bool bias_done = false;
+        if (is_regression(cfg)) {
             TRY(mb_cuda_mse(z, c->row_loss + r0, z, c->sequence_labels + r0, count, grad_scale, c->stream, err));
-        else
+        } else if (dbias != nullptr) { /* the bias gradient from the gradient's registers, not a second read */
+            TRY(mb_cuda_cross_entropy_backward_bias(z, dbias, c->scratch, c->row_lse + r0, c->targets + r0, count,
+                                                    classes, grad_scale, c->stream, err));
+            bias_done = true;
+        } else {
             TRY(mb_cuda_cross_entropy_backward(z, c->row_lse + r0, c->targets + r0, count, classes, grad_scale,
                                                c->stream, err));
-        TRY(mb_cuda_linear_backward(c->matmul, c->d_head + (size_t)r0 * H, dweight, dbias, c->scratch, z,
-                                    c->head_norm + (size_t)r0 * H, copy_of(c, weight), count, H, classes, 0,
+        }
+        /* separate calls rather than one so that the profile tells the decoder's parts apart */
+        const mb_bf16 *x = c->head_norm + (size_t)r0 * H, *w = copy_of(c, weight);
+        mark(c, "head bwd (decoder dx)");
+        TRY(mb_cuda_linear_backward(c->matmul, c->d_head + (size_t)r0 * H, nullptr, nullptr, nullptr, z, x, w, count,
+                                    H, classes, 0, c->stream, err));
+        mark(c, "head bwd (decoder dW)");
+        TRY(mb_cuda_linear_backward(c->matmul, nullptr, dweight, nullptr, nullptr, z, x, w, count, H, classes, 0,
                                     c->stream, err));
+        if (!bias_done) {
+            mark(c, "head bwd (decoder bias)");
+            TRY(mb_cuda_linear_backward(c->matmul, nullptr, nullptr, dbias, c->scratch, z, x, w, count, H, classes, 0,
+                                        c->stream, err));
+        }
     }
+    mark(c, "head bwd (norm, dense, scatter)");
     TRY(mb_cuda_layernorm_backward(c->d_head2, c->g.head_norm, c->g.head_norm_bias, c->scratch, c->d_head, c->head_act,
                                    c->head_mean, c->head_rstd, c->w.head_norm, rows, H, 0, c->stream, err));
     TRY(mb_cuda_activation_backward(c->d_head, c->d_head2, c->head_dense, (size_t)rows * H,
@@ -750,7 +789,7 @@ int head_backward(cuda_backend *c, const mb_config *cfg, mb_bf16 *d_final, float
     TRY(mb_cuda_linear_backward(c->matmul, c->d_head2, c->g.head_dense, c->g.head_dense_bias, c->scratch, c->d_head,
                                 c->head_inputs, copy_of(c, c->w.head_dense), rows, H, H, 0, c->stream, err));
     if (!is_mlm && cfg->classifier_pooling == MB_POOLING_MEAN) return mean_pool_backward(c, d_final, c->d_head2, rows, H, err);
-    return scatter_rows(c, d_final, c->d_head2, rows, n, H, err);
+    return scatter_rows(c, d_final, c->d_head2, c->batch.label_rows, n, H, err); /* not the padding rows */
 }
 
 /* Recompute: rebuilds the MLP block's inputs of layer l that the forward did not keep — the same kernels on the same
@@ -1323,6 +1362,8 @@ int build(mb_backend *b, cuda_backend *c, mb_error *err) {
     c->deterministic = deterministic != nullptr && strcmp(deterministic, "1") == 0;
     const char *chunk = getenv("MB_DECODER_CHUNK_ROWS"); /* tests: small chunks on small batches */
     c->decoder_chunk_rows = chunk != nullptr && atoi(chunk) > 0 ? atoi(chunk) : kDecoderChunkRows;
+    const char *multiple = getenv("MB_HEAD_ROW_MULTIPLE");
+    c->head_row_multiple = multiple != nullptr && atoi(multiple) > 0 ? atoi(multiple) : kHeadRowMultiple;
     const char *profile = getenv("MB_PROFILE");
     if (profile != nullptr && strcmp(profile, "1") == 0) {
         c->prof = static_cast<profiler *>(calloc(1, sizeof(profiler)));

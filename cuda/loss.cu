@@ -127,6 +127,45 @@ __global__ void __launch_bounds__(kLossThreads)
                                 grad_scale);
 }
 
+/* The gradient of cross_entropy_backward_kernel, tiled for column sums: block (column slice of 8 × kLossThreads
+ * classes, row chunk of column_sum_chunks' partition); each thread rewrites its 8 classes of every row of the chunk
+ * and adds the bf16-rounded values (what the decoder's GEMMs then read) into partial[chunk][class], row by row in
+ * order. column_sums_finish_kernel then adds the chunks in order: the bias gradient without reading the gradient
+ * back from memory, bit-reproducible. Needs a multiple of 8 classes and 16-byte rows. */
+__global__ void __launch_bounds__(kLossThreads)
+    cross_entropy_backward_bias_kernel(mb::bf16 *logits, float *partial, const float *row_lse,
+                                       const int32_t *targets, int rows, int classes, float grad_scale) {
+    int chunk = blockIdx.y, chunks = gridDim.y, rows_per_chunk = mb::ceil_div(rows, chunks);
+    int begin = chunk * rows_per_chunk, end = min(rows, begin + rows_per_chunk);
+    int first = (blockIdx.x * kLossThreads + threadIdx.x) * 8; /* this thread's 8 classes */
+    if (first >= classes) return;
+    float sums[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    for (int r0 = begin; r0 < end; r0 += kUnroll) {
+        mb::bf16x8 packed[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; u++)
+            if (r0 + u < end) packed[u] = mb::load_bf16x8(logits + (size_t)(r0 + u) * classes + first);
+#pragma unroll
+        for (int u = 0; u < kUnroll; u++) {
+            int row = r0 + u;
+            if (row >= end) continue;
+            int target = targets[row];
+            bool ignored = target < 0 || target >= classes;
+            float lse = row_lse[row], values[8];
+            mb::unpack_bf16x8(packed[u], values);
+#pragma unroll
+            for (int k = 0; k < 8; k++) values[k] = logit_gradient(values[k], lse, first + k == target, ignored, grad_scale);
+            mb::bf16x8 gradient = mb::pack_bf16x8(values);
+            mb::store_bf16x8(logits + (size_t)row * classes + first, gradient);
+            mb::unpack_bf16x8(gradient, values);
+#pragma unroll
+            for (int k = 0; k < 8; k++) sums[k] += values[k];
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < 8; k++) partial[(size_t)chunk * classes + first + k] = sums[k];
+}
+
 __global__ void mse_kernel(mb::bf16 *dpredictions, float *row_loss, const mb::bf16 *predictions,
                            const float *targets, int rows, float grad_scale) {
     int r = blockIdx.x * blockDim.x + threadIdx.x;
@@ -143,6 +182,15 @@ __global__ void __launch_bounds__(kSumThreads) sum_kernel(double *total, const f
     sum = mb::block_sum(sum, reduce);
     if (threadIdx.x == 0) *total = sum;
 }
+
+/* Column-sum term of the stored gradient (the scalar path of mb_cuda_cross_entropy_backward_bias). */
+struct gradient_term {
+    const mb::bf16 *gradient;
+    int classes;
+    __device__ void operator()(int row, int col, float &sum, float &) const {
+        sum += mb::to_float(gradient[(size_t)row * classes + col]);
+    }
+};
 
 /* 16-byte rows: a multiple of 8 classes on a 16-byte aligned buffer. */
 bool vector_rows(const void *logits, int classes) {
@@ -184,6 +232,38 @@ extern "C" int mb_cuda_cross_entropy_backward(mb_bf16 *logits_to_dlogits, const 
         cross_entropy_backward_kernel<false><<<rows, kLossThreads, 0, stream>>>(z, row_lse, targets, classes,
                                                                                 grad_scale);
     MB_CUDA_CHECK_LAUNCH(err, "cross_entropy_backward_kernel");
+    return 0;
+}
+
+extern "C" size_t mb_cuda_cross_entropy_backward_bias_scratch_bytes(int rows, int classes) {
+    return mb::column_sum_scratch_floats(rows, classes, 1) * sizeof(float);
+}
+
+extern "C" int mb_cuda_cross_entropy_backward_bias(mb_bf16 *logits_to_dlogits, float *dbias, void *scratch,
+                                                   const float *row_lse, const int32_t *targets, int rows, int classes,
+                                                   float grad_scale, cudaStream_t stream, mb_error *err) {
+    MB_REQUIRE(err, logits_to_dlogits && dbias && scratch && row_lse && targets,
+               "cross_entropy_backward_bias: missing logits, dbias, scratch, lse or targets");
+    MB_REQUIRE(err, rows >= 0 && classes > 0, "cross_entropy_backward_bias: bad shape rows %d, classes %d", rows,
+               classes);
+    if (rows == 0) return 0;
+    mb::bf16 *z = reinterpret_cast<mb::bf16 *>(logits_to_dlogits);
+    if (!vector_rows(z, classes)) { /* scalar rows (a classifier's few labels): the gradient, then its column sums */
+        if (mb_cuda_cross_entropy_backward(logits_to_dlogits, row_lse, targets, rows, classes, grad_scale, stream,
+                                           err) != 0)
+            return -1;
+        return mb::column_sums<1>(dbias, nullptr, static_cast<float *>(scratch), gradient_term{z, classes}, rows,
+                                  classes, stream, err);
+    }
+    MB_NVTX_RANGE("cross_entropy_backward_bias");
+    int chunks = mb::column_sum_chunks(rows);
+    dim3 grid(mb::ceil_div(classes, 8 * kLossThreads), chunks);
+    float *partial = static_cast<float *>(scratch);
+    cross_entropy_backward_bias_kernel<<<grid, kLossThreads, 0, stream>>>(z, partial, row_lse, targets, rows, classes,
+                                                                          grad_scale);
+    MB_CUDA_CHECK_LAUNCH(err, "cross_entropy_backward_bias_kernel");
+    mb::column_sums_finish_kernel<<<mb::ceil_div(classes, 256), 256, 0, stream>>>(dbias, partial, chunks, classes);
+    MB_CUDA_CHECK_LAUNCH(err, "column_sums_finish_kernel");
     return 0;
 }
 

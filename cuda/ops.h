@@ -63,6 +63,11 @@ void mb_cuda_matmul_destroy(mb_cuda_matmul *matmul);
 /* For tests: on != 0 sends every GEMM through the simple fallback kernel that also serves shapes cuBLASLt has no
  * algorithm for, so both paths are checked against the CPU. */
 void mb_cuda_matmul_force_fallback(mb_cuda_matmul *matmul, int on);
+/* How many of cuBLASLt's candidates tuning compares on a shape's second sighting (< 2: none; the default is 8 or
+ * MB_GEMM_TUNE). Tuning keeps only candidates whose output is bit-identical to the heuristic's first choice. */
+void mb_cuda_matmul_set_tuning(mb_cuda_matmul *matmul, int candidates);
+/* Shapes tuned so far, and how many of them run a candidate other than the heuristic's first choice. */
+void mb_cuda_matmul_tuning_counts(const mb_cuda_matmul *matmul, int *tuned, int *changed);
 
 /* y[n, out] = x[n, in] · W[out, in]^T (+ bias[out]) (+ residual[n, out]). bias and residual may be NULL;
  * residual may equal y (adds the product into y: the residual stream update). */
@@ -180,6 +185,14 @@ int mb_cuda_cross_entropy(mb_bf16 *logits_to_dlogits, float *row_loss, float *ro
  * mb_cuda_cross_entropy with write_dlogits. */
 int mb_cuda_cross_entropy_backward(mb_bf16 *logits_to_dlogits, const float *row_lse, const int32_t *targets, int rows,
                                    int classes, float grad_scale, cudaStream_t stream, mb_error *err);
+/* mb_cuda_cross_entropy_backward, and dbias[c] += Σ_r of the written (bf16) gradient in the same pass: the decoder
+ * bias's gradient without reading the gradient back (column sums in a fixed order, bit-reproducible). scratch: at
+ * least mb_cuda_cross_entropy_backward_bias_scratch_bytes(rows, classes) bytes, which is no more than
+ * mb_cuda_linear_backward_scratch_bytes(rows, classes). */
+size_t mb_cuda_cross_entropy_backward_bias_scratch_bytes(int rows, int classes);
+int mb_cuda_cross_entropy_backward_bias(mb_bf16 *logits_to_dlogits, float *dbias, void *scratch, const float *row_lse,
+                                        const int32_t *targets, int rows, int classes, float grad_scale,
+                                        cudaStream_t stream, mb_error *err);
 /* row_loss[r] = (p_r − t_r)²; dpredictions (may be NULL, may alias predictions) = 2(p − t)·grad_scale. */
 int mb_cuda_mse(mb_bf16 *dpredictions, float *row_loss, const mb_bf16 *predictions, const float *targets, int rows,
                 float grad_scale, cudaStream_t stream, mb_error *err);

@@ -560,3 +560,45 @@ Test(gpu_model, decoder_chunks_match_cpu_and_unchunked) {
     mb_model_free(&model);
     unsetenv("MB_DETERMINISTIC");
 }
+
+/* The MLM head pads its labelled rows with ignored ones (MB_HEAD_ROW_MULTIPLE, default 256) so that its GEMM shapes
+ * recur. The padding must not show: the same loss and row count, the same logits for the real rows, gradients that
+ * match the CPU's and the unpadded run's (the padded GEMMs may sum in other blocks), and no padding row scattered
+ * over token 0's gradient (token 0 is labelled here). */
+Test(gpu_model, head_row_padding_is_invisible) {
+    require_gpu();
+    mb_model model;
+    mb_batch_file batch;
+    load_fixture("mlm_biases_untied_silu_every3", &model, &batch);
+    cr_assert_neq(batch.batch.labels[0], -100, "the fixture batch must label token 0 for this test");
+    setenv("MB_HEAD_ROW_MULTIPLE", "1", 1);
+    mb_backend *unpadded = make_backend("cuda", &model.config, model.params);
+    setenv("MB_HEAD_ROW_MULTIPLE", "64", 1);
+    mb_backend *padded = make_backend("cuda", &model.config, model.params);
+    unsetenv("MB_HEAD_ROW_MULTIPLE");
+    mb_backend *cpu = make_backend("cpu", &model.config, model.params);
+    step_output ref, plain, pad;
+    forward_backward(cpu, &batch.batch, &ref);
+    forward_backward(unpadded, &batch.batch, &plain);
+    forward_backward(padded, &batch.batch, &pad);
+    cr_assert_eq(pad.loss_count, ref.loss_count, "padded head: %d loss rows, the batch has %d", pad.loss_count,
+                 ref.loss_count);
+    cr_assert(pad.loss_count % 64 != 0, "the fixture's %d labelled rows need padding for this test", pad.loss_count);
+    cr_expect_eq(pad.loss, plain.loss, "padded vs unpadded loss %.9f vs %.9f", pad.loss, plain.loss);
+    cr_assert_eq(pad.logit_rows, plain.logit_rows, "padded head returned %d logit rows, unpadded %d", pad.logit_rows,
+                 plain.logit_rows);
+    cr_assert_not_null(pad.logits);
+    cr_assert_not_null(plain.logits);
+    size_t logit_count = (size_t)pad.logit_rows * pad.logit_cols, differing = 0;
+    for (size_t i = 0; i < logit_count; i++) differing += pad.logits[i] != plain.logits[i];
+    cr_expect_eq(differing, 0, "padding changed %zu of %zu logits", differing, logit_count);
+    expect_loss("padded head vs cpu", pad.loss, ref.loss);
+    compare_grads("padded head vs cpu", &model.table, pad.grads, ref.grads);
+    double error = relative_error(pad.grads, plain.grads, model.table.total_numel);
+    cr_log_info("padded vs unpadded head: gradients differ by %.3g", error);
+    cr_expect(error < 5e-3, "padded vs unpadded head: gradients differ by %.3g", error);
+    step_output_free(&ref), step_output_free(&plain), step_output_free(&pad);
+    mb_backend_destroy(unpadded), mb_backend_destroy(padded), mb_backend_destroy(cpu);
+    mb_batch_file_free(&batch);
+    mb_model_free(&model);
+}

@@ -248,6 +248,71 @@ Test(gpu_ops, linear) {
     mb_cuda_matmul_destroy(matmul);
 }
 
+/* The outputs of one linear forward (residual added in place) and backward (dx and dW accumulated) on inputs drawn
+ * from `seed`, run `calls` times from the same starting buffers; the last call's y, dx and dW bytes into *bytes_out. */
+static unsigned char *linear_output_bytes(mb_cuda_matmul *matmul, int n, int in, int out, uint64_t seed, int calls,
+                                          size_t *bytes_out) {
+    size_t nx = (size_t)n * in, nw = (size_t)out * in, ny = (size_t)n * out;
+    size_t y_bytes = ny * sizeof(mb_bf16), dx_bytes = nx * sizeof(mb_bf16), dw_bytes = nw * sizeof(float);
+    unsigned char *bytes = malloc(y_bytes + dx_bytes + dw_bytes);
+    mb_error err = {{0}};
+    for (int call = 0; call < calls; call++) {
+        mb_rng rng;
+        mb_rng_seed(&rng, seed);
+        float *x, *w, *y0, *dy, *dx0;
+        mb_bf16 *d_x = random_bf16(&rng, nx, 0.0, 1.0, &x), *d_w = random_bf16(&rng, nw, 0.0, 0.05, &w);
+        mb_bf16 *d_y = random_bf16(&rng, ny, 0.0, 1.0, &y0), *d_dy = random_bf16(&rng, ny, 0.0, 1.0, &dy);
+        mb_bf16 *d_dx = random_bf16(&rng, nx, 0.0, 1.0, &dx0);
+        float *dw0 = random_floats(&rng, nw, 0.0, 1.0), *d_dw = to_device(dw0, dw_bytes);
+        launched(mb_cuda_linear_forward(matmul, d_y, d_x, d_w, NULL, d_y, n, in, out, test_stream, &err), &err,
+                 "linear_forward");
+        launched(mb_cuda_linear_backward(matmul, d_dx, d_dw, NULL, NULL, d_dy, d_x, d_w, n, in, out, 1, test_stream,
+                                         &err), &err, "linear_backward");
+        download(bytes, d_y, y_bytes);
+        download(bytes + y_bytes, d_dx, dx_bytes);
+        download(bytes + y_bytes + dx_bytes, d_dw, dw_bytes);
+        free(x), free(w), free(y0), free(dy), free(dx0), free(dw0);
+        cudaFree(d_x), cudaFree(d_w), cudaFree(d_y), cudaFree(d_dy), cudaFree(d_dx), cudaFree(d_dw);
+    }
+    *bytes_out = y_bytes + dx_bytes + dw_bytes;
+    return bytes;
+}
+
+/* GEMM tuning (second sighting of a shape) keeps only candidates whose output is bit-identical to cuBLASLt's first
+ * choice, and runs them into scratch memory: the tuned call must give exactly the untuned context's bits, with the
+ * in-place residual, dx and dW accumulated once. */
+Test(gpu_ops, linear_tuning_is_bit_identical) {
+    require_gpu();
+    mb_error err = {{0}};
+    mb_cuda_matmul *tuned = NULL, *plain = NULL;
+    cr_assert_eq(mb_cuda_matmul_create(&tuned, &err), 0, "matmul_create: %s", err.message);
+    cr_assert_eq(mb_cuda_matmul_create(&plain, &err), 0, "matmul_create: %s", err.message);
+    mb_cuda_matmul_set_tuning(tuned, 8);
+    mb_cuda_matmul_set_tuning(plain, 0);
+    int shapes[][3] = {{4096, 768, 2304}, {4096, 1152, 768}, {size_for(2051, 301), 768, 768}};
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+        int n = shapes[i][0], in = shapes[i][1], out = shapes[i][2];
+        size_t bytes = 0, plain_bytes = 0;
+        unsigned char *want = linear_output_bytes(plain, n, in, out, 40 + i, 1, &plain_bytes);
+        unsigned char *got = linear_output_bytes(tuned, n, in, out, 40 + i, 2, &bytes);
+        char what[96];
+        snprintf(what, sizeof what, "tuned linear (n %d, in %d, out %d)", n, in, out);
+        cr_assert_eq(bytes, plain_bytes);
+        expect_same_bits(what, got, want, bytes);
+        free(want), free(got);
+    }
+    int tuned_shapes = 0, changed = 0, plain_tuned = 0;
+    mb_cuda_matmul_tuning_counts(tuned, &tuned_shapes, &changed);
+    mb_cuda_matmul_tuning_counts(plain, &plain_tuned, &changed);
+    cr_expect_eq(plain_tuned, 0, "tuning set to 0 candidates still tuned %d shapes", plain_tuned);
+    mb_cuda_matmul_tuning_counts(tuned, &tuned_shapes, &changed);
+    cr_expect(tuned_shapes >= 3, "only %d of the 9 GEMM shapes were tuned: the test would prove little", tuned_shapes);
+    cr_log_info("linear tuning: %d shapes tuned, %d run another candidate than cuBLASLt's first\n", tuned_shapes,
+                changed);
+    mb_cuda_matmul_destroy(tuned);
+    mb_cuda_matmul_destroy(plain);
+}
+
 /* ================================================================================================= layernorm */
 
 static void run_layernorm(int n, int h, int with_bias, int accumulate_dx, int dx_aliases_dy, uint64_t seed) {
@@ -1057,6 +1122,68 @@ Test(gpu_ops, cross_entropy) {
     run_cross_entropy(size_for(100, 10), 3, 1, 103);
     run_cross_entropy(9, 1000, 0, 104); /* loss only: the logits stay untouched */
     run_cross_entropy(5, 1003, 1, 105); /* a row length that is not a multiple of 8: the scalar path */
+}
+
+/* The fused gradient + bias column sums: the gradient bit-identical to mb_cuda_cross_entropy_backward's, the bias
+ * gradient equal to db0 + Σ_rows of that (bf16) gradient, and the same bits when run again. */
+static void run_cross_entropy_bias(int rows, int classes, uint64_t seed) {
+    mb_rng rng;
+    mb_rng_seed(&rng, seed);
+    mb_error err = {{0}};
+    size_t count = (size_t)rows * classes, bytes = count * sizeof(mb_bf16);
+    float *logits;
+    mb_bf16 *d_plain = random_bf16(&rng, count, 0.0, 2.0, &logits);
+    int32_t *targets = malloc((size_t)rows * sizeof(int32_t));
+    for (int r = 0; r < rows; r++) targets[r] = (int32_t)mb_rng_below(&rng, (uint64_t)classes);
+    if (rows > 2) targets[1] = -100; /* ignored rows: zero gradient */
+    if (rows > 5) targets[rows - 1] = -1;
+    int32_t *d_targets = to_device(targets, (size_t)rows * sizeof(int32_t));
+    float *d_loss = dev_alloc((size_t)rows * sizeof(float)), *d_lse = dev_alloc((size_t)rows * sizeof(float));
+    float scale = 1.0f / (float)rows;
+    launched(mb_cuda_cross_entropy(d_plain, d_loss, d_lse, d_targets, rows, classes, scale, 0, test_stream, &err), &err,
+             "cross_entropy");
+    mb_bf16 *d_fused[2] = {dev_alloc(bytes), dev_alloc(bytes)};
+    float *db0 = random_floats(&rng, (size_t)classes, 0.0, 1.0), *db[2];
+    void *scratch = dev_alloc(mb_cuda_cross_entropy_backward_bias_scratch_bytes(rows, classes));
+    cr_assert_leq(mb_cuda_cross_entropy_backward_bias_scratch_bytes(rows, classes),
+                  mb_cuda_linear_backward_scratch_bytes(rows, classes));
+    for (int run = 0; run < 2; run++) {
+        cr_assert_eq(cudaMemcpy(d_fused[run], d_plain, bytes, cudaMemcpyDeviceToDevice), cudaSuccess);
+        float *d_db = to_device(db0, (size_t)classes * sizeof(float));
+        launched(mb_cuda_cross_entropy_backward_bias(d_fused[run], d_db, scratch, d_lse, d_targets, rows, classes,
+                                                     scale, test_stream, &err), &err, "cross_entropy_backward_bias");
+        db[run] = download_floats(d_db, (size_t)classes);
+        cudaFree(d_db);
+    }
+    launched(mb_cuda_cross_entropy_backward(d_plain, d_lse, d_targets, rows, classes, scale, test_stream, &err), &err,
+             "cross_entropy_backward");
+    mb_bf16 *want = malloc(bytes), *got = malloc(bytes);
+    download(want, d_plain, bytes);
+    download(got, d_fused[0], bytes);
+    char what[128];
+    snprintf(what, sizeof what, "fused cross-entropy gradient (rows %d, classes %d)", rows, classes);
+    expect_same_bits(what, got, want, bytes);
+    float *db_ref = malloc((size_t)classes * sizeof(float));
+    for (int c = 0; c < classes; c++) {
+        double sum = db0[c];
+        for (int r = 0; r < rows; r++) sum += mb_bf16_to_float(want[(size_t)r * classes + c]);
+        db_ref[c] = (float)sum;
+    }
+    snprintf(what, sizeof what, "fused bias gradient (rows %d, classes %d)", rows, classes);
+    expect_close(what, db[0], db_ref, (size_t)classes, FP32_TOLERANCE);
+    snprintf(what, sizeof what, "fused bias gradient, second run (rows %d, classes %d)", rows, classes);
+    expect_same_bits(what, db[1], db[0], (size_t)classes * sizeof(float));
+    free(logits), free(targets), free(db0), free(db[0]), free(db[1]), free(want), free(got), free(db_ref);
+    cudaFree(d_plain), cudaFree(d_targets), cudaFree(d_loss), cudaFree(d_lse), cudaFree(d_fused[0]);
+    cudaFree(d_fused[1]), cudaFree(scratch);
+}
+
+Test(gpu_ops, cross_entropy_backward_bias) {
+    require_gpu();
+    run_cross_entropy_bias(1, 50368, 131);                                /* one row, the MLM width */
+    run_cross_entropy_bias(size_for(300, 130), size_for(50368, 2056), 132); /* several row chunks, a partial slice */
+    run_cross_entropy_bias(size_for(1031, 140), 24, 133);                  /* a few classes: most threads idle */
+    run_cross_entropy_bias(37, 1003, 134);                                 /* not a multiple of 8: the scalar path */
 }
 
 Test(gpu_ops, mse) {
