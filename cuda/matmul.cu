@@ -182,7 +182,7 @@ struct tuning_scratch {
 };
 
 /* 1 when the memory was there (0: tuning is skipped for this shape, the GEMM runs untuned), -1 on a CUDA error. */
-int tuning_scratch_create(tuning_scratch *t, const gemm_args &g, mb_error *err) {
+int tuning_scratch_create(tuning_scratch *t, const gemm_args &g, cudaStream_t stream, mb_error *err) {
     size_t element = g.c_type == CUDA_R_32F ? sizeof(float) : sizeof(mb::bf16);
     t->bytes = ((size_t)g.ldc * g.n * element + 255) / 256 * 256;
     if (cudaMalloc(&t->reference, 2 * t->bytes + 256) != cudaSuccess) {
@@ -193,7 +193,7 @@ int tuning_scratch_create(tuning_scratch *t, const gemm_args &g, mb_error *err) 
     t->trial = static_cast<char *>(t->reference) + t->bytes;
     t->differences = reinterpret_cast<unsigned *>(static_cast<char *>(t->trial) + t->bytes);
     /* zeroed: a layout with ldc > m leaves rows unwritten, and those must compare equal */
-    MB_CUDA_CHECK(err, cudaMemset(t->reference, 0, 2 * t->bytes + 256));
+    MB_CUDA_CHECK(err, cudaMemsetAsync(t->reference, 0, 2 * t->bytes + 256, stream)); /* ordered before the runs */
     MB_CUDA_CHECK(err, cudaEventCreate(&t->start));
     MB_CUDA_CHECK(err, cudaEventCreate(&t->stop));
     return 1;
@@ -249,7 +249,7 @@ int tuned_choice(mb_cuda_matmul *ctx, const gemm_args &g, const lt_descriptors &
                  mb_error *err) {
     *chosen = 0;
     tuning_scratch t;
-    int have = tuning_scratch_create(&t, g, err);
+    int have = tuning_scratch_create(&t, g, stream, err);
     if (have <= 0) return have;
     if (run_into(ctx, g, d, candidates[0].algo, t.reference, stream) != CUBLAS_STATUS_SUCCESS) return 0;
     float ms[kMaxCandidates], best = -1.0f;
