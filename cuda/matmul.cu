@@ -12,14 +12,14 @@
  * The heuristic's choice is cached per (shape, types, epilogue, pointer alignment), so repeated calls skip the query;
  * for a fixed choice cuBLASLt is bit-reproducible on a given GPU model.
  *
- * Tuning (docs/kernels/gemm.md): the heuristic's first choice is often not its fastest candidate on these shapes
+ * Tuning (docs/kernels/matmul.md): the heuristic's first choice is often not its fastest candidate on these shapes
  * (5-10 % slower on several of ModernBERT's). The second time a shape is seen, up to MB_GEMM_TUNE candidates
  * (default 8) are run once each into scratch memory; those whose output is bit-identical to the first choice's are
  * timed and the fastest is kept for the shape. Tuning therefore never changes a result — runs, resumes and ranks stay
  * bit-exact whatever the timings say — and accumulating GEMMs (beta = 1) leave their destination untouched while
- * tuned, since the scratch output reads C from the real operand. Shapes seen once (the MLM head's labelled rows vary
- * per batch) are not tuned, and at most kMaxTuned shapes per context are, so the one-off cost stays bounded
- * (≈ 10 ms a shape). Shapes for which cuBLASLt offers no
+ * tuned, since the scratch output reads C from the real operand. Shapes seen once are not tuned, and at most
+ * kMaxTuned shapes per context are, so the one-off cost stays bounded (3-10 ms a shape). Shapes for which cuBLASLt
+ * offers no
  * algorithm (possible for tiny odd widths such as a 1- or 3-label classifier) run through a plain one-thread-per-
  * output kernel with the same semantics. */
 #include <stdlib.h>
@@ -32,8 +32,14 @@
 namespace {
 
 constexpr size_t kWorkspaceBytes = 32u << 20; /* what llm.c found Hopper needs */
-constexpr int kCacheSize = 256;
-constexpr int kMaxTuned = 64;          /* tuned entries are never evicted; beyond this many, shapes stay untuned */
+/* The choices are kept in an open-addressing table that is never evicted: packed batches give the layers up to a few
+ * dozen token counts (the embedded corpus: 27 at 1024) and so a few hundred shapes, which must stay cached, or every
+ * step would query cuBLASLt's heuristic again (0.1-0.2 ms of host time each). Beyond kCacheLimit shapes (fine-tuning
+ * on unpacked batches of every length) new shapes go uncached: the heuristic on every call, as for the first
+ * sighting. */
+constexpr int kCacheSlots = 4096;                      /* a power of two */
+constexpr int kCacheLimit = kCacheSlots / 2;           /* keeps probe runs short */
+constexpr int kMaxTuned = 512;                         /* ≈ 3-10 ms each, once; beyond this, shapes stay untuned */
 constexpr int kDefaultCandidates = 8;  /* cuBLASLt offers 8 or fewer for ModernBERT's shapes on Hopper */
 constexpr int kMaxCandidates = 32;
 constexpr int kTimedRuns = 5;          /* after one warm-up run */
@@ -51,7 +57,7 @@ struct cache_entry {
     cublasLtMatmulAlgo_t algo;
     int used;
     int fallback; /* cuBLASLt offered no algorithm: use simple_gemm_kernel */
-    int tuned;    /* settled by a tuning attempt (pinned in the cache) */
+    int tuned;    /* settled by a tuning attempt: no more tuning for this shape */
 };
 
 }  // namespace
@@ -59,12 +65,12 @@ struct cache_entry {
 struct mb_cuda_matmul {
     cublasLtHandle_t handle;
     void *workspace;
-    cache_entry cache[kCacheSize];
-    int next_slot;       /* round-robin eviction over the untuned entries */
+    cache_entry cache[kCacheSlots]; /* by hash_key, linear probing */
+    int cached;                      /* entries in use */
     int force_fallback;  /* tests: every GEMM through simple_gemm_kernel */
     int tune_candidates; /* how many of the heuristic's candidates tuning compares; < 2: no tuning */
     int tune_log;        /* MB_GEMM_TUNE_LOG=1: one line per tuned shape on stderr */
-    int pinned_shapes;   /* entries settled by a tuning attempt */
+    int pinned_shapes;   /* entries settled by a tuning attempt (against kMaxTuned) */
     int tuned_shapes;    /* ... of which had candidates compared */
     int changed_shapes;  /* ... of which run another candidate than the heuristic's first */
 };
@@ -267,18 +273,19 @@ int tuned_choice(mb_cuda_matmul *ctx, const gemm_args &g, const lt_descriptors &
     return 1;
 }
 
-cache_entry *find_entry(mb_cuda_matmul *ctx, const gemm_key &key) {
-    for (int i = 0; i < kCacheSize; i++)
-        if (ctx->cache[i].used && same_key(ctx->cache[i].key, key)) return &ctx->cache[i];
-    return nullptr;
+/* FNV-1a over the key's bytes (make_key zeroes the padding). */
+uint32_t hash_key(const gemm_key &key) {
+    const unsigned char *bytes = reinterpret_cast<const unsigned char *>(&key);
+    uint32_t hash = 2166136261u;
+    for (size_t i = 0; i < sizeof key; i++) hash = (hash ^ bytes[i]) * 16777619u;
+    return hash;
 }
 
-/* A slot for a new shape: round robin over the entries that hold no tuned choice. */
-cache_entry *free_entry(mb_cuda_matmul *ctx) {
-    for (;;) {
-        cache_entry *slot = &ctx->cache[ctx->next_slot];
-        ctx->next_slot = (ctx->next_slot + 1) % kCacheSize;
-        if (!slot->tuned) return slot; /* kMaxTuned < kCacheSize, so one is always found */
+/* The key's entry, or else the empty slot where it would go (the table is at most half full, so there is one). */
+cache_entry *find_slot(mb_cuda_matmul *ctx, const gemm_key &key) {
+    for (uint32_t i = hash_key(key) & (kCacheSlots - 1);; i = (i + 1) & (kCacheSlots - 1)) {
+        cache_entry *slot = &ctx->cache[i];
+        if (!slot->used || same_key(slot->key, key)) return slot;
     }
 }
 
@@ -314,7 +321,7 @@ int heuristic_candidates(mb_cuda_matmul *ctx, const gemm_args &g, const lt_descr
 int choose_algo(mb_cuda_matmul *ctx, const gemm_args &g, const lt_descriptors &d, cudaStream_t stream,
                 cublasLtMatmulAlgo_t *algo, bool *fallback, mb_error *err) {
     gemm_key key = make_key(g);
-    cache_entry *entry = find_entry(ctx, key);
+    cache_entry *slot = find_slot(ctx, key), *entry = slot->used ? slot : nullptr;
     bool tune = ctx->tune_candidates > 1 && ctx->pinned_shapes < kMaxTuned;
     if (entry != nullptr && (entry->tuned || entry->fallback || !tune)) {
         *algo = entry->algo;
@@ -337,7 +344,13 @@ int choose_algo(mb_cuda_matmul *ctx, const gemm_args &g, const lt_descriptors &d
                 (query_end.tv_sec - query_start.tv_sec) * 1e3 + (query_end.tv_nsec - query_start.tv_nsec) * 1e-6);
     if (second_sighting && found > 1) compared = tuned_choice(ctx, g, d, candidates, found, stream, &chosen, err);
     if (compared < 0) return -1;
-    if (entry == nullptr) entry = free_entry(ctx);
+    *algo = found == 0 ? cublasLtMatmulAlgo_t{} : candidates[chosen].algo;
+    *fallback = found == 0;
+    if (entry == nullptr) {
+        if (ctx->cached >= kCacheLimit) return 0; /* the table is full: this shape stays uncached */
+        entry = slot;
+        ctx->cached++;
+    }
     entry->key = key;
     entry->used = 1;
     entry->fallback = found == 0;
@@ -346,8 +359,6 @@ int choose_algo(mb_cuda_matmul *ctx, const gemm_args &g, const lt_descriptors &d
     ctx->pinned_shapes += entry->tuned;
     ctx->tuned_shapes += compared;
     ctx->changed_shapes += chosen != 0;
-    *algo = entry->algo;
-    *fallback = entry->fallback != 0;
     return 0;
 }
 

@@ -220,7 +220,7 @@ static int bench_loader(const bench_options *o, const mb_loader_config *config, 
         return -1;
     }
     double open_seconds = mb_clock_seconds(CLOCK_MONOTONIC) - open_start;
-    int64_t tokens = 0, slots = 0, labels = 0, batches = 0;
+    int64_t tokens = 0, slots = 0, labels = 0, batches = 0, full = 0;
     int rc = 0;
     double wall = mb_clock_seconds(CLOCK_MONOTONIC), cpu = mb_clock_seconds(CLOCK_PROCESS_CPUTIME_ID);
     while (tokens < o->tokens) {
@@ -229,6 +229,7 @@ static int bench_loader(const bench_options *o, const mb_loader_config *config, 
         tokens += b.batch.token_count;
         slots += b.capacity;
         labels += b.label_count;
+        full += b.batch.token_count == b.capacity; /* a full one has the GEMM shapes of every other full one */
         batches++;
     }
     wall = mb_clock_seconds(CLOCK_MONOTONIC) - wall;
@@ -236,8 +237,9 @@ static int bench_loader(const bench_options *o, const mb_loader_config *config, 
     mb_loader_close(loader);
     if (rc) return -1;
     printf("%-40s %8.1fM tokens/s   efficiency %.3f%%   labels %.2f%%   cpu %.2f cores   (%" PRId64
-           " micro-batches, open %.2fs)\n", label, tokens / wall / 1e6, 100.0 * (double)tokens / (double)slots,
-           100.0 * (double)labels / (double)tokens, cpu / wall, batches, open_seconds);
+           " micro-batches, %.1f%% of them full, open %.2fs)\n", label, tokens / wall / 1e6,
+           100.0 * (double)tokens / (double)slots, 100.0 * (double)labels / (double)tokens, cpu / wall, batches,
+           batches > 0 ? 100.0 * (double)full / (double)batches : 0.0, open_seconds);
     return 0;
 }
 

@@ -248,6 +248,51 @@ Test(gpu_ops, linear) {
     mb_cuda_matmul_destroy(matmul);
 }
 
+/* More distinct shapes than the algorithm cache keeps (its limit is 2048; packed batches give a few hundred, unpacked
+ * fine-tuning batches any number): every shape's output matches the CPU, and a second pass over the same shapes
+ * (cache hits, then uncached shapes past the limit) repeats the first pass's bits. */
+Test(gpu_ops, linear_more_shapes_than_the_cache) {
+    require_gpu();
+    mb_error err = {{0}};
+    mb_cuda_matmul *matmul = NULL;
+    cr_assert_eq(mb_cuda_matmul_create(&matmul, &err), 0, "matmul_create: %s", err.message);
+    mb_cuda_matmul_set_tuning(matmul, 0); /* tuning is tested above; here only the cache */
+    mb_rng rng;
+    mb_rng_seed(&rng, 47);
+    const int width = 16, shapes = size_for(2200, 2100);
+    float *x, *w;
+    mb_bf16 *d_x = random_bf16(&rng, (size_t)shapes * width, 0.0, 1.0, &x);
+    mb_bf16 *d_w = random_bf16(&rng, (size_t)width * width, 0.0, 0.25, &w);
+    float *want = malloc((size_t)shapes * width * sizeof(float));
+    mb_cpu_linear_forward(want, x, w, NULL, shapes, width, width);
+    mb_bf16 *d_y = dev_alloc((size_t)shapes * width * sizeof(mb_bf16));
+    mb_bf16 *first = malloc((size_t)shapes * width * sizeof(mb_bf16)), *again = malloc(width * sizeof(mb_bf16));
+    size_t mismatched_rows = 0, repeat_differs = 0;
+    for (int pass = 0; pass < 2; pass++)
+        for (int n = 1; n <= shapes; n++) { /* n rows: a new (m, n, k) shape each */
+            launched(mb_cuda_linear_forward(matmul, d_y, d_x, d_w, NULL, NULL, n, width, width, test_stream, &err),
+                     &err, "linear_forward");
+            mb_bf16 *last_row = pass == 0 ? first + (size_t)(n - 1) * width : again;
+            download(last_row, d_y + (size_t)(n - 1) * width, width * sizeof(mb_bf16));
+            if (pass == 1) {
+                repeat_differs += memcmp(again, first + (size_t)(n - 1) * width, width * sizeof(mb_bf16)) != 0;
+                continue;
+            }
+            double diff = 0.0, norm = 0.0;
+            for (int j = 0; j < width; j++) {
+                double d = (double)mb_bf16_to_float(last_row[j]) - want[(size_t)(n - 1) * width + j];
+                diff += d * d;
+                norm += (double)want[(size_t)(n - 1) * width + j] * want[(size_t)(n - 1) * width + j];
+            }
+            mismatched_rows += !(sqrt(diff / norm) <= BF16_TOLERANCE);
+        }
+    cr_expect_eq(mismatched_rows, 0, "%zu of %d shapes gave a last row away from the CPU's", mismatched_rows, shapes);
+    cr_expect_eq(repeat_differs, 0, "%zu of %d shapes gave other bits the second time", repeat_differs, shapes);
+    free(x), free(w), free(want), free(first), free(again);
+    cudaFree(d_x), cudaFree(d_w), cudaFree(d_y);
+    mb_cuda_matmul_destroy(matmul);
+}
+
 /* The outputs of one linear forward (residual added in place) and backward (dx and dW accumulated) on inputs drawn
  * from `seed`, run `calls` times from the same starting buffers; the last call's y, dx and dW bytes into *bytes_out. */
 static unsigned char *linear_output_bytes(mb_cuda_matmul *matmul, int n, int in, int out, uint64_t seed, int calls,
