@@ -775,7 +775,7 @@ int head_backward(cuda_backend *c, const mb_config *cfg, mb_bf16 *d_final, float
         mark(c, "head bwd (decoder dW)");
         TRY(mb_cuda_linear_backward(c->matmul, nullptr, dweight, nullptr, nullptr, z, x, w, count, H, classes, 0,
                                     c->stream, err));
-        if (!bias_done) {
+        if (!bias_done && dbias != nullptr) {
             mark(c, "head bwd (decoder bias)");
             TRY(mb_cuda_linear_backward(c->matmul, nullptr, nullptr, dbias, c->scratch, z, x, w, count, H, classes, 0,
                                         c->stream, err));

@@ -195,6 +195,15 @@ __global__ void column_sums_finish_kernel(T *dst, const T *partial, int chunks, 
     dst[col] += total;
 }
 
+/* The term of column_sums<1> for Σ_rows of a row-major bf16 matrix [rows, cols] (bias gradients). */
+struct bf16_column_term {
+    const bf16 *values;
+    int cols;
+    __device__ void operator()(int row, int col, float &sum, float &) const {
+        sum += to_float(values[(size_t)row * cols + col]);
+    }
+};
+
 /* Queues both stages; dst0/dst1 may be NULL to skip a sum (kSums counts the slots in scratch). */
 template <int kSums, typename F>
 int column_sums(float *dst0, float *dst1, float *scratch, F f, int rows, int cols, cudaStream_t stream,

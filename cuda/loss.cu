@@ -183,15 +183,6 @@ __global__ void __launch_bounds__(kSumThreads) sum_kernel(double *total, const f
     if (threadIdx.x == 0) *total = sum;
 }
 
-/* Column-sum term of the stored gradient (the scalar path of mb_cuda_cross_entropy_backward_bias). */
-struct gradient_term {
-    const mb::bf16 *gradient;
-    int classes;
-    __device__ void operator()(int row, int col, float &sum, float &) const {
-        sum += mb::to_float(gradient[(size_t)row * classes + col]);
-    }
-};
-
 /* 16-byte rows: a multiple of 8 classes on a 16-byte aligned buffer. */
 bool vector_rows(const void *logits, int classes) {
     return classes % 8 == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0;
@@ -252,7 +243,7 @@ extern "C" int mb_cuda_cross_entropy_backward_bias(mb_bf16 *logits_to_dlogits, f
         if (mb_cuda_cross_entropy_backward(logits_to_dlogits, row_lse, targets, rows, classes, grad_scale, stream,
                                            err) != 0)
             return -1;
-        return mb::column_sums<1>(dbias, nullptr, static_cast<float *>(scratch), gradient_term{z, classes}, rows,
+        return mb::column_sums<1>(dbias, nullptr, static_cast<float *>(scratch), mb::bf16_column_term{z, classes}, rows,
                                   classes, stream, err);
     }
     MB_NVTX_RANGE("cross_entropy_backward_bias");

@@ -18,10 +18,10 @@
  * timed and the fastest is kept for the shape. Tuning therefore never changes a result — runs, resumes and ranks stay
  * bit-exact whatever the timings say — and accumulating GEMMs (beta = 1) leave their destination untouched while
  * tuned, since the scratch output reads C from the real operand. Shapes seen once are not tuned, and at most
- * kMaxTuned shapes per context are, so the one-off cost stays bounded (3-10 ms a shape). Shapes for which cuBLASLt
- * offers no
- * algorithm (possible for tiny odd widths such as a 1- or 3-label classifier) run through a plain one-thread-per-
- * output kernel with the same semantics. */
+ * kMaxTuned shapes per context are, so the one-off cost stays bounded (3-10 ms a shape).
+ *
+ * Shapes for which cuBLASLt offers no algorithm (possible for tiny odd widths such as a 1- or 3-label classifier) run
+ * through a plain one-thread-per-output kernel with the same semantics. */
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -70,7 +70,7 @@ struct mb_cuda_matmul {
     int force_fallback;  /* tests: every GEMM through simple_gemm_kernel */
     int tune_candidates; /* how many of the heuristic's candidates tuning compares; < 2: no tuning */
     int tune_log;        /* MB_GEMM_TUNE_LOG=1: one line per tuned shape on stderr */
-    int pinned_shapes;   /* entries settled by a tuning attempt (against kMaxTuned) */
+    int settled_shapes;  /* entries settled by a tuning attempt (against kMaxTuned) */
     int tuned_shapes;    /* ... of which had candidates compared */
     int changed_shapes;  /* ... of which run another candidate than the heuristic's first */
 };
@@ -322,7 +322,7 @@ int choose_algo(mb_cuda_matmul *ctx, const gemm_args &g, const lt_descriptors &d
                 cublasLtMatmulAlgo_t *algo, bool *fallback, mb_error *err) {
     gemm_key key = make_key(g);
     cache_entry *slot = find_slot(ctx, key), *entry = slot->used ? slot : nullptr;
-    bool tune = ctx->tune_candidates > 1 && ctx->pinned_shapes < kMaxTuned;
+    bool tune = ctx->tune_candidates > 1 && ctx->settled_shapes < kMaxTuned;
     if (entry != nullptr && (entry->tuned || entry->fallback || !tune)) {
         *algo = entry->algo;
         *fallback = entry->fallback != 0;
@@ -344,8 +344,8 @@ int choose_algo(mb_cuda_matmul *ctx, const gemm_args &g, const lt_descriptors &d
                 (query_end.tv_sec - query_start.tv_sec) * 1e3 + (query_end.tv_nsec - query_start.tv_nsec) * 1e-6);
     if (second_sighting && found > 1) compared = tuned_choice(ctx, g, d, candidates, found, stream, &chosen, err);
     if (compared < 0) return -1;
-    *algo = found == 0 ? cublasLtMatmulAlgo_t{} : candidates[chosen].algo;
     *fallback = found == 0;
+    *algo = *fallback ? cublasLtMatmulAlgo_t{} : candidates[chosen].algo;
     if (entry == nullptr) {
         if (ctx->cached >= kCacheLimit) return 0; /* the table is full: this shape stays uncached */
         entry = slot;
@@ -353,10 +353,10 @@ int choose_algo(mb_cuda_matmul *ctx, const gemm_args &g, const lt_descriptors &d
     }
     entry->key = key;
     entry->used = 1;
-    entry->fallback = found == 0;
-    entry->algo = found == 0 ? cublasLtMatmulAlgo_t{} : candidates[chosen].algo;
+    entry->fallback = *fallback;
+    entry->algo = *algo;
     entry->tuned = second_sighting && found > 0;
-    ctx->pinned_shapes += entry->tuned;
+    ctx->settled_shapes += entry->tuned;
     ctx->tuned_shapes += compared;
     ctx->changed_shapes += chosen != 0;
     return 0;
@@ -411,20 +411,9 @@ int gemm(mb_cuda_matmul *ctx, const gemm_args &g, cudaStream_t stream, mb_error 
     bool fallback = false;
     if (!ctx->force_fallback && choose_algo(ctx, g, d, stream, &algo, &fallback, err) != 0) return -1;
     if (fallback || ctx->force_fallback) return gemm_fallback(g, stream, err);
-    const float alpha = 1.0f, beta = g.beta;
-    const void *c = g.beta != 0.0f ? g.C : g.D;
-    MB_CUBLAS_CHECK(err, cublasLtMatmul(ctx->handle, d.op, &alpha, g.A, d.a, g.B, d.b, &beta, c, d.c, g.D, d.c, &algo,
-                                        ctx->workspace, kWorkspaceBytes, stream));
+    MB_CUBLAS_CHECK(err, run_into(ctx, g, d, algo, g.D, stream));
     return 0;
 }
-
-struct bias_grad_term {
-    const mb::bf16 *dy;
-    int cols;
-    __device__ void operator()(int row, int col, float &sum, float &) const {
-        sum += mb::to_float(dy[(size_t)row * cols + col]);
-    }
-};
 
 }  // namespace
 
@@ -551,7 +540,7 @@ extern "C" int mb_cuda_linear_backward(mb_cuda_matmul *ctx, mb_bf16 *dx, float *
         if (gemm(ctx, g, stream, err) != 0) return mb_fail_context(err, "linear_backward dweight");
     }
     if (dbias != nullptr) {
-        bias_grad_term term = {reinterpret_cast<const mb::bf16 *>(dy), out};
+        mb::bf16_column_term term = {reinterpret_cast<const mb::bf16 *>(dy), out};
         return mb::column_sums<1>(dbias, nullptr, static_cast<float *>(scratch), term, n, out, stream, err);
     }
     return 0;
