@@ -63,8 +63,12 @@ void mb_cuda_matmul_destroy(mb_cuda_matmul *matmul);
 /* For tests: on != 0 sends every GEMM through the simple fallback kernel that also serves shapes cuBLASLt has no
  * algorithm for, so both paths are checked against the CPU. */
 void mb_cuda_matmul_force_fallback(mb_cuda_matmul *matmul, int on);
-/* How many of cuBLASLt's candidates tuning compares on a shape's second sighting (< 2: none; the default is 8 or
- * MB_GEMM_TUNE). Tuning keeps only candidates whose output is bit-identical to the heuristic's first choice. */
+/* A GEMM shape is tuned on this sighting (call), once: shapes that recur are, one-off token counts of packing are
+ * not. `modernbert bench train` warms up with this many passes over its timed batches (eval/bench.c checks it). */
+#define MB_CUDA_GEMM_TUNE_SIGHTING 3
+/* How many of cuBLASLt's candidates tuning compares on a shape's MB_CUDA_GEMM_TUNE_SIGHTING-th sighting (< 2: none;
+ * the default is 8 or MB_GEMM_TUNE). Tuning keeps only candidates whose output is bit-identical to the heuristic's
+ * first choice. */
 void mb_cuda_matmul_set_tuning(mb_cuda_matmul *matmul, int candidates);
 /* Shapes tuned so far, and how many of them run a candidate other than the heuristic's first choice. */
 void mb_cuda_matmul_tuning_counts(const mb_cuda_matmul *matmul, int *tuned, int *changed);

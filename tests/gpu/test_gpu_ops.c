@@ -323,9 +323,9 @@ static unsigned char *linear_output_bytes(mb_cuda_matmul *matmul, int n, int in,
     return bytes;
 }
 
-/* GEMM tuning (second sighting of a shape) keeps only candidates whose output is bit-identical to cuBLASLt's first
- * choice, and runs them into scratch memory: the tuned call must give exactly the untuned context's bits, with the
- * in-place residual, dx and dW accumulated once. */
+/* GEMM tuning (a shape's MB_CUDA_GEMM_TUNE_SIGHTING-th sighting) keeps only candidates whose output is bit-identical
+ * to cuBLASLt's first choice, and runs them into scratch memory: the tuned call must give exactly the untuned
+ * context's bits, with the in-place residual, dx and dW accumulated once. One call fewer tunes nothing. */
 Test(gpu_ops, linear_tuning_is_bit_identical) {
     require_gpu();
     mb_error err = {{0}};
@@ -339,7 +339,7 @@ Test(gpu_ops, linear_tuning_is_bit_identical) {
         int n = shapes[i][0], in = shapes[i][1], out = shapes[i][2];
         size_t bytes = 0, plain_bytes = 0;
         unsigned char *want = linear_output_bytes(plain, n, in, out, 40 + i, 1, &plain_bytes);
-        unsigned char *got = linear_output_bytes(tuned, n, in, out, 40 + i, 2, &bytes);
+        unsigned char *got = linear_output_bytes(tuned, n, in, out, 40 + i, MB_CUDA_GEMM_TUNE_SIGHTING, &bytes);
         char what[96];
         snprintf(what, sizeof what, "tuned linear (n %d, in %d, out %d)", n, in, out);
         cr_assert_eq(bytes, plain_bytes);
@@ -356,6 +356,28 @@ Test(gpu_ops, linear_tuning_is_bit_identical) {
                 changed);
     mb_cuda_matmul_destroy(tuned);
     mb_cuda_matmul_destroy(plain);
+}
+
+/* Packing gives the layers a new token count in most micro-batches: a shape is tuned only once it recurs, on its
+ * MB_CUDA_GEMM_TUNE_SIGHTING-th call, never before, and then once (the fourth call compares no candidates). */
+Test(gpu_ops, linear_tuning_waits_for_recurring_shapes) {
+    require_gpu();
+    mb_error err = {{0}};
+    mb_cuda_matmul *matmul = NULL;
+    cr_assert_eq(mb_cuda_matmul_create(&matmul, &err), 0, "matmul_create: %s", err.message);
+    mb_cuda_matmul_set_tuning(matmul, 8);
+    int tuned = 0, changed = 0;
+    for (int call = 1; call <= MB_CUDA_GEMM_TUNE_SIGHTING + 1; call++) {
+        size_t bytes = 0;
+        free(linear_output_bytes(matmul, 4096, 768, 2304, 77, 1, &bytes)); /* 3 GEMM shapes: y, dx, dW */
+        mb_cuda_matmul_tuning_counts(matmul, &tuned, &changed);
+        cr_log_info("after call %d: %d shapes tuned\n", call, tuned);
+        if (call < MB_CUDA_GEMM_TUNE_SIGHTING)
+            cr_expect_eq(tuned, 0, "call %d of a shape already tuned %d GEMM shapes", call, tuned);
+        else
+            cr_expect(tuned >= 1 && tuned <= 3, "after call %d: %d of the 3 GEMM shapes tuned", call, tuned);
+    }
+    mb_cuda_matmul_destroy(matmul);
 }
 
 /* ================================================================================================= layernorm */
