@@ -4,8 +4,10 @@
 # carried here with the shared libraries the GPU machine lacks in .devlib/ (../shared/tools/device-bundle).
 #   GPU 0: `modernbert bench attention` (1024- and 8192-token documents) and `bench train` for base @1024, base @8192,
 #          large @1024 (32,768 tokens per step; tools/gpu_clocks.sh adds the SM clock and power under load), then
-#          base @1024 with run.recompute norms and mlp
-#   GPU 1: transformers + torch.compile on the same three workloads (tools/bench_hf.py): the ratios of one call
+#          base @1024 with run.recompute norms and mlp; base @1024 at the recipe's micro-batch (98,304 tokens); then
+#          real pretraining runs of configs/modernbert-base.yaml on the embedded shards (data/shards, carried along:
+#          `tools/bootstrap.sh main` makes them), 14 steps of the 1024 phase and 14 of the 8192 phase
+#   GPU 1: transformers + torch.compile on the same workloads (tools/bench_hf.py): the ratios of one call
 #   GPU 2: transformers' largest micro-batch at 8192 in 79.1 GiB (tools/hf_max_batch.py)
 #   GPU 3: ours at each recompute level (tools/max_microbatch.sh)
 # With fewer GPUs the jobs of the missing ones run after GPU 0's on GPU 0 (the ratios are still same-call). Logs go to
@@ -25,6 +27,7 @@ hf_speed() {
     for args in "${workloads[@]}"; do
         python3 tools/bench_hf.py --model $args --tokens 32768 --steps 10 2>/dev/null | tail -1
     done > "$out/perf_hf.txt"
+    python3 tools/bench_hf.py --model base --seq 1024 --tokens 98304 --steps 6 2>/dev/null | tail -1 >> "$out/perf_hf.txt"
 }
 hf_memory() { python3 tools/hf_max_batch.py --model base --seq 8192 --limit-gib 79.1 > "$out/perf_hf_max.txt" 2>&1; }
 our_memory() {
@@ -43,7 +46,31 @@ ours() {
         "$binary" bench train --backend cuda --model base --seq 1024 --tokens 32768 --steps 10 --recompute $level \
             2>&1 | grep "step time" | sed "s/^/base --seq 1024, recompute $level /"
     done
+    "$binary" bench train --backend cuda --model base --seq 1024 --tokens 98304 --steps 5 2>&1 | grep "step time" |
+        sed "s/^/base --seq 1024, 98304 tokens /"
+    real_runs
 } > "$out/perf_ours.txt"
+
+# Real pretraining (session 10): the trainer's tokens/s per step, 14 steps of each phase of the base recipe (the 8192
+# phase with 8 micro-batches per step, as the 1024 phase's batch-size warm-up has). Packing leaves most micro-batches
+# short, so these see the varying token counts that `bench train` does not.
+real_runs() {
+    compgen -G "data/shards/train-*.mbs" > /dev/null ||
+        { echo "real runs: skipped (no data/shards/train-*.mbs: run tools/bootstrap.sh main, carry data/shards)"; return; }
+    local common="data.train=data/shards/train-*.mbs data.val=data/shards/val-*.mbs logging.every_steps=1
+        logging.val_every_steps=100000 checkpoint.every_steps=100000 checkpoint.every_minutes=100000
+        logging.progress_bar=false"
+    local phase
+    for phase in 1024 8192; do
+        local extra=""
+        [[ $phase == 8192 ]] && extra="phases.0.tokens=1 phases.1.batch_tokens=786432"
+        rm -rf "/tmp/gpu_perf_run$phase"
+        "$binary" pretrain configs/modernbert-base.yaml $common $extra run.output_dir="/tmp/gpu_perf_run$phase" \
+            --max-steps 14 > "$out/perf_run$phase.log" 2>&1
+        echo "real run, $phase phase, tokens/s of steps 1-14: $(grep -E '^step' "$out/perf_run$phase.log" |
+            awk -F'|' '{print $7}' | tr -s ' ' | tr '\n' ' ')"
+    done
+}
 
 pids=()
 job_on() { # job_on GPU FUNCTION: in the background on that GPU when it exists
