@@ -329,12 +329,14 @@ int choose_algo(mb_cuda_matmul *ctx, const gemm_args &g, const lt_descriptors &d
     gemm_key key = make_key(g);
     cache_entry *slot = find_slot(ctx, key), *entry = slot->used ? slot : nullptr;
     bool tune = ctx->tune_candidates > 1 && ctx->settled_shapes < kMaxTuned;
-    if (entry != nullptr && entry->sightings < MB_CUDA_GEMM_TUNE_SIGHTING) entry->sightings++;
-    bool settled = entry != nullptr && (entry->tuned || entry->fallback || !tune);
-    if (settled || (entry != nullptr && entry->sightings < MB_CUDA_GEMM_TUNE_SIGHTING)) {
-        *algo = entry->algo;
-        *fallback = entry->fallback != 0;
-        return 0;
+    if (entry != nullptr) {
+        if (entry->sightings < MB_CUDA_GEMM_TUNE_SIGHTING) entry->sightings++;
+        bool settled = entry->tuned || entry->fallback || !tune;
+        if (settled || entry->sightings < MB_CUDA_GEMM_TUNE_SIGHTING) {
+            *algo = entry->algo;
+            *fallback = entry->fallback != 0;
+            return 0;
+        }
     }
     bool tuning_sighting = entry != nullptr;
     cublasLtMatmulHeuristicResult_t candidates[kMaxCandidates];
