@@ -12,7 +12,7 @@
  * Schedule (a segment ring): a block walks consecutive tiles of one head (block_work: one run of kRunTiles tiles per
  * block in the backward, an equal share per resident block in the forward), cut into PIECES at sequence and head
  * boundaries. A producer warp loads each segment the piece needs once (Q, K, V, and for the backward dO, lse, D, as
- * 128-byte-swizzled 64-row tiles) into a ring of kRing slots and publishes it on the slot's `full` mbarrier; after
+ * 128-byte-swizzled 64-row tiles, and the RoPE angles its stores need) into a ring of kRing slots and publishes it on the slot's `full` mbarrier; after
  * tile i the consumers hand segment i − 1 back (`empty`) and the producer refills its slot with segment i + 3. Each
  * segment crosses L2→SM once per piece (plus one halo segment at each end), against three times per tile for
  * one-block-per-tile kernels, and the loads run ahead of the products.
@@ -44,10 +44,13 @@ constexpr int kMaxWindow = kRows;  /* chunks 0 and 2 hold every partner of |d| <
 constexpr int kThreads = 3 * 128;  /* dK/dV warpgroup, dQ warpgroup, producer warpgroup (one warp copies) */
 
 /* One ring slot: Q, dO, K, V tiles (64 rows of 64 bf16, 128-byte swizzle, 8 KB each), then lse and D (64 floats
- * each); slots 1024-aligned. */
+ * each), then (when the backward applies RoPE's backward in its stores) the segment's RoPE angles, 64 rows of 32
+ * (cos, sin) pairs (kAngleRowBytes each, see slot_angle_offset); slots 1024-aligned. */
 constexpr uint32_t kTileBytes = kRows * 128;
 constexpr uint32_t kSegLse = 4 * kTileBytes, kSegDelta = kSegLse + kRows * 4;
-constexpr uint32_t kSlotBytes = (kSegDelta + kRows * 4 + 1023) / 1024 * 1024;
+constexpr uint32_t kAngleRowBytes = kHeadDim / 2 * 8;
+constexpr uint32_t kSegAngles = (kSegDelta + kRows * 4 + 1023) / 1024 * 1024;
+constexpr uint32_t kSlotBytes = kSegAngles + kRows * kAngleRowBytes;
 constexpr size_t kSharedBytes = kRing * (size_t)kSlotBytes + 1024; /* + alignment slack */
 static_assert(kSharedBytes + 1024 <= 227 * 1024, "one block per SM");
 
@@ -130,6 +133,22 @@ __device__ __forceinline__ bool next_piece(piece *p, work_range *w, const ring_a
 
 /* ---- the producer warp ---- */
 
+/* Byte offset in a slot's angle rows of the 16-byte chunk holding pairs 2·chunk, 2·chunk + 1 of segment row `row`:
+ * odd rows have chunk bit 2 flipped, so that the 8 lanes of a 16-byte shared load phase (rows r, r + 1, four quads
+ * each reading chunk 4·dt + quad) fall on 32 different banks. */
+__device__ __forceinline__ uint32_t slot_angle_offset(int row, int chunk) {
+    return (uint32_t)row * kAngleRowBytes + (uint32_t)((chunk ^ ((row & 1) << 2)) * 16);
+}
+
+/* One warp queues the RoPE angles of rows [first, first + 64) ∩ [.., end) (the table's 256-byte rows) into the slot:
+ * lane l copies chunk l % 16 of rows l / 16 + 2·it; rows past end are left alone (their dQ and dK are never stored). */
+__device__ __forceinline__ void warp_load_angles(uint32_t angles, const float2 *rope, int first, int end) {
+    const int lane = threadIdx.x % mb::kWarpSize, chunk = lane % 16;
+    for (int row = lane / 16; row < kRows && first + row < end; row += 2)
+        cp_async_16_whole(angles + slot_angle_offset(row, chunk),
+                          rope + (size_t)(first + row) * (kHeadDim / 2) + 2 * chunk);
+}
+
 /* Fills the ring with every segment of the run in order: the backward's Q, dO, K, V, lse and D (kBackward), or the
  * forward's Q, K and V (dout, lse and delta unused). */
 template <bool kBackward>
@@ -156,6 +175,7 @@ __device__ void produce(uint32_t ring, uint32_t full, uint32_t empty, const mb::
                 warp_load_rows<kRows>(shared_pointer<char>(base + kSegV), v, qkv_stride, first, end);
                 warp_load_floats<kRows>(shared_pointer<float>(base + kSegLse), lse + head, a.heads, first, end);
                 warp_load_floats<kRows>(shared_pointer<float>(base + kSegDelta), delta + head, a.heads, first, end);
+                if (a.rope != nullptr) warp_load_angles(base + kSegAngles, a.rope, first, end);
             } else {
                 warp_load_rows<kRows>(shared_pointer<char>(base + kFwdSegQ), q, qkv_stride, first, end);
                 warp_load_rows<kRows>(shared_pointer<char>(base + kFwdSegK), k, qkv_stride, first, end);
@@ -243,45 +263,42 @@ struct ring_view {
 };
 
 /* The RoPE angles of the thread's accumulator elements: rows row_a and row_a + 8, n-tiles dt and dt + 4 share the
- * angle of column 8·dt + 2·(lane % 4) + {0, 1} (one float4). Loaded at the tile's start, so that their latency hides
- * behind the products: loaded at the store, they stalled the warpgroup once per tile with the next tile waiting, and
- * the in-step backward took 0.436 ms per layer instead of 0.354 (H200, docs/kernels/attention_band.md). */
+ * angle of column 8·dt + 2·(lane % 4) + {0, 1} (one float4). The producer queues each segment's angles into its slot
+ * with the tiles, so the stores read them from shared memory. Loaded from the table by the stores themselves (dQ's
+ * at the tile's start into 32 registers, dK's from L1 after a prefetch), RoPE in the stores took the backward from
+ * 0.266 to 0.342 ms per layer; from the slots it takes 0.285 ms (bench attention --rope, H200s, 1024-token
+ * documents; docs/kernels/attention_band.md, "Session 11"). */
 struct row_angles {
     float4 cs[2][kHeadDim / 16];
 };
 
-__device__ __forceinline__ void load_angles(row_angles &angles, const float2 *rope, int row_a, int row_end) {
+/* The angles of rows local_row and local_row + 8 of the segment whose slot is `slot` (rows past the sequence end
+ * hold stale values and are never stored). */
+__device__ __forceinline__ void slot_angles(row_angles &angles, uint32_t slot, int local_row) {
     const int quad = threadIdx.x % 4;
 #pragma unroll
-    for (int half = 0; half < 2; half++) {
-        const int row = row_a + 8 * half;
-        if (row >= row_end) continue;
-        const float4 *from = reinterpret_cast<const float4 *>(rope + (size_t)row * (kHeadDim / 2) + 2 * quad);
+    for (int half = 0; half < 2; half++)
 #pragma unroll
-        for (int dt = 0; dt < kHeadDim / 16; dt++) angles.cs[half][dt] = __ldg(from + 4 * dt);
-    }
+        for (int dt = 0; dt < kHeadDim / 16; dt++)
+            angles.cs[half][dt] =
+                *shared_pointer<float4>(slot + kSegAngles + slot_angle_offset(local_row + 8 * half, 4 * dt + quad));
 }
 
-/* The dK/dV warpgroup has no 32 registers to spare (it spills 20 bytes), so it asks for the tile's angles in L1:
- * thread k of the warpgroup prefetches the 128-byte line k % 2 of row k / 2 (a row's 32 angles are 256 bytes). */
-__device__ __forceinline__ void prefetch_angles(const float2 *rope, int t0, int t_end) {
-    const int k = threadIdx.x % 128, row = t0 + k / 2;
-    if (row < t_end)
-        asm volatile("prefetch.global.L1 [%0];\n" ::"l"(rope + (size_t)row * (kHeadDim / 2) + 16 * (k % 2)));
-}
-
-/* The dQ store: RoPE's backward with the angles loaded at the tile's start (store_rows_rotated, attention_mma.cuh),
- * or none (uniform). */
+/* The dQ and dK stores: RoPE's backward with the segment's angles from its slot (store_rows_rotated,
+ * attention_mma.cuh), or none (uniform). */
 __device__ __forceinline__ void store_rotated(mb::bf16 *dst, size_t row_stride, const float (&acc)[32], int row_a,
-                                              int row_end, const ring_args &a, const row_angles &angles) {
+                                              int row_end, const ring_args &a, uint32_t slot, int local_row) {
     const auto rows = reinterpret_cast<const float(*)[4]>(acc);
-    if (a.rope != nullptr)
+    if (a.rope != nullptr) {
+        row_angles angles;
+        slot_angles(angles, slot, local_row);
         store_rows_rotated<kHeadDim>(dst, row_stride, rows, row_a, row_end, a.scale, [&](int half, int dt, int c) {
             const float4 cs = angles.cs[half][dt];
             return c == 0 ? make_float2(cs.x, cs.y) : make_float2(cs.z, cs.w);
         });
-    else
+    } else {
         store_rows<kHeadDim>(dst, row_stride, rows, row_a, row_end, a.scale);
+    }
 }
 
 /* ---- warpgroup 0: dK, dV of tile i ---- */
@@ -291,7 +308,6 @@ __device__ __forceinline__ void tile_dkdv(mb::bf16 *dqkv, const ring_view &r, co
     const int head = p.head;
     const fragment f = my_fragment();
     const int t0 = p.seq_begin + kRows * i, t_end = min(t0 + kRows, p.seq_end);
-    if (a.rope != nullptr) prefetch_angles(a.rope, t0, t_end);
     r.wait(i); /* the tile's own K and V feed every chunk's products, chunk 0's included */
     const uint32_t own = r.slot(i);
     float s[32], dp[32], dk[32], dv[32];
@@ -350,8 +366,7 @@ __device__ __forceinline__ void tile_dkdv(mb::bf16 *dqkv, const ring_view &r, co
     fence_registers(dv);
     const int hidden = a.heads * kHeadDim;
     const size_t qkv_stride = 3 * (size_t)hidden;
-    store_rows_maybe_rope<kHeadDim>(dqkv + hidden + head * kHeadDim, qkv_stride,
-                                    reinterpret_cast<const float(*)[4]>(dk), t0 + f.row, t_end, a.scale, a.rope);
+    store_rotated(dqkv + hidden + head * kHeadDim, qkv_stride, dk, t0 + f.row, t_end, a, own, f.row);
     store_rows<kHeadDim>(dqkv + 2 * hidden + head * kHeadDim, qkv_stride, reinterpret_cast<const float(*)[4]>(dv),
                          t0 + f.row, t_end, 1.0f);
 }
@@ -363,8 +378,6 @@ __device__ __forceinline__ void tile_dq(mb::bf16 *dqkv, const ring_view &r, cons
     const int head = p.head;
     const fragment f = my_fragment();
     const int t0 = p.seq_begin + kRows * i, t_end = min(t0 + kRows, p.seq_end);
-    row_angles angles;
-    if (a.rope != nullptr) load_angles(angles, a.rope, t0 + f.row, t_end);
     r.wait(i);
     const uint32_t own = r.slot(i);
     const float *own_lse = reinterpret_cast<const float *>(__cvta_shared_to_generic(own + kSegLse));
@@ -409,7 +422,7 @@ __device__ __forceinline__ void tile_dq(mb::bf16 *dqkv, const ring_view &r, cons
     wgmma_wait<0>();
     fence_registers(dq);
     const size_t qkv_stride = 3 * (size_t)a.heads * kHeadDim;
-    store_rotated(dqkv + head * kHeadDim, qkv_stride, dq, t0 + f.row, t_end, a, angles);
+    store_rotated(dqkv + head * kHeadDim, qkv_stride, dq, t0 + f.row, t_end, a, own, f.row);
 }
 
 /* A consumer warpgroup walks the run's pieces and tiles in the producer's order, calling tile(r, p, i) for each;

@@ -21,13 +21,13 @@
 #define PEAK_BYTES_PER_SECOND 3.35e12
 
 typedef struct attention_bench_options {
-    int seq, tokens, heads, head_dim, window, both_windows, deterministic, iters;
+    int seq, tokens, heads, head_dim, window, both_windows, deterministic, iters, rope;
 } attention_bench_options;
 
 typedef struct attention_bench_buffers {
     mb_bf16 *qkv, *out, *dout, *dqkv;
-    float *lse;
-    int32_t *cu;
+    float *lse, *rope_table; /* rope_table: with --rope, the angles of each token (theta 10000) */
+    int32_t *cu, *positions;
     void *workspace;
 } attention_bench_buffers;
 
@@ -73,7 +73,11 @@ static int time_pass(const attention_bench_options *o, const attention_bench_buf
     mb_error err = {{0}};
     cudaEventRecord(events[0], 0);
     for (int i = 0; rc == 0 && i < total; i++) {
-        if (backward)
+        if (backward && o->rope)
+            rc = mb_cuda_attention_backward_rope(b->dqkv, b->workspace, b->dout, b->out, b->lse, b->qkv, b->cu,
+                                                 num_seqs, n, o->heads, o->head_dim, window, o->deterministic,
+                                                 b->rope_table, 0, &err);
+        else if (backward)
             rc = mb_cuda_attention_backward(b->dqkv, b->workspace, b->dout, b->out, b->lse, b->qkv, b->cu, num_seqs, n,
                                             o->heads, o->head_dim, window, o->deterministic, 0, &err);
         else
@@ -98,9 +102,9 @@ static void print_case(const char *pass, const attention_bench_options *o, int w
     double compute_s = flops / PEAK_FLOPS, memory_s = bytes / PEAK_BYTES_PER_SECOND;
     double floor_ms = 1e3 * (compute_s > memory_s ? compute_s : memory_s);
     const char *mode = strcmp(pass, "backward") != 0 ? "" : o->deterministic ? " (deterministic)" : " (atomic)";
-    printf("attention %s%s  seq %d  window %d  d %d  heads %d: %.3f ms  %.1f TFLOP/s  floor %.3f ms (%s)  "
+    printf("attention %s%s%s  seq %d  window %d  d %d  heads %d: %.3f ms  %.1f TFLOP/s  floor %.3f ms (%s)  "
            "%.2fx floor\n",
-           pass, mode, o->seq, window, o->head_dim, o->heads, ms, flops / (ms * 1e-3) / 1e12, floor_ms,
+           pass, mode, strcmp(pass, "backward") == 0 && o->rope ? " with RoPE in the stores" : "", o->seq, window, o->head_dim, o->heads, ms, flops / (ms * 1e-3) / 1e12, floor_ms,
            compute_s > memory_s ? "compute" : "memory", ms / floor_ms);
 }
 
@@ -115,6 +119,10 @@ static int run_case(const attention_bench_options *o, const attention_bench_buff
     double fwd_ms, bwd_ms;
     if (time_pass(o, b, num_seqs, window, 0, &fwd_ms) != 0) return 1;
     print_case("forward", o, window, fwd_ms, fwd_flops, fwd_bytes);
+    if (o->rope && !mb_cuda_attention_backward_fuses_rope(o->head_dim, window, o->deterministic)) {
+        printf("attention backward  window %d: no kernel applies RoPE in its stores here (--rope skipped)\n", window);
+        return 0;
+    }
     if (time_pass(o, b, num_seqs, window, 1, &bwd_ms) != 0) return 1;
     print_case("backward", o, window, bwd_ms, bwd_flops, bwd_bytes);
     return 0;
@@ -145,6 +153,17 @@ static int run_attention_bench(const attention_bench_options *o) {
     if (rc == 0)
         rc = check_cuda(cudaMemcpy(b.cu, cu_host, (size_t)(num_seqs + 1) * sizeof(int32_t), cudaMemcpyHostToDevice),
                         "upload");
+    if (rc == 0 && o->rope) {
+        mb_error err = {{0}};
+        rc = check_cuda(cudaMalloc((void **)&b.positions, (size_t)n * sizeof(int32_t)), "cudaMalloc");
+        if (rc == 0)
+            rc = check_cuda(cudaMalloc((void **)&b.rope_table, (size_t)n * o->head_dim * sizeof(float)), "cudaMalloc");
+        if (rc == 0 && (mb_cuda_positions(b.positions, b.cu, num_seqs, n, 0, &err) != 0 ||
+                        mb_cuda_rope_table(b.rope_table, b.positions, n, o->head_dim, 10000.0, 0, &err) != 0)) {
+            fprintf(stderr, "modernbert bench attention: %s\n", err.message);
+            rc = 1;
+        }
+    }
     if (rc == 0) {
         printf("attention bench: %d tokens, %d documents of %d, heads %d, head_dim %d, %s backward, median of %d\n", n,
                num_seqs, o->seq, o->heads, o->head_dim, o->deterministic ? "deterministic" : "atomic", o->iters);
@@ -155,7 +174,7 @@ static int run_attention_bench(const attention_bench_options *o) {
         rc = 1;
     }
     cudaFree(b.qkv), cudaFree(b.out), cudaFree(b.dout), cudaFree(b.dqkv), cudaFree(b.lse), cudaFree(b.cu);
-    cudaFree(b.workspace);
+    cudaFree(b.workspace), cudaFree(b.positions), cudaFree(b.rope_table);
     free(cu_host);
     return rc;
 }
@@ -165,9 +184,9 @@ int mb_bench_attention(int argc, char **argv) {
         {"seq", required_argument, NULL, 's'},      {"tokens", required_argument, NULL, 't'},
         {"heads", required_argument, NULL, 'H'},    {"head-dim", required_argument, NULL, 'd'},
         {"window", required_argument, NULL, 'w'},   {"deterministic", required_argument, NULL, 'D'},
-        {"iters", required_argument, NULL, 'i'},    {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0}};
-    attention_bench_options o = {1024, 32768, 12, 64, -1, 1, 0, 20};
+        {"iters", required_argument, NULL, 'i'},    {"rope", no_argument, NULL, 'r'},
+        {"help", no_argument, NULL, 'h'},           {NULL, 0, NULL, 0}};
+    attention_bench_options o = {1024, 32768, 12, 64, -1, 1, 0, 20, 0};
     optind = 1;
     int c;
     while ((c = getopt_long(argc, argv, "", long_options, NULL)) != -1) {
@@ -179,13 +198,15 @@ int mb_bench_attention(int argc, char **argv) {
         case 'w': o.window = atoi(optarg), o.both_windows = 0; break;
         case 'D': o.deterministic = atoi(optarg); break;
         case 'i': o.iters = atoi(optarg); break;
+        case 'r': o.rope = 1; break;
         case 'h':
             printf("usage: modernbert bench attention [--seq S] [--tokens N] [--heads H] [--head-dim 32|64|128]\n"
-                   "                                  [--window W] [--deterministic 0|1] [--iters N]\n"
+                   "                                  [--window W] [--deterministic 0|1] [--iters N] [--rope]\n"
                    "Times the CUDA attention forward and backward on --tokens tokens packed from --seq-token\n"
                    "documents (defaults 1024, 32768, 12 heads of 64). --window -1 is global; without --window both\n"
                    "global and window 64 run. Prints the median time, TFLOP/s over in-document in-window pairs and the\n"
-                   "floor of docs/kernels/attention.md.\n");
+                   "floor of docs/kernels/attention.md. --rope times the backward that applies RoPE's backward in its\n"
+                   "dQ and dK stores (mb_cuda_attention_backward_rope, as training runs it) instead of the plain one.\n");
             return 0;
         default: return 2;
         }
