@@ -37,7 +37,10 @@ our_memory() {
     done > "$out/perf_max.txt"
 }
 ours() {
-    for seq in 1024 8192; do "$binary" bench attention --seq $seq 2>&1 | grep "^attention [fb]"; done
+    for seq in 1024 8192; do
+        "$binary" bench attention --seq $seq 2>&1 | grep "^attention [fb]"
+        "$binary" bench attention --seq $seq --rope 2>&1 | grep "^attention backward" # as training runs it
+    done
     for args in "${workloads[@]}"; do # with the SM clock and power under load (the 700 W cap, docs/performance.md)
         tools/gpu_clocks.sh -- "$binary" bench train --backend cuda --model $args --tokens 32768 --steps 10 2>&1 |
             grep -E "step time|gpu_clocks" | sed "s/^/$args /"
