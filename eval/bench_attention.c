@@ -101,10 +101,12 @@ static void print_case(const char *pass, const attention_bench_options *o, int w
                        double bytes) {
     double compute_s = flops / PEAK_FLOPS, memory_s = bytes / PEAK_BYTES_PER_SECOND;
     double floor_ms = 1e3 * (compute_s > memory_s ? compute_s : memory_s);
-    const char *mode = strcmp(pass, "backward") != 0 ? "" : o->deterministic ? " (deterministic)" : " (atomic)";
+    const int is_backward = strcmp(pass, "backward") == 0;
+    const char *mode = !is_backward ? "" : o->deterministic ? " (deterministic)" : " (atomic)";
+    const char *rope = is_backward && o->rope ? " with RoPE in the stores" : ""; /* the floor leaves out the table */
     printf("attention %s%s%s  seq %d  window %d  d %d  heads %d: %.3f ms  %.1f TFLOP/s  floor %.3f ms (%s)  "
            "%.2fx floor\n",
-           pass, mode, strcmp(pass, "backward") == 0 && o->rope ? " with RoPE in the stores" : "", o->seq, window, o->head_dim, o->heads, ms, flops / (ms * 1e-3) / 1e12, floor_ms,
+           pass, mode, rope, o->seq, window, o->head_dim, o->heads, ms, flops / (ms * 1e-3) / 1e12, floor_ms,
            compute_s > memory_s ? "compute" : "memory", ms / floor_ms);
 }
 
