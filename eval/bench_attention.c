@@ -207,8 +207,9 @@ int mb_bench_attention(int argc, char **argv) {
                    "Times the CUDA attention forward and backward on --tokens tokens packed from --seq-token\n"
                    "documents (defaults 1024, 32768, 12 heads of 64). --window -1 is global; without --window both\n"
                    "global and window 64 run. Prints the median time, TFLOP/s over in-document in-window pairs and the\n"
-                   "floor of docs/kernels/attention.md. --rope times the backward that applies RoPE's backward in its\n"
-                   "dQ and dK stores (mb_cuda_attention_backward_rope, as training runs it) instead of the plain one.\n");
+                   "floor of docs/kernels/attention.md. --rope times the backward that applies RoPE's backward\n"
+                   "in its dQ and dK stores (mb_cuda_attention_backward_rope, as training runs it) instead of the\n"
+                   "plain one.\n");
             return 0;
         default: return 2;
         }
