@@ -48,23 +48,22 @@ __device__ __forceinline__ void rope_back(float &x1, float &x2, float2 cs) {
 
 /* ---- cp.async (sm_80+): 16-byte global -> shared copies that bypass registers; src_size 0 writes zeros ---- */
 
+/* To a shared-space address (the wgmma forward's producer keeps 32-bit addresses). */
+__device__ __forceinline__ void cp_async_16_to(uint32_t shared_address, const void *global, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address), "l"(global),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+}
+
+/* To a generic pointer into shared memory. */
 __device__ __forceinline__ void cp_async_16(void *shared, const void *global, bool valid) {
-    uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
-    int bytes = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(bytes) : "memory");
+    cp_async_16_to(static_cast<uint32_t>(__cvta_generic_to_shared(shared)), global, valid);
 }
 
 /* A 16-byte copy to a shared-space address whose source is known to be valid (no zero-fill operand): the wgmma
  * producers' copies of whole tiles. */
 __device__ __forceinline__ void cp_async_16_whole(uint32_t shared_address, const void *global) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address), "l"(global) : "memory");
-}
-
-/* cp_async_16 to a shared-space address (the wgmma forward's producer keeps 32-bit addresses). */
-__device__ __forceinline__ void cp_async_16_to(uint32_t shared_address, const void *global, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address), "l"(global),
-                 "r"(valid ? 16 : 0)
-                 : "memory");
 }
 
 __device__ __forceinline__ void cp_async_4(void *shared, const void *global, bool valid) {
