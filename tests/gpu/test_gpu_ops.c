@@ -173,6 +173,14 @@ typedef struct linear_case {
     int accumulate_dx;
 } linear_case;
 
+/* A matmul context (its tuning as MB_GEMM_TUNE or the default; tests that depend on it set it themselves). */
+static mb_cuda_matmul *create_matmul(void) {
+    mb_error err = {{0}};
+    mb_cuda_matmul *matmul = NULL;
+    cr_assert_eq(mb_cuda_matmul_create(&matmul, &err), 0, "matmul_create: %s", err.message);
+    return matmul;
+}
+
 static void run_linear(mb_cuda_matmul *matmul, linear_case c, uint64_t seed) {
     mb_rng rng;
     mb_rng_seed(&rng, seed);
@@ -230,9 +238,7 @@ static void run_linear(mb_cuda_matmul *matmul, linear_case c, uint64_t seed) {
 
 Test(gpu_ops, linear) {
     require_gpu();
-    mb_cuda_matmul *matmul = NULL;
-    mb_error err = {{0}};
-    cr_assert_eq(mb_cuda_matmul_create(&matmul, &err), 0, "matmul_create: %s", err.message);
+    mb_cuda_matmul *matmul = create_matmul();
     linear_case cases[] = {
         {1, 64, 96, 1, 0, 0},                                 /* one row */
         {37, 64, 96, 1, 1, 1},                                /* rows not a tile multiple, residual, += dx */
@@ -254,9 +260,8 @@ Test(gpu_ops, linear) {
 Test(gpu_ops, linear_more_shapes_than_the_cache) {
     require_gpu();
     mb_error err = {{0}};
-    mb_cuda_matmul *matmul = NULL;
-    cr_assert_eq(mb_cuda_matmul_create(&matmul, &err), 0, "matmul_create: %s", err.message);
-    mb_cuda_matmul_set_tuning(matmul, 0); /* tuning is tested above; here only the cache */
+    mb_cuda_matmul *matmul = create_matmul();
+    mb_cuda_matmul_set_tuning(matmul, 0); /* tuning is tested below; here only the cache */
     mb_rng rng;
     mb_rng_seed(&rng, 47);
     const int width = 16, shapes = size_for(2200, 2100);
@@ -328,10 +333,7 @@ static unsigned char *linear_output_bytes(mb_cuda_matmul *matmul, int n, int in,
  * context's bits, with the in-place residual, dx and dW accumulated once. One call fewer tunes nothing. */
 Test(gpu_ops, linear_tuning_is_bit_identical) {
     require_gpu();
-    mb_error err = {{0}};
-    mb_cuda_matmul *tuned = NULL, *plain = NULL;
-    cr_assert_eq(mb_cuda_matmul_create(&tuned, &err), 0, "matmul_create: %s", err.message);
-    cr_assert_eq(mb_cuda_matmul_create(&plain, &err), 0, "matmul_create: %s", err.message);
+    mb_cuda_matmul *tuned = create_matmul(), *plain = create_matmul();
     mb_cuda_matmul_set_tuning(tuned, 8);
     mb_cuda_matmul_set_tuning(plain, 0);
     int shapes[][3] = {{4096, 768, 2304}, {4096, 1152, 768}, {size_for(2051, 301), 768, 768}};
@@ -347,7 +349,6 @@ Test(gpu_ops, linear_tuning_is_bit_identical) {
         free(want), free(got);
     }
     int tuned_shapes = 0, changed = 0, plain_tuned = 0;
-    mb_cuda_matmul_tuning_counts(tuned, &tuned_shapes, &changed);
     mb_cuda_matmul_tuning_counts(plain, &plain_tuned, &changed);
     cr_expect_eq(plain_tuned, 0, "tuning set to 0 candidates still tuned %d shapes", plain_tuned);
     mb_cuda_matmul_tuning_counts(tuned, &tuned_shapes, &changed);
@@ -362,9 +363,7 @@ Test(gpu_ops, linear_tuning_is_bit_identical) {
  * MB_CUDA_GEMM_TUNE_SIGHTING-th call, never before, and then once (the fourth call compares no candidates). */
 Test(gpu_ops, linear_tuning_waits_for_recurring_shapes) {
     require_gpu();
-    mb_error err = {{0}};
-    mb_cuda_matmul *matmul = NULL;
-    cr_assert_eq(mb_cuda_matmul_create(&matmul, &err), 0, "matmul_create: %s", err.message);
+    mb_cuda_matmul *matmul = create_matmul();
     mb_cuda_matmul_set_tuning(matmul, 8);
     int tuned = 0, changed = 0;
     for (int call = 1; call <= MB_CUDA_GEMM_TUNE_SIGHTING + 1; call++) {
