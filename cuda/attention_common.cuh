@@ -109,11 +109,12 @@ struct tile_position {
     int seq_begin, seq_end, start, end; /* the tile is [start, end) inside [seq_begin, seq_end) */
 };
 
-/* Which (tile, head) this block owns; false for the spare blocks past the last tile. Uniform over the block. */
-__device__ bool find_tile(tile_position *t, int *head, const int32_t *seq_first, const int32_t *tile_seq,
-                          const int32_t *cu_seqlens, int num_seqs, int heads, int tile) {
-    int x = blockIdx.x / heads;
-    *head = blockIdx.x % heads;
+/* Work item `item` of a launch plan: (tile item / heads, head item % heads); false past the last tile. */
+__device__ __forceinline__ bool find_tile_at(unsigned item, tile_position *t, int *head, const int32_t *seq_first,
+                                             const int32_t *tile_seq, const int32_t *cu_seqlens, int num_seqs,
+                                             int heads, int tile) {
+    int x = (int)(item / (unsigned)heads);
+    *head = (int)(item % (unsigned)heads);
     if (x >= seq_first[num_seqs]) return false;
     int s = tile_seq[x];
     t->seq_begin = cu_seqlens[s];
@@ -121,6 +122,12 @@ __device__ bool find_tile(tile_position *t, int *head, const int32_t *seq_first,
     t->start = t->seq_begin + (x - seq_first[s]) * tile;
     t->end = min(t->start + tile, t->seq_end);
     return true;
+}
+
+/* Which (tile, head) this block owns; false for the spare blocks past the last tile. Uniform over the block. */
+__device__ bool find_tile(tile_position *t, int *head, const int32_t *seq_first, const int32_t *tile_seq,
+                          const int32_t *cu_seqlens, int num_seqs, int heads, int tile) {
+    return find_tile_at(blockIdx.x, t, head, seq_first, tile_seq, cu_seqlens, num_seqs, heads, tile);
 }
 
 /* Range of tokens [lo, hi) of the sequence that the tile [start, end) interacts with (symmetric window). */

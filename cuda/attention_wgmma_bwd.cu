@@ -5,8 +5,9 @@
  *   P_ij = exp(s_ij − lse_i),  dP_ij = do_i·v_j,  dS_ij = P_ij (dP_ij − delta_i)
  *   dV_j = Σ_i P_ij do_i,  dK_j = scale Σ_i dS_ij q_i  (written, bf16),  dq_accum_i += Σ_j dS_ij k_j  (fp32, unscaled)
  *
- * One block of 384 threads per 128-key tile of the plan and head: warpgroups 0 and 1 consume, warpgroup 2's first
- * warp produces (setmaxnreg 240 / 24). Warpgroup g owns keys 64g..64g+63 of the tile and holds their dK and dV
+ * Work item = one 128-key tile of the plan and one head. A persistent grid (one block per SM, session 12) walks the
+ * items with stride gridDim.x; MB_ATTENTION_WGMMA_BWD=per_tile launches one block per item instead. A block has 384
+ * threads: warpgroups 0 and 1 consume, warpgroup 2's first warp produces (setmaxnreg 240 / 24). Warpgroup g owns keys 64g..64g+63 of the tile and holds their dK and dV
  * (64 × 64 fp32 each) in registers. The block loops over the sequence's queries in steps of 128 (FlashAttention-3's
  * hdim-64 tile); per step and warpgroup (m64nNk16 = one wgmma, bf16 in, fp32 accumulate):
  *   Sᵀ  = K_g·Qᵀ        4 × m64n128k16, A = K (smem, K-major), B = Q (smem, K-major)
@@ -29,7 +30,10 @@
  * a 2-stage ring and publishes a step as soon as it has landed (mbarrier `full`); the consumers hand a stage back
  * (`empty`) once dV and dK have read it. The dSᵀ exchange between the warpgroups goes through two more mbarrier pairs
  * (ds_full / ds_empty per dSᵀ stage), so a warpgroup may run up to one step ahead of the other and one's exp/dS work
- * overlaps the other's wgmmas. There is no block barrier in the loop.
+ * overlaps the other's wgmmas. There is no block barrier in the loop. The ring, and the dSᵀ stages, run on across a
+ * block's items (their phases count the block's steps). Between items the consumers meet once (named barrier): both
+ * groups' last dQ has read K, so the next item's K and V are queued and land while the finished item's last dQ adds
+ * and dK / dV stores go out.
  *
  * History (docs/kernels/attention_wgmma_bwd.md): round 1 (64-query steps, two block barriers per step) and round 2
  * (the producer warp and mbarriers, 64-query steps, dQ split by columns with red.global.add.v4) were replaced in
@@ -300,23 +304,32 @@ __device__ __forceinline__ void consumers_sync() {
  * i − kStages) and is published (its cp.async complete, proxy fence, 32 arrivals on `full`) as soon as it has landed.
  * With two stages the consumers work on step i − 1 meanwhile. (Round 2 published one step late with three stages;
  * publishing later than that measured slower in both kernels.) */
-__device__ void produce(char *smem, const ring &b, const backward_args &a, int head, int query_lo, int query_hi,
-                        int steps) {
+__device__ void produce(char *smem, const ring &b, const backward_args &a, const mb::attention_plan &plan) {
     const int hidden = a.heads * kHeadDim;
-    const mb::bf16 *q = a.qkv + head * kHeadDim, *g = a.dout + head * kHeadDim;
-    for (int i = 0; i < steps; i++) {
-        const int stage = i % kStages, q0 = query_lo + i * kStepQueries;
-        if (i >= kStages) mbarrier_wait(b.empty + 8 * stage, ((i / kStages) - 1) & 1);
-        warp_load_rows<kStepQueries>(smem + kTileQ + stage * kStepTileBytes, q, 3 * (size_t)hidden, q0, query_hi);
-        warp_load_rows<kStepQueries>(smem + kTileDO + stage * kStepTileBytes, g, hidden, q0, query_hi);
-        warp_load_floats<kStepQueries>(reinterpret_cast<float *>(smem + kLse) + stage * kStepQueries, a.lse + head,
-                                       a.heads, q0, query_hi);
-        warp_load_floats<kStepQueries>(reinterpret_cast<float *>(smem + kDelta) + stage * kStepQueries,
-                                       a.delta + head, a.heads, q0, query_hi);
-        cp_async_commit();
-        cp_async_wait<0>();
-        fence_proxy_async();
-        mbarrier_arrive(b.full + 8 * stage);
+    tile_position t;
+    int head, query_lo, query_hi;
+    int step = 0; /* the block's step count over all its tiles: the ring's stages and phases run on across tiles */
+    for (unsigned w = blockIdx.x;
+         find_tile_at(w, &t, &head, plan.seq_first, plan.tile_seq, a.cu_seqlens, a.num_seqs, a.heads, kBlockKeys);
+         w += gridDim.x) {
+        partner_range(t, -1, &query_lo, &query_hi); /* global layer: the whole sequence */
+        const int steps = mb::ceil_div(query_hi - query_lo, kStepQueries);
+        const mb::bf16 *q = a.qkv + head * kHeadDim, *g = a.dout + head * kHeadDim;
+        for (int i = 0; i < steps; i++, step++) {
+            const int stage = step % kStages, q0 = query_lo + i * kStepQueries;
+            if (step >= kStages) mbarrier_wait(b.empty + 8 * stage, ((step / kStages) - 1) & 1);
+            warp_load_rows<kStepQueries>(smem + kTileQ + stage * kStepTileBytes, q, 3 * (size_t)hidden, q0,
+                                         query_hi);
+            warp_load_rows<kStepQueries>(smem + kTileDO + stage * kStepTileBytes, g, hidden, q0, query_hi);
+            warp_load_floats<kStepQueries>(reinterpret_cast<float *>(smem + kLse) + stage * kStepQueries,
+                                           a.lse + head, a.heads, q0, query_hi);
+            warp_load_floats<kStepQueries>(reinterpret_cast<float *>(smem + kDelta) + stage * kStepQueries,
+                                           a.delta + head, a.heads, q0, query_hi);
+            cp_async_commit();
+            cp_async_wait<0>();
+            fence_proxy_async();
+            mbarrier_arrive(b.full + 8 * stage);
+        }
     }
 }
 
@@ -424,12 +437,12 @@ __device__ __forceinline__ void add_dq(char *smem, const block_context &c, const
  * A group can thus run up to about one step ahead of the other, never two (a barrier's next phase needs the slower
  * group's arrivals, which come after its wait of the current phase), so the parity waits are unambiguous. */
 template <bool kHasPrevious>
-__device__ __forceinline__ void consume_step(int i, char *smem, const backward_args &a, const block_context &c,
-                                             const ring &b, float (&s)[kScores], float (&dp)[kScores],
-                                             float (&dk)[32], float (&dv)[32], float (&dq)[32]) {
-    const int q0 = c.query_lo + i * kStepQueries, stage = i % kStages, ds_stage = i & 1;
-    if (kHasPrevious) issue_step_dq(i - 1, c, b, dq);
-    mbarrier_wait(b.full + 8 * stage, (i / kStages) & 1);
+__device__ __forceinline__ void consume_step(int i, int step, char *smem, const backward_args &a,
+                                             const block_context &c, const ring &b, float (&s)[kScores],
+                                             float (&dp)[kScores], float (&dk)[32], float (&dv)[32], float (&dq)[32]) {
+    const int q0 = c.query_lo + i * kStepQueries, stage = step % kStages, ds_stage = step & 1;
+    if (kHasPrevious) issue_step_dq(step - 1, c, b, dq);
+    mbarrier_wait(b.full + 8 * stage, (step / kStages) & 1);
     const step_tiles t(smem, c.base, stage);
 
     wgmma_fence();
@@ -459,7 +472,7 @@ __device__ __forceinline__ void consume_step(int i, char *smem, const backward_a
     wgmma_commit();
     issue_accumulate(dk, ds_frag, t.q); /* dK += dSᵀ·Q (unscaled) */
     wgmma_commit();
-    if (i >= 2) mbarrier_wait(b.ds_empty + 8 * ds_stage, ((i - 2) >> 1) & 1);
+    if (step >= 2) mbarrier_wait(b.ds_empty + 8 * ds_stage, ((step - 2) >> 1) & 1);
     const int warp_row0 = c.group * kGroupKeys + c.f.row - c.f.row % 16; /* the warp's first key row in the tile */
     store_score_gradients(smem + kTileDS + ds_stage * kDsStageBytes, ds_frag, warp_row0);
     fence_proxy_async();
@@ -481,45 +494,80 @@ __device__ __forceinline__ void prefetch_key_angles(const float2 *rope, const bl
         asm volatile("prefetch.global.L1 [%0];\n" ::"l"(rope + (size_t)key * (kHeadDim / 2) + 16 * (k % 2)));
 }
 
-/* A consumer warpgroup's whole loop, then the last dQ and the dK / dV rows. K and V are already in shared memory. */
-__device__ __forceinline__ void consume(char *smem, const backward_args &a, const block_context &c, const ring &b) {
+/* The consumers' context for work item w of the plan (false: the plan has no item w). The fields set once per
+ * block (base, group, f, hidden, k_rows, v_rows) are kept. */
+__device__ __forceinline__ bool consumer_tile(block_context *c, unsigned w, const backward_args &a,
+                                              const mb::attention_plan &plan) {
+    if (!find_tile_at(w, &c->t, &c->head, plan.seq_first, plan.tile_seq, a.cu_seqlens, a.num_seqs, a.heads,
+                      kBlockKeys))
+        return false;
+    partner_range(c->t, -1, &c->query_lo, &c->query_hi); /* global layer: the whole sequence */
+    c->steps = mb::ceil_div(c->query_hi - c->query_lo, kStepQueries);
+    c->key_a = c->t.start + kGroupKeys * c->group + c->f.row;
+    c->tail_keys = c->t.start + kBlockKeys > c->t.end;
+    c->dq_head = a.dq_accum + (size_t)c->head * a.dq_rows * kHeadDim;
+    return true;
+}
+
+/* Queues the tile's K and V rows into shared memory (all 256 consumer threads, one commit group). */
+__device__ __forceinline__ void load_key_tiles(char *smem, const backward_args &a, const block_context &c) {
+    const size_t qkv_stride = 3 * (size_t)c.hidden;
+    load_tile_async<kBlockKeys>(smem + kTileK, a.qkv + c.hidden + c.head * kHeadDim, qkv_stride, c.t.start, c.t.end);
+    load_tile_async<kBlockKeys>(smem + kTileV, a.qkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, c.t.start,
+                                c.t.end);
+    cp_async_commit();
+}
+
+/* A consumer warpgroup's loop over one tile (K and V in shared memory), then its last dQ and dK / dV rows. `step`
+ * counts the block's steps over all its tiles (the ring's and the dSᵀ stages' phases); `w` is the tile's work item.
+ * Once both groups' last dQ has read K, the next item's K and V are queued (its context replaces c) and land while
+ * this tile's dq_accum adds and dK / dV stores go out. Returns whether there is a next item. */
+__device__ __forceinline__ bool consume_tile(char *smem, const backward_args &a, const mb::attention_plan &plan,
+                                             block_context &c, const ring &b, int &step, unsigned &w) {
     float dk[32], dv[32], s[kScores], dp[kScores], dq[32];
 #pragma unroll
     for (int e = 0; e < kScores; e++) s[e] = dp[e] = 0.0f;
 #pragma unroll
     for (int e = 0; e < 32; e++) dk[e] = dv[e] = dq[e] = 0.0f;
     if (c.steps == 1) prefetch_key_angles(a.rope, c);
-    consume_step<false>(0, smem, a, c, b, s, dp, dk, dv, dq);
+    consume_step<false>(0, step, smem, a, c, b, s, dp, dk, dv, dq);
     for (int i = 1; i < c.steps; i++) {
         if (i == c.steps - 1) prefetch_key_angles(a.rope, c);
-        consume_step<true>(i, smem, a, c, b, s, dp, dk, dv, dq);
+        consume_step<true>(i, step + i, smem, a, c, b, s, dp, dk, dv, dq);
     }
-    const int last = c.steps - 1;
-    issue_step_dq(last, c, b, dq);
+    const int last = c.steps - 1, last_step = step + last;
+    issue_step_dq(last_step, c, b, dq);
     wgmma_wait<0>();
     fence_registers(dq);
+    step += c.steps;
+    consumers_sync(); /* both groups' wgmma reads of this tile's K and V are complete */
+    w += gridDim.x;
+    block_context next = c;
+    const bool more = consumer_tile(&next, w, a, plan);
+    if (more) load_key_tiles(smem, a, next);
     add_dq(smem, c, dq, c.query_lo + last * kStepQueries + kGroupKeys * c.group);
-    /* the staging must stay until the last bulk add has read it; the adds themselves land before the grid completes
-     * (the next kernel reads dq_accum), as TMA stores do, so the block need not wait for them */
-    if (threadIdx.x % mb::kWarpSize == 0) bulk_wait_reads();
+    warp_arrive(b.ds_empty + 8 * (last_step & 1)); /* the dSᵀ stage of the last step is free (as in consume_step) */
+    /* the staging must stay until the block's last bulk add has read it; the adds themselves land before the grid
+     * completes (the next kernel reads dq_accum), as TMA stores do, so the block need not wait for them */
+    if (!more && threadIdx.x % mb::kWarpSize == 0) bulk_wait_reads();
     const size_t qkv_stride = 3 * (size_t)c.hidden;
     store_key_rows(a.dqkv + c.hidden + c.head * kHeadDim, qkv_stride, dk, c.key_a, c.t.end, c.f.col, a.scale, a.rope);
     store_key_rows(a.dqkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, dv, c.key_a, c.t.end, c.f.col, 1.0f,
                    nullptr);
+    c = next;
+    return more;
 }
 
 #endif /* device helpers */
 
-/* The kernel: warpgroups 0 and 1 load K and V, then consume (consume); warpgroup 2's first warp produces. */
+/* The kernel, persistent: block b takes the plan's work items b, b + gridDim.x, ... (longest sequences first).
+ * Warpgroups 0 and 1 load each tile's K and V and consume it (consume_tile); warpgroup 2's first warp produces the
+ * query steps of all the block's tiles into one ring. A grid of plan.blocks gives every block one item at most. */
 __global__ void __launch_bounds__(kThreads, 1) wgmma_backward_kernel(backward_args a, mb::attention_plan plan) {
 #if MB_WGMMA_SM90
     extern __shared__ uint4 shared_raw[];
     char *smem = aligned_shared(shared_raw);
     block_context c;
-    if (!find_tile(&c.t, &c.head, plan.seq_first, plan.tile_seq, a.cu_seqlens, a.num_seqs, a.heads, kBlockKeys)) return;
-    c.hidden = a.heads * kHeadDim;
-    partner_range(c.t, -1, &c.query_lo, &c.query_hi); /* global layer: the whole sequence */
-    c.steps = mb::ceil_div(c.query_hi - c.query_lo, kStepQueries);
     c.base = shared_address(smem);
     const uint32_t barriers = c.base + kBarriers;
     const ring b = {barriers, barriers + 8 * kStages, barriers + 16 * kStages, barriers + 16 * kStages + 16};
@@ -537,26 +585,23 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_backward_kernel(backward_ar
     const int warp = threadIdx.x / mb::kWarpSize;
     if (warp >= kProducerWarp) {
         registers_decrease<kProducerRegisters>();
-        if (warp == kProducerWarp) produce(smem, b, a, c.head, c.query_lo, c.query_hi, c.steps);
+        if (warp == kProducerWarp) produce(smem, b, a, plan);
     } else {
         registers_increase<kConsumerRegisters>();
-        const size_t qkv_stride = 3 * (size_t)c.hidden;
-        load_tile_async<kBlockKeys>(smem + kTileK, a.qkv + c.hidden + c.head * kHeadDim, qkv_stride, c.t.start,
-                                    c.t.end);
-        load_tile_async<kBlockKeys>(smem + kTileV, a.qkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, c.t.start,
-                                    c.t.end);
-        cp_async_commit();
+        c.hidden = a.heads * kHeadDim;
         c.group = threadIdx.x / 128;
         c.f = my_fragment();
-        c.key_a = c.t.start + kGroupKeys * c.group + c.f.row;
-        c.tail_keys = c.t.start + kBlockKeys > c.t.end;
         c.k_rows = c.base + kTileK + c.group * kGroupKeys * kRowBytes;
         c.v_rows = c.base + kTileV + c.group * kGroupKeys * kRowBytes;
-        c.dq_head = a.dq_accum + (size_t)c.head * a.dq_rows * kHeadDim;
-        cp_async_wait<0>();
-        fence_proxy_async();
-        consumers_sync(); /* K and V of both groups' threads are in shared memory */
-        consume(smem, a, c, b);
+        unsigned w = blockIdx.x;
+        if (!consumer_tile(&c, w, a, plan)) return;
+        load_key_tiles(smem, a, c);
+        int step = 0;
+        do {
+            cp_async_wait<0>();
+            fence_proxy_async();
+            consumers_sync(); /* K and V of both groups' threads are in shared memory */
+        } while (consume_tile(smem, a, plan, c, b, step, w));
     }
 #endif
 }
@@ -637,7 +682,8 @@ namespace {
 int launch_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout,
                     const float *lse, const float *delta, const mb::bf16 *qkv, const int32_t *cu_seqlens,
                     mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim, int window,
-                    const float2 *rope, cudaStream_t stream, mb_error *err) {
+                    const float2 *rope, unsigned max_blocks, cudaStream_t stream, mb_error *err) {
+    MB_REQUIRE(err, max_blocks >= 1, "attention_wgmma_backward: max_blocks must be >= 1");
     MB_REQUIRE(err, head_dim == kHeadDim && window < 0,
                "attention_wgmma_backward: head_dim %d, window %d (only head_dim 64, global layers)", head_dim, window);
     MB_REQUIRE(err, plan.tile == kWgmmaBackwardTile, "attention_wgmma_backward: plan tile %d, expected %d", plan.tile,
@@ -656,7 +702,8 @@ int launch_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout,
                           scale,    kLog2e * scale, rope};
     MB_CUDA_CHECK(err, cudaFuncSetAttribute(wgmma_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             (int)kSharedBytes));
-    wgmma_backward_kernel<<<plan.blocks, kThreads, kSharedBytes, stream>>>(args, plan);
+    const unsigned blocks = plan.blocks < max_blocks ? plan.blocks : max_blocks;
+    wgmma_backward_kernel<<<blocks, kThreads, kSharedBytes, stream>>>(args, plan);
     MB_CUDA_CHECK_LAUNCH(err, "wgmma_backward_kernel");
     return 0;
 }
@@ -667,8 +714,18 @@ int mb_attention_wgmma_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 
                                 const float *delta, const mb::bf16 *qkv, const int32_t *cu_seqlens,
                                 mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim, int window,
                                 const float2 *rope, cudaStream_t stream, mb_error *err) {
-    return launch_backward(dqkv, dq_accum, dout, lse, delta, qkv, cu_seqlens, plan,
-                           num_seqs, n, heads, head_dim, window, rope, stream, err);
+    /* one block per SM walking the plan; MB_ATTENTION_WGMMA_BWD=per_tile launches one block per work item (the
+     * schedule before session 12, for comparisons) */
+    unsigned max_blocks = plan.blocks;
+    if (!env_is("MB_ATTENTION_WGMMA_BWD", "per_tile")) {
+        int device = 0, sm_count = 0;
+        MB_CUDA_CHECK(err, cudaGetDevice(&device));
+        MB_CUDA_CHECK(err, cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+        max_blocks = (unsigned)sm_count;
+    }
+    if (max_blocks == 0) max_blocks = 1;
+    return launch_backward(dqkv, dq_accum, dout, lse, delta, qkv, cu_seqlens, plan, num_seqs, n, heads, head_dim,
+                           window, rope, max_blocks, stream, err);
 }
 
 /* ---- self-test ---- */
@@ -863,6 +920,42 @@ bool compare_relative(report_text &r, const char *what, const std::vector<float>
     return ok;
 }
 
+/* The kernel's dq_accum (head-major, unscaled) and dK / dV rows of dqkv against the reference. */
+bool check_kernel_outputs(report_text &r, const float *d_dq, const mb::bf16 *d_dqkv, const std::vector<double> &want_dq,
+                          const std::vector<double> &want_dk, const std::vector<double> &want_dv, int n, int heads,
+                          size_t dq_rows, unsigned max_blocks) {
+    const int hidden = heads * kHeadDim;
+    const size_t dq_floats = (size_t)heads * dq_rows * kHeadDim;
+    std::vector<float> head_major(dq_floats), got_dq(want_dq.size());
+    std::vector<mb_bf16> got_bits((size_t)n * 3 * hidden);
+    if (cudaMemcpy(head_major.data(), d_dq, dq_floats * 4, cudaMemcpyDeviceToHost) != cudaSuccess) {
+        r.add("copying dq_accum back failed\n");
+        return false;
+    }
+    for (int i = 0; i < n; i++) /* the head-major, block-permuted layout back to [n, H] */
+        for (int h = 0; h < heads; h++)
+            for (int d = 0; d < kHeadDim; d++)
+                got_dq[(size_t)i * hidden + h * kHeadDim + d] =
+                    head_major[mb_wgmma_dq_offset(i, h, d - d % 8, dq_rows) + d % 8];
+    if (cudaMemcpy(got_bits.data(), d_dqkv, got_bits.size() * 2, cudaMemcpyDeviceToHost) != cudaSuccess) {
+        r.add("copying dqkv back failed\n");
+        return false;
+    }
+    std::vector<float> got_dk(want_dk.size()), got_dv(want_dv.size());
+    const float scale = 1.0f / sqrtf((float)kHeadDim);
+    for (int i = 0; i < n; i++)
+        for (int c = 0; c < hidden; c++) {
+            got_dq[(size_t)i * hidden + c] *= scale;
+            got_dk[(size_t)i * hidden + c] = mb_bf16_to_float(got_bits[(size_t)i * 3 * hidden + hidden + c]);
+            got_dv[(size_t)i * hidden + c] = mb_bf16_to_float(got_bits[(size_t)i * 3 * hidden + 2 * hidden + c]);
+        }
+    r.add("whole kernel, lengths 200 65 1 130 520, 2 heads, at most %u blocks:\n", max_blocks);
+    bool ok = compare_relative(r, "  dQ", got_dq, want_dq, hidden, 1e-2);
+    ok &= compare_relative(r, "  dK", got_dk, want_dk, hidden, 1e-2);
+    ok &= compare_relative(r, "  dV", got_dv, want_dv, hidden, 1e-2);
+    return ok;
+}
+
 /* Runs the kernel on a packed batch (a 520-token sequence takes 5 query steps: the 2-stage ring and the two dSᵀ
  * stages wrap twice) against the double-precision reference. */
 int selftest_kernel(report_text &r) {
@@ -884,7 +977,8 @@ int selftest_kernel(report_text &r) {
         qkv_bits[i] = mb_bf16_from_float(qkv[i] = bf16_round((float)mb_rng_normal(&rng)));
     for (size_t i = 0; i < dout.size(); i++)
         dout_bits[i] = mb_bf16_from_float(dout[i] = bf16_round((float)mb_rng_normal(&rng) * 0.5f));
-    std::vector<double> want_dq((size_t)n * hidden, 0.0), want_dk(want_dq.size(), 0.0), want_dv(want_dq.size(), 0.0);
+    const size_t elements = (size_t)n * hidden;
+    std::vector<double> want_dq(elements, 0.0), want_dk(elements, 0.0), want_dv(elements, 0.0);
     std::vector<float> lse((size_t)n * heads), delta((size_t)n * heads);
     for (int s = 0; s < num_seqs; s++)
         for (int h = 0; h < heads; h++)
@@ -912,39 +1006,25 @@ int selftest_kernel(report_text &r) {
     SELFTEST_CUDA(cudaMemcpy(d_cu, cu_seqlens.data(), cu_seqlens.size() * 4, cudaMemcpyHostToDevice));
     SELFTEST_CUDA(cudaMemcpy(d_first, seq_first.data(), seq_first.size() * 4, cudaMemcpyHostToDevice));
     SELFTEST_CUDA(cudaMemcpy(d_tiles, tile_seq.data(), tile_seq.size() * 4, cudaMemcpyHostToDevice));
-    SELFTEST_CUDA(cudaMemset(d_dqkv, 0xff, qkv.size() * 2)); /* NaN: a token the kernel forgets stays NaN */
-    SELFTEST_CUDA(cudaMemset(d_dq, 0, dq_floats * 4));
-    mb::attention_plan plan = {d_first, d_tiles, kBlockKeys,
-                               (unsigned)(((n + kBlockKeys - 1) / kBlockKeys + num_seqs) * heads)};
-    mb_error err;
-    err.message[0] = '\0';
-    if (launch_backward(d_dqkv, d_dq, d_dout, d_lse, d_delta, d_qkv, d_cu, plan, num_seqs, n, heads,
-                        kHeadDim, -1, nullptr, nullptr, &err) != 0) {
-        r.add("launch: %s\n", err.message);
-        return -1;
-    }
-    SELFTEST_CUDA(cudaDeviceSynchronize());
-    std::vector<float> head_major(dq_floats), got_dq(want_dq.size());
-    std::vector<mb_bf16> got_bits(qkv.size());
-    SELFTEST_CUDA(cudaMemcpy(head_major.data(), d_dq, dq_floats * 4, cudaMemcpyDeviceToHost));
-    for (int i = 0; i < n; i++) /* the head-major, block-permuted layout back to [n, H] */
-        for (int h = 0; h < heads; h++)
-            for (int d = 0; d < kHeadDim; d++)
-                got_dq[(size_t)i * hidden + h * kHeadDim + d] =
-                    head_major[mb_wgmma_dq_offset(i, h, d - d % 8, dq_rows) + d % 8];
-    SELFTEST_CUDA(cudaMemcpy(got_bits.data(), d_dqkv, got_bits.size() * 2, cudaMemcpyDeviceToHost));
-    std::vector<float> got_dk(want_dk.size()), got_dv(want_dv.size());
-    const float scale = 1.0f / sqrtf((float)kHeadDim);
-    for (int i = 0; i < n; i++)
-        for (int c = 0; c < hidden; c++) {
-            got_dq[(size_t)i * hidden + c] *= scale;
-            got_dk[(size_t)i * hidden + c] = mb_bf16_to_float(got_bits[(size_t)i * 3 * hidden + hidden + c]);
-            got_dv[(size_t)i * hidden + c] = mb_bf16_to_float(got_bits[(size_t)i * 3 * hidden + 2 * hidden + c]);
+    const mb::attention_plan plan = {d_first, d_tiles, kBlockKeys,
+                                     (unsigned)(((n + kBlockKeys - 1) / kBlockKeys + num_seqs) * heads)};
+    bool ok = true;
+    /* grids: one block per work item; 3 blocks, each walking 7-8 tiles of different lengths (the 1-token sequence's
+     * included); one block walking all 22 */
+    const unsigned grids[] = {plan.blocks, 3, 1};
+    for (unsigned max_blocks : grids) {
+        SELFTEST_CUDA(cudaMemset(d_dqkv, 0xff, qkv.size() * 2)); /* NaN: a token the kernel forgets stays NaN */
+        SELFTEST_CUDA(cudaMemset(d_dq, 0, dq_floats * 4));
+        mb_error err;
+        err.message[0] = '\0';
+        if (launch_backward(d_dqkv, d_dq, d_dout, d_lse, d_delta, d_qkv, d_cu, plan, num_seqs, n, heads, kHeadDim, -1,
+                            nullptr, max_blocks, nullptr, &err) != 0) {
+            r.add("launch: %s\n", err.message);
+            return -1;
         }
-    r.add("whole kernel, lengths 200 65 1 130 520, 2 heads:\n");
-    bool ok = compare_relative(r, "  dQ", got_dq, want_dq, hidden, 1e-2);
-    ok &= compare_relative(r, "  dK", got_dk, want_dk, hidden, 1e-2);
-    ok &= compare_relative(r, "  dV", got_dv, want_dv, hidden, 1e-2);
+        SELFTEST_CUDA(cudaDeviceSynchronize());
+        ok &= check_kernel_outputs(r, d_dq, d_dqkv, want_dq, want_dk, want_dv, n, heads, dq_rows, max_blocks);
+    }
     return ok ? 0 : 1;
 }
 
