@@ -1,5 +1,6 @@
 /* Device pieces shared by every attention kernel family (cuda/attention.cu: mma.sync v3/v4; the sliding-window and
- * sm_90a kernels beside it): cp.async copies, the tile a block owns in the launch plan, window tests, exp2.
+ * sm_90a kernels beside it): row copies by cp.async (its primitives are in cp_async.cuh), the tile a block owns in
+ * the launch plan, window tests, exp2.
  *
  * The plan (built by attention.cu's tile_plan_kernel for a tile size T): sequences are cut into tiles of T tokens that
  * never straddle a sequence, longest sequences first; block x of a launch owns (tile x / heads, head x % heads).
@@ -11,6 +12,7 @@
 #define MB_CUDA_ATTENTION_COMMON_CUH
 
 #include "common.cuh"
+#include "cp_async.cuh"
 
 #include <cstdlib>
 #include <cstring>
@@ -44,40 +46,6 @@ __device__ __forceinline__ void rope_back(float &x1, float &x2, float2 cs) {
     const float y1 = x1 * cs.x + x2 * cs.y, y2 = x2 * cs.x - x1 * cs.y;
     x1 = y1;
     x2 = y2;
-}
-
-/* ---- cp.async (sm_80+): 16-byte global -> shared copies that bypass registers; src_size 0 writes zeros ---- */
-
-/* To a shared-space address (the wgmma forward's producer keeps 32-bit addresses). */
-__device__ __forceinline__ void cp_async_16_to(uint32_t shared_address, const void *global, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address), "l"(global),
-                 "r"(valid ? 16 : 0)
-                 : "memory");
-}
-
-/* To a generic pointer into shared memory. */
-__device__ __forceinline__ void cp_async_16(void *shared, const void *global, bool valid) {
-    cp_async_16_to(static_cast<uint32_t>(__cvta_generic_to_shared(shared)), global, valid);
-}
-
-/* A 16-byte copy to a shared-space address whose source is known to be valid (no zero-fill operand): the wgmma
- * producers' copies of whole tiles. */
-__device__ __forceinline__ void cp_async_16_whole(uint32_t shared_address, const void *global) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address), "l"(global) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_4(void *shared, const void *global, bool valid) {
-    uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
-    int bytes = valid ? 4 : 0;
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(address), "l"(global), "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-/* Waits until at most `kPending` of this thread's committed groups are still in flight. */
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
 /* Queues rows [r0, r0 + rows) of a [*, D] slice (row stride in elements) into shared memory (kStride bf16 per

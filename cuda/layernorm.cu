@@ -19,6 +19,7 @@
  * depends on the warp reductions over the row), so dx may alias dy; the rows staged ahead are other rows, which no
  * other warp writes. (The fallback queues the column sums before dx is written, for the same reason.) */
 #include "common.cuh"
+#include "cp_async.cuh"
 #include "ops.h"
 
 namespace {
@@ -153,24 +154,6 @@ __host__ __device__ constexpr int fused_static_bytes(int chunks) {
     return 2 * chunks * kChunkWidth * (int)sizeof(float);
 }
 
-__device__ __forceinline__ void cp_async16(void *shared, const void *global) {
-    uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(global) : "memory");
-}
-
-__device__ __forceinline__ void cp_async4(void *shared, const void *global) {
-    uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(address), "l"(global) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-/* Waits until at most kPending of this thread's committed groups are still in flight. */
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-
 /* Queues this lane's share of row `row` into `stage` (nothing past n) and commits one group, possibly empty, so that
  * "all but the newest kFusedStages − 1 groups" always means the row about to be computed. */
 template <int kChunks, bool kAccumulate>
@@ -185,12 +168,12 @@ __device__ __forceinline__ void stage_row(unsigned char *stage, int row, int n, 
         for (int c = 0; c < kChunks; c++) {
             int col = chunk_column(c, lane);
             if (col >= h) continue;
-            cp_async16(tiles + col, x + offset + col);
-            cp_async16(tiles + kRowElements + col, dy + offset + col);
-            if constexpr (kAccumulate) cp_async16(tiles + 2 * kRowElements + col, old_dx + offset + col);
+            cp_async_16_whole(tiles + col, x + offset + col);
+            cp_async_16_whole(tiles + kRowElements + col, dy + offset + col);
+            if constexpr (kAccumulate) cp_async_16_whole(tiles + 2 * kRowElements + col, old_dx + offset + col);
         }
         float *stats = reinterpret_cast<float *>(stage + stage_stats_offset(kChunks, kAccumulate));
-        if (lane < 2) cp_async4(stats + lane, (lane == 0 ? mean : rstd) + row); /* read by every lane */
+        if (lane < 2) cp_async_4_whole(stats + lane, (lane == 0 ? mean : rstd) + row); /* read by every lane */
     }
     cp_async_commit();
 }
