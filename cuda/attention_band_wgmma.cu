@@ -628,9 +628,8 @@ __global__ void __launch_bounds__(kFwdThreads, kFwdBlocksPerSm)
  * upper bound. */
 int resident_grid(unsigned *grid, const mb::attention_plan &plan, const void *kernel, int threads, size_t shared,
                   mb_error *err) {
-    int device = 0, sm_count = 0, blocks_per_sm = 0;
-    MB_CUDA_CHECK(err, cudaGetDevice(&device));
-    MB_CUDA_CHECK(err, cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+    int sm_count = 0, blocks_per_sm = 0;
+    if (current_sm_count(&sm_count, err) != 0) return -1;
     MB_CUDA_CHECK(err, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, threads, shared));
     MB_REQUIRE(err, blocks_per_sm >= 1, "attention band ring kernel: no block fits on an SM");
     *grid = std::min(plan.blocks, (unsigned)(blocks_per_sm * sm_count));

@@ -35,6 +35,14 @@ inline bool env_is(const char *name, const char *value) {
     return set != nullptr && strcmp(set, value) == 0;
 }
 
+/* *count = the current device's SM count (host): the persistent attention kernels size their grids by it. */
+inline int current_sm_count(int *count, mb_error *err) {
+    int device = 0;
+    MB_CUDA_CHECK(err, cudaGetDevice(&device));
+    MB_CUDA_CHECK(err, cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device));
+    return 0;
+}
+
 constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
 /* RoPE's backward on one head vector's elements d and d + head_dim/2 (x1, x2), fp32, with (cos, sin) = rope[d] of the

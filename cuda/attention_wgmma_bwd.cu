@@ -683,7 +683,6 @@ int launch_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout,
                     const float *lse, const float *delta, const mb::bf16 *qkv, const int32_t *cu_seqlens,
                     mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim, int window,
                     const float2 *rope, unsigned max_blocks, cudaStream_t stream, mb_error *err) {
-    MB_REQUIRE(err, max_blocks >= 1, "attention_wgmma_backward: max_blocks must be >= 1");
     MB_REQUIRE(err, head_dim == kHeadDim && window < 0,
                "attention_wgmma_backward: head_dim %d, window %d (only head_dim 64, global layers)", head_dim, window);
     MB_REQUIRE(err, plan.tile == kWgmmaBackwardTile, "attention_wgmma_backward: plan tile %d, expected %d", plan.tile,
@@ -697,6 +696,7 @@ int launch_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout,
                    reinterpret_cast<uintptr_t>(dout) % 16 == 0 && reinterpret_cast<uintptr_t>(qkv) % 16 == 0,
                "attention_wgmma_backward: dqkv, dq_accum, dout and qkv must be 16-byte aligned");
     if (plan.blocks == 0) return 0;
+    MB_REQUIRE(err, max_blocks >= 1, "attention_wgmma_backward: max_blocks must be >= 1");
     float scale = 1.0f / sqrtf((float)kHeadDim);
     backward_args args = {dqkv,     dq_accum, dout, qkv, lse, delta, cu_seqlens, num_seqs, heads, mb_wgmma_dq_rows(n),
                           scale,    kLog2e * scale, rope};
@@ -718,12 +718,10 @@ int mb_attention_wgmma_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 
      * schedule before session 12, for comparisons) */
     unsigned max_blocks = plan.blocks;
     if (!env_is("MB_ATTENTION_WGMMA_BWD", "per_tile")) {
-        int device = 0, sm_count = 0;
-        MB_CUDA_CHECK(err, cudaGetDevice(&device));
-        MB_CUDA_CHECK(err, cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+        int sm_count = 0;
+        if (current_sm_count(&sm_count, err) != 0) return -1;
         max_blocks = (unsigned)sm_count;
     }
-    if (max_blocks == 0) max_blocks = 1;
     return launch_backward(dqkv, dq_accum, dout, lse, delta, qkv, cu_seqlens, plan, num_seqs, n, heads, head_dim,
                            window, rope, max_blocks, stream, err);
 }

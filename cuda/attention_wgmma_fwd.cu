@@ -577,9 +577,8 @@ int mb_attention_wgmma_forward(mb::bf16 *out, float *lse, const mb::bf16 *qkv, c
                "attention_wgmma_forward: qkv must be 16-byte aligned, out 4-byte aligned");
     MB_REQUIRE(err, mb_attention_wgmma_forward_supports(head_dim, window),
                "attention_wgmma_forward: needs a compute capability 9.x device and the sm_90a build");
-    int device = 0, sm_count = 0;
-    MB_CUDA_CHECK(err, cudaGetDevice(&device));
-    MB_CUDA_CHECK(err, cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+    int sm_count = 0;
+    if (current_sm_count(&sm_count, err) != 0) return -1;
     return launch_persistent(out, lse, qkv, cu_seqlens, plan, num_seqs, heads, (unsigned)sm_count, stream, err);
 }
 
