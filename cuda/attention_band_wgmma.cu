@@ -202,9 +202,10 @@ __device__ __forceinline__ void issue_rows_by_rows(float (&acc)[32], uint32_t a,
  * N-major (+2048 bytes = 16 rows per k-step). */
 __device__ __forceinline__ void issue_accumulate(float (&acc)[32], const uint32_t (&x)[4][4], uint32_t y,
                                                  bool overwrite = false) {
+    const uint64_t descriptor_y = sw128_descriptor(y);
 #pragma unroll
     for (int kk = 0; kk < 4; kk++)
-        wgmma_m64n64_rs<1>(acc, x[kk], sw128_descriptor(y + 2048 * kk), kk == 0 && overwrite ? 0 : 1);
+        wgmma_m64n64_rs<1>(acc, x[kk], descriptor_y + descriptor_offset(2048 * kk), kk == 0 && overwrite ? 0 : 1);
 }
 
 /* bf16 A fragments of a 64 × 64 accumulator (k-step kk = accumulator columns 16kk .. 16kk + 15). */

@@ -130,9 +130,10 @@ struct backward_args {
 /* acc[64 × 64] += A·Y: A [64 × 128] in registers (a[k-step], pack_a_fragments), Y = [128 k rows][64 n] at y read
  * N-major (transpose bit); k-step kk starts 16 rows (2048 bytes) further. Used for dV += Pᵀ·dO and dK += dSᵀ·Q. */
 __device__ __forceinline__ void issue_accumulate(float (&acc)[32], const uint32_t (&a)[kSteps16][4], uint32_t y) {
+    const uint64_t descriptor_y = sw128_descriptor(y);
 #pragma unroll
     for (int kk = 0; kk < kSteps16; kk++)
-        wgmma_m64n64_rs<1>(acc, a[kk], sw128_descriptor(y + 16 * kRowBytes * kk), 1);
+        wgmma_m64n64_rs<1>(acc, a[kk], descriptor_y + descriptor_offset(16 * kRowBytes * kk), 1);
 }
 
 /* bf16 A fragments of a 64 × 128 accumulator for the next product (register-A wgmma, PTX ISA figure "WGMMA .m64nNk16
@@ -338,20 +339,23 @@ __device__ void produce(char *smem, const ring &b, const backward_args &a, const
 /* acc[64 × 128] = X·Yᵀ over d: X = 64 rows at x, Y = 128 rows at y, both K-major swizzled tiles (k-step ks starts
  * 32 bytes further into each row). Sᵀ = K_g·Qᵀ and dPᵀ = V_g·dOᵀ. */
 __device__ __forceinline__ void issue_scores(float (&acc)[kScores], uint32_t x, uint32_t y) {
-    wgmma_m64n128_ss_first<0, 0>(acc, sw128_descriptor(x), sw128_descriptor(y));
+    const uint64_t descriptor_x = sw128_descriptor(x), descriptor_y = sw128_descriptor(y);
+    wgmma_m64n128_ss_first<0, 0>(acc, descriptor_x, descriptor_y);
 #pragma unroll
     for (int ks = 1; ks < kHeadDim / 16; ks++)
-        wgmma_m64n128_ss<0, 0>(acc, sw128_descriptor(x + 32 * ks), sw128_descriptor(y + 32 * ks), 1);
+        wgmma_m64n128_ss<0, 0>(acc, descriptor_x + descriptor_offset(32 * ks), descriptor_y + descriptor_offset(32 * ks),
+                               1);
 }
 
 /* acc[64 queries × 64 d] = dS[queries][keys]·K over the 128 keys: A = one dSᵀ half [128 keys][64 queries] at
  * ds_half read M-major, B = the K tile [128 keys][64 d] read N-major; k-step kk = keys 16kk.. (+2048 bytes). */
 __device__ __forceinline__ void issue_dq_rows(float (&acc)[32], uint32_t ds_half, uint32_t k_tile) {
-    wgmma_m64n64_ss_first<1, 1>(acc, sw128_descriptor(ds_half), sw128_descriptor(k_tile));
+    const uint64_t descriptor_ds = sw128_descriptor(ds_half), descriptor_k = sw128_descriptor(k_tile);
+    wgmma_m64n64_ss_first<1, 1>(acc, descriptor_ds, descriptor_k);
 #pragma unroll
     for (int kk = 1; kk < kBlockKeys / 16; kk++)
-        wgmma_m64n64_ss<1, 1>(acc, sw128_descriptor(ds_half + 16 * kRowBytes * kk),
-                              sw128_descriptor(k_tile + 16 * kRowBytes * kk), 1);
+        wgmma_m64n64_ss<1, 1>(acc, descriptor_ds + descriptor_offset(16 * kRowBytes * kk),
+                              descriptor_k + descriptor_offset(16 * kRowBytes * kk), 1);
 }
 
 /* The block's shared addresses for step i (stage i % kStages). */

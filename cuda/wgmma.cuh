@@ -188,6 +188,12 @@ __device__ __forceinline__ uint64_t sw128_descriptor(uint32_t address) {
     return (uint64_t)((address & 0x3FFFF) >> 4) | (kLeading << 16) | (kStride << 32) | (kSwizzle128 << 62);
 }
 
+/* What a byte offset adds to a descriptor: sw128_descriptor(address + offset) == sw128_descriptor(address) +
+ * descriptor_offset(offset) for offsets that are multiples of 16 and stay inside the block's shared memory (< 256 KB:
+ * the 14-bit start field never carries). Products step through a tile by adding this to one descriptor, so that the
+ * descriptor is not rebuilt (mask, shift, or, two R2UR) for every wgmma. */
+__device__ __forceinline__ constexpr uint64_t descriptor_offset(uint32_t offset) { return offset >> 4; }
+
 /* setmaxnreg: the producer warpgroup gives registers back, the consumer warpgroups take them. */
 template <int kRegisters>
 __device__ __forceinline__ void registers_decrease() {
