@@ -99,10 +99,11 @@ constexpr uint32_t kTileDS = kTileDO + kStages * kStepTileBytes; /* dSᵀ [2][ha
 constexpr uint32_t kLse = kTileDS + 2 * kDsStageBytes;           /* lse [stage][128] fp32 */
 constexpr uint32_t kDelta = kLse + kStages * kStepQueries * 4;   /* delta [stage][128] fp32 */
 constexpr uint32_t kBarriers = kDelta + kStages * kStepQueries * 4; /* full[S] empty[S] ds_full[2] ds_empty[2] */
-constexpr uint32_t kDqStaging = (kBarriers + 8 * (2 * kStages + 4) + 127) / 128 * 128; /* [8 warps][16][256 B] */
+constexpr uint32_t kDqStaging = (kBarriers + 8 * (2 * kStages + 4) + 255) / 256 * 256; /* [8 warps][16][256 B] */
 constexpr uint32_t kSharedUsed = kDqStaging + 8 * kDqWarpBytes;
 constexpr size_t kSharedBytes = kSharedUsed + kSwizzleAtom; /* slack to align the base to 1024 bytes */
 static_assert(kTileQ % kSwizzleAtom == 0 && kTileDO % kSwizzleAtom == 0 && kTileDS % kSwizzleAtom == 0 &&
+                  kDqStaging % kDqRowBytes == 0 && kDqRowBytes == 256 &&
                   kStepTileBytes % kSwizzleAtom == 0 && kBarriers % 8 == 0 && kBlockKeys == 2 * kGroupKeys &&
                   kProducerWarp * mb::kWarpSize == kConsumerThreads && kSharedBytes <= 227 * 1024,
               "swizzled tiles on 1024-byte boundaries, mbarriers on 8, inside the 227 KB an sm_90 block may use");
@@ -399,6 +400,11 @@ __device__ __forceinline__ void bulk_wait_reads() {
 #endif
 }
 
+/* Two fp32 values to a shared address (8-byte aligned). */
+__device__ __forceinline__ void store_shared_f32x2(uint32_t address, float x, float y) {
+    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(address), "f"(x), "f"(y) : "memory");
+}
+
 /* dq_accum[rows query0 + 0..63 of this warpgroup, the head's 64 columns] += acc (this warpgroup's dQ accumulator).
  * Each warp stages its own 16 rows (row = 16·warp + lane/4 (+8), 64-bit stores) in the byte layout of the head-major
  * dq_accum (attention_wgmma_bwd.h: 32-byte block j of token t at block j ^ (t % 4)) and lane 0 adds all 16 rows with
@@ -414,13 +420,17 @@ __device__ __forceinline__ void add_dq(char *smem, const block_context &c, const
     const int row0 = query0 + 16 * (warp % 4);
     if (lane == 0) bulk_wait_reads();
     __syncwarp();
+    /* Block j of the thread's row lane/4 goes to byte (32·j) ^ (32·key) + 4·col of the row: the row's address has bits
+     * 5..7 clear (256-byte rows from a 256-aligned staging, 4·col < 32), so the block's address is one LOP3,
+     * (row | 32·j) ^ 32·key, and row + 8 (the same token % 4) is 2048 bytes further. */
+    const uint32_t row = shared_address(staging) + (lane / 4) * kDqRowBytes + c.f.col * 4;
+    const uint32_t key_bits = 32u * (uint32_t)((row0 + lane / 4) % 4);
 #pragma unroll
-    for (int half = 0; half < 2; half++) {
-        const int r = lane / 4 + 8 * half, block_key = (row0 + r) % 4;
+    for (int j = 0; j < 8; j++) {
+        const uint32_t block = (row | (32u * j)) ^ key_bits;
 #pragma unroll
-        for (int j = 0; j < 8; j++)
-            *reinterpret_cast<float2 *>(staging + r * kDqRowBytes + (8 * (j ^ block_key) + c.f.col) * 4) =
-                make_float2(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
+        for (int half = 0; half < 2; half++)
+            store_shared_f32x2(block + half * 8 * kDqRowBytes, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
     }
     fence_proxy_async();
     __syncwarp();
