@@ -13,10 +13,11 @@
  *   Sᵀ  = K_g·Qᵀ        4 × m64n128k16, A = K (smem, K-major), B = Q (smem, K-major)
  *   dPᵀ = V_g·dOᵀ       4 × m64n128k16, A = V, B = dO
  *   Pᵀ, dSᵀ in fp32 registers (exp2 with scale·log2 e folded in), packed to bf16 A fragments in registers
+ *   dSᵀ -> smem [key][query] (two 64-query halves) before the next two products: the other group's dQ waits for it
  *   dV += Pᵀ·dO         8 × m64n64k16, A = Pᵀ (registers), B = dO (smem, N-major: the transpose bit)
  *   dK += dSᵀ·Q         8 × m64n64k16, A = dSᵀ (registers), B = Q (N-major)
- *   dSᵀ -> smem [key][query] (two 64-query halves); both groups' rows are needed by
- *   dQ[64g.., :] = dS·K 8 × m64n64k16 over the 128 keys, A = half g of dSᵀ (M-major), B = K (N-major); issued at the
+ *   dQ[64g.., :] = dS·K 8 × m64n64k16 over the 128 keys (both groups' dSᵀ rows), A = half g of dSᵀ (M-major), B = K
+ *                       (N-major); issued at the
  *                       start of the NEXT step, added to dq_accum while that step's Sᵀ runs: each warp stages its 16
  *                       rows in shared memory and adds them with one 4 KB bulk reduce-add (cp.reduce.async.bulk) into
  *                       the head-major dq_accum of attention_wgmma_bwd.h.
