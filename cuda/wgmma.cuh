@@ -152,6 +152,15 @@ __device__ __forceinline__ T *shared_pointer(uint32_t address) {
     return reinterpret_cast<T *>(__cvta_shared_to_generic(address));
 }
 
+/* This lane's arrival on an mbarrier (counted in its init count: .noinc), made by the hardware once every cp.async
+ * the lane issued before it has landed: the producer publishes a tile without waiting for it (CUTLASS's sm90 cp.async
+ * GMMA mainloop publishes the same way, with no proxy fence on either side). */
+__device__ __forceinline__ void cp_async_arrive_noinc(uint32_t bar) {
+#if MB_WGMMA_SM90
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+#endif
+}
+
 /* Lag-one publishing of the producer's cp.async groups: a group's barrier gets this lane's arrival once the group
  * has landed, checked after the next group has been queued (two groups in flight) or at flush. A barrier that
  * expects 32 arrivals per phase is completed by the warp's 32 lanes. */
