@@ -17,10 +17,9 @@
  *   dV += Pᵀ·dO         8 × m64n64k16, A = Pᵀ (registers), B = dO (smem, N-major: the transpose bit)
  *   dK += dSᵀ·Q         8 × m64n64k16, A = dSᵀ (registers), B = Q (N-major)
  *   dQ[64g.., :] = dS·K 8 × m64n64k16 over the 128 keys (both groups' dSᵀ rows), A = half g of dSᵀ (M-major), B = K
- *                       (N-major); issued at the
- *                       start of the NEXT step, added to dq_accum while that step's Sᵀ runs: each warp stages its 16
- *                       rows in shared memory and adds them with one 4 KB bulk reduce-add (cp.reduce.async.bulk) into
- *                       the head-major dq_accum of attention_wgmma_bwd.h.
+ *                       (N-major); issued at the start of the NEXT step, added to dq_accum while that step's Sᵀ runs:
+ *                       each warp stages its 16 rows in shared memory and adds them with one 4 KB bulk reduce-add
+ *                       (cp.reduce.async.bulk) into the head-major dq_accum of attention_wgmma_bwd.h.
  * Every shared tile has rows of 64 bf16 = 128 bytes stored with the 128-byte swizzle (CUTLASS Swizzle<3,4,3>: the
  * 16-byte chunk index, address bits [4,7), is XORed with the row index mod 8, bits [7,10)), 1024-byte aligned, so one
  * buffer serves as a K-major operand ([row][d] with d the reduction) and as an MN-major one ([k][n] with the rows the
