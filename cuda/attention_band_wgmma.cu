@@ -168,7 +168,7 @@ __device__ void produce(uint32_t ring, uint32_t full, uint32_t empty, const mb::
             if (g >= kRing) mbarrier_wait(empty + 8 * slot, ((g / kRing) - 1) & 1);
             const uint32_t base = ring + slot * slot_bytes;
             const int end = p.seq_end;
-            if (kBackward) {
+            if constexpr (kBackward) {
                 warp_load_rows<kRows>(shared_pointer<char>(base + kSegQ), q, qkv_stride, first, end);
                 warp_load_rows<kRows>(shared_pointer<char>(base + kSegDO), dout + head * kHeadDim, hidden, first, end);
                 warp_load_rows<kRows>(shared_pointer<char>(base + kSegK), k, qkv_stride, first, end);
@@ -186,7 +186,7 @@ __device__ void produce(uint32_t ring, uint32_t full, uint32_t empty, const mb::
              * the faster dQ warpgroup could not start tile i + 1 before the dK/dV warpgroup had finished tile i:
              * 0.283 -> 0.281 ms at 1024, 0.294 -> 0.292 at 8192 (H200, session 13). The forward (one warpgroup, two
              * blocks per SM) measured 1-2 % slower that way and keeps the lag-one publisher. */
-            if (kBackward) {
+            if constexpr (kBackward) {
                 cp_async_arrive_noinc(full + 8 * slot); /* this lane's arrival once its copies have landed */
             } else {
                 cp_async_commit();
@@ -194,7 +194,7 @@ __device__ void produce(uint32_t ring, uint32_t full, uint32_t empty, const mb::
             }
         }
     }
-    if (kBackward)
+    if constexpr (kBackward)
         cp_async_wait<0>(); /* the last segments' copies land before the warp exits */
     else
         publish.flush();
