@@ -12,8 +12,9 @@
  * Schedule (a segment ring): a block walks consecutive tiles of one head (block_work: one run of kRunTiles tiles per
  * block in the backward, an equal share per resident block in the forward), cut into PIECES at sequence and head
  * boundaries. A producer warp loads each segment the piece needs once (Q, K, V, and for the backward dO, lse, D, as
- * 128-byte-swizzled 64-row tiles, and the RoPE angles its stores need) into a ring of kRing slots and publishes it on the slot's `full` mbarrier; after
- * tile i the consumers hand segment i − 1 back (`empty`) and the producer refills its slot with segment i + 3. Each
+ * 128-byte-swizzled 64-row tiles, and the RoPE angles its stores need) into a ring of kRing slots and publishes it on
+ * the slot's `full` mbarrier; after tile i the consumers hand segment i − 1 back (`empty`) and the producer refills
+ * its slot with segment i + 3. Each
  * segment crosses L2→SM once per piece (plus one halo segment at each end), against three times per tile for
  * one-block-per-tile kernels, and the loads run ahead of the products.
  *  - Backward (band_ring_backward_kernel, one block per SM): warpgroup 0 forms dK, dV of tile i (per chunk Sᵀ = K·Q_cᵀ,
@@ -207,7 +208,8 @@ __device__ __forceinline__ void issue_rows_by_rows(float (&acc)[32], uint32_t a,
     const uint64_t desc_a = sw128_descriptor(a), desc_b = sw128_descriptor(b);
     wgmma_m64n64_ss_first<0, 0>(acc, desc_a, desc_b);
 #pragma unroll
-    for (int ks = 1; ks < 4; ks++) wgmma_m64n64_ss<0, 0>(acc, desc_a + 2 * ks, desc_b + 2 * ks, 1);
+    for (int ks = 1; ks < 4; ks++)
+        wgmma_m64n64_ss<0, 0>(acc, desc_a + descriptor_offset(32 * ks), desc_b + descriptor_offset(32 * ks), 1);
 }
 
 /* acc[64 × 64] += X·Y (or = X·Y with overwrite): X [64 × 64] as register A fragments, Y [64 k rows][64 d] read

@@ -7,9 +7,10 @@
  *
  * Work item = one 128-key tile of the plan and one head. A persistent grid (one block per SM, session 12) walks the
  * items with stride gridDim.x; MB_ATTENTION_WGMMA_BWD=per_tile launches one block per item instead. A block has 384
- * threads: warpgroups 0 and 1 consume, warpgroup 2's first warp produces (setmaxnreg 240 / 24). Warpgroup g owns keys 64g..64g+63 of the tile and holds their dK and dV
- * (64 × 64 fp32 each) in registers. The block loops over the sequence's queries in steps of 128 (FlashAttention-3's
- * hdim-64 tile); per step and warpgroup (m64nNk16 = one wgmma, bf16 in, fp32 accumulate):
+ * threads: warpgroups 0 and 1 consume, warpgroup 2's first warp produces (setmaxnreg 240 / 24). Warpgroup g owns
+ * keys 64g..64g+63 of the tile and holds their dK and dV (64 × 64 fp32 each) in registers. The block loops over the
+ * sequence's queries in steps of 128 (FlashAttention-3's hdim-64 tile); per step and warpgroup (m64nNk16 = one wgmma,
+ * bf16 in, fp32 accumulate):
  *   Sᵀ  = K_g·Qᵀ        4 × m64n128k16, A = K (smem, K-major), B = Q (smem, K-major)
  *   dPᵀ = V_g·dOᵀ       4 × m64n128k16, A = V, B = dO
  *   Pᵀ, dSᵀ in fp32 registers (exp2 with scale·log2 e folded in), packed to bf16 A fragments in registers
@@ -344,8 +345,8 @@ __device__ __forceinline__ void issue_scores(float (&acc)[kScores], uint32_t x, 
     wgmma_m64n128_ss_first<0, 0>(acc, descriptor_x, descriptor_y);
 #pragma unroll
     for (int ks = 1; ks < kHeadDim / 16; ks++)
-        wgmma_m64n128_ss<0, 0>(acc, descriptor_x + descriptor_offset(32 * ks), descriptor_y + descriptor_offset(32 * ks),
-                               1);
+        wgmma_m64n128_ss<0, 0>(acc, descriptor_x + descriptor_offset(32 * ks),
+                               descriptor_y + descriptor_offset(32 * ks), 1);
 }
 
 /* acc[64 queries × 64 d] = dS[queries][keys]·K over the 128 keys: A = one dSᵀ half [128 keys][64 queries] at

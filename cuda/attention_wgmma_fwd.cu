@@ -147,7 +147,7 @@ __device__ __forceinline__ void load_kv_tile(uint32_t stage, const mb::bf16 *k_b
 __device__ __forceinline__ void issue_pv(float (&o)[32], const uint32_t (&p)[8][4], uint32_t v_tile) {
     const uint64_t desc = sw128_descriptor(v_tile);
 #pragma unroll
-    for (int kk = 0; kk < 8; kk++) wgmma_m64n64_rs<1>(o, p[kk], desc + (uint64_t)(128 * kk), 1);
+    for (int kk = 0; kk < 8; kk++) wgmma_m64n64_rs<1>(o, p[kk], desc + descriptor_offset(2048 * kk), 1);
 }
 
 /* Score accumulators -> bf16 A fragments of the P·V product: key step kk covers S columns 16kk..16kk+15, i.e.
@@ -264,7 +264,7 @@ __device__ __forceinline__ void issue_scores(float (&s)[64], uint32_t q_tile, ui
     const uint64_t desc_a = sw128_descriptor(q_tile), desc_b = sw128_descriptor(k_tile);
 #pragma unroll
     for (int ks = 0; ks < 4; ks++)
-        wgmma_m64n128_ss<0, 0>(s, desc_a + (uint64_t)(2 * ks), desc_b + (uint64_t)(2 * ks), ks > 0);
+        wgmma_m64n128_ss<0, 0>(s, desc_a + descriptor_offset(32 * ks), desc_b + descriptor_offset(32 * ks), ks > 0);
 }
 
 /* softmax_tile with shorter dependency chains: the row max in four interleaved chains joined by a tree (depth 5
