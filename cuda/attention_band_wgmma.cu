@@ -55,6 +55,12 @@ constexpr uint32_t kSlotBytes = kSegAngles + kRows * kAngleRowBytes;
 constexpr size_t kSharedBytes = kRing * (size_t)kSlotBytes + 1024; /* + alignment slack */
 static_assert(kSharedBytes + 1024 <= 227 * 1024, "one block per SM");
 
+/* The shared-dS backward (MB_ATTENTION_BAND_BWD=shared_ds, not the default): the ring, then three dSᵀ chunk buffers
+ * of [64 keys][64 queries] bf16 (128-byte swizzle) that the dK/dV warpgroup fills and the dQ warpgroup reads. */
+constexpr uint32_t kDsBufferBytes = kTileBytes;
+constexpr size_t kSharedDsBytes = kRing * (size_t)kSlotBytes + 3 * kDsBufferBytes + 1024;
+static_assert(kSlotBytes % 1024 == 0 && kSharedDsBytes + 1024 <= 227 * 1024, "one shared-dS block per SM");
+
 /* The forward's ring slot: Q, K, V tiles only (24 KB). Its block is one consumer warpgroup and the producer warp,
  * two blocks per SM, so that one block's softmax overlaps the other's products. */
 constexpr uint32_t kFwdSlotBytes = 3 * kTileBytes;
@@ -75,6 +81,10 @@ struct ring_args {
 constexpr int kChunks = 3; /* segments i − 1, i, i + 1 */
 constexpr int kConsumerWarps = 8;
 constexpr int kProducerRegisters = 40, kConsumerRegisters = 224; /* 128 · (40 + 2 · 224) <= 65536 */
+/* The shared-dS backward: warpgroup 0 keeps dK, dV and the in-flight fragments while it stores dSᵀ (at 224 ptxas
+ * serializes its wgmmas, C7512); warpgroup 1 holds three dQ accumulators. */
+constexpr int kSharedDsRegistersA = 256, kSharedDsRegistersB = 216;
+static_assert(128 * (kProducerRegisters + kSharedDsRegistersA + kSharedDsRegistersB) <= 65536, "register file");
 constexpr uint32_t kSegQ = 0, kSegDO = kTileBytes, kSegK = 2 * kTileBytes, kSegV = 3 * kTileBytes;
 constexpr uint32_t kFwdSegQ = 0, kFwdSegK = kTileBytes, kFwdSegV = 2 * kTileBytes;
 
@@ -316,10 +326,37 @@ __device__ __forceinline__ void store_rotated(mb::bf16 *dst, size_t row_stride, 
     }
 }
 
-/* ---- warpgroup 0: dK, dV of tile i ---- */
+/* ---- the shared-dS backward's hand-off: warpgroup 0 stores each chunk's dSᵀ, warpgroup 1 multiplies it by K ----
+ * Buffer c holds chunk c's dSᵀ of the current tile ([64 keys][64 queries], the A fragments' 8 × 8 matrices stored
+ * with stmatrix, as the global backward's store_score_gradients). `full[c]`: the 128 threads of warpgroup 0 (each after
+ * its own stores and proxy fence); `empty[c]`: the 4 warps of warpgroup 1 once their wgmma read the buffer. Only
+ * chunks whose query segment the piece owns ([first, last]) are handed over; both sides count the uses per buffer
+ * (phase = use & 1). */
+struct ds_exchange {
+    uint32_t buffers, full, empty;
+    int uses[kChunks];
+};
 
+__device__ __forceinline__ void store_ds_chunk(uint32_t buffer, const uint32_t (&ds)[4][4]) {
+    const int lane = threadIdx.x % mb::kWarpSize, warp = (threadIdx.x / mb::kWarpSize) % 4, matrix = lane / 8;
+    const int row = 16 * warp + lane % 8 + 8 * (matrix & 1);
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        const uint32_t address = buffer + swizzled_offset(row, 2 * kk + (matrix >> 1));
+        asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(address),
+                     "r"(ds[kk][0]), "r"(ds[kk][1]), "r"(ds[kk][2]), "r"(ds[kk][3])
+                     : "memory");
+    }
+}
+
+/* Whether the piece owns query segment j (its dQ is stored by this block). */
+__device__ __forceinline__ bool owns_segment(const piece &p, int j) { return j >= p.first && j <= p.last; }
+
+/* ---- warpgroup 0: dK, dV of tile i (and, with an exchange, the owned chunks' dSᵀ for warpgroup 1) ---- */
+
+template <bool kShareDs = false>
 __device__ __forceinline__ void tile_dkdv(mb::bf16 *dqkv, const ring_view &r, const piece &p, int i,
-                                          const ring_args &a) {
+                                          const ring_args &a, ds_exchange *x = nullptr) {
     const int head = p.head;
     const fragment f = my_fragment();
     const int t0 = p.seq_begin + kRows * i, t_end = min(t0 + kRows, p.seq_end);
@@ -372,6 +409,13 @@ __device__ __forceinline__ void tile_dkdv(mb::bf16 *dqkv, const ring_view &r, co
                 dp[4 * jj + e] = s[4 * jj + e] * (dp[4 * jj + e] - ((e & 1) ? dl.y : dl.x));
         }
         pack_fragments(ds_frag, dp);
+        if (kShareDs && owns_segment(p, j)) { /* before the dK product, so that warpgroup 1 waits less */
+            const int use = x->uses[c]++;
+            if (use >= 1) mbarrier_wait(x->empty + 8 * c, (use - 1) & 1);
+            store_ds_chunk(x->buffers + c * kDsBufferBytes, ds_frag);
+            fence_proxy_async();
+            mbarrier_arrive(x->full + 8 * c);
+        }
         wgmma_fence();
         issue_accumulate(dk, ds_frag, chunk + kSegQ);
         wgmma_commit();
@@ -438,6 +482,110 @@ __device__ __forceinline__ void tile_dq(mb::bf16 *dqkv, const ring_view &r, cons
     fence_registers(dq);
     const size_t qkv_stride = 3 * (size_t)a.heads * kHeadDim;
     store_rotated(dqkv + head * kHeadDim, qkv_stride, dq, t0 + f.row, t_end, a, own, f.row);
+}
+
+/* ---- warpgroup 1 of the shared-dS backward ----
+ * dQ of segment j sums three chunk products, dS(j, keys j − 1)·K_{j−1} + dS(j, keys j)·K_j + dS(j, keys j + 1)·K_{j+1},
+ * which warpgroup 0 forms at tiles j − 1 (chunk 2), j (chunk 1) and j + 1 (chunk 0). So this warpgroup keeps three
+ * accumulators, segment j in acc[j % 3], and stores segment i − 1 after tile i's chunk 0. The piece's first and last
+ * segments also need keys of the neighbouring pieces' tiles (first − 1, last + 1): those two chunks it forms itself,
+ * as the default kernel's tile_dq does for every chunk (dq_recompute_chunk). */
+
+/* dQ of the tile's queries (segment i) += dS·K_j for chunk c of tile i, formed here from the slots (S, P, dP, dS). */
+__device__ __forceinline__ void dq_recompute_chunk(float (&dq)[32], const ring_view &r, const piece &p, int i, int c,
+                                                   const ring_args &a) {
+    const fragment f = my_fragment();
+    const int t0 = p.seq_begin + kRows * i, t_end = min(t0 + kRows, p.seq_end), j = i - 1 + c;
+    const uint32_t own = r.slot(i), chunk = r.slot(j);
+    const float *own_lse = reinterpret_cast<const float *>(__cvta_shared_to_generic(own + kSegLse));
+    const float *own_delta = reinterpret_cast<const float *>(__cvta_shared_to_generic(own + kSegDelta));
+    float lse2[2], row_delta[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        lse2[h] = own_lse[f.row + 8 * h] * kLog2e;
+        row_delta[h] = own_delta[f.row + 8 * h];
+    }
+    float s[32], dp[32];
+    uint32_t ds[4][4];
+    r.wait(j);
+    fence_registers(dq);
+    wgmma_fence();
+    issue_rows_by_rows(s, own + kSegQ, chunk + kSegK);
+    wgmma_commit();
+    issue_rows_by_rows(dp, own + kSegDO, chunk + kSegV);
+    wgmma_commit();
+    wgmma_wait<1>();
+    fence_registers(s);
+#pragma unroll
+    for (int e = 0; e < 32; e++) s[e] = fast_exp2(fmaf(s[e], a.scale_log2, -lse2[(e >> 1) & 1]));
+    if (chunk_needs_mask(c, a.window, t0, t_end)) mask_chunk(s, f, c, a.window, t0, p.seq_begin, p.seq_end);
+    wgmma_wait<0>();
+    fence_registers(dp);
+#pragma unroll
+    for (int e = 0; e < 32; e++) s[e] *= dp[e] - row_delta[(e >> 1) & 1];
+    pack_fragments(ds, s);
+    wgmma_fence();
+    issue_accumulate(dq, ds, chunk + kSegK);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(dq);
+}
+
+/* acc += dS·K over the 64 keys of a chunk: A = the dSᵀ buffer [64 keys][64 queries] read M-major, B = the K tile
+ * [64 keys][64 d] read N-major; k-step kk = keys 16kk.. (+2048 bytes in both). */
+__device__ __forceinline__ void issue_dq_from_ds(float (&acc)[32], uint32_t ds_buffer, uint32_t k_tile) {
+    const uint64_t descriptor_ds = sw128_descriptor(ds_buffer), descriptor_k = sw128_descriptor(k_tile);
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++)
+        wgmma_m64n64_ss<1, 1>(acc, descriptor_ds + descriptor_offset(2048 * kk), descriptor_k + descriptor_offset(2048 * kk),
+                              1);
+}
+
+/* Segment j's dQ (rows [seq_begin + 64 j, ..)) with RoPE's backward from its slot. */
+__device__ __forceinline__ void store_dq_segment(mb::bf16 *dqkv, const float (&acc)[32], const ring_view &r,
+                                                 const piece &p, int j, const ring_args &a) {
+    const fragment f = my_fragment();
+    const int t0 = p.seq_begin + kRows * j, t_end = min(t0 + kRows, p.seq_end);
+    const size_t qkv_stride = 3 * (size_t)a.heads * kHeadDim;
+    store_rotated(dqkv + p.head * kHeadDim, qkv_stride, acc, t0 + f.row, t_end, a, r.slot(j), f.row);
+}
+
+/* Tile i with segment j's accumulator at acc[j % 3] (kRot = i % 3, so that every index is a constant). */
+template <int kRot>
+__device__ __forceinline__ void tile_dq_shared(mb::bf16 *dqkv, float (&acc)[3][32], const ring_view &r,
+                                               const piece &p, int i, const ring_args &a, ds_exchange &x) {
+    constexpr int kPrevious = (kRot + 2) % 3, kOwn = kRot, kNext = (kRot + 1) % 3;
+    r.wait(i);
+    const uint32_t own = r.slot(i);
+    if (i == p.first) { /* the piece's first segment starts here */
+#pragma unroll
+        for (int e = 0; e < 32; e++) acc[kOwn][e] = 0.0f;
+        if (p.seg_lo < p.first) dq_recompute_chunk(acc[kOwn], r, p, i, 0, a); /* keys of tile first − 1 */
+    }
+    if (i + 1 <= p.last) {
+#pragma unroll
+        for (int e = 0; e < 32; e++) acc[kNext][e] = 0.0f; /* held segment i − 2, stored at tile i − 1 */
+    }
+#pragma unroll
+    for (int c = 0; c < kChunks; c++) {
+        const int j = i - 1 + c;
+        if (j < p.seg_lo || j > p.seg_hi || !owns_segment(p, j)) continue; /* uniform, as warpgroup 0 decides */
+        const int use = x.uses[c]++;
+        mbarrier_wait(x.full + 8 * c, use & 1);
+        float (&target)[32] = c == 0 ? acc[kPrevious] : (c == 1 ? acc[kOwn] : acc[kNext]);
+        fence_registers(target);
+        wgmma_fence();
+        issue_dq_from_ds(target, x.buffers + c * kDsBufferBytes, own + kSegK);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_registers(target);
+        warp_arrive(x.empty + 8 * c);
+        if (c == 0) store_dq_segment(dqkv, target, r, p, j, a); /* segment i − 1 has all three contributions */
+    }
+    if (i == p.last) { /* the piece's last segment ends here */
+        if (p.seg_hi > p.last) dq_recompute_chunk(acc[kOwn], r, p, i, 2, a); /* keys of tile last + 1 */
+        store_dq_segment(dqkv, acc[kOwn], r, p, i, a);
+    }
 }
 
 /* A consumer warpgroup walks the run's pieces and tiles in the producer's order, calling tile(r, p, i) for each;
@@ -619,6 +767,49 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+/* The shared-dS backward (MB_ATTENTION_BAND_BWD=shared_ds; docs/kernels/attention_band.md, "Next"): warpgroup 0
+ * forms P and dS once per pair and hands each owned chunk's dSᵀ to warpgroup 1, which only multiplies it by K. */
+__global__ void __launch_bounds__(kThreads, 1)
+    band_ring_backward_shared_ds_kernel(mb::bf16 *dqkv, const mb::bf16 *dout, const float *lse, const float *delta,
+                                        const mb::bf16 *qkv, ring_args a) {
+#if MB_WGMMA_SM90
+    __shared__ __align__(8) uint64_t barriers[2 * kRing];
+    __shared__ __align__(8) uint64_t ds_barriers[2 * kChunks]; /* full[3], empty[3] */
+    extern __shared__ __align__(1024) unsigned char shared_raw[];
+    const work_range w = block_work(a);
+    if (w.u >= w.u_end) return; /* spare block (uniform) */
+    const uint32_t ds_full = shared_address(ds_barriers), ds_empty = ds_full + 8 * kChunks;
+    if (threadIdx.x == 0) {
+        for (int c = 0; c < kChunks; c++) {
+            mbarrier_init(ds_full + 8 * c, 128);
+            mbarrier_init(ds_empty + 8 * c, 4);
+        }
+    }
+    const auto [ring, full, empty] = setup_ring(shared_raw, barriers, kConsumerWarps); /* its __syncthreads covers both */
+    ds_exchange x = {ring + kRing * kSlotBytes, ds_full, ds_empty, {0, 0, 0}};
+    const int group = threadIdx.x / 128;
+    if (group == 2) {
+        registers_decrease<kProducerRegisters>();
+        if (threadIdx.x % 128 < mb::kWarpSize)
+            produce<true>(ring, full, empty, qkv, dout, lse, delta, w, a);
+    } else if (group == 0) {
+        registers_increase<kSharedDsRegistersA>();
+        consume(ring, full, empty, kSlotBytes, w, a,
+                [&](const ring_view &r, const piece &p, int i) { tile_dkdv<true>(dqkv, r, p, i, a, &x); });
+    } else {
+        registers_increase<kSharedDsRegistersB>();
+        float acc[3][32];
+        consume(ring, full, empty, kSlotBytes, w, a, [&](const ring_view &r, const piece &p, int i) {
+            switch (i % 3) {
+            case 0: tile_dq_shared<0>(dqkv, acc, r, p, i, a, x); break;
+            case 1: tile_dq_shared<1>(dqkv, acc, r, p, i, a, x); break;
+            default: tile_dq_shared<2>(dqkv, acc, r, p, i, a, x); break;
+            }
+        });
+    }
+#endif
+}
+
 /* Two blocks per SM: the launch bounds hold the kernel to 168 registers (8 bytes of the piece loop spill). At its
  * natural 182 only one block fits (the SM's quarters hold 3 of the 10 warps each), and the forward took 0.130 ms
  * against 0.103 (H200, 1024-token sequences). */
@@ -676,6 +867,14 @@ int mb_attention_band_wgmma_backward(mb::bf16 *dqkv, const mb::bf16 *dout, const
                             scale * kLog2e, rope, 0};
     /* one block per run: plan.blocks = (an upper bound of the tile count) × heads; spare blocks return at once */
     const unsigned grid = (plan.blocks / (unsigned)heads + kRunTiles - 1) / kRunTiles * (unsigned)heads;
+    if (env_is("MB_ATTENTION_BAND_BWD", "shared_ds")) { /* not the default: see docs/kernels/attention_band.md */
+        MB_CUDA_CHECK(err, cudaFuncSetAttribute(band_ring_backward_shared_ds_kernel,
+                                                cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSharedDsBytes));
+        band_ring_backward_shared_ds_kernel<<<grid, kThreads, kSharedDsBytes, stream>>>(dqkv, dout, lse, delta, qkv,
+                                                                                       args);
+        MB_CUDA_CHECK_LAUNCH(err, "band_ring_backward_shared_ds_kernel");
+        return 0;
+    }
     MB_CUDA_CHECK(err, cudaFuncSetAttribute(band_ring_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             (int)kSharedBytes));
     band_ring_backward_kernel<<<grid, kThreads, kSharedBytes, stream>>>(dqkv, dout, lse, delta, qkv, args);

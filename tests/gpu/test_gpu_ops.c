@@ -1016,6 +1016,13 @@ Test(gpu_ops, attention_band_runs) {
     run_attention("band runs, mma.sync", lengths, count, 2, 64, 40, 107);
     unsetenv("MB_ATTENTION_BAND_FWD");
     unsetenv("MB_ATTENTION_BAND_BWD");
+    /* the shared-dS ring backward (not the default): run boundaries are where its dQ comes from two pieces */
+    setenv("MB_ATTENTION_BAND_BWD", "shared_ds", 1);
+    run_attention("band runs, shared dS", lengths, count, 3, 64, 64, 108);
+    run_attention("band runs, shared dS", lengths, count, 2, 64, 63, 109);
+    run_attention("band runs, shared dS", lengths, count, 2, 64, 40, 110);
+    run_attention("band runs, shared dS", lengths, count, 2, 64, 1, 111);
+    unsetenv("MB_ATTENTION_BAND_BWD");
 }
 
 /* The sm_90a kernels' own device self-tests (tile products through their shared-memory descriptors, then the whole
@@ -1621,6 +1628,9 @@ Test(gpu_ops, attention_rope_fused) {
     run_attention_rope_fused(kShortLengths, count, 2, 64, 64, 10000.0, 42);  /* local layers (band) */
     run_attention_rope_fused(long_beside_short, 6, 3, 64, -1, 160000.0, 43);
     run_attention_rope_fused(long_beside_short, 6, 3, 64, 64, 10000.0, 44);
+    setenv("MB_ATTENTION_BAND_BWD", "shared_ds", 1); /* the shared-dS ring backward's RoPE'd dQ stores */
+    run_attention_rope_fused(long_beside_short, 6, 3, 64, 64, 10000.0, 47);
+    unsetenv("MB_ATTENTION_BAND_BWD");
     run_attention_rope_fused(kShortLengths, count, 2, 32, 64, 10000.0, 45);  /* band at head_dim 32 and 128 */
     run_attention_rope_fused(kShortLengths, count, 2, 128, 64, 10000.0, 46);
     /* a path without fusion refuses a table instead of ignoring it */
