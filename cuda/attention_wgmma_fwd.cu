@@ -27,6 +27,9 @@
 #include "attention_wgmma_fwd.h"
 #include "wgmma.cuh"
 
+#include <cuda.h>          /* CUtensorMap (the experimental wide kernel's TMA loads) */
+#include <cudaTypedefs.h>  /* PFN_cuTensorMapEncodeTiled */
+
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -486,6 +489,314 @@ __global__ void __launch_bounds__(persistent_shape::kThreads, 1)
 #endif
 }
 
+/* ---- EXPERIMENT (branch wip/fwd-192, never run on a GPU): FlashAttention-3's current head_dim-64 shape ----
+ * 192 × 192 tiles, P through shared memory (SS wgmma for P·V), K/V/Q by TMA with two stages
+ * (docs/kernels/attention_wgmma.md, "Next"). MB_ATTENTION_WGMMA_FWD=wide selects it. */
+namespace wide {
+constexpr int kKeys = 192;                                  /* keys per K/V tile (N of the score wgmma) */
+constexpr int kTile = kKeys * kRowBytes;                    /* 24 KB: K or V of one stage */
+constexpr int kStage = 2 * kTile;                           /* K then V */
+constexpr int kStages = 2;                                  /* TMA publishes on landing: no lag-one stage */
+constexpr int kGroups = 3, kRows = kGroups * kRowsPerWarpgroup; /* 192 query rows per work item */
+constexpr int kQBytes = kRows * kRowBytes;                  /* 24 KB */
+constexpr int kPBytes = kRowsPerWarpgroup * kKeys * 2;      /* a warpgroup's P: 3 column blocks of 64 keys, 8 KB each */
+constexpr int kPBlockBytes = kRowsPerWarpgroup * kRowBytes; /* 8 KB */
+constexpr int kThreads = (kGroups + 1) * 128, kConsumerWarps = 4 * kGroups;
+constexpr int kProducerRegisters = 32, kConsumerRegisters = 160;
+constexpr int kSteps = kKeys / 16;                          /* k-steps of P·V */
+constexpr size_t kShared = 2 * (size_t)kQBytes + kGroups * (size_t)kPBytes + kStages * (size_t)kStage + 1024;
+static_assert(kShared + 1024 <= 227 * 1024, "one block per SM");
+static_assert(kQBytes % 1024 == 0 && kPBytes % 1024 == 0 && kStage % 1024 == 0, "1024-aligned swizzled tiles");
+} // namespace wide
+
+#if MB_WGMMA_SM90
+
+#define MB_WGMMA_W8(c, i) \
+    c(d[i]), c(d[i + 1]), c(d[i + 2]), c(d[i + 3]), c(d[i + 4]), c(d[i + 5]), c(d[i + 6]), c(d[i + 7])
+#define MB_WGMMA_W96(c)                                                                                            \
+    MB_WGMMA_W8(c, 0), MB_WGMMA_W8(c, 8), MB_WGMMA_W8(c, 16), MB_WGMMA_W8(c, 24), MB_WGMMA_W8(c, 32),              \
+        MB_WGMMA_W8(c, 40), MB_WGMMA_W8(c, 48), MB_WGMMA_W8(c, 56), MB_WGMMA_W8(c, 64), MB_WGMMA_W8(c, 72),        \
+        MB_WGMMA_W8(c, 80), MB_WGMMA_W8(c, 88)
+#define MB_WGMMA_REGS96 \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
+    "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, " \
+    "%42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, " \
+    "%62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, " \
+    "%82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95}"
+
+/* d[64 × 192] (+)= A·B, both from shared memory, K-major (scale-d from `accumulate`). */
+__device__ __forceinline__ void wgmma_m64n192_ss(float (&d)[96], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n192k16.f32.bf16.bf16 " MB_WGMMA_REGS96
+                 ", %96, %97, p, 1, 1, 0, 0;\n}\n"
+                 : MB_WGMMA_W96("+f")
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+#undef MB_WGMMA_W8
+#undef MB_WGMMA_W96
+#undef MB_WGMMA_REGS96
+
+/* One thread's TMA copy of the box at (x elements, y rows) of the map into shared memory, counted on `bar`. */
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap *map, int x, int y, uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+            dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(bar)
+        : "memory");
+}
+
+/* This thread's arrival on `bar`, announcing `bytes` of TMA traffic the phase also waits for. */
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+/* Named barrier 2 + group over one consumer warpgroup's 128 threads (its P rows are stored by four warps and read
+ * by one warpgroup-wide wgmma). */
+__device__ __forceinline__ void warpgroup_sync(int group) {
+    asm volatile("bar.sync %0, 128;\n" ::"r"(2 + group) : "memory");
+}
+
+/* S[64 × 192] = Q·K_tileᵀ (Q from shared memory, as issue_scores). */
+__device__ __forceinline__ void wide_scores(float (&s)[96], uint32_t q_tile, uint32_t k_tile) {
+    const uint64_t desc_a = sw128_descriptor(q_tile), desc_b = sw128_descriptor(k_tile);
+#pragma unroll
+    for (int ks = 0; ks < 4; ks++)
+        wgmma_m64n192_ss(s, desc_a + descriptor_offset(32 * ks), desc_b + descriptor_offset(32 * ks), ks > 0);
+}
+
+/* O[64 × 64] += P[64 × 192]·V_tile[192 × 64]: A = P from shared memory (K-major, three 8 KB column blocks of 64
+ * keys; k-step kk is block kk / 4, +32 bytes per k-step inside it), B = V read N-major (+2048 bytes per 16 keys). */
+__device__ __forceinline__ void wide_pv(float (&o)[32], uint32_t p_tile, uint32_t v_tile) {
+    const uint64_t desc_p = sw128_descriptor(p_tile), desc_v = sw128_descriptor(v_tile);
+#pragma unroll
+    for (int kk = 0; kk < wide::kSteps; kk++)
+        wgmma_m64n64_ss<0, 1>(o, desc_p + descriptor_offset((kk / 4) * wide::kPBlockBytes + (kk % 4) * 32),
+                              desc_v + descriptor_offset(2048 * kk), 1);
+}
+
+/* The warpgroup's P (the fp32 scores after the softmax) as bf16 into its shared P tile: per k-step of 16 keys one
+ * stmatrix.x4 (lane l gives row l % 8 of matrix l / 8: rows +0 / +8, keys +0 / +8), the swizzle of K-major tiles. */
+__device__ __forceinline__ void wide_store_p(uint32_t p_tile, const float (&s)[96]) {
+    const int lane = threadIdx.x % mb::kWarpSize, warp = (threadIdx.x / mb::kWarpSize) % 4, matrix = lane / 8;
+    const int row = 16 * warp + lane % 8 + 8 * (matrix & 1);
+#pragma unroll
+    for (int kk = 0; kk < wide::kSteps; kk++) {
+        uint32_t x[4];
+#pragma unroll
+        for (int r = 0; r < 4; r++) x[r] = mb::pack_bf16x2(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
+        const int chunk = 2 * kk + (matrix >> 1);
+        const uint32_t address = p_tile + (chunk / 8) * wide::kPBlockBytes + swizzled_offset(row, chunk % 8);
+        asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(address), "r"(x[0]),
+                     "r"(x[1]), "r"(x[2]), "r"(x[3])
+                     : "memory");
+    }
+}
+
+/* Keys >= key_end of a tile starting at k0 get −inf. */
+__device__ __forceinline__ void wide_mask_tail(float (&s)[96], int k0, int key_end) {
+    const int quad = threadIdx.x % 4;
+#pragma unroll
+    for (int j = 0; j < 24; j++)
+#pragma unroll
+        for (int c = 0; c < 2; c++)
+            if (k0 + 8 * j + 2 * quad + c >= key_end) s[4 * j + c] = s[4 * j + 2 + c] = -INFINITY;
+}
+
+/* softmax_tile_tree over 192 keys (24 n-tiles). */
+__device__ __forceinline__ void wide_softmax(float (&s)[96], float (&row_max)[2], float (&row_sum)[2],
+                                             float (&correction)[2]) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        float m[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) m[k] = fmaxf(s[4 * k + 2 * h], s[4 * k + 2 * h + 1]);
+#pragma unroll
+        for (int j = 4; j < 24; j++) m[j % 4] = fmaxf(m[j % 4], fmaxf(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]));
+        float tile_max = fmaxf(fmaxf(m[0], m[1]), fmaxf(m[2], m[3]));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+        const float new_max = fmaxf(row_max[h], tile_max * kScaleLog2);
+        const float reference = new_max == -INFINITY ? 0.0f : new_max;
+        correction[h] = fast_exp2(row_max[h] - reference);
+        float sum[2] = {0.0f, 0.0f}; /* two partial sums: four spilled at 160 registers */
+#pragma unroll
+        for (int j = 0; j < 24; j++)
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                const int e = 4 * j + 2 * h + c;
+                s[e] = fast_exp2(fmaf(s[e], kScaleLog2, -reference));
+                sum[j % 2] += s[e];
+            }
+        row_sum[h] = row_sum[h] * correction[h] + (sum[0] + sum[1]);
+        row_max[h] = new_max;
+    }
+}
+
+/* One consumer warpgroup, one work item: its 64 rows against the item's 192-key tiles (ring tiles g ..; stage
+ * tile % 2, parity (tile / 2) & 1). P_{i−1}·V_{i−1} runs while the softmax of S_i executes (FA3's intra-warpgroup
+ * overlap); P_i is written to shared memory only after that product completed. */
+__device__ __forceinline__ void wide_attend(mb::bf16 *out, float *lse, const work_item *slot, uint32_t q_tile,
+                                            uint32_t p_tile, uint32_t ring, uint32_t full, uint32_t empty,
+                                            uint32_t q_release, int g, int key_tiles, int heads, int group) {
+    float s[96], o[32];
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f}, correction[2];
+#pragma unroll
+    for (int e = 0; e < 32; e++) o[e] = 0.0f;
+    int stage = g % wide::kStages;
+    mbarrier_spin_wait(full + 8 * stage, (g / wide::kStages) & 1);
+    wgmma_fence();
+    wide_scores(s, q_tile, ring + stage * wide::kStage);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(s);
+    if (key_tiles == 1) wide_mask_tail(s, 0, slot->key_hi - slot->key_lo); /* no-op for a whole tile */
+    wide_softmax(s, row_max, row_sum, correction);
+    wide_store_p(p_tile, s);
+    fence_proxy_async();
+    warpgroup_sync(group);
+    for (int i = 1; i < key_tiles; i++) {
+        const int previous = stage;
+        stage = (g + i) % wide::kStages;
+        mbarrier_spin_wait(full + 8 * stage, ((g + i) / wide::kStages) & 1);
+        fence_registers(o);
+        wgmma_fence();
+        wide_scores(s, q_tile, ring + stage * wide::kStage);
+        wgmma_commit();
+        wide_pv(o, p_tile, ring + previous * wide::kStage + wide::kTile);
+        wgmma_commit();
+        wgmma_wait<1>(); /* S_i done; P_{i−1}·V_{i−1} may still run */
+        fence_registers(s);
+        if (i == key_tiles - 1) /* the last tile: keys past the sequence (re-read: registers are the limit) */
+            wide_mask_tail(s, 0, slot->key_hi - slot->key_lo - i * wide::kKeys);
+        wide_softmax(s, row_max, row_sum, correction);
+        wgmma_wait<0>(); /* P_{i−1}·V_{i−1} done: O and the P tile are free */
+        fence_registers(o);
+        rescale(o, correction);
+        warp_arrive(empty + 8 * previous);
+        wide_store_p(p_tile, s);
+        fence_proxy_async();
+        warpgroup_sync(group);
+    }
+    fence_registers(o);
+    wgmma_fence();
+    wide_pv(o, p_tile, ring + stage * wide::kStage + wide::kTile);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(o);
+    warp_arrive(empty + 8 * stage);
+    const int warp = threadIdx.x / mb::kWarpSize, lane = threadIdx.x % mb::kWarpSize;
+    const int row_a = slot->start + (warp / 4) * kRowsPerWarpgroup + (warp % 4) * 16 + lane / 4;
+    store_rows(out, lse, o, row_max, row_sum, row_a, slot->end, heads * kHeadDim, heads, slot->head);
+    warp_arrive(q_release);
+}
+
+/* A warpgroup with no rows in this item keeps the barrier protocol (as pass_item). */
+__device__ __forceinline__ void wide_pass(uint32_t full, uint32_t empty, uint32_t q_release, int g, int key_tiles) {
+    warp_arrive(q_release);
+    for (int i = 0; i < key_tiles; i++) {
+        const int stage = (g + i) % wide::kStages;
+        mbarrier_spin_wait(full + 8 * stage, ((g + i) / wide::kStages) & 1);
+        warp_arrive(empty + 8 * stage);
+    }
+}
+
+/* The producer thread: per work item its bounds (items[c % 2]) and Q tile by TMA, then its K and V tiles. Every
+ * barrier it fills expects one arrival (its own expect_tx) and the TMA bytes. */
+__device__ void wide_produce(uint32_t q_tiles, uint32_t ring, uint32_t full, uint32_t empty, uint32_t q_full,
+                             uint32_t q_empty, work_item *items, const CUtensorMap *map, const int32_t *cu_seqlens,
+                             const int32_t *seq_first, const int32_t *tile_seq, int num_seqs, int heads) {
+    const int hidden = heads * kHeadDim, total_tiles = seq_first[num_seqs];
+    unsigned w = blockIdx.x;
+    int g = 0;
+    for (int c = 0;; c++, w += gridDim.x) {
+        const int buf = c & 1;
+        if (c >= 2) mbarrier_spin_wait(q_empty + 8 * buf, ((c >> 1) - 1) & 1);
+        work_item item = {0, 0, 0, 0, -1};
+        const bool found =
+            next_work_item(&item, &w, gridDim.x, seq_first, tile_seq, cu_seqlens, total_tiles, heads, wide::kRows);
+        items[buf] = item;
+        if (!found) {
+            mbarrier_arrive(q_full + 8 * buf); /* the sentinel */
+            return;
+        }
+        mbarrier_arrive_expect_tx(q_full + 8 * buf, wide::kQBytes);
+        tma_load_2d(q_tiles + buf * wide::kQBytes, map, item.head * kHeadDim, item.start, q_full + 8 * buf);
+        const int key_tiles = mb::ceil_div(item.key_hi - item.key_lo, wide::kKeys);
+        for (int i = 0; i < key_tiles; i++, g++) {
+            const int stage = g % wide::kStages;
+            if (g >= wide::kStages) mbarrier_spin_wait(empty + 8 * stage, ((g / wide::kStages) - 1) & 1);
+            const uint32_t base = ring + stage * wide::kStage, bar = full + 8 * stage;
+            const int k0 = item.key_lo + i * wide::kKeys;
+            mbarrier_arrive_expect_tx(bar, wide::kStage);
+            tma_load_2d(base, map, hidden + item.head * kHeadDim, k0, bar);
+            tma_load_2d(base + wide::kTile, map, 2 * hidden + item.head * kHeadDim, k0, bar);
+        }
+    }
+}
+
+/* The consumers: per work item, wait for its bounds and Q tile, then attend or pass, until the sentinel. */
+__device__ void wide_consume(mb::bf16 *out, float *lse, uint32_t q_tiles, uint32_t full, const work_item *items,
+                             int heads) {
+    /* every other address is a constant offset from these two (registers are the limit at 160) */
+    const uint32_t p_tiles = q_tiles + 2 * wide::kQBytes, ring = p_tiles + wide::kGroups * wide::kPBytes;
+    const uint32_t empty = full + 8 * wide::kStages, q_full = empty + 8 * wide::kStages, q_empty = q_full + 16;
+    const int group = threadIdx.x / 128;
+    int g = 0;
+    for (int c = 0;; c++) {
+        const int buf = c & 1;
+        mbarrier_spin_wait(q_full + 8 * buf, (c >> 1) & 1);
+        const work_item *slot = &items[buf];
+        if (slot->head < 0) return;
+        const int key_tiles = mb::ceil_div(slot->key_hi - slot->key_lo, wide::kKeys);
+        if (slot->start + group * kRowsPerWarpgroup < slot->end)
+            wide_attend(out, lse, slot, q_tiles + buf * wide::kQBytes + group * kRowsPerWarpgroup * kRowBytes,
+                        p_tiles + group * wide::kPBytes, ring, full, empty, q_empty + 8 * buf, g, key_tiles, heads,
+                        group);
+        else
+            wide_pass(full, empty, q_empty + 8 * buf, g, key_tiles);
+        g += key_tiles;
+    }
+}
+
+#endif /* MB_WGMMA_SM90 */
+
+__global__ void __launch_bounds__(wide::kThreads, 1)
+    wgmma_forward_wide_kernel(mb::bf16 *out, float *lse, const __grid_constant__ CUtensorMap map,
+                              const int32_t *cu_seqlens, const int32_t *seq_first, const int32_t *tile_seq,
+                              int num_seqs, int heads) {
+#if MB_WGMMA_SM90
+    __shared__ __align__(8) uint64_t barriers[2 * wide::kStages + 4];
+    __shared__ work_item items[2];
+    extern __shared__ __align__(1024) unsigned char shared_raw[];
+    const uint32_t q_tiles = (shared_address(shared_raw) + 1023u) & ~1023u; /* two Q tiles, the P tiles, the ring */
+    const uint32_t p_tiles = q_tiles + 2 * wide::kQBytes, ring = p_tiles + wide::kGroups * wide::kPBytes;
+    const uint32_t full = shared_address(barriers), empty = full + 8 * wide::kStages;
+    const uint32_t q_full = empty + 8 * wide::kStages, q_empty = q_full + 16;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < wide::kStages; s++) {
+            mbarrier_init(full + 8 * s, 1);
+            mbarrier_init(empty + 8 * s, wide::kConsumerWarps);
+        }
+        for (int b = 0; b < 2; b++) {
+            mbarrier_init(q_full + 8 * b, 1);
+            mbarrier_init(q_empty + 8 * b, wide::kConsumerWarps);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); /* visible to the TMA unit */
+    }
+    __syncthreads();
+    const int warp = threadIdx.x / mb::kWarpSize;
+    if (warp >= wide::kConsumerWarps) {
+        registers_decrease<wide::kProducerRegisters>();
+        if (threadIdx.x == wide::kConsumerWarps * mb::kWarpSize)
+            wide_produce(q_tiles, ring, full, empty, q_full, q_empty, items, &map, cu_seqlens, seq_first, tile_seq,
+                         num_seqs, heads);
+    } else {
+        registers_increase<wide::kConsumerRegisters>();
+        wide_consume(out, lse, q_tiles, full, items, heads);
+    }
+#endif
+}
+
 /* ---- self-test kernel: one warpgroup runs the tile products on fixed operands ----
  * q [64 × 64], k [128 × 64], v [128 × 64] bf16 row-major; p [64 × 128] fp32; results s [64 × 128] (Q from the
  * swizzled shared tile, as the kernel reads it), o [64 × 64]. Shared: K/V stage, then Q. */
@@ -561,6 +872,42 @@ int launch_persistent(mb::bf16 *out, float *lse, const mb::bf16 *qkv, const int3
 
 }  // namespace
 
+namespace {
+
+/* EXPERIMENT: the wide kernel's launch. The tensor map covers qkv as a 2-D bf16 array [n rows][3·hidden] with
+ * 128-byte-swizzled boxes of 192 rows × 64 columns; rows past n come back as zeros. cuTensorMapEncodeTiled comes
+ * from the driver through the runtime's entry-point query (no link against libcuda). */
+int launch_wide(mb::bf16 *out, float *lse, const mb::bf16 *qkv, const int32_t *cu_seqlens,
+                const mb::attention_plan &plan, int num_seqs, int n, int heads, unsigned max_blocks, cudaStream_t stream,
+                mb_error *err) {
+    if (plan.blocks == 0) return 0;
+    void *entry = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    MB_CUDA_CHECK(err, cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &entry, 12000, cudaEnableDefault,
+                                                        &found));
+    MB_REQUIRE(err, found == cudaDriverEntryPointSuccess && entry != nullptr,
+               "attention_wgmma_forward (wide): the driver has no cuTensorMapEncodeTiled");
+    const auto encode = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(entry);
+    const cuuint64_t dims[2] = {(cuuint64_t)(3 * heads * kHeadDim), (cuuint64_t)n};
+    const cuuint64_t strides[1] = {(cuuint64_t)(3 * heads * kHeadDim) * sizeof(mb::bf16)};
+    const cuuint32_t box[2] = {(cuuint32_t)kHeadDim, (cuuint32_t)wide::kKeys}, unit[2] = {1, 1};
+    CUtensorMap map;
+    const CUresult made = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<mb::bf16 *>(qkv), dims, strides,
+                                 box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    MB_REQUIRE(err, made == CUDA_SUCCESS, "attention_wgmma_forward (wide): cuTensorMapEncodeTiled failed (%d)",
+               (int)made);
+    MB_CUDA_CHECK(err, cudaFuncSetAttribute(wgmma_forward_wide_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            (int)wide::kShared));
+    const unsigned blocks = plan.blocks < max_blocks ? plan.blocks : max_blocks;
+    wgmma_forward_wide_kernel<<<blocks, wide::kThreads, wide::kShared, stream>>>(
+        out, lse, map, cu_seqlens, plan.seq_first, plan.tile_seq, num_seqs, heads);
+    MB_CUDA_CHECK_LAUNCH(err, "wgmma_forward_wide_kernel");
+    return 0;
+}
+
+}  // namespace
+
 int mb_attention_wgmma_forward(mb::bf16 *out, float *lse, const mb::bf16 *qkv, const int32_t *cu_seqlens,
                                mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim, int window,
                                cudaStream_t stream, mb_error *err) {
@@ -579,6 +926,8 @@ int mb_attention_wgmma_forward(mb::bf16 *out, float *lse, const mb::bf16 *qkv, c
                "attention_wgmma_forward: needs a compute capability 9.x device and the sm_90a build");
     int sm_count = 0;
     if (current_sm_count(&sm_count, err) != 0) return -1;
+    if (env_is("MB_ATTENTION_WGMMA_FWD", "wide")) /* EXPERIMENT, branch wip/fwd-192 */
+        return launch_wide(out, lse, qkv, cu_seqlens, plan, num_seqs, n, heads, (unsigned)sm_count, stream, err);
     return launch_persistent(out, lse, qkv, cu_seqlens, plan, num_seqs, heads, (unsigned)sm_count, stream, err);
 }
 

@@ -917,6 +917,22 @@ Test(gpu_ops, attention_long_global, .timeout = 600) {
     free(lengths);
 }
 
+/* EXPERIMENT (branch wip/fwd-192): the wide global forward (192 × 192 tiles, P in shared memory, TMA loads) on the
+ * short lengths (tiles straddling into the next sequence, 1-token sequences) and the long mix (one 8192-token-class
+ * sequence beside short ones), 2 and 12 heads. */
+Test(gpu_ops, attention_wgmma_wide, .timeout = 600) {
+    require_gpu();
+    setenv("MB_ATTENTION_WGMMA_FWD", "wide", 1);
+    int count = (int)(sizeof kShortLengths / sizeof kShortLengths[0]);
+    run_attention("wide", kShortLengths, count, 2, 64, -1, 53);
+    run_attention("wide, 12 heads", kShortLengths, count, 12, 64, -1, 54);
+    int num_seqs;
+    int *lengths = long_mix(&num_seqs, 55);
+    run_attention("wide long", lengths, num_seqs, 2, 64, -1, 56);
+    free(lengths);
+    unsetenv("MB_ATTENTION_WGMMA_FWD");
+}
+
 Test(gpu_ops, attention_long_local) {
     require_gpu();
     int num_seqs;
