@@ -80,11 +80,17 @@ struct ring_args {
 
 constexpr int kChunks = 3; /* segments i − 1, i, i + 1 */
 constexpr int kConsumerWarps = 8;
-constexpr int kProducerRegisters = 40, kConsumerRegisters = 224; /* 128 · (40 + 2 · 224) <= 65536 */
+/* setmaxnreg only moves registers between a block's warpgroups: the block launches with 168 per thread (65536 / 384,
+ * in units of 8), and an increase that the decreases have not paid for waits for ever. So each kernel's three
+ * warpgroup budgets sum to at most 3 · 168. */
+constexpr int kLaunchRegisters = 65536 / kThreads / 8 * 8;
+constexpr int kProducerRegisters = 40, kConsumerRegisters = 224;
+static_assert(kProducerRegisters + 2 * kConsumerRegisters <= 3 * kLaunchRegisters, "registers at launch");
 /* The shared-dS backward: warpgroup 0 keeps dK, dV and the in-flight fragments while it stores dSᵀ (at 224 ptxas
- * serializes its wgmmas, C7512); warpgroup 1 holds three dQ accumulators. */
-constexpr int kSharedDsRegistersA = 256, kSharedDsRegistersB = 216;
-static_assert(128 * (kProducerRegisters + kSharedDsRegistersA + kSharedDsRegistersB) <= 65536, "register file");
+ * serializes its wgmmas, C7512, and at 248); warpgroup 1 holds three dQ accumulators (8 bytes of spill at 208). */
+constexpr int kSharedDsRegistersA = 256, kSharedDsRegistersB = 208;
+static_assert(kProducerRegisters + kSharedDsRegistersA + kSharedDsRegistersB <= 3 * kLaunchRegisters,
+              "registers at launch");
 constexpr uint32_t kSegQ = 0, kSegDO = kTileBytes, kSegK = 2 * kTileBytes, kSegV = 3 * kTileBytes;
 constexpr uint32_t kFwdSegQ = 0, kFwdSegK = kTileBytes, kFwdSegV = 2 * kTileBytes;
 
