@@ -55,7 +55,8 @@ constexpr uint32_t kSlotBytes = kSegAngles + kRows * kAngleRowBytes;
 constexpr size_t kSharedBytes = kRing * (size_t)kSlotBytes + 1024; /* + alignment slack */
 static_assert(kSharedBytes + 1024 <= 227 * 1024, "one block per SM");
 
-/* The shared-dS backward (MB_ATTENTION_BAND_BWD=shared_ds, not the default): the ring, then three dSᵀ chunk buffers
+/* The shared-dS backward (the default; MB_ATTENTION_BAND_BWD=recompute_ds keeps the one before it): the ring, then
+ * three dSᵀ chunk buffers
  * of [64 keys][64 queries] bf16 (128-byte swizzle) that the dK/dV warpgroup fills and the dQ warpgroup reads. */
 constexpr uint32_t kDsBufferBytes = kTileBytes;
 constexpr size_t kSharedDsBytes = kRing * (size_t)kSlotBytes + 3 * kDsBufferBytes + 1024;
@@ -773,8 +774,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-/* The shared-dS backward (MB_ATTENTION_BAND_BWD=shared_ds; docs/kernels/attention_band.md, "Next"): warpgroup 0
- * forms P and dS once per pair and hands each owned chunk's dSᵀ to warpgroup 1, which only multiplies it by K. */
+/* The shared-dS backward (the default since session 14; docs/kernels/attention_band.md): warpgroup 0 forms P and dS
+ * once per pair and hands each owned chunk's dSᵀ to warpgroup 1, which only multiplies it by K (and forms the two
+ * chunks at the piece's ends that another block's warpgroup 0 forms). 0.279 → 0.261 ms at 1024 and 0.289 → 0.270 at
+ * 8192 against band_ring_backward_kernel (H200, session 14 call 2). */
 __global__ void __launch_bounds__(kThreads, 1)
     band_ring_backward_shared_ds_kernel(mb::bf16 *dqkv, const mb::bf16 *dout, const float *lse, const float *delta,
                                         const mb::bf16 *qkv, ring_args a) {
@@ -854,7 +857,8 @@ bool mb_attention_band_wgmma_supports(int head_dim, int window, bool backward) {
     if (head_dim != kHeadDim || window < 0 || window > kMaxWindow ||
         env_is(backward ? "MB_ATTENTION_BAND_BWD" : "MB_ATTENTION_BAND_FWD", "mma"))
         return false;
-    return sm90a_kernel_runs(backward ? (const void *)band_ring_backward_kernel : (const void *)band_ring_forward_kernel);
+    return sm90a_kernel_runs(backward ? (const void *)band_ring_backward_shared_ds_kernel
+                                      : (const void *)band_ring_forward_kernel);
 }
 
 int mb_attention_band_wgmma_backward(mb::bf16 *dqkv, const mb::bf16 *dout, const float *lse, const float *delta,
@@ -873,7 +877,7 @@ int mb_attention_band_wgmma_backward(mb::bf16 *dqkv, const mb::bf16 *dout, const
                             scale * kLog2e, rope, 0};
     /* one block per run: plan.blocks = (an upper bound of the tile count) × heads; spare blocks return at once */
     const unsigned grid = (plan.blocks / (unsigned)heads + kRunTiles - 1) / kRunTiles * (unsigned)heads;
-    if (env_is("MB_ATTENTION_BAND_BWD", "shared_ds")) { /* not the default: see docs/kernels/attention_band.md */
+    if (!env_is("MB_ATTENTION_BAND_BWD", "recompute_ds")) { /* the default: P and dS formed once per pair */
         MB_CUDA_CHECK(err, cudaFuncSetAttribute(band_ring_backward_shared_ds_kernel,
                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSharedDsBytes));
         band_ring_backward_shared_ds_kernel<<<grid, kThreads, kSharedDsBytes, stream>>>(dqkv, dout, lse, delta, qkv,
@@ -881,6 +885,7 @@ int mb_attention_band_wgmma_backward(mb::bf16 *dqkv, const mb::bf16 *dout, const
         MB_CUDA_CHECK_LAUNCH(err, "band_ring_backward_shared_ds_kernel");
         return 0;
     }
+    /* each warpgroup forms its own P and dS (the kernel before session 14) */
     MB_CUDA_CHECK(err, cudaFuncSetAttribute(band_ring_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             (int)kSharedBytes));
     band_ring_backward_kernel<<<grid, kThreads, kSharedBytes, stream>>>(dqkv, dout, lse, delta, qkv, args);

@@ -489,9 +489,9 @@ __global__ void __launch_bounds__(persistent_shape::kThreads, 1)
 #endif
 }
 
-/* ---- EXPERIMENT (branch wip/fwd-192, never run on a GPU): FlashAttention-3's current head_dim-64 shape ----
+/* ---- the wide forward: FlashAttention-3's current head_dim-64 shape ----
  * 192 × 192 tiles, P through shared memory (SS wgmma for P·V), K/V/Q by TMA with two stages
- * (docs/kernels/attention_wgmma.md, "Next"). MB_ATTENTION_WGMMA_FWD=wide selects it. */
+ * (docs/kernels/attention_wgmma.md, "The wide forward"). Taken for batches of long sequences (wide_pays). */
 namespace wide {
 constexpr int kKeys = 192;                                  /* keys per K/V tile (N of the score wgmma) */
 constexpr int kTile = kKeys * kRowBytes;                    /* 24 KB: K or V of one stage */
@@ -499,7 +499,7 @@ constexpr int kStage = 2 * kTile;                           /* K then V */
 constexpr int kStages = 2;                                  /* TMA publishes on landing: no lag-one stage */
 constexpr int kGroups = 3, kRows = kGroups * kRowsPerWarpgroup; /* 192 query rows per work item */
 constexpr int kQBytes = kRows * kRowBytes;                  /* 24 KB */
-constexpr int kPBytes = kRowsPerWarpgroup * kKeys * 2;      /* a warpgroup's P: 3 column blocks of 64 keys, 8 KB each */
+constexpr int kPBytes = kRowsPerWarpgroup * kKeys * 2; /* a warpgroup's P: 3 column blocks of 64 keys, 8 KB each */
 constexpr int kPBlockBytes = kRowsPerWarpgroup * kRowBytes; /* 8 KB */
 constexpr int kThreads = (kGroups + 1) * 128, kConsumerWarps = 4 * kGroups;
 constexpr int kProducerRegisters = 32, kConsumerRegisters = 160;
@@ -507,6 +507,10 @@ constexpr int kSteps = kKeys / 16;                          /* k-steps of P·V *
 constexpr size_t kShared = 2 * (size_t)kQBytes + kGroups * (size_t)kPBytes + kStages * (size_t)kStage + 1024;
 static_assert(kShared + 1024 <= 227 * 1024, "one block per SM");
 static_assert(kQBytes % 1024 == 0 && kPBytes % 1024 == 0 && kStage % 1024 == 0, "1024-aligned swizzled tiles");
+static_assert(kPBytes == kKeys / 64 * kPBlockBytes && kSteps * 16 == kKeys, "P as 64-key column blocks, k-steps of 16");
+static_assert(kThreads == (kConsumerWarps + 4) * mb::kWarpSize, "consumer warps, then the producer warpgroup");
+static_assert(kProducerRegisters + kGroups * kConsumerRegisters <= (kGroups + 1) * (65536 / kThreads / 8 * 8),
+              "setmaxnreg moves only the registers the block launched with");
 } // namespace wide
 
 #if MB_WGMMA_SM90
@@ -874,7 +878,7 @@ int launch_persistent(mb::bf16 *out, float *lse, const mb::bf16 *qkv, const int3
 
 namespace {
 
-/* EXPERIMENT: the wide kernel's launch. The tensor map covers qkv as a 2-D bf16 array [n rows][3·hidden] with
+/* The wide kernel's launch. The tensor map covers qkv as a 2-D bf16 array [n rows][3·hidden] with
  * 128-byte-swizzled boxes of 192 rows × 64 columns; rows past n come back as zeros. cuTensorMapEncodeTiled comes
  * from the driver through the runtime's entry-point query (no link against libcuda). */
 int launch_wide(mb::bf16 *out, float *lse, const mb::bf16 *qkv, const int32_t *cu_seqlens,
@@ -906,6 +910,17 @@ int launch_wide(mb::bf16 *out, float *lse, const mb::bf16 *qkv, const int32_t *c
     return 0;
 }
 
+/* Whether the wide forward (192 × 192 tiles) beats the persistent one (128-row items) on this batch. Its tiles waste
+ * more rows at a short sequence's end, and it has fewer items to balance: H200, 32,768 tokens of equal sequences,
+ * persistent / wide ms: 0.295 / 0.315 at 1024, 0.504 / 0.494 at 2048, 0.970 / 0.944 at 4096, 1.88 / 1.82 at 8192
+ * (session 14 call 2). So: sequences of 2048 tokens or more on average. MB_ATTENTION_WGMMA_FWD=wide|persistent
+ * overrides (tests, benchmarks). */
+bool wide_pays(int n, int num_seqs) {
+    if (env_is("MB_ATTENTION_WGMMA_FWD", "wide")) return true;
+    if (env_is("MB_ATTENTION_WGMMA_FWD", "persistent")) return false;
+    return n >= 2048 * num_seqs;
+}
+
 }  // namespace
 
 int mb_attention_wgmma_forward(mb::bf16 *out, float *lse, const mb::bf16 *qkv, const int32_t *cu_seqlens,
@@ -926,7 +941,7 @@ int mb_attention_wgmma_forward(mb::bf16 *out, float *lse, const mb::bf16 *qkv, c
                "attention_wgmma_forward: needs a compute capability 9.x device and the sm_90a build");
     int sm_count = 0;
     if (current_sm_count(&sm_count, err) != 0) return -1;
-    if (env_is("MB_ATTENTION_WGMMA_FWD", "wide")) /* EXPERIMENT, branch wip/fwd-192 */
+    if (wide_pays(n, num_seqs))
         return launch_wide(out, lse, qkv, cu_seqlens, plan, num_seqs, n, heads, (unsigned)sm_count, stream, err);
     return launch_persistent(out, lse, qkv, cu_seqlens, plan, num_seqs, heads, (unsigned)sm_count, stream, err);
 }

@@ -917,9 +917,10 @@ Test(gpu_ops, attention_long_global, .timeout = 600) {
     free(lengths);
 }
 
-/* EXPERIMENT (branch wip/fwd-192): the wide global forward (192 × 192 tiles, P in shared memory, TMA loads) on the
- * short lengths (tiles straddling into the next sequence, 1-token sequences) and the long mix (one 8192-token-class
- * sequence beside short ones), 2 and 12 heads. */
+/* The two Hopper global forwards, each forced (the default picks by mean sequence length, wide_pays): the wide one
+ * (192 × 192 tiles, P in shared memory, TMA loads) on the short lengths (tiles straddling into the next sequence,
+ * 1-token sequences) and the long mix (one 8192-token-class sequence beside short ones), 2 and 12 heads; the
+ * persistent one on the long mix, which its default choice no longer gives it for 8192-token batches. */
 Test(gpu_ops, attention_wgmma_wide, .timeout = 600) {
     require_gpu();
     setenv("MB_ATTENTION_WGMMA_FWD", "wide", 1);
@@ -929,6 +930,8 @@ Test(gpu_ops, attention_wgmma_wide, .timeout = 600) {
     int num_seqs;
     int *lengths = long_mix(&num_seqs, 55);
     run_attention("wide long", lengths, num_seqs, 2, 64, -1, 56);
+    setenv("MB_ATTENTION_WGMMA_FWD", "persistent", 1);
+    run_attention("persistent long", lengths, num_seqs, 2, 64, -1, 57);
     free(lengths);
     unsetenv("MB_ATTENTION_WGMMA_FWD");
 }
@@ -1032,12 +1035,10 @@ Test(gpu_ops, attention_band_runs) {
     run_attention("band runs, mma.sync", lengths, count, 2, 64, 40, 107);
     unsetenv("MB_ATTENTION_BAND_FWD");
     unsetenv("MB_ATTENTION_BAND_BWD");
-    /* the shared-dS ring backward (not the default): run boundaries are where its dQ comes from two pieces */
-    setenv("MB_ATTENTION_BAND_BWD", "shared_ds", 1);
-    run_attention("band runs, shared dS", lengths, count, 3, 64, 64, 108);
-    run_attention("band runs, shared dS", lengths, count, 2, 64, 63, 109);
-    run_attention("band runs, shared dS", lengths, count, 2, 64, 40, 110);
-    run_attention("band runs, shared dS", lengths, count, 2, 64, 1, 111);
+    /* the ring backward whose warpgroups each form P and dS (the default forms them once and hands dSᵀ over) */
+    setenv("MB_ATTENTION_BAND_BWD", "recompute_ds", 1);
+    run_attention("band runs, dS formed twice", lengths, count, 3, 64, 64, 108);
+    run_attention("band runs, dS formed twice", lengths, count, 2, 64, 1, 111);
     unsetenv("MB_ATTENTION_BAND_BWD");
 }
 
@@ -1644,7 +1645,7 @@ Test(gpu_ops, attention_rope_fused) {
     run_attention_rope_fused(kShortLengths, count, 2, 64, 64, 10000.0, 42);  /* local layers (band) */
     run_attention_rope_fused(long_beside_short, 6, 3, 64, -1, 160000.0, 43);
     run_attention_rope_fused(long_beside_short, 6, 3, 64, 64, 10000.0, 44);
-    setenv("MB_ATTENTION_BAND_BWD", "shared_ds", 1); /* the shared-dS ring backward's RoPE'd dQ stores */
+    setenv("MB_ATTENTION_BAND_BWD", "recompute_ds", 1); /* the older ring backward's RoPE'd dQ stores */
     run_attention_rope_fused(long_beside_short, 6, 3, 64, 64, 10000.0, 47);
     unsetenv("MB_ATTENTION_BAND_BWD");
     run_attention_rope_fused(kShortLengths, count, 2, 32, 64, 10000.0, 45);  /* band at head_dim 32 and 128 */
