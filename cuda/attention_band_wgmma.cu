@@ -17,10 +17,13 @@
  * its slot with segment i + 3. Each
  * segment crosses L2→SM once per piece (plus one halo segment at each end), against three times per tile for
  * one-block-per-tile kernels, and the loads run ahead of the products.
- *  - Backward (band_ring_backward_kernel, one block per SM): warpgroup 0 forms dK, dV of tile i (per chunk Sᵀ = K·Q_cᵀ,
- *    dPᵀ = V·dO_cᵀ, Pᵀ and dSᵀ in registers, dV += Pᵀ·dO_c, dK += dSᵀ·Q_c), warpgroup 1 dQ (S = Q·K_cᵀ, dP = dO·V_cᵀ,
- *    P, dS, dQ += dS·K_c). P and dS are formed by both (7 products per pair); every element of dqkv is written once,
- *    by the warpgroup owning its row: no workspace, no atomics, bit-identical runs.
+ *  - Backward (band_ring_backward_shared_ds_kernel, the default since session 14; one block per SM): warpgroup 0
+ *    forms dK, dV of tile i (per chunk Sᵀ = K·Q_cᵀ, dPᵀ = V·dO_cᵀ, Pᵀ and dSᵀ in registers, dV += Pᵀ·dO_c,
+ *    dK += dSᵀ·Q_c) and hands each chunk's dSᵀ whose query segment the block owns to warpgroup 1 through shared
+ *    memory; warpgroup 1 adds dQ += dS·K_c into three rolling accumulators (5 products per pair), and forms the two
+ *    chunks at a piece's ends itself (their key tiles belong to the neighbouring pieces). band_ring_backward_kernel
+ *    (MB_ATTENTION_BAND_BWD=recompute_ds) has warpgroup 1 form its own S, dP, P and dS (7 products per pair). Every
+ *    element of dqkv is written once, by the warpgroup owning its row: no workspace, no atomics, bit-identical runs.
  *  - Forward (band_ring_forward_kernel, two blocks per SM): one warpgroup, chunk by chunk with the online softmax.
  *
  * Masks: d = (row token) − (chunk token) = r − x + 64 − 64c for tile row r and chunk column x; chunks 0 and 2 always
@@ -544,8 +547,8 @@ __device__ __forceinline__ void issue_dq_from_ds(float (&acc)[32], uint32_t ds_b
     const uint64_t descriptor_ds = sw128_descriptor(ds_buffer), descriptor_k = sw128_descriptor(k_tile);
 #pragma unroll
     for (int kk = 0; kk < 4; kk++)
-        wgmma_m64n64_ss<1, 1>(acc, descriptor_ds + descriptor_offset(2048 * kk), descriptor_k + descriptor_offset(2048 * kk),
-                              1);
+        wgmma_m64n64_ss<1, 1>(acc, descriptor_ds + descriptor_offset(2048 * kk),
+                              descriptor_k + descriptor_offset(2048 * kk), 1);
 }
 
 /* Segment j's dQ (rows [seq_begin + 64 j, ..)) with RoPE's backward from its slot. */
@@ -794,7 +797,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             mbarrier_init(ds_empty + 8 * c, 4);
         }
     }
-    const auto [ring, full, empty] = setup_ring(shared_raw, barriers, kConsumerWarps); /* its __syncthreads covers both */
+    /* setup_ring's __syncthreads also covers the dS barriers' initialization */
+    const auto [ring, full, empty] = setup_ring(shared_raw, barriers, kConsumerWarps);
     ds_exchange x = {ring + kRing * kSlotBytes, ds_full, ds_empty, {0, 0, 0}};
     const int group = threadIdx.x / 128;
     if (group == 2) {

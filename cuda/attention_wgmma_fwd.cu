@@ -17,6 +17,10 @@
  *   that reads them is done).
  * Masks only on the sequence's last key tile (keys >= the sequence end get −inf; those rows are zero-filled).
  *
+ * The wide kernel (wgmma_forward_wide_kernel, FA3's current head_dim-64 shape, session 14): 192 × 192 tiles, S by
+ * m64n192k16, P through shared memory (stmatrix, then an SS wgmma for P·V), Q, K and V by TMA in two stages. It is
+ * taken when the batch's sequences average 2048 tokens or more (wide_pays; 1.82 against 1.88 ms at 8192, H200).
+ *
  * Round 1 (one 128-query block per plan tile, Q in registers, an optional ping-pong instance) and the two-warpgroup
  * persistent instance were measured beside this kernel in sessions 3 and 4 and removed in session 6 (git history:
  * commit 2ce48eb has them; docs/kernels/attention_wgmma.md keeps their design and figures).
@@ -27,7 +31,7 @@
 #include "attention_wgmma_fwd.h"
 #include "wgmma.cuh"
 
-#include <cuda.h>          /* CUtensorMap (the experimental wide kernel's TMA loads) */
+#include <cuda.h>          /* CUtensorMap (the wide kernel's TMA loads) */
 #include <cudaTypedefs.h>  /* PFN_cuTensorMapEncodeTiled */
 
 #include <cmath>
@@ -542,11 +546,10 @@ __device__ __forceinline__ void wgmma_m64n192_ss(float (&d)[96], uint64_t desc_a
 
 /* One thread's TMA copy of the box at (x elements, y rows) of the map into shared memory, counted on `bar`. */
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap *map, int x, int y, uint32_t bar) {
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
-            dst),
-        "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(bar)
-        : "memory");
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+                 "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(bar)
+                 : "memory");
 }
 
 /* This thread's arrival on `bar`, announcing `bytes` of TMA traffic the phase also waits for. */
@@ -882,8 +885,8 @@ namespace {
  * 128-byte-swizzled boxes of 192 rows × 64 columns; rows past n come back as zeros. cuTensorMapEncodeTiled comes
  * from the driver through the runtime's entry-point query (no link against libcuda). */
 int launch_wide(mb::bf16 *out, float *lse, const mb::bf16 *qkv, const int32_t *cu_seqlens,
-                const mb::attention_plan &plan, int num_seqs, int n, int heads, unsigned max_blocks, cudaStream_t stream,
-                mb_error *err) {
+                const mb::attention_plan &plan, int num_seqs, int n, int heads, unsigned max_blocks,
+                cudaStream_t stream, mb_error *err) {
     if (plan.blocks == 0) return 0;
     void *entry = nullptr;
     cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;

@@ -1,4 +1,5 @@
-"""Model of the shared-dS band ring backward's protocol (branch wip/band-ds-once): ring full/empty with a producer,
+"""Model of the shared-dS band ring backward's protocol (band_ring_backward_shared_ds_kernel in
+cuda/attention_band_wgmma.cu; written before its first GPU run, session 13): ring full/empty with a producer,
 ds_full/ds_empty per chunk buffer, warpgroup A (dK/dV, stores owned dS chunks) and B (dQ with rolling accumulators,
 boundary recomputes). Random interleavings; checks deadlock-freedom, buffer reuse order, and that every owned
 segment's dQ gets exactly its contributions (keys j-1, j, j+1 inside the sequence) and is stored once."""
