@@ -442,79 +442,29 @@ __device__ __forceinline__ void tile_dkdv(mb::bf16 *dqkv, const ring_view &r, co
 
 /* ---- warpgroup 1: dQ of tile i ---- */
 
-__device__ __forceinline__ void tile_dq(mb::bf16 *dqkv, const ring_view &r, const piece &p, int i,
-                                        const ring_args &a) {
-    const int head = p.head;
-    const fragment f = my_fragment();
-    const int t0 = p.seq_begin + kRows * i, t_end = min(t0 + kRows, p.seq_end);
-    r.wait(i);
-    const uint32_t own = r.slot(i);
+/* The lse·log2 e and D of the thread's two rows of segment i (zero-filled past the sequence). */
+struct row_statistics {
+    float lse2[2], delta[2];
+};
+__device__ __forceinline__ row_statistics own_row_statistics(uint32_t own, fragment f) {
     const float *own_lse = reinterpret_cast<const float *>(__cvta_shared_to_generic(own + kSegLse));
     const float *own_delta = reinterpret_cast<const float *>(__cvta_shared_to_generic(own + kSegDelta));
-    float lse2[2], row_delta[2]; /* lse·log2 e and D of the thread's two rows (zero-filled past the sequence) */
+    row_statistics rows;
 #pragma unroll
     for (int h = 0; h < 2; h++) {
-        lse2[h] = own_lse[f.row + 8 * h] * kLog2e;
-        row_delta[h] = own_delta[f.row + 8 * h];
+        rows.lse2[h] = own_lse[f.row + 8 * h] * kLog2e;
+        rows.delta[h] = own_delta[f.row + 8 * h];
     }
-    float s[32], dp[32], dq[32];
-    uint32_t ds[4][4];
-#pragma unroll
-    for (int e = 0; e < 32; e++) dq[e] = 0.0f;
-#pragma unroll
-    for (int c = 0; c < kChunks; c++) {
-        const int j = i - 1 + c;
-        if (j < p.seg_lo || j > p.seg_hi) continue; /* outside the sequence (uniform) */
-        r.wait(j);
-        const uint32_t chunk = r.slot(j);
-        fence_registers(dq);
-        wgmma_fence();
-        issue_rows_by_rows(s, own + kSegQ, chunk + kSegK);
-        wgmma_commit();
-        issue_rows_by_rows(dp, own + kSegDO, chunk + kSegV);
-        wgmma_commit();
-        wgmma_wait<1>(); /* S (and the previous chunk's dQ product: ds may be rewritten); dP may still run */
-        fence_registers(s);
-        fence_registers(dq);
-#pragma unroll
-        for (int e = 0; e < 32; e++) s[e] = fast_exp2(fmaf(s[e], a.scale_log2, -lse2[(e >> 1) & 1]));
-        if (chunk_needs_mask(c, a.window, t0, t_end)) mask_chunk(s, f, c, a.window, t0, p.seq_begin, p.seq_end);
-        wgmma_wait<0>();
-        fence_registers(dp);
-#pragma unroll
-        for (int e = 0; e < 32; e++) s[e] *= dp[e] - row_delta[(e >> 1) & 1];
-        pack_fragments(ds, s);
-        wgmma_fence();
-        issue_accumulate(dq, ds, chunk + kSegK);
-        wgmma_commit();
-    }
-    wgmma_wait<0>();
-    fence_registers(dq);
-    const size_t qkv_stride = 3 * (size_t)a.heads * kHeadDim;
-    store_rotated(dqkv + head * kHeadDim, qkv_stride, dq, t0 + f.row, t_end, a, own, f.row);
+    return rows;
 }
 
-/* ---- warpgroup 1 of the shared-dS backward ----
- * dQ of segment j sums three chunk products, dS(j, keys j − 1)·K_{j−1} + dS(j, keys j)·K_j + dS(j, keys j + 1)·K_{j+1},
- * which warpgroup 0 forms at tiles j − 1 (chunk 2), j (chunk 1) and j + 1 (chunk 0). So this warpgroup keeps three
- * accumulators, segment j in acc[j % 3], and stores segment i − 1 after tile i's chunk 0. The piece's first and last
- * segments also need keys of the neighbouring pieces' tiles (first − 1, last + 1): those two chunks it forms itself,
- * as the default kernel's tile_dq does for every chunk (dq_recompute_chunk). */
-
-/* dQ of the tile's queries (segment i) += dS·K_j for chunk c of tile i, formed here from the slots (S, P, dP, dS). */
-__device__ __forceinline__ void dq_recompute_chunk(float (&dq)[32], const ring_view &r, const piece &p, int i, int c,
-                                                   const ring_args &a) {
+/* dQ of the tile's queries (segment i) += dS·K_j for chunk c of tile i, formed from the slots: S = Q·K_jᵀ,
+ * dP = dO·V_jᵀ, P, dS. The dQ product is left in flight (committed); the previous chunk's completes here. */
+__device__ __forceinline__ void issue_chunk_dq(float (&dq)[32], const ring_view &r, const piece &p, int i, int c,
+                                               const row_statistics &rows, const ring_args &a) {
     const fragment f = my_fragment();
     const int t0 = p.seq_begin + kRows * i, t_end = min(t0 + kRows, p.seq_end), j = i - 1 + c;
     const uint32_t own = r.slot(i), chunk = r.slot(j);
-    const float *own_lse = reinterpret_cast<const float *>(__cvta_shared_to_generic(own + kSegLse));
-    const float *own_delta = reinterpret_cast<const float *>(__cvta_shared_to_generic(own + kSegDelta));
-    float lse2[2], row_delta[2];
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        lse2[h] = own_lse[f.row + 8 * h] * kLog2e;
-        row_delta[h] = own_delta[f.row + 8 * h];
-    }
     float s[32], dp[32];
     uint32_t ds[4][4];
     r.wait(j);
@@ -524,19 +474,56 @@ __device__ __forceinline__ void dq_recompute_chunk(float (&dq)[32], const ring_v
     wgmma_commit();
     issue_rows_by_rows(dp, own + kSegDO, chunk + kSegV);
     wgmma_commit();
-    wgmma_wait<1>();
+    wgmma_wait<1>(); /* S (and the previous chunk's dQ product: ds may be rewritten); dP may still run */
     fence_registers(s);
+    fence_registers(dq);
 #pragma unroll
-    for (int e = 0; e < 32; e++) s[e] = fast_exp2(fmaf(s[e], a.scale_log2, -lse2[(e >> 1) & 1]));
+    for (int e = 0; e < 32; e++) s[e] = fast_exp2(fmaf(s[e], a.scale_log2, -rows.lse2[(e >> 1) & 1]));
     if (chunk_needs_mask(c, a.window, t0, t_end)) mask_chunk(s, f, c, a.window, t0, p.seq_begin, p.seq_end);
     wgmma_wait<0>();
     fence_registers(dp);
 #pragma unroll
-    for (int e = 0; e < 32; e++) s[e] *= dp[e] - row_delta[(e >> 1) & 1];
+    for (int e = 0; e < 32; e++) s[e] *= dp[e] - rows.delta[(e >> 1) & 1];
     pack_fragments(ds, s);
     wgmma_fence();
     issue_accumulate(dq, ds, chunk + kSegK);
     wgmma_commit();
+}
+
+__device__ __forceinline__ void tile_dq(mb::bf16 *dqkv, const ring_view &r, const piece &p, int i,
+                                        const ring_args &a) {
+    const fragment f = my_fragment();
+    const int t0 = p.seq_begin + kRows * i, t_end = min(t0 + kRows, p.seq_end);
+    r.wait(i);
+    const uint32_t own = r.slot(i);
+    const row_statistics rows = own_row_statistics(own, f);
+    float dq[32];
+#pragma unroll
+    for (int e = 0; e < 32; e++) dq[e] = 0.0f;
+#pragma unroll
+    for (int c = 0; c < kChunks; c++) {
+        const int j = i - 1 + c;
+        if (j < p.seg_lo || j > p.seg_hi) continue; /* outside the sequence (uniform) */
+        issue_chunk_dq(dq, r, p, i, c, rows, a);
+    }
+    wgmma_wait<0>();
+    fence_registers(dq);
+    const size_t qkv_stride = 3 * (size_t)a.heads * kHeadDim;
+    store_rotated(dqkv + p.head * kHeadDim, qkv_stride, dq, t0 + f.row, t_end, a, own, f.row);
+}
+
+/* ---- warpgroup 1 of the shared-dS backward ----
+ * dQ of segment j sums three chunk products, dS(j, keys j − 1)·K_{j−1} + dS(j, keys j)·K_j + dS(j, keys j + 1)·K_{j+1},
+ * which warpgroup 0 forms at tiles j − 1 (chunk 2), j (chunk 1) and j + 1 (chunk 0). So this warpgroup keeps three
+ * accumulators, segment j in acc[j % 3], and stores segment i − 1 after tile i's chunk 0. The piece's first and last
+ * segments also need keys of the neighbouring pieces' tiles (first − 1, last + 1): those two chunks it forms itself,
+ * as the default kernel's tile_dq does for every chunk (dq_recompute_chunk). */
+
+/* dQ of the tile's queries (segment i) += dS·K_j for chunk c of tile i, formed here from the slots (S, P, dP, dS),
+ * and completed. */
+__device__ __forceinline__ void dq_recompute_chunk(float (&dq)[32], const ring_view &r, const piece &p, int i, int c,
+                                                   const ring_args &a) {
+    issue_chunk_dq(dq, r, p, i, c, own_row_statistics(r.slot(i), my_fragment()), a);
     wgmma_wait<0>();
     fence_registers(dq);
 }

@@ -274,35 +274,50 @@ __device__ __forceinline__ void issue_scores(float (&s)[64], uint32_t q_tile, ui
         wgmma_m64n128_ss<0, 0>(s, desc_a + descriptor_offset(32 * ks), desc_b + descriptor_offset(32 * ks), ks > 0);
 }
 
-/* softmax_tile with shorter dependency chains: the row max in four interleaved chains joined by a tree (depth 5
- * instead of a chain of 16) and the exponentials summed into four partial sums (chains of 8 instead of 32). */
-__device__ __forceinline__ void softmax_tile_tree(float (&s)[64], float (&row_max)[2], float (&row_sum)[2],
-                                                  float (&correction)[2], float scale_log2) {
+/* The online softmax of a 64 × 8·kTiles score tile with short dependency chains: the row max in four interleaved
+ * chains joined by a tree (depth 5 instead of a chain of 16 at 16 n-tiles) and the exponentials summed into kSums
+ * partial sums (four for the persistent kernel's 128 keys; two for the wide kernel's 192, where four spilled at 160
+ * registers). */
+template <int kTiles, int kSums>
+__device__ __forceinline__ void softmax_rows(float (&s)[4 * kTiles], float (&row_max)[2], float (&row_sum)[2],
+                                             float (&correction)[2], float scale_log2) {
+    static_assert(kSums == 2 || kSums == 4, "two or four partial sums");
 #pragma unroll
     for (int h = 0; h < 2; h++) {
         float m[4]; /* four chains over n-tiles j ≡ k (mod 4), then a tree (8 temporaries spill at 160 registers) */
 #pragma unroll
         for (int k = 0; k < 4; k++) m[k] = fmaxf(s[4 * k + 2 * h], s[4 * k + 2 * h + 1]);
 #pragma unroll
-        for (int j = 4; j < 16; j++) m[j % 4] = fmaxf(m[j % 4], fmaxf(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]));
+        for (int j = 4; j < kTiles; j++) m[j % 4] = fmaxf(m[j % 4], fmaxf(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]));
         float tile_max = fmaxf(fmaxf(m[0], m[1]), fmaxf(m[2], m[3]));
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
         const float new_max = fmaxf(row_max[h], tile_max * scale_log2);
         const float reference = new_max == -INFINITY ? 0.0f : new_max; /* nothing visible yet: keep zeros */
         correction[h] = fast_exp2(row_max[h] - reference);
-        float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        float sum[kSums] = {};
 #pragma unroll
-        for (int j = 0; j < 16; j++)
+        for (int j = 0; j < kTiles; j++)
 #pragma unroll
             for (int c = 0; c < 2; c++) {
                 const int e = 4 * j + 2 * h + c;
                 s[e] = fast_exp2(fmaf(s[e], scale_log2, -reference));
-                sum[j % 4] += s[e];
+                sum[j % kSums] += s[e];
             }
-        row_sum[h] = row_sum[h] * correction[h] + ((sum[0] + sum[1]) + (sum[2] + sum[3]));
+        float total;
+        if constexpr (kSums == 4)
+            total = (sum[0] + sum[1]) + (sum[2] + sum[3]);
+        else
+            total = sum[0] + sum[1];
+        row_sum[h] = row_sum[h] * correction[h] + total;
         row_max[h] = new_max;
     }
+}
+
+/* The persistent kernel's 128-key tiles (16 n-tiles). */
+__device__ __forceinline__ void softmax_tile_tree(float (&s)[64], float (&row_max)[2], float (&row_sum)[2],
+                                                  float (&correction)[2], float scale_log2) {
+    softmax_rows<16, 4>(s, row_max, row_sum, correction, scale_log2);
 }
 
 /* scale·log2 e at head_dim 64 (1/8 · log2 e): a constant, so that it takes no register in the 160-register budget. */
@@ -609,34 +624,10 @@ __device__ __forceinline__ void wide_mask_tail(float (&s)[96], int k0, int key_e
             if (k0 + 8 * j + 2 * quad + c >= key_end) s[4 * j + c] = s[4 * j + 2 + c] = -INFINITY;
 }
 
-/* softmax_tile_tree over 192 keys (24 n-tiles). */
+/* The wide kernel's 192-key tiles (24 n-tiles). */
 __device__ __forceinline__ void wide_softmax(float (&s)[96], float (&row_max)[2], float (&row_sum)[2],
                                              float (&correction)[2]) {
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        float m[4];
-#pragma unroll
-        for (int k = 0; k < 4; k++) m[k] = fmaxf(s[4 * k + 2 * h], s[4 * k + 2 * h + 1]);
-#pragma unroll
-        for (int j = 4; j < 24; j++) m[j % 4] = fmaxf(m[j % 4], fmaxf(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]));
-        float tile_max = fmaxf(fmaxf(m[0], m[1]), fmaxf(m[2], m[3]));
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-        const float new_max = fmaxf(row_max[h], tile_max * kScaleLog2);
-        const float reference = new_max == -INFINITY ? 0.0f : new_max;
-        correction[h] = fast_exp2(row_max[h] - reference);
-        float sum[2] = {0.0f, 0.0f}; /* two partial sums: four spilled at 160 registers */
-#pragma unroll
-        for (int j = 0; j < 24; j++)
-#pragma unroll
-            for (int c = 0; c < 2; c++) {
-                const int e = 4 * j + 2 * h + c;
-                s[e] = fast_exp2(fmaf(s[e], kScaleLog2, -reference));
-                sum[j % 2] += s[e];
-            }
-        row_sum[h] = row_sum[h] * correction[h] + (sum[0] + sum[1]);
-        row_max[h] = new_max;
-    }
+    softmax_rows<24, 2>(s, row_max, row_sum, correction, kScaleLog2);
 }
 
 /* One consumer warpgroup, one work item: its 64 rows against the item's 192-key tiles (ring tiles g ..; stage
