@@ -166,11 +166,13 @@ __device__ __forceinline__ void pack_p(uint32_t (&p)[8][4], const float (&s)[64]
         for (int r = 0; r < 4; r++) p[kk][r] = mb::pack_bf16x2(s[8 * kk + 2 * r], s[8 * kk + 2 * r + 1]);
 }
 
-/* Keys >= key_end of the tile starting at k0 get −inf (only called on a sequence's last key tile). */
-__device__ __forceinline__ void mask_tail(float (&s)[64], int k0, int key_end) {
+/* Keys >= key_end of the tile starting at k0 get −inf (only called on a sequence's last key tile; 128 keys for the
+ * persistent kernel, 192 for the wide one). */
+template <int kCount>
+__device__ __forceinline__ void mask_tail(float (&s)[kCount], int k0, int key_end) {
     const int quad = threadIdx.x % 4;
 #pragma unroll
-    for (int j = 0; j < 16; j++)
+    for (int j = 0; j < kCount / 4; j++)
 #pragma unroll
         for (int c = 0; c < 2; c++)
             if (k0 + 8 * j + 2 * quad + c >= key_end) s[4 * j + c] = s[4 * j + 2 + c] = -INFINITY;
@@ -614,16 +616,6 @@ __device__ __forceinline__ void wide_store_p(uint32_t p_tile, const float (&s)[9
     }
 }
 
-/* Keys >= key_end of a tile starting at k0 get −inf. */
-__device__ __forceinline__ void wide_mask_tail(float (&s)[96], int k0, int key_end) {
-    const int quad = threadIdx.x % 4;
-#pragma unroll
-    for (int j = 0; j < 24; j++)
-#pragma unroll
-        for (int c = 0; c < 2; c++)
-            if (k0 + 8 * j + 2 * quad + c >= key_end) s[4 * j + c] = s[4 * j + 2 + c] = -INFINITY;
-}
-
 /* The wide kernel's 192-key tiles (24 n-tiles). */
 __device__ __forceinline__ void wide_softmax(float (&s)[96], float (&row_max)[2], float (&row_sum)[2],
                                              float (&correction)[2]) {
@@ -647,7 +639,7 @@ __device__ __forceinline__ void wide_attend(mb::bf16 *out, float *lse, const wor
     wgmma_commit();
     wgmma_wait<0>();
     fence_registers(s);
-    if (key_tiles == 1) wide_mask_tail(s, 0, slot->key_hi - slot->key_lo); /* no-op for a whole tile */
+    if (key_tiles == 1) mask_tail(s, 0, slot->key_hi - slot->key_lo); /* no-op for a whole tile */
     wide_softmax(s, row_max, row_sum, correction);
     wide_store_p(p_tile, s);
     fence_proxy_async();
@@ -665,7 +657,7 @@ __device__ __forceinline__ void wide_attend(mb::bf16 *out, float *lse, const wor
         wgmma_wait<1>(); /* S_i done; P_{i−1}·V_{i−1} may still run */
         fence_registers(s);
         if (i == key_tiles - 1) /* the last tile: keys past the sequence (re-read: registers are the limit) */
-            wide_mask_tail(s, 0, slot->key_hi - slot->key_lo - i * wide::kKeys);
+            mask_tail(s, 0, slot->key_hi - slot->key_lo - i * wide::kKeys);
         wide_softmax(s, row_max, row_sum, correction);
         wgmma_wait<0>(); /* P_{i−1}·V_{i−1} done: O and the P tile are free */
         fence_registers(o);
