@@ -326,6 +326,18 @@ __device__ __forceinline__ void softmax_tile_tree(float (&s)[64], float (&row_ma
 constexpr float kScaleLog2 = kLog2e * 0.125f;
 static_assert(kHeadDim == 64, "kScaleLog2 is 1/sqrt(64) · log2 e");
 
+/* A work item's end for one consumer warpgroup (its O complete): the last K/V stage handed back, O and lse stored,
+ * then the Q buffer handed back (after the last read of *slot and, long before, of the Q tile). */
+__device__ __forceinline__ void finish_item(mb::bf16 *out, float *lse, const float (&o)[32], const float (&row_max)[2],
+                                            const float (&row_sum)[2], const work_item *slot, uint32_t stage_empty,
+                                            uint32_t q_release, int heads) {
+    warp_arrive(stage_empty);
+    const int warp = threadIdx.x / mb::kWarpSize, lane = threadIdx.x % mb::kWarpSize;
+    const int row_a = slot->start + (warp / 4) * kRowsPerWarpgroup + (warp % 4) * 16 + lane / 4;
+    store_rows(out, lse, o, row_max, row_sum, row_a, slot->end, heads * kHeadDim, heads, slot->head);
+    warp_arrive(q_release);
+}
+
 /* One consumer warpgroup, one work item (bounds in *slot, Q tile at q_tile): its 64 rows against the item's key
  * tiles, which are the block's ring tiles g .. g + key_tiles − 1 (stage = tile % kPersistentStages, parity = (tile /
  * kPersistentStages) & 1). The same intra-warpgroup overlap as v1's consume. The item's bounds are read from shared
@@ -381,11 +393,7 @@ __device__ __forceinline__ void attend_item(mb::bf16 *out, float *lse, const wor
     wgmma_commit();
     wgmma_wait<0>();
     fence_registers(o);
-    warp_arrive(empty + 8 * stage);
-    const int warp = threadIdx.x / mb::kWarpSize, lane = threadIdx.x % mb::kWarpSize;
-    const int row_a = slot->start + (warp / 4) * kRowsPerWarpgroup + (warp % 4) * 16 + lane / 4;
-    store_rows(out, lse, o, row_max, row_sum, row_a, slot->end, heads * kHeadDim, heads, slot->head);
-    warp_arrive(q_release); /* after the last read of *slot and (long before) of the Q tile */
+    finish_item(out, lse, o, row_max, row_sum, slot, empty + 8 * stage, q_release, heads);
 }
 
 /* A warpgroup with no rows in this item keeps the barrier protocol: it hands the Q buffer back and every key tile
@@ -673,11 +681,7 @@ __device__ __forceinline__ void wide_attend(mb::bf16 *out, float *lse, const wor
     wgmma_commit();
     wgmma_wait<0>();
     fence_registers(o);
-    warp_arrive(empty + 8 * stage);
-    const int warp = threadIdx.x / mb::kWarpSize, lane = threadIdx.x % mb::kWarpSize;
-    const int row_a = slot->start + (warp / 4) * kRowsPerWarpgroup + (warp % 4) * 16 + lane / 4;
-    store_rows(out, lse, o, row_max, row_sum, row_a, slot->end, heads * kHeadDim, heads, slot->head);
-    warp_arrive(q_release);
+    finish_item(out, lse, o, row_max, row_sum, slot, empty + 8 * stage, q_release, heads);
 }
 
 /* A warpgroup with no rows in this item keeps the barrier protocol (as pass_item). */
