@@ -397,12 +397,14 @@ __device__ __forceinline__ void attend_item(mb::bf16 *out, float *lse, const wor
 }
 
 /* A warpgroup with no rows in this item keeps the barrier protocol: it hands the Q buffer back and every key tile
- * after it has been published (an arrival before that could complete the previous phase early). */
+ * after it has been published (an arrival before that could complete the previous phase early). kStages: the ring's
+ * (the persistent kernel's 5, the wide kernel's 2). */
+template <int kStages>
 __device__ __forceinline__ void pass_item(uint32_t full, uint32_t empty, uint32_t q_release, int g, int key_tiles) {
     warp_arrive(q_release);
     for (int i = 0; i < key_tiles; i++) {
-        const int stage = (g + i) % kPersistentStages;
-        mbarrier_spin_wait(full + 8 * stage, ((g + i) / kPersistentStages) & 1);
+        const int stage = (g + i) % kStages;
+        mbarrier_spin_wait(full + 8 * stage, ((g + i) / kStages) & 1);
         warp_arrive(empty + 8 * stage);
     }
 }
@@ -474,7 +476,7 @@ __device__ void consume_persistent(mb::bf16 *out, float *lse, uint32_t q_tiles, 
             attend_item(out, lse, slot, q_tiles + buf * shape::kQBytes + group * kRowsPerWarpgroup * kRowBytes, ring,
                         full, empty, q_empty + 8 * buf, g, key_tiles, heads);
         else
-            pass_item(full, empty, q_empty + 8 * buf, g, key_tiles);
+            pass_item<kPersistentStages>(full, empty, q_empty + 8 * buf, g, key_tiles);
         g += key_tiles;
     }
 }
@@ -684,16 +686,6 @@ __device__ __forceinline__ void wide_attend(mb::bf16 *out, float *lse, const wor
     finish_item(out, lse, o, row_max, row_sum, slot, empty + 8 * stage, q_release, heads);
 }
 
-/* A warpgroup with no rows in this item keeps the barrier protocol (as pass_item). */
-__device__ __forceinline__ void wide_pass(uint32_t full, uint32_t empty, uint32_t q_release, int g, int key_tiles) {
-    warp_arrive(q_release);
-    for (int i = 0; i < key_tiles; i++) {
-        const int stage = (g + i) % wide::kStages;
-        mbarrier_spin_wait(full + 8 * stage, ((g + i) / wide::kStages) & 1);
-        warp_arrive(empty + 8 * stage);
-    }
-}
-
 /* The producer thread: per work item its bounds (items[c % 2]) and Q tile by TMA, then its K and V tiles. Every
  * barrier it fills expects one arrival (its own expect_tx) and the TMA bytes. */
 __device__ void wide_produce(uint32_t q_tiles, uint32_t ring, uint32_t full, uint32_t empty, uint32_t q_full,
@@ -747,7 +739,7 @@ __device__ void wide_consume(mb::bf16 *out, float *lse, uint32_t q_tiles, uint32
                         p_tiles + group * wide::kPBytes, ring, full, empty, q_empty + 8 * buf, g, key_tiles, heads,
                         group);
         else
-            wide_pass(full, empty, q_empty + 8 * buf, g, key_tiles);
+            pass_item<wide::kStages>(full, empty, q_empty + 8 * buf, g, key_tiles);
         g += key_tiles;
     }
 }
