@@ -458,6 +458,23 @@ __device__ void produce_persistent(uint32_t q_tiles, uint32_t ring, uint32_t ful
     }
 }
 
+/* A consumer warpgroup's walk over the work items (both forwards): per item c, wait for its bounds and Q tile (Q
+ * buffer c % 2), then item(slot, buffer, g, key tiles of kKeys) with g the ring position of its first key tile;
+ * until the producer's sentinel (head −1). */
+template <int kKeys, class ItemFunction>
+__device__ __forceinline__ void walk_items(uint32_t q_full, const work_item *items, ItemFunction item) {
+    int g = 0;
+    for (int c = 0;; c++) {
+        const int buf = c & 1;
+        mbarrier_spin_wait(q_full + 8 * buf, (c >> 1) & 1);
+        const work_item *slot = &items[buf];
+        if (slot->head < 0) return;
+        const int key_tiles = mb::ceil_div(slot->key_hi - slot->key_lo, kKeys);
+        item(slot, buf, g, key_tiles);
+        g += key_tiles;
+    }
+}
+
 /* The consumer warpgroups: per work item, wait for its bounds and Q tile, then attend (or pass, rows past a short
  * item), until the sentinel. */
 __device__ void consume_persistent(mb::bf16 *out, float *lse, uint32_t q_tiles, uint32_t ring, uint32_t full,
@@ -465,20 +482,13 @@ __device__ void consume_persistent(mb::bf16 *out, float *lse, uint32_t q_tiles, 
                                    int heads) {
     using shape = persistent_shape;
     const int group = threadIdx.x / (4 * mb::kWarpSize);
-    int g = 0;
-    for (int c = 0;; c++) {
-        const int buf = c & 1;
-        mbarrier_spin_wait(q_full + 8 * buf, (c >> 1) & 1);
-        const work_item *slot = &items[buf];
-        if (slot->head < 0) return;
-        const int key_tiles = mb::ceil_div(slot->key_hi - slot->key_lo, kKeyTile);
+    walk_items<kKeyTile>(q_full, items, [&](const work_item *slot, int buf, int g, int key_tiles) {
         if (slot->start + group * kRowsPerWarpgroup < slot->end)
             attend_item(out, lse, slot, q_tiles + buf * shape::kQBytes + group * kRowsPerWarpgroup * kRowBytes, ring,
                         full, empty, q_empty + 8 * buf, g, key_tiles, heads);
         else
             pass_item<kPersistentStages>(full, empty, q_empty + 8 * buf, g, key_tiles);
-        g += key_tiles;
-    }
+    });
 }
 
 #endif /* MB_WGMMA_SM90 */
@@ -727,21 +737,14 @@ __device__ void wide_consume(mb::bf16 *out, float *lse, uint32_t q_tiles, uint32
     const uint32_t p_tiles = q_tiles + 2 * wide::kQBytes, ring = p_tiles + wide::kGroups * wide::kPBytes;
     const uint32_t empty = full + 8 * wide::kStages, q_full = empty + 8 * wide::kStages, q_empty = q_full + 16;
     const int group = threadIdx.x / 128;
-    int g = 0;
-    for (int c = 0;; c++) {
-        const int buf = c & 1;
-        mbarrier_spin_wait(q_full + 8 * buf, (c >> 1) & 1);
-        const work_item *slot = &items[buf];
-        if (slot->head < 0) return;
-        const int key_tiles = mb::ceil_div(slot->key_hi - slot->key_lo, wide::kKeys);
+    walk_items<wide::kKeys>(q_full, items, [&](const work_item *slot, int buf, int g, int key_tiles) {
         if (slot->start + group * kRowsPerWarpgroup < slot->end)
             wide_attend(out, lse, slot, q_tiles + buf * wide::kQBytes + group * kRowsPerWarpgroup * kRowBytes,
                         p_tiles + group * wide::kPBytes, ring, full, empty, q_empty + 8 * buf, g, key_tiles, heads,
                         group);
         else
             pass_item<wide::kStages>(full, empty, q_empty + 8 * buf, g, key_tiles);
-        g += key_tiles;
-    }
+    });
 }
 
 #endif /* MB_WGMMA_SM90 */
