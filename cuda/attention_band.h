@@ -34,8 +34,8 @@ int mb_attention_band_backward(mb::bf16 *dqkv, const mb::bf16 *dout, const float
 /* The Hopper kernels for the production shape (cuda/attention_band_wgmma.cu): head_dim 64, 0 <= window <= 64, on a
  * compute capability 9.x device with the sm_90a build, unless MB_ATTENTION_BAND_BWD=mma (backward) or
  * MB_ATTENTION_BAND_FWD=mma (forward), read per call, keeps the mma.sync kernels. MB_ATTENTION_BAND_BWD=recompute_ds
- * takes the ring backward in which both warpgroups form P and dS (the default forms them once). mb_attention_band_forward and
- * mb_attention_band_backward take them by themselves where they apply. */
+ * takes the ring backward in which both warpgroups form P and dS (the default forms them once).
+ * mb_attention_band_forward and mb_attention_band_backward take them by themselves where they apply. */
 bool mb_attention_band_wgmma_supports(int head_dim, int window, bool backward);
 
 /* What mb_attention_band_forward computes, with one wgmma kernel that walks runs of consecutive tiles through a

@@ -14,9 +14,8 @@
  * boundaries. A producer warp loads each segment the piece needs once (Q, K, V, and for the backward dO, lse, D, as
  * 128-byte-swizzled 64-row tiles, and the RoPE angles its stores need) into a ring of kRing slots and publishes it on
  * the slot's `full` mbarrier; after tile i the consumers hand segment i − 1 back (`empty`) and the producer refills
- * its slot with segment i + 3. Each
- * segment crosses L2→SM once per piece (plus one halo segment at each end), against three times per tile for
- * one-block-per-tile kernels, and the loads run ahead of the products.
+ * its slot with segment i + 3. Each segment crosses L2→SM once per piece (plus one halo segment at each end), against
+ * three times per tile for one-block-per-tile kernels, and the loads run ahead of the products.
  *  - Backward (band_ring_backward_shared_ds_kernel, the default since session 14; one block per SM): warpgroup 0
  *    forms dK, dV of tile i (per chunk Sᵀ = K·Q_cᵀ, dPᵀ = V·dO_cᵀ, Pᵀ and dSᵀ in registers, dV += Pᵀ·dO_c,
  *    dK += dSᵀ·Q_c) and hands each chunk's dSᵀ whose query segment the block owns to warpgroup 1 through shared
@@ -59,8 +58,8 @@ constexpr size_t kSharedBytes = kRing * (size_t)kSlotBytes + 1024; /* + alignmen
 static_assert(kSharedBytes + 1024 <= 227 * 1024, "one block per SM");
 
 /* The shared-dS backward (the default; MB_ATTENTION_BAND_BWD=recompute_ds keeps the one before it): the ring, then
- * three dSᵀ chunk buffers
- * of [64 keys][64 queries] bf16 (128-byte swizzle) that the dK/dV warpgroup fills and the dQ warpgroup reads. */
+ * three dSᵀ chunk buffers of [64 keys][64 queries] bf16 (128-byte swizzle) that the dK/dV warpgroup fills and the dQ
+ * warpgroup reads. */
 constexpr uint32_t kDsBufferBytes = kTileBytes;
 constexpr size_t kSharedDsBytes = kRing * (size_t)kSlotBytes + 3 * kDsBufferBytes + 1024;
 static_assert(kSlotBytes % 1024 == 0 && kSharedDsBytes + 1024 <= 227 * 1024, "one shared-dS block per SM");
@@ -517,7 +516,7 @@ __device__ __forceinline__ void tile_dq(mb::bf16 *dqkv, const ring_view &r, cons
  * which warpgroup 0 forms at tiles j − 1 (chunk 2), j (chunk 1) and j + 1 (chunk 0). So this warpgroup keeps three
  * accumulators, segment j in acc[j % 3], and stores segment i − 1 after tile i's chunk 0. The piece's first and last
  * segments also need keys of the neighbouring pieces' tiles (first − 1, last + 1): those two chunks it forms itself,
- * as the default kernel's tile_dq does for every chunk (dq_recompute_chunk). */
+ * as band_ring_backward_kernel's tile_dq does for every chunk (dq_recompute_chunk). */
 
 /* dQ of the tile's queries (segment i) += dS·K_j for chunk c of tile i, formed here from the slots (S, P, dP, dS),
  * and completed. */
@@ -868,19 +867,13 @@ int mb_attention_band_wgmma_backward(mb::bf16 *dqkv, const mb::bf16 *dout, const
                             scale * kLog2e, rope, 0};
     /* one block per run: plan.blocks = (an upper bound of the tile count) × heads; spare blocks return at once */
     const unsigned grid = (plan.blocks / (unsigned)heads + kRunTiles - 1) / kRunTiles * (unsigned)heads;
-    if (!env_is("MB_ATTENTION_BAND_BWD", "recompute_ds")) { /* the default: P and dS formed once per pair */
-        MB_CUDA_CHECK(err, cudaFuncSetAttribute(band_ring_backward_shared_ds_kernel,
-                                                cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSharedDsBytes));
-        band_ring_backward_shared_ds_kernel<<<grid, kThreads, kSharedDsBytes, stream>>>(dqkv, dout, lse, delta, qkv,
-                                                                                       args);
-        MB_CUDA_CHECK_LAUNCH(err, "band_ring_backward_shared_ds_kernel");
-        return 0;
-    }
-    /* each warpgroup forms its own P and dS (the kernel before session 14) */
-    MB_CUDA_CHECK(err, cudaFuncSetAttribute(band_ring_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            (int)kSharedBytes));
-    band_ring_backward_kernel<<<grid, kThreads, kSharedBytes, stream>>>(dqkv, dout, lse, delta, qkv, args);
-    MB_CUDA_CHECK_LAUNCH(err, "band_ring_backward_kernel");
+    /* the default forms P and dS once per pair; recompute_ds: each warpgroup its own (the kernel before session 14) */
+    const bool shared_ds = !env_is("MB_ATTENTION_BAND_BWD", "recompute_ds");
+    const auto kernel = shared_ds ? band_ring_backward_shared_ds_kernel : band_ring_backward_kernel;
+    const size_t shared = shared_ds ? kSharedDsBytes : kSharedBytes;
+    MB_CUDA_CHECK(err, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared));
+    kernel<<<grid, kThreads, shared, stream>>>(dqkv, dout, lse, delta, qkv, args);
+    MB_CUDA_CHECK_LAUNCH(err, shared_ds ? "band_ring_backward_shared_ds_kernel" : "band_ring_backward_kernel");
     return 0;
 }
 
