@@ -33,7 +33,14 @@
  *     rows × vocab <= kMaxHostLogits (16 MiB of fp32); above that result->logits is NULL (the trainer needs only
  *     the loss; `check` runs small batches).
  *   - Everything runs on one non-blocking stream owned by the backend; the ops are deterministic, so two runs give
- *     bit-identical results on the same GPU model. */
+ *     bit-identical results on the same GPU model.
+ *   - The last layer on the head's rows (docs/performance.md, "Session 16"): only the head reads the final hidden
+ *     states, and only its rows (the labelled tokens, or the cls tokens), so after the last layer's attention — which
+ *     needs every token's keys and values — its output projection, MLP and the final norm run on the head's rows
+ *     (gathered, in head order, padding rows included) and the final norm writes the head's inputs directly. The
+ *     other tokens' rows of that layer would only be thrown away. Each row's arithmetic is the same as over the whole
+ *     batch; the GEMMs may block their sums differently. Not with mean pooling (it reads every row);
+ *     MB_SPARSE_LAST_LAYER=0 runs the whole batch (comparisons). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -103,6 +110,7 @@ struct batch_state {
     int tokens, sequences, rows, classes;
     int forward_done;
     int label_rows; /* the batch's own head rows; rows adds the MLM head's padding (kHeadRowMultiple) */
+    int sparse_last; /* the last layer after its attention runs on the head's rows only (last_layer_sparse) */
 };
 
 struct cuda_backend {
@@ -132,6 +140,8 @@ struct cuda_backend {
     mb_bf16 *final_out;
     float *final_mean, *final_rstd;
     mb_bf16 *head_inputs, *head_dense, *head_act, *head_norm;
+    /* the last layer on the head's rows: its attention output and its input (the residual), gathered */
+    mb_bf16 *last_attn_rows, *last_input_rows;
     float *head_mean, *head_rstd;
     mb_bf16 *logits;
     mb_bf16 *dh, *d_normed, *dqkv, *d_attn, *d_wi, *d_glu, *d_head, *d_head2;
@@ -163,6 +173,7 @@ struct cuda_backend {
     int recompute;                   /* mb_recompute: which activations the backward rebuilds instead of keeping */
     int decoder_chunk_rows;          /* kDecoderChunkRows unless MB_DECODER_CHUNK_ROWS */
     int head_row_multiple;           /* kHeadRowMultiple unless MB_HEAD_ROW_MULTIPLE */
+    int sparse_last_layer;           /* 1 unless MB_SPARSE_LAST_LAYER=0: the last layer on the head's rows */
     profiler *prof;                  /* NULL unless MB_PROFILE=1 */
 };
 
@@ -406,6 +417,8 @@ void carve_activations(cuda_backend *c, carver *k, const mb_config *cfg, const b
     c->head_norm = k->take<mb_bf16>(R * H);
     c->head_mean = k->take<float>(R);
     c->head_rstd = k->take<float>(R);
+    c->last_attn_rows = k->take<mb_bf16>(R * H);
+    c->last_input_rows = k->take<mb_bf16>(R * H);
     c->logits = k->take<mb_bf16>(logit_rows_kept(c, cfg, bud->rows) * C);
     c->dh = k->take<mb_bf16>(n * H);
     c->d_normed = k->take<mb_bf16>(n * H);
@@ -590,6 +603,23 @@ int embeddings_forward(cuda_backend *c, const mb_config *cfg, int n, mb_error *e
 
 const mb_bf16 *layer_input(const cuda_backend *c, int l) { return l == 0 ? c->hidden0 : c->layers[l - 1].h_out; }
 
+/* Whether this batch runs its last layer after the attention on the head's rows only (see the header): not with
+ * mean pooling, which reads every row, and only when the head has fewer rows than the batch has tokens (every
+ * buffer of a layer is sized for the tokens). */
+bool last_layer_sparse(const cuda_backend *c, const mb_config *cfg, int rows, int tokens) {
+    bool mean_pooled = cfg->head != MB_HEAD_MASKED_LM && cfg->classifier_pooling == MB_POOLING_MEAN;
+    return c->sparse_last_layer && !mean_pooled && rows > 0 && rows < tokens && cfg->num_hidden_layers > 0;
+}
+
+bool sparse_layer(const cuda_backend *c, const mb_config *cfg, int l) {
+    return c->batch.sparse_last && l == cfg->num_hidden_layers - 1;
+}
+
+/* Rows of layer l after its attention (output projection, MLP): the head's rows in the sparse last layer. */
+int rows_after_attention(const cuda_backend *c, const mb_config *cfg, int l) {
+    return sparse_layer(c, cfg, l) ? c->batch.rows : c->batch.tokens;
+}
+
 int attention_block_forward(cuda_backend *c, const mb_config *cfg, int l, mb_error *err) {
     const mb_layer_weights *w = &c->w.layers[l];
     layer_activations *a = &c->layers[l];
@@ -610,16 +640,23 @@ int attention_block_forward(cuda_backend *c, const mb_config *cfg, int l, mb_err
     mark(c, global ? "attention fwd (global)" : "attention fwd (local)");
     TRY(mb_cuda_attention_forward(a->attn_out, a->lse, c->scratch, a->qkv, c->cu_seqlens, c->batch.sequences, n,
                                   heads, cfg->head_dim, mb_layer_window(cfg, l), c->stream, err));
+    const mb_bf16 *projected = a->attn_out, *residual = h_in;
+    if (sparse_layer(c, cfg, l)) { /* the head's rows of the attention output and of the residual, in head order */
+        mark(c, "gather (last layer)");
+        TRY(mb_cuda_embedding_forward(c->last_attn_rows, c->row_tokens, a->attn_out, c->batch.rows, H, c->stream, err));
+        TRY(mb_cuda_embedding_forward(c->last_input_rows, c->row_tokens, h_in, c->batch.rows, H, c->stream, err));
+        projected = c->last_attn_rows, residual = c->last_input_rows;
+    }
     mark(c, "gemm Wo fwd");
-    TRY(mb_cuda_linear_forward(c->matmul, a->h_mid, a->attn_out, copy_of(c, w->wo), copy_of(c, w->wo_bias), h_in, n,
-                               H, H, c->stream, err));
+    TRY(mb_cuda_linear_forward(c->matmul, a->h_mid, projected, copy_of(c, w->wo), copy_of(c, w->wo_bias), residual,
+                               rows_after_attention(c, cfg, l), H, H, c->stream, err));
     return 0;
 }
 
 int mlp_block_forward(cuda_backend *c, const mb_config *cfg, int l, mb_error *err) {
     const mb_layer_weights *w = &c->w.layers[l];
     layer_activations *a = &c->layers[l];
-    int n = c->batch.tokens, H = cfg->hidden_size, I = cfg->intermediate_size;
+    int n = rows_after_attention(c, cfg, l), H = cfg->hidden_size, I = cfg->intermediate_size;
     mark(c, "layernorm fwd");
     TRY(mb_cuda_layernorm_forward(a->mlp_in, a->mlp_mean, a->mlp_rstd, a->h_mid, w->mlp_norm, w->mlp_norm_bias, n, H,
                                   (float)cfg->norm_eps, c->stream, err));
@@ -653,7 +690,7 @@ int head_forward(cuda_backend *c, const mb_config *cfg, mb_error *err) {
     mark(c, "head fwd (gather, dense, norm)");
     if (!is_mlm && cfg->classifier_pooling == MB_POOLING_MEAN)
         TRY(mean_pool_forward(c, rows, H, err));
-    else
+    else if (!c->batch.sparse_last) /* sparse: the final norm wrote the head's rows into head_inputs */
         TRY(mb_cuda_embedding_forward(c->head_inputs, c->row_tokens, c->final_out, rows, H, c->stream, err));
     TRY(mb_cuda_linear_forward(c->matmul, c->head_dense, c->head_inputs, copy_of(c, c->w.head_dense),
                                copy_of(c, c->w.head_dense_bias), nullptr, rows, H, H, c->stream, err));
@@ -711,7 +748,8 @@ int cuda_forward(mb_backend *b, const mb_batch *batch, mb_forward_result *result
     TRY(mb_batch_validate(batch, cfg, err));
     int label_rows = count_head_rows(batch, cfg), rows = padded_head_rows(c, cfg, label_rows);
     TRY(ensure_budget(c, cfg, budget{batch->token_count, batch->sequence_count, rows}, err));
-    c->batch = batch_state{batch->token_count, batch->sequence_count, rows, head_classes(cfg), 0, label_rows};
+    c->batch = batch_state{batch->token_count, batch->sequence_count, rows, head_classes(cfg), 0, label_rows,
+                           last_layer_sparse(c, cfg, rows, batch->token_count)};
     MB_NVTX_RANGE("forward");
     TRY(upload_batch(c, cfg, batch, rows, err));
     TRY(embeddings_forward(c, cfg, batch->token_count, err));
@@ -723,9 +761,11 @@ int cuda_forward(mb_backend *b, const mb_batch *batch, mb_forward_result *result
         TRY(mlp_block_forward(c, cfg, l, err));
     }
     mark(c, "layernorm fwd");
-    TRY(mb_cuda_layernorm_forward(c->final_out, c->final_mean, c->final_rstd, layer_input(c, cfg->num_hidden_layers),
-                                  c->w.final_norm, c->w.final_norm_bias, batch->token_count, cfg->hidden_size,
-                                  (float)cfg->norm_eps, c->stream, err));
+    const bool sparse = c->batch.sparse_last; /* the last layer's output holds the head's rows only */
+    TRY(mb_cuda_layernorm_forward(sparse ? c->head_inputs : c->final_out, c->final_mean, c->final_rstd,
+                                  layer_input(c, cfg->num_hidden_layers), c->w.final_norm, c->w.final_norm_bias,
+                                  sparse ? rows : batch->token_count, cfg->hidden_size, (float)cfg->norm_eps,
+                                  c->stream, err));
     if (rows > 0) TRY(head_forward(c, cfg, err));
     TRY(finish_forward(c, cfg, result, err));
     c->batch.forward_done = 1;
@@ -734,7 +774,8 @@ int cuda_forward(mb_backend *b, const mb_batch *batch, mb_forward_result *result
 
 /* ---- backward ---- */
 
-/* From the loss to the gradient of the final hidden states, written completely into d_final. */
+/* From the loss to the gradient of the final hidden states, written completely into d_final (in the sparse last
+ * layer the final norm's rows are the head's: its gradient is d_head2, and d_final is not written). */
 int head_backward(cuda_backend *c, const mb_config *cfg, mb_bf16 *d_final, float grad_scale, mb_error *err) {
     int n = c->batch.tokens, H = cfg->hidden_size, rows = c->batch.rows, classes = c->batch.classes;
     int is_mlm = cfg->head == MB_HEAD_MASKED_LM;
@@ -789,6 +830,7 @@ int head_backward(cuda_backend *c, const mb_config *cfg, mb_bf16 *d_final, float
     TRY(mb_cuda_linear_backward(c->matmul, c->d_head2, c->g.head_dense, c->g.head_dense_bias, c->scratch, c->d_head,
                                 c->head_inputs, copy_of(c, c->w.head_dense), rows, H, H, 0, c->stream, err));
     if (!is_mlm && cfg->classifier_pooling == MB_POOLING_MEAN) return mean_pool_backward(c, d_final, c->d_head2, rows, H, err);
+    if (c->batch.sparse_last) return 0;
     return scatter_rows(c, d_final, c->d_head2, c->batch.label_rows, n, H, err); /* not the padding rows */
 }
 
@@ -797,7 +839,7 @@ int head_backward(cuda_backend *c, const mb_config *cfg, mb_bf16 *d_final, float
 int recompute_mlp_inputs(cuda_backend *c, const mb_config *cfg, int l, mb_error *err) {
     const mb_layer_weights *w = &c->w.layers[l];
     layer_activations *a = &c->layers[l];
-    int n = c->batch.tokens, H = cfg->hidden_size, I = cfg->intermediate_size;
+    int n = rows_after_attention(c, cfg, l), H = cfg->hidden_size, I = cfg->intermediate_size;
     if (c->recompute < MB_RECOMPUTE_NORMS) return 0;
     mark(c, "recompute (layernorm, Wi, geglu)");
     TRY(mb_cuda_layernorm_forward(a->mlp_in, a->mlp_mean, a->mlp_rstd, a->h_mid, w->mlp_norm, w->mlp_norm_bias, n, H,
@@ -823,7 +865,7 @@ int mlp_block_backward(cuda_backend *c, const mb_config *cfg, int l, mb_error *e
     const mb_layer_weights *w = &c->w.layers[l];
     mb_layer_weights *g = &c->g.layers[l];
     layer_activations *a = &c->layers[l];
-    int n = c->batch.tokens, H = cfg->hidden_size, I = cfg->intermediate_size;
+    int n = rows_after_attention(c, cfg, l), H = cfg->hidden_size, I = cfg->intermediate_size;
     TRY(recompute_mlp_inputs(c, cfg, l, err));
     mark(c, "gemm mlp Wo bwd");
     TRY(mb_cuda_linear_backward(c->matmul, c->d_glu, g->mlp_wo, g->mlp_wo_bias, c->scratch, c->dh, a->glu_out,
@@ -839,6 +881,25 @@ int mlp_block_backward(cuda_backend *c, const mb_config *cfg, int l, mb_error *e
     return 0;
 }
 
+/* The sparse last layer's output projection, backward: its weight gradient over the head's rows, then the gradients
+ * of the layer's input (dh) and of the attention output go from the head's rows back to their tokens' rows, the other
+ * tokens' being zero (their rows of the layer's output were never used). Only the batch's own head rows are
+ * scattered: the padding rows repeat token 0 and carry zero gradients. dqkv is free until the attention backward and
+ * stages dh's head rows; d_normed holds the attention output's. */
+int sparse_output_projection_backward(cuda_backend *c, const mb_config *cfg, int l, mb_error *err) {
+    const mb_layer_weights *w = &c->w.layers[l];
+    mb_layer_weights *g = &c->g.layers[l];
+    int n = c->batch.tokens, H = cfg->hidden_size, rows = c->batch.rows, own = c->batch.label_rows;
+    mark(c, "gemm Wo bwd");
+    TRY(mb_cuda_linear_backward(c->matmul, c->d_normed, g->wo, g->wo_bias, c->scratch, c->dh, c->last_attn_rows,
+                                copy_of(c, w->wo), rows, H, H, 0, c->stream, err));
+    mark(c, "scatter (last layer)");
+    MB_CUDA_CHECK(err, cudaMemcpyAsync(c->dqkv, c->dh, (size_t)own * H * sizeof(mb_bf16), cudaMemcpyDeviceToDevice,
+                                       c->stream));
+    TRY(scatter_rows(c, c->dh, c->dqkv, own, n, H, err));
+    return scatter_rows(c, c->d_attn, c->d_normed, own, n, H, err);
+}
+
 int attention_block_backward(cuda_backend *c, const mb_config *cfg, int l, mb_error *err) {
     const mb_layer_weights *w = &c->w.layers[l];
     mb_layer_weights *g = &c->g.layers[l];
@@ -847,9 +908,13 @@ int attention_block_backward(cuda_backend *c, const mb_config *cfg, int l, mb_er
     const mb_bf16 *h_in = layer_input(c, l);
     const mb_bf16 *attn_in = w->attn_norm != nullptr ? a->attn_in : h_in;
     TRY(recompute_attention_input(c, cfg, l, err));
-    mark(c, "gemm Wo bwd");
-    TRY(mb_cuda_linear_backward(c->matmul, c->d_attn, g->wo, g->wo_bias, c->scratch, c->dh, a->attn_out,
-                                copy_of(c, w->wo), n, H, H, 0, c->stream, err));
+    if (sparse_layer(c, cfg, l)) {
+        TRY(sparse_output_projection_backward(c, cfg, l, err));
+    } else {
+        mark(c, "gemm Wo bwd");
+        TRY(mb_cuda_linear_backward(c->matmul, c->d_attn, g->wo, g->wo_bias, c->scratch, c->dh, a->attn_out,
+                                    copy_of(c, w->wo), n, H, H, 0, c->stream, err));
+    }
     mark(c, mb_layer_window(cfg, l) < 0 ? "attention bwd (global)" : "attention bwd (local)");
     if (rope_fused(c, cfg, l)) { /* RoPE's backward inside the attention kernels' stores of dQ and dK */
         TRY(mb_cuda_attention_backward_rope(c->dqkv, c->scratch, c->d_attn, a->attn_out, a->lse, a->qkv,
@@ -924,12 +989,13 @@ int cuda_backward(mb_backend *b, float grad_scale, mb_error *err) {
     const mb_config *cfg = &b->config;
     if (!c->batch.forward_done) return mb_fail(err, "backward called without a forward");
     MB_NVTX_RANGE("backward");
-    int n = c->batch.tokens, H = cfg->hidden_size, L = cfg->num_hidden_layers;
+    int H = cfg->hidden_size, L = cfg->num_hidden_layers;
+    const bool sparse = c->batch.sparse_last; /* the final norm ran on the head's rows, d_head2 is its gradient */
     TRY(head_backward(c, cfg, c->d_normed, grad_scale, err));
     mark(c, "layernorm bwd");
-    TRY(mb_cuda_layernorm_backward(c->dh, c->g.final_norm, c->g.final_norm_bias, c->scratch, c->d_normed,
-                                   layer_input(c, L), c->final_mean, c->final_rstd, c->w.final_norm, n, H, 0,
-                                   c->stream, err));
+    TRY(mb_cuda_layernorm_backward(c->dh, c->g.final_norm, c->g.final_norm_bias, c->scratch,
+                                   sparse ? c->d_head2 : c->d_normed, layer_input(c, L), c->final_mean, c->final_rstd,
+                                   c->w.final_norm, sparse ? c->batch.rows : c->batch.tokens, H, 0, c->stream, err));
     TRY(reduce_finished_buckets(c, 0, err));
     char name[64];
     for (int l = L - 1; l >= 0; l--) {
@@ -1369,6 +1435,8 @@ int build(mb_backend *b, cuda_backend *c, mb_error *err) {
     c->decoder_chunk_rows = chunk != nullptr && atoi(chunk) > 0 ? atoi(chunk) : kDecoderChunkRows;
     const char *multiple = getenv("MB_HEAD_ROW_MULTIPLE");
     c->head_row_multiple = multiple != nullptr && atoi(multiple) > 0 ? atoi(multiple) : kHeadRowMultiple;
+    const char *sparse = getenv("MB_SPARSE_LAST_LAYER");
+    c->sparse_last_layer = sparse == nullptr || strcmp(sparse, "0") != 0;
     const char *profile = getenv("MB_PROFILE");
     if (profile != nullptr && strcmp(profile, "1") == 0) {
         c->prof = static_cast<profiler *>(calloc(1, sizeof(profiler)));

@@ -602,3 +602,65 @@ Test(gpu_model, head_row_padding_is_invisible) {
     mb_batch_file_free(&batch);
     mb_model_free(&model);
 }
+
+/* The last layer after its attention runs on the head's rows only (MB_SPARSE_LAST_LAYER, on by default): its output
+ * projection, MLP and the final norm see the labelled (or cls) rows, padding rows included. The rows no head reads
+ * must not show: against the whole-batch run the same loss rows and, up to the GEMMs' blocking over fewer rows, the
+ * same loss, logits and gradients; against the CPU reference the usual thresholds. The profile proves the sparse path
+ * ran (the gather of the last layer's rows). MLM: padded to 64 rows (128 of 255 tokens), token 0 labelled, so a
+ * padding row repeats a real one; classifier: cls pooling, one row per sequence. */
+static void check_sparse_last_layer(const char *fixture) {
+    mb_model model;
+    mb_batch_file batch;
+    load_fixture(fixture, &model, &batch);
+    setenv("MB_HEAD_ROW_MULTIPLE", "64", 1);
+    setenv("MB_SPARSE_LAST_LAYER", "0", 1);
+    mb_backend *whole = make_backend("cuda", &model.config, model.params);
+    unsetenv("MB_SPARSE_LAST_LAYER");
+    setenv("MB_PROFILE", "1", 1);
+    mb_backend *sparse = make_backend("cuda", &model.config, model.params);
+    unsetenv("MB_PROFILE");
+    unsetenv("MB_HEAD_ROW_MULTIPLE");
+    mb_backend *cpu = make_backend("cpu", &model.config, model.params);
+    step_output ref, full, part;
+    forward_backward(cpu, &batch.batch, &ref);
+    forward_backward(whole, &batch.batch, &full);
+    forward_backward(sparse, &batch.batch, &part);
+
+    char profile[8192];
+    cr_assert_eq(sparse->ops->profile(sparse, 0, profile, sizeof profile), 0, "no profile");
+    cr_expect(strstr(profile, "gather (last layer)") != NULL, "%s: the sparse last layer did not run:\n%s", fixture,
+              profile);
+    cr_assert_eq(part.loss_count, full.loss_count, "%s: %d loss rows, the whole batch has %d", fixture,
+                 part.loss_count, full.loss_count);
+    cr_expect(fabs(part.loss - full.loss) <= 1e-3 * fabs(full.loss), "%s: sparse vs whole loss %.9f vs %.9f", fixture,
+              part.loss, full.loss);
+    cr_assert_not_null(part.logits);
+    cr_assert_not_null(full.logits);
+    cr_assert_eq(part.logit_rows, full.logit_rows);
+    size_t logit_count = (size_t)part.logit_rows * part.logit_cols;
+    double logit_error = relative_error(part.logits, full.logits, logit_count);
+    double grad_error = relative_error(part.grads, full.grads, model.table.total_numel);
+    cr_log_info("%s: sparse vs whole last layer: logits differ by %.3g, gradients by %.3g", fixture, logit_error,
+                grad_error);
+    cr_expect(logit_error < 5e-3, "%s: sparse vs whole logits differ by %.3g", fixture, logit_error);
+    cr_expect(grad_error < 5e-3, "%s: sparse vs whole gradients differ by %.3g", fixture, grad_error);
+    char what[256];
+    snprintf(what, sizeof what, "%s, sparse last layer vs cpu", fixture);
+    expect_loss(what, part.loss, ref.loss);
+    compare_grads(what, &model.table, part.grads, ref.grads);
+    step_output_free(&ref), step_output_free(&full), step_output_free(&part);
+    mb_backend_destroy(whole), mb_backend_destroy(sparse), mb_backend_destroy(cpu);
+    mb_batch_file_free(&batch);
+    mb_model_free(&model);
+}
+
+Test(gpu_model, sparse_last_layer_mlm_matches_whole_batch) {
+    require_gpu();
+    check_sparse_last_layer("mlm_biases_untied_silu_every3");
+}
+
+Test(gpu_model, sparse_last_layer_classifier_matches_whole_batch) {
+    require_gpu();
+    check_sparse_last_layer("cls_pool_cls_3labels");
+}
