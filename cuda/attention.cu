@@ -98,7 +98,11 @@ __global__ void __launch_bounds__(kPlanThreads)
     int per_thread = mb::ceil_div(num_seqs, kPlanThreads);
     int begin = min(num_seqs, (int)threadIdx.x * per_thread), end = min(num_seqs, begin + per_thread);
     unsigned mine = 0;
-    for (int s = begin; s < end; s++) mine |= 1u << length_bucket(tile_count(cu_seqlens, s, tile));
+    for (int s = begin; s < end; s++) { /* an empty sequence (no asked-for rows, the _rows calls) gets no tile */
+        int tiles = tile_count(cu_seqlens, s, tile);
+        if (tiles > 0) mine |= 1u << length_bucket(tiles);
+        else seq_first[s] = 0; /* never read: no tile names s */
+    }
     if (mine != 0) atomicOr(&present, mine);
     __syncthreads();
     unsigned buckets = present; /* the same in every thread */
@@ -109,14 +113,14 @@ __global__ void __launch_bounds__(kPlanThreads)
         int local = 0;
         for (int s = begin; s < end; s++) {
             int tiles = tile_count(cu_seqlens, s, tile);
-            if (length_bucket(tiles) == bucket) local += tiles;
+            if (tiles > 0 && length_bucket(tiles) == bucket) local += tiles;
         }
         int exclusive, total;
         plan_scan(local, &exclusive, &total, warp_totals);
         int running = placed + exclusive;
         for (int s = begin; s < end; s++) {
             int tiles = tile_count(cu_seqlens, s, tile);
-            if (length_bucket(tiles) != bucket) continue;
+            if (tiles == 0 || length_bucket(tiles) != bucket) continue;
             seq_first[s] = running;
             for (int t = 0; t < tiles; t++) tile_seq[running + t] = s;
             running += tiles;
@@ -682,16 +686,18 @@ __device__ __forceinline__ size_t dq_accum_offset(size_t token, int head, int d8
     return mb_wgmma_dq_offset(token, head, d8, dq_rows);
 }
 
-/* dQ block of dqkv = bf16(scale · dq_accum), eight elements per thread. */
-__global__ void attention_dq_convert_kernel(mb::bf16 *dqkv, const float *dq_accum, size_t groups, int heads,
-                                            int head_dim, size_t dq_rows, float scale) {
+/* dQ block of dqkv = bf16(scale · dq_accum), eight elements per thread. Row r of the accumulator is token
+ * row_tokens[r] of dqkv (the _rows backward), or token r (row_tokens nullptr). */
+__global__ void attention_dq_convert_kernel(mb::bf16 *dqkv, const float *dq_accum, const int32_t *row_tokens,
+                                            size_t groups, int heads, int head_dim, size_t dq_rows, float scale) {
     size_t g = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (g >= groups) return;
     const int hidden = heads * head_dim;
-    size_t element = g * 8, token = element / hidden, column = element % hidden;
+    size_t element = g * 8, row = element / hidden, column = element % hidden;
+    const size_t token = row_tokens != nullptr ? (size_t)row_tokens[row] : row;
     const int head = (int)(column / head_dim), d8 = (int)(column % head_dim);
     const float4 *from =
-        reinterpret_cast<const float4 *>(dq_accum + dq_accum_offset(token, head, d8, head_dim, heads, dq_rows));
+        reinterpret_cast<const float4 *>(dq_accum + dq_accum_offset(row, head, d8, head_dim, heads, dq_rows));
     float4 lo = from[0], hi = from[1];
     float values[8] = {lo.x * scale, lo.y * scale, lo.z * scale, lo.w * scale,
                        hi.x * scale, hi.y * scale, hi.z * scale, hi.w * scale};
@@ -700,18 +706,20 @@ __global__ void attention_dq_convert_kernel(mb::bf16 *dqkv, const float *dq_accu
 
 /* The same with RoPE's backward: a thread converts elements d0..d0+7 of one head vector and their partners d0 + D/2
  * (d0 < D/2), rotating each pair with the token's angles from `rope` (mb_cuda_rope_table) before rounding. */
-__global__ void attention_dq_convert_rope_kernel(mb::bf16 *dqkv, const float *dq_accum, const float2 *rope,
-                                                 size_t groups, int heads, int head_dim, size_t dq_rows, float scale) {
+__global__ void attention_dq_convert_rope_kernel(mb::bf16 *dqkv, const float *dq_accum, const int32_t *row_tokens,
+                                                 const float2 *rope, size_t groups, int heads, int head_dim,
+                                                 size_t dq_rows, float scale) {
     size_t g = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     if (g >= groups) return;
     const int half = head_dim / 2, per_head = half / 8, hidden = heads * head_dim;
-    const size_t token = g / ((size_t)heads * per_head);
-    const int rest = (int)(g - token * heads * per_head), head = rest / per_head, d0 = (rest % per_head) * 8;
+    const size_t row = g / ((size_t)heads * per_head);
+    const size_t token = row_tokens != nullptr ? (size_t)row_tokens[row] : row;
+    const int rest = (int)(g - row * heads * per_head), head = rest / per_head, d0 = (rest % per_head) * 8;
     const float2 *angles = rope + token * half + d0;
     const float4 *x1_from =
-        reinterpret_cast<const float4 *>(dq_accum + dq_accum_offset(token, head, d0, head_dim, heads, dq_rows));
+        reinterpret_cast<const float4 *>(dq_accum + dq_accum_offset(row, head, d0, head_dim, heads, dq_rows));
     const float4 *x2_from =
-        reinterpret_cast<const float4 *>(dq_accum + dq_accum_offset(token, head, d0 + half, head_dim, heads, dq_rows));
+        reinterpret_cast<const float4 *>(dq_accum + dq_accum_offset(row, head, d0 + half, head_dim, heads, dq_rows));
     const float4 a0 = x1_from[0], a1 = x1_from[1], b0 = x2_from[0], b1 = x2_from[1];
     float x1[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
     float x2[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
@@ -876,21 +884,22 @@ int launch_backward_deterministic(mb::bf16 *dqkv, workspace_layout w, const mb::
 }
 
 /* dQ = scale · dq_accum into the Q block of dqkv (after an atomic backward), rotated back by RoPE's backward when a
- * rope table is given. dq_rows: 0 for the [n, H] accumulator, else the wgmma backward's rows per head. */
+ * rope table is given. dq_rows: 0 for the [n, H] accumulator, else the wgmma backward's rows per head. n rows of the
+ * accumulator; row r is token row_tokens[r] (the _rows backward) or r (nullptr). */
 int convert_dq(mb::bf16 *dqkv, workspace_layout w, int n, int heads, int head_dim, size_t dq_rows, const float2 *rope,
-               cudaStream_t stream, mb_error *err) {
+               cudaStream_t stream, mb_error *err, const int32_t *row_tokens = nullptr) {
     int hidden = heads * head_dim;
     size_t groups = (size_t)n * hidden / 8;
     float scale = 1.0f / sqrtf((float)head_dim);
     if (rope != nullptr) {
         groups /= 2; /* a thread takes a pair of 8-element groups */
         attention_dq_convert_rope_kernel<<<(unsigned)mb::ceil_div(groups, (size_t)256), 256, 0, stream>>>(
-            dqkv, w.dq_accum, rope, groups, heads, head_dim, dq_rows, scale);
+            dqkv, w.dq_accum, row_tokens, rope, groups, heads, head_dim, dq_rows, scale);
         MB_CUDA_CHECK_LAUNCH(err, "attention_dq_convert_rope_kernel");
         return 0;
     }
     attention_dq_convert_kernel<<<(unsigned)mb::ceil_div(groups, (size_t)256), 256, 0, stream>>>(
-        dqkv, w.dq_accum, groups, heads, head_dim, dq_rows, scale);
+        dqkv, w.dq_accum, row_tokens, groups, heads, head_dim, dq_rows, scale);
     MB_CUDA_CHECK_LAUNCH(err, "attention_dq_convert_kernel");
     return 0;
 }
@@ -1068,4 +1077,90 @@ extern "C" int mb_cuda_attention_backward_rope(mb_bf16 *dqkv, void *workspace, c
     MB_REQUIRE(err, rope_table != nullptr, "attention_backward_rope: missing the rope table");
     return attention_backward(dqkv, workspace, dout, out, lse, qkv, cu_seqlens, num_seqs, n, heads, head_dim, window,
                               deterministic, reinterpret_cast<const float2 *>(rope_table), stream, err);
+}
+
+/* ---- attention for a subset of the query rows (the sparse last layer, cuda/backend_cuda.cu) ----
+ * Global layers at head_dim 64 on sm_90a, training's atomic backward: the wgmma kernels take their queries from a
+ * gathered Q (attention_wgmma_fwd.h, attention_wgmma_bwd.h); every other case runs the whole batch instead. */
+
+extern "C" int mb_cuda_attention_rows_supported(int head_dim, int window, int deterministic) {
+    return use_wgmma_forward(head_dim, window) &&
+           choose_backward(head_dim, window, deterministic) == backward_path::wgmma;
+}
+
+namespace {
+
+int check_rows_arguments(const char *what, const void *q_rows, const void *qkv, const int32_t *cu_seqlens,
+                         const int32_t *cu_rows, const void *workspace, int num_seqs, int n, int rows, int heads,
+                         int head_dim, int window, mb_error *err) {
+    MB_REQUIRE(err, q_rows && qkv && cu_seqlens && cu_rows && workspace,
+               "%s: missing q_rows, qkv, cu_seqlens, cu_rows or workspace", what);
+    MB_REQUIRE(err, num_seqs >= 1 && n >= num_seqs && rows >= 0 && rows <= n && heads >= 1,
+               "%s: bad shape num_seqs %d, n %d, rows %d, heads %d", what, num_seqs, n, rows, heads);
+    MB_REQUIRE(err, mb_cuda_attention_rows_supported(head_dim, window, 0),
+               "%s: head_dim %d, window %d has no kernel for a subset of the queries (global layers at head_dim 64 "
+               "on sm_90a; ask mb_cuda_attention_rows_supported)",
+               what, head_dim, window);
+    MB_REQUIRE(err,
+               reinterpret_cast<uintptr_t>(q_rows) % 16 == 0 && reinterpret_cast<uintptr_t>(qkv) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(workspace) % 16 == 0,
+               "%s: q_rows, qkv and workspace must be 16-byte aligned", what);
+    return 0;
+}
+
+}  // namespace
+
+extern "C" int mb_cuda_attention_forward_rows(mb_bf16 *out_rows, float *lse_rows, void *workspace,
+                                              const mb_bf16 *q_rows, const mb_bf16 *qkv, const int32_t *cu_seqlens,
+                                              const int32_t *cu_rows, int num_seqs, int n, int rows, int heads,
+                                              int head_dim, int window, cudaStream_t stream, mb_error *err) {
+    if (check_rows_arguments("attention_forward_rows", q_rows, qkv, cu_seqlens, cu_rows, workspace, num_seqs, n, rows,
+                             heads, head_dim, window, err) != 0)
+        return -1;
+    MB_REQUIRE(err, out_rows && lse_rows, "attention_forward_rows: missing out_rows or lse_rows");
+    if (rows == 0) return 0;
+    MB_NVTX_RANGE("attention_forward_rows");
+    workspace_layout w = carve_workspace(workspace, n, num_seqs, heads);
+    mb::attention_plan plan;
+    if (plan_for(&plan, w, cu_rows, num_seqs, rows, heads, kWgmmaForwardTile, stream, err) != 0) return -1;
+    return mb_attention_wgmma_forward_rows(reinterpret_cast<mb::bf16 *>(out_rows), lse_rows,
+                                           reinterpret_cast<const mb::bf16 *>(q_rows),
+                                           reinterpret_cast<const mb::bf16 *>(qkv), cu_seqlens, cu_rows, plan,
+                                           num_seqs, heads, head_dim, window, stream, err);
+}
+
+extern "C" int mb_cuda_attention_backward_rows(mb_bf16 *dqkv, void *workspace, const mb_bf16 *dout_rows,
+                                               const mb_bf16 *out_rows, const float *lse_rows, const mb_bf16 *q_rows,
+                                               const mb_bf16 *qkv, const int32_t *cu_seqlens, const int32_t *cu_rows,
+                                               const int32_t *row_tokens, int num_seqs, int n, int rows, int heads,
+                                               int head_dim, int window, const float *rope_table, cudaStream_t stream,
+                                               mb_error *err) {
+    if (check_rows_arguments("attention_backward_rows", q_rows, qkv, cu_seqlens, cu_rows, workspace, num_seqs, n,
+                             rows, heads, head_dim, window, err) != 0)
+        return -1;
+    MB_REQUIRE(err, dqkv && dout_rows && out_rows && lse_rows && row_tokens && rope_table,
+               "attention_backward_rows: missing dqkv, dout_rows, out_rows, lse_rows, row_tokens or rope_table");
+    MB_REQUIRE(err,
+               reinterpret_cast<uintptr_t>(dout_rows) % 16 == 0 && reinterpret_cast<uintptr_t>(out_rows) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(dqkv) % 16 == 0 && reinterpret_cast<uintptr_t>(rope_table) % 16 == 0,
+               "attention_backward_rows: dout_rows, out_rows, dqkv and rope_table must be 16-byte aligned");
+    MB_NVTX_RANGE("attention_backward_rows");
+    /* the Q rows nobody asked for, and the K/V rows of sequences without asked-for rows, get no gradient */
+    MB_CUDA_CHECK(err, cudaMemsetAsync(dqkv, 0, (size_t)n * 3 * heads * head_dim * sizeof(mb_bf16), stream));
+    if (rows == 0) return 0;
+    workspace_layout w = carve_workspace(workspace, n, num_seqs, heads);
+    const size_t pairs = (size_t)rows * heads, dq_rows = mb_wgmma_dq_rows(rows);
+    const mb::bf16 *g = reinterpret_cast<const mb::bf16 *>(dout_rows), *o = reinterpret_cast<const mb::bf16 *>(out_rows);
+    attention_delta_kernel<64><<<(unsigned)mb::ceil_div(pairs * 64 / 8, (size_t)256), 256, 0, stream>>>(
+        w.delta, w.dq_accum, g, o, pairs, heads, dq_rows);
+    MB_CUDA_CHECK_LAUNCH(err, "attention_delta_kernel");
+    mb::attention_plan plan;
+    if (plan_for(&plan, w, cu_seqlens, num_seqs, n, heads, kWgmmaBackwardTile, stream, err) != 0) return -1;
+    mb::bf16 *d = reinterpret_cast<mb::bf16 *>(dqkv);
+    const float2 *rope = reinterpret_cast<const float2 *>(rope_table);
+    if (mb_attention_wgmma_backward_rows(d, w.dq_accum, g, lse_rows, w.delta, reinterpret_cast<const mb::bf16 *>(q_rows),
+                                         reinterpret_cast<const mb::bf16 *>(qkv), cu_seqlens, cu_rows, plan, num_seqs,
+                                         n, rows, heads, head_dim, window, rope, stream, err) != 0)
+        return -1;
+    return convert_dq(d, w, rows, heads, head_dim, dq_rows, rope, stream, err, row_tokens);
 }

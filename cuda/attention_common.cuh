@@ -83,6 +83,7 @@ __device__ __forceinline__ void load_floats_async(float *dst, const float *src, 
 
 struct tile_position {
     int seq_begin, seq_end, start, end; /* the tile is [start, end) inside [seq_begin, seq_end) */
+    int seq;                            /* the sequence's index */
 };
 
 /* Work item `item` of a launch plan: (tile item / heads, head item % heads); false past the last tile. */
@@ -93,6 +94,7 @@ __device__ __forceinline__ bool find_tile_at(unsigned item, tile_position *t, in
     *head = (int)(item % (unsigned)heads);
     if (x >= seq_first[num_seqs]) return false;
     int s = tile_seq[x];
+    t->seq = s;
     t->seq_begin = cu_seqlens[s];
     t->seq_end = cu_seqlens[s + 1];
     t->start = t->seq_begin + (x - seq_first[s]) * tile;

@@ -116,6 +116,11 @@ struct backward_args {
     const mb::bf16 *dout, *qkv;
     const float *lse, *delta;
     const int32_t *cu_seqlens;
+    /* the queries: rows [cu_queries[s], cu_queries[s + 1]) of q (row stride q_stride elements) for sequence s, and
+     * of dout, lse, delta and dq_accum (qkv's Q block and cu_seqlens for a whole batch) */
+    const mb::bf16 *q;
+    int q_stride;
+    const int32_t *cu_queries;
     int num_seqs, heads;
     size_t dq_rows; /* rows per head of dq_accum: mb_wgmma_dq_rows(n) */
     float scale, scale_log2;
@@ -315,13 +320,13 @@ __device__ void produce(char *smem, const ring &b, const backward_args &a, const
     for (unsigned w = blockIdx.x;
          find_tile_at(w, &t, &head, plan.seq_first, plan.tile_seq, a.cu_seqlens, a.num_seqs, a.heads, kBlockKeys);
          w += gridDim.x) {
-        partner_range(t, -1, &query_lo, &query_hi); /* global layer: the whole sequence */
-        const int steps = mb::ceil_div(query_hi - query_lo, kStepQueries);
-        const mb::bf16 *q = a.qkv + head * kHeadDim, *g = a.dout + head * kHeadDim;
+        query_lo = a.cu_queries[t.seq], query_hi = a.cu_queries[t.seq + 1]; /* global layer: every query */
+        const int steps = mb::ceil_div(query_hi - query_lo, kStepQueries); /* 0: the consumers skip the item too */
+        const mb::bf16 *q = a.q + head * kHeadDim, *g = a.dout + head * kHeadDim;
         for (int i = 0; i < steps; i++, step++) {
             const int stage = step % kStages, q0 = query_lo + i * kStepQueries;
             if (step >= kStages) mbarrier_wait(b.empty + 8 * stage, ((step / kStages) - 1) & 1);
-            warp_load_rows<kStepQueries>(smem + kTileQ + stage * kStepTileBytes, q, 3 * (size_t)hidden, q0,
+            warp_load_rows<kStepQueries>(smem + kTileQ + stage * kStepTileBytes, q, (size_t)a.q_stride, q0,
                                          query_hi);
             warp_load_rows<kStepQueries>(smem + kTileDO + stage * kStepTileBytes, g, hidden, q0, query_hi);
             warp_load_floats<kStepQueries>(reinterpret_cast<float *>(smem + kLse) + stage * kStepQueries,
@@ -511,14 +516,19 @@ __device__ __forceinline__ void prefetch_key_angles(const float2 *rope, const bl
         asm volatile("prefetch.global.L1 [%0];\n" ::"l"(rope + (size_t)key * (kHeadDim / 2) + 16 * (k % 2)));
 }
 
-/* The consumers' context for work item w of the plan (false: the plan has no item w). The fields set once per
+/* The consumers' context for the first work item of the plan at or after *w (stepping by gridDim.x) whose sequence
+ * has queries (false: none is left). Items without queries (a sequence none of whose rows is asked for) are skipped
+ * here and take no steps in the producer; their dK and dV rows stay as the caller left them. The fields set once per
  * block (base, group, f, hidden, k_rows, v_rows) are kept. */
-__device__ __forceinline__ bool consumer_tile(block_context *c, unsigned w, const backward_args &a,
+__device__ __forceinline__ bool consumer_tile(block_context *c, unsigned *w, const backward_args &a,
                                               const mb::attention_plan &plan) {
-    if (!find_tile_at(w, &c->t, &c->head, plan.seq_first, plan.tile_seq, a.cu_seqlens, a.num_seqs, a.heads,
-                      kBlockKeys))
-        return false;
-    partner_range(c->t, -1, &c->query_lo, &c->query_hi); /* global layer: the whole sequence */
+    for (;; *w += gridDim.x) {
+        if (!find_tile_at(*w, &c->t, &c->head, plan.seq_first, plan.tile_seq, a.cu_seqlens, a.num_seqs, a.heads,
+                          kBlockKeys))
+            return false;
+        c->query_lo = a.cu_queries[c->t.seq], c->query_hi = a.cu_queries[c->t.seq + 1]; /* global: every query */
+        if (c->query_hi > c->query_lo) break;
+    }
     c->steps = mb::ceil_div(c->query_hi - c->query_lo, kStepQueries);
     c->key_a = c->t.start + kGroupKeys * c->group + c->f.row;
     c->tail_keys = c->t.start + kBlockKeys > c->t.end;
@@ -560,7 +570,7 @@ __device__ __forceinline__ bool consume_tile(char *smem, const backward_args &a,
     consumers_sync(); /* both groups' wgmma reads of this tile's K and V are complete */
     w += gridDim.x;
     block_context next = c;
-    const bool more = consumer_tile(&next, w, a, plan);
+    const bool more = consumer_tile(&next, &w, a, plan);
     if (more) load_key_tiles(smem, a, next);
     add_dq(smem, c, dq, c.query_lo + last * kStepQueries + kGroupKeys * c.group);
     warp_arrive(b.ds_empty + 8 * (last_step & 1)); /* the dSᵀ stage of the last step is free (as in consume_step) */
@@ -611,7 +621,7 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_backward_kernel(backward_ar
         c.k_rows = c.base + kTileK + c.group * kGroupKeys * kRowBytes;
         c.v_rows = c.base + kTileV + c.group * kGroupKeys * kRowBytes;
         unsigned w = blockIdx.x;
-        if (!consumer_tile(&c, w, a, plan)) return;
+        if (!consumer_tile(&c, &w, a, plan)) return;
         load_key_tiles(smem, a, c);
         int step = 0;
         do {
@@ -696,32 +706,55 @@ bool mb_attention_wgmma_backward_supports(int head_dim, int window) {
 
 namespace {
 
+/* The queries of a launch: rows of q (row stride q_stride) per sequence by cu_queries, `count` of them. */
+struct backward_queries {
+    const mb::bf16 *q;
+    int q_stride;
+    const int32_t *cu_queries;
+    int count;
+};
+
 int launch_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout,
                     const float *lse, const float *delta, const mb::bf16 *qkv, const int32_t *cu_seqlens,
-                    mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim, int window,
-                    const float2 *rope, unsigned max_blocks, cudaStream_t stream, mb_error *err) {
+                    backward_queries queries, mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim,
+                    int window, const float2 *rope, unsigned max_blocks, cudaStream_t stream, mb_error *err) {
     MB_REQUIRE(err, head_dim == kHeadDim && window < 0,
                "attention_wgmma_backward: head_dim %d, window %d (only head_dim 64, global layers)", head_dim, window);
     MB_REQUIRE(err, plan.tile == kWgmmaBackwardTile, "attention_wgmma_backward: plan tile %d, expected %d", plan.tile,
                kWgmmaBackwardTile);
-    MB_REQUIRE(err, dqkv && dq_accum && dout && lse && delta && qkv && cu_seqlens && plan.seq_first && plan.tile_seq,
+    MB_REQUIRE(err,
+               dqkv && dq_accum && dout && lse && delta && qkv && cu_seqlens && queries.q && queries.cu_queries &&
+                   plan.seq_first && plan.tile_seq,
                "attention_wgmma_backward: missing pointer");
     MB_REQUIRE(err, num_seqs >= 1 && n >= num_seqs && heads >= 1,
                "attention_wgmma_backward: bad shape num_seqs %d, n %d, heads %d", num_seqs, n, heads);
     MB_REQUIRE(err,
                reinterpret_cast<uintptr_t>(dqkv) % 16 == 0 && reinterpret_cast<uintptr_t>(dq_accum) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(dout) % 16 == 0 && reinterpret_cast<uintptr_t>(qkv) % 16 == 0,
-               "attention_wgmma_backward: dqkv, dq_accum, dout and qkv must be 16-byte aligned");
+                   reinterpret_cast<uintptr_t>(dout) % 16 == 0 && reinterpret_cast<uintptr_t>(qkv) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(queries.q) % 16 == 0,
+               "attention_wgmma_backward: dqkv, dq_accum, dout, qkv and q must be 16-byte aligned");
     if (plan.blocks == 0) return 0;
     MB_REQUIRE(err, max_blocks >= 1, "attention_wgmma_backward: max_blocks must be >= 1");
     float scale = 1.0f / sqrtf((float)kHeadDim);
-    backward_args args = {dqkv,     dq_accum, dout, qkv, lse, delta, cu_seqlens, num_seqs, heads, mb_wgmma_dq_rows(n),
-                          scale,    kLog2e * scale, rope};
+    backward_args args = {dqkv,      dq_accum, dout,  qkv, lse, delta, cu_seqlens, queries.q, queries.q_stride,
+                          queries.cu_queries, num_seqs, heads, mb_wgmma_dq_rows(queries.count), scale,
+                          kLog2e * scale, rope};
     MB_CUDA_CHECK(err, cudaFuncSetAttribute(wgmma_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             (int)kSharedBytes));
     const unsigned blocks = plan.blocks < max_blocks ? plan.blocks : max_blocks;
     wgmma_backward_kernel<<<blocks, kThreads, kSharedBytes, stream>>>(args, plan);
     MB_CUDA_CHECK_LAUNCH(err, "wgmma_backward_kernel");
+    return 0;
+}
+
+/* One block per SM walking the plan; MB_ATTENTION_WGMMA_BWD=per_tile launches one block per work item (the schedule
+ * before session 12, for comparisons). */
+int grid_limit(const mb::attention_plan &plan, unsigned *max_blocks, mb_error *err) {
+    *max_blocks = plan.blocks;
+    if (env_is("MB_ATTENTION_WGMMA_BWD", "per_tile")) return 0;
+    int sm_count = 0;
+    if (current_sm_count(&sm_count, err) != 0) return -1;
+    *max_blocks = (unsigned)sm_count;
     return 0;
 }
 
@@ -731,16 +764,23 @@ int mb_attention_wgmma_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 
                                 const float *delta, const mb::bf16 *qkv, const int32_t *cu_seqlens,
                                 mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim, int window,
                                 const float2 *rope, cudaStream_t stream, mb_error *err) {
-    /* one block per SM walking the plan; MB_ATTENTION_WGMMA_BWD=per_tile launches one block per work item (the
-     * schedule before session 12, for comparisons) */
-    unsigned max_blocks = plan.blocks;
-    if (!env_is("MB_ATTENTION_WGMMA_BWD", "per_tile")) {
-        int sm_count = 0;
-        if (current_sm_count(&sm_count, err) != 0) return -1;
-        max_blocks = (unsigned)sm_count;
-    }
-    return launch_backward(dqkv, dq_accum, dout, lse, delta, qkv, cu_seqlens, plan, num_seqs, n, heads, head_dim,
-                           window, rope, max_blocks, stream, err);
+    unsigned max_blocks = 0;
+    if (grid_limit(plan, &max_blocks, err) != 0) return -1;
+    const backward_queries queries = {qkv, 3 * heads * kHeadDim, cu_seqlens, n};
+    return launch_backward(dqkv, dq_accum, dout, lse, delta, qkv, cu_seqlens, queries, plan, num_seqs, n, heads,
+                           head_dim, window, rope, max_blocks, stream, err);
+}
+
+int mb_attention_wgmma_backward_rows(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout, const float *lse,
+                                     const float *delta, const mb::bf16 *q, const mb::bf16 *qkv,
+                                     const int32_t *cu_seqlens, const int32_t *cu_queries, mb::attention_plan plan,
+                                     int num_seqs, int n, int rows, int heads, int head_dim, int window,
+                                     const float2 *rope, cudaStream_t stream, mb_error *err) {
+    unsigned max_blocks = 0;
+    if (grid_limit(plan, &max_blocks, err) != 0) return -1;
+    const backward_queries queries = {q, heads * kHeadDim, cu_queries, rows};
+    return launch_backward(dqkv, dq_accum, dout, lse, delta, qkv, cu_seqlens, queries, plan, num_seqs, n, heads,
+                           head_dim, window, rope, max_blocks, stream, err);
 }
 
 /* ---- self-test ---- */
@@ -1032,8 +1072,9 @@ int selftest_kernel(report_text &r) {
         SELFTEST_CUDA(cudaMemset(d_dq, 0, dq_floats * 4));
         mb_error err;
         err.message[0] = '\0';
-        if (launch_backward(d_dqkv, d_dq, d_dout, d_lse, d_delta, d_qkv, d_cu, plan, num_seqs, n, heads, kHeadDim, -1,
-                            nullptr, max_blocks, nullptr, &err) != 0) {
+        const backward_queries queries = {d_qkv, 3 * heads * kHeadDim, d_cu, n};
+        if (launch_backward(d_dqkv, d_dq, d_dout, d_lse, d_delta, d_qkv, d_cu, queries, plan, num_seqs, n, heads,
+                            kHeadDim, -1, nullptr, max_blocks, nullptr, &err) != 0) {
             r.add("launch: %s\n", err.message);
             return -1;
         }

@@ -39,6 +39,17 @@ int mb_attention_wgmma_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 
                                 mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim, int window,
                                 const float2 *rope, cudaStream_t stream, mb_error *err);
 
+/* The same for a subset of the query rows (the last layer on the head's rows, cuda/backend_cuda.cu): the queries of
+ * sequence s are rows [cu_queries[s], cu_queries[s + 1]) of q (row stride heads·64, rotated by RoPE), of dout, lse and
+ * delta, and of dq_accum (mb_wgmma_dq_rows(rows) rows per head, zeroed by the caller in rows < rows); its keys rows
+ * [cu_seqlens[s], cu_seqlens[s + 1]) of qkv. dK and dV are written for the keys of every sequence with queries; the
+ * rows of a sequence without any are not written (the caller zeroes them). `plan` is built over cu_seqlens. */
+int mb_attention_wgmma_backward_rows(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout, const float *lse,
+                                     const float *delta, const mb::bf16 *q, const mb::bf16 *qkv,
+                                     const int32_t *cu_seqlens, const int32_t *cu_queries, mb::attention_plan plan,
+                                     int num_seqs, int n, int rows, int heads, int head_dim, int window,
+                                     const float2 *rope, cudaStream_t stream, mb_error *err);
+
 /* Device self-test (synchronizes; allocates its own buffers). Part 1 runs the kernel's three wgmma tile products
  * (K-major m64n128 Sᵀ = X·Yᵀ, the register-A dV-style product over 8 k-steps with N-major B, and the dQ product with
  * M-major A and N-major B) on exact small-integer inputs and compares with a host loop (the error must be 0); part 2

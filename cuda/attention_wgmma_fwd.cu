@@ -68,6 +68,14 @@ struct persistent_shape {
     static_assert(kSharedBytes + 1024 <= 227 * 1024, "fits one block per SM");
 };
 
+/* Where the queries come from: q (row stride q_stride elements; the Q block of qkv, or the head's rows gathered) and
+ * their rows per sequence (cu_queries: cu_seqlens, or the head's rows' offsets). */
+struct query_rows {
+    const mb::bf16 *q;
+    int q_stride;
+    const int32_t *cu_queries;
+};
+
 #if MB_WGMMA_SM90
 
 /* ---- shared memory, barriers, copies ---- */
@@ -230,23 +238,26 @@ struct work_item {
     int head;           /* < 0: this block has no more work */
 };
 
+
 /* The first work item at or after list index *w (stepping by `step`); false when the list is exhausted. Item w is
- * (plan slot w / heads, head w % heads); slot t of sequence s starts at row t·rows of the sequence and is skipped when
- * that is past its end (rows > plan.tile). Uniform over the warp. */
+ * (plan slot w / heads, head w % heads); slot t of sequence s starts at query row t·rows of the sequence and is
+ * skipped when that is past its end (rows > plan.tile). The query rows of sequence s are [cu_queries[s],
+ * cu_queries[s + 1]) (the plan is built over them), its keys [cu_keys[s], cu_keys[s + 1]); the same array for a
+ * whole-batch forward, the head's rows for mb_attention_wgmma_forward_rows. Uniform over the warp. */
 __device__ bool next_work_item(work_item *item, unsigned *w, unsigned step, const int32_t *seq_first,
-                               const int32_t *tile_seq, const int32_t *cu_seqlens, int total_tiles, int heads,
-                               int rows) {
+                               const int32_t *tile_seq, const int32_t *cu_queries, const int32_t *cu_keys,
+                               int total_tiles, int heads, int rows) {
     for (;; *w += step) {
         const unsigned x = *w / (unsigned)heads;
         if (x >= (unsigned)total_tiles) return false;
         const int s = tile_seq[x];
-        const int begin = cu_seqlens[s], end = cu_seqlens[s + 1];
+        const int begin = cu_queries[s], end = cu_queries[s + 1];
         const int start = begin + ((int)x - seq_first[s]) * rows;
         if (start >= end) continue;
         item->start = start;
         item->end = min(start + rows, end);
-        item->key_lo = begin;
-        item->key_hi = end;
+        item->key_lo = cu_keys[s];
+        item->key_hi = cu_keys[s + 1];
         item->head = (int)(*w % (unsigned)heads);
         return true;
     }
@@ -413,7 +424,7 @@ __device__ __forceinline__ void pass_item(uint32_t full, uint32_t empty, uint32_
  * bounds into items[c % 2] (lane 0; published by the Q barrier's release) and its Q tile, then its K/V tiles into the
  * ring; after the last item a sentinel (head −1) tells the consumers to leave. */
 __device__ void produce_persistent(uint32_t q_tiles, uint32_t ring, uint32_t full, uint32_t empty, uint32_t q_full,
-                                   uint32_t q_empty, work_item *items, const mb::bf16 *qkv,
+                                   uint32_t q_empty, work_item *items, const mb::bf16 *qkv, query_rows queries,
                                    const int32_t *cu_seqlens, const int32_t *seq_first, const int32_t *tile_seq,
                                    int num_seqs, int heads) {
     using shape = persistent_shape;
@@ -434,23 +445,24 @@ __device__ void produce_persistent(uint32_t q_tiles, uint32_t ring, uint32_t ful
             mbarrier_spin_wait(q_empty + 8 * buf, parity);
         }
         work_item item = {0, 0, 0, 0, -1};
-        const bool found = next_work_item(&item, &w, gridDim.x, seq_first, tile_seq, cu_seqlens, total_tiles, heads,
-                                          shape::kRows);
+        const bool found = next_work_item(&item, &w, gridDim.x, seq_first, tile_seq, queries.cu_queries, cu_seqlens,
+                                          total_tiles, heads, shape::kRows);
         if (threadIdx.x % mb::kWarpSize == 0) items[buf] = item;
         if (!found) {
             publish.flush();
             mbarrier_arrive(q_full + 8 * buf); /* the sentinel: no copies behind it */
             return;
         }
-        const mb::bf16 *q_base = qkv + item.head * kHeadDim;
-        load_q_tile<shape::kRows>(q_tiles + buf * shape::kQBytes, q_base, row_stride, item.start, item.end);
+        const mb::bf16 *kv_base = qkv + item.head * kHeadDim;
+        load_q_tile<shape::kRows>(q_tiles + buf * shape::kQBytes, queries.q + item.head * kHeadDim,
+                                  (size_t)queries.q_stride, item.start, item.end);
         cp_async_commit();
         publish.committed(q_full + 8 * buf);
         const int key_tiles = mb::ceil_div(item.key_hi - item.key_lo, kKeyTile);
         for (int i = 0; i < key_tiles; i++, g++) {
             const int stage = g % kPersistentStages;
             if (g >= kPersistentStages) mbarrier_spin_wait(empty + 8 * stage, ((g / kPersistentStages) - 1) & 1);
-            load_kv_tile(ring + stage * kStageBytes, q_base + hidden, q_base + 2 * hidden, row_stride,
+            load_kv_tile(ring + stage * kStageBytes, kv_base + hidden, kv_base + 2 * hidden, row_stride,
                          item.key_lo + i * kKeyTile, item.key_hi);
             cp_async_commit();
             publish.committed(full + 8 * stage);
@@ -494,8 +506,9 @@ __device__ void consume_persistent(mb::bf16 *out, float *lse, uint32_t q_tiles, 
 #endif /* MB_WGMMA_SM90 */
 
 __global__ void __launch_bounds__(persistent_shape::kThreads, 1)
-    wgmma_forward_persistent_kernel(mb::bf16 *out, float *lse, const mb::bf16 *qkv, const int32_t *cu_seqlens,
-                                    const int32_t *seq_first, const int32_t *tile_seq, int num_seqs, int heads) {
+    wgmma_forward_persistent_kernel(mb::bf16 *out, float *lse, const mb::bf16 *qkv, query_rows queries,
+                                    const int32_t *cu_seqlens, const int32_t *seq_first, const int32_t *tile_seq,
+                                    int num_seqs, int heads) {
 #if MB_WGMMA_SM90
     using shape = persistent_shape;
     /* full[stages], empty[stages], q_full[2], q_empty[2] */
@@ -521,8 +534,8 @@ __global__ void __launch_bounds__(persistent_shape::kThreads, 1)
     if (warp >= shape::kConsumerWarps) { /* the producer warpgroup: one warp copies, three leave */
         registers_decrease<shape::kProducerRegisters>();
         if (warp == shape::kConsumerWarps)
-            produce_persistent(q_tiles, ring, full, empty, q_full, q_empty, items, qkv, cu_seqlens,
-                                        seq_first, tile_seq, num_seqs, heads);
+            produce_persistent(q_tiles, ring, full, empty, q_full, q_empty, items, qkv, queries, cu_seqlens,
+                               seq_first, tile_seq, num_seqs, heads);
     } else {
         registers_increase<shape::kConsumerRegisters>();
         consume_persistent(out, lse, q_tiles, ring, full, empty, q_full, q_empty, items, heads);
@@ -709,7 +722,8 @@ __device__ void wide_produce(uint32_t q_tiles, uint32_t ring, uint32_t full, uin
         if (c >= 2) mbarrier_spin_wait(q_empty + 8 * buf, ((c >> 1) - 1) & 1);
         work_item item = {0, 0, 0, 0, -1};
         const bool found =
-            next_work_item(&item, &w, gridDim.x, seq_first, tile_seq, cu_seqlens, total_tiles, heads, wide::kRows);
+            next_work_item(&item, &w, gridDim.x, seq_first, tile_seq, cu_seqlens, cu_seqlens, total_tiles, heads,
+                           wide::kRows);
         items[buf] = item;
         if (!found) {
             mbarrier_arrive(q_full + 8 * buf); /* the sentinel */
@@ -844,8 +858,8 @@ bool mb_attention_wgmma_forward_supports(int head_dim, int window) {
 namespace {
 
 /* The launch: min(plan.blocks, max_blocks) persistent blocks (the SM count, or fewer in the self-test so that each
- * block walks many items). Arguments checked by the caller. */
-int launch_persistent(mb::bf16 *out, float *lse, const mb::bf16 *qkv, const int32_t *cu_seqlens,
+ * block walks many items). Arguments checked by the caller; the plan is built over queries.cu_queries. */
+int launch_persistent(mb::bf16 *out, float *lse, const mb::bf16 *qkv, query_rows queries, const int32_t *cu_seqlens,
                       const mb::attention_plan &plan, int num_seqs, int heads, unsigned max_blocks,
                       cudaStream_t stream, mb_error *err) {
     if (plan.blocks == 0) return 0;
@@ -854,7 +868,7 @@ int launch_persistent(mb::bf16 *out, float *lse, const mb::bf16 *qkv, const int3
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shape::kSharedBytes));
     const unsigned blocks = plan.blocks < max_blocks ? plan.blocks : max_blocks;
     wgmma_forward_persistent_kernel<<<blocks, shape::kThreads, shape::kSharedBytes, stream>>>(
-        out, lse, qkv, cu_seqlens, plan.seq_first, plan.tile_seq, num_seqs, heads);
+        out, lse, qkv, queries, cu_seqlens, plan.seq_first, plan.tile_seq, num_seqs, heads);
     MB_CUDA_CHECK_LAUNCH(err, "wgmma_forward_persistent_kernel");
     return 0;
 }
@@ -928,7 +942,36 @@ int mb_attention_wgmma_forward(mb::bf16 *out, float *lse, const mb::bf16 *qkv, c
     if (current_sm_count(&sm_count, err) != 0) return -1;
     if (wide_pays(n, num_seqs))
         return launch_wide(out, lse, qkv, cu_seqlens, plan, num_seqs, n, heads, (unsigned)sm_count, stream, err);
-    return launch_persistent(out, lse, qkv, cu_seqlens, plan, num_seqs, heads, (unsigned)sm_count, stream, err);
+    const query_rows queries = {qkv, 3 * heads * kHeadDim, cu_seqlens};
+    return launch_persistent(out, lse, qkv, queries, cu_seqlens, plan, num_seqs, heads, (unsigned)sm_count, stream,
+                             err);
+}
+
+int mb_attention_wgmma_forward_rows(mb::bf16 *out, float *lse, const mb::bf16 *q, const mb::bf16 *qkv,
+                                    const int32_t *cu_seqlens, const int32_t *cu_queries, mb::attention_plan plan,
+                                    int num_seqs, int heads, int head_dim, int window, cudaStream_t stream,
+                                    mb_error *err) {
+    MB_REQUIRE(err, out && lse && q && qkv && cu_seqlens && cu_queries && plan.seq_first && plan.tile_seq,
+               "attention_wgmma_forward_rows: missing out, lse, q, qkv, cu_seqlens, cu_queries or plan");
+    MB_REQUIRE(err, head_dim == kHeadDim && window < 0,
+               "attention_wgmma_forward_rows: head_dim %d, window %d not supported (head_dim 64, global layers only)",
+               head_dim, window);
+    MB_REQUIRE(err, plan.tile == kWgmmaForwardTile,
+               "attention_wgmma_forward_rows: plan built for tile %d, this kernel needs %d", plan.tile,
+               kWgmmaForwardTile);
+    MB_REQUIRE(err, num_seqs >= 1 && heads >= 1, "attention_wgmma_forward_rows: bad shape num_seqs %d, heads %d",
+               num_seqs, heads);
+    MB_REQUIRE(err,
+               reinterpret_cast<uintptr_t>(qkv) % 16 == 0 && reinterpret_cast<uintptr_t>(q) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(out) % 4 == 0,
+               "attention_wgmma_forward_rows: qkv and q must be 16-byte aligned, out 4-byte aligned");
+    MB_REQUIRE(err, mb_attention_wgmma_forward_supports(head_dim, window),
+               "attention_wgmma_forward_rows: needs a compute capability 9.x device and the sm_90a build");
+    int sm_count = 0;
+    if (current_sm_count(&sm_count, err) != 0) return -1;
+    const query_rows queries = {q, heads * kHeadDim, cu_queries};
+    return launch_persistent(out, lse, qkv, queries, cu_seqlens, plan, num_seqs, heads, (unsigned)sm_count, stream,
+                             err);
 }
 
 /* ---- self-test (host side) ---- */
@@ -1120,8 +1163,9 @@ int selftest_forward(char *report, size_t size, mismatch (&outs)[kForwardRunCoun
         SELFTEST_CUDA(cudaMemset(d_lse.ptr, 0xFF, lse.size() * sizeof(float)));
         mb_error err;
         memset(&err, 0, sizeof err);
-        if (launch_persistent(d_out.as<mb::bf16>(), d_lse.as<float>(), d_qkv.as<mb::bf16>(), d_cu.as<int32_t>(),
-                              plan, num_seqs, heads, kForwardRuns[r].max_blocks, 0, &err) != 0) {
+        const query_rows queries = {d_qkv.as<mb::bf16>(), 3 * heads * kHeadDim, d_cu.as<int32_t>()};
+        if (launch_persistent(d_out.as<mb::bf16>(), d_lse.as<float>(), d_qkv.as<mb::bf16>(), queries,
+                              d_cu.as<int32_t>(), plan, num_seqs, heads, kForwardRuns[r].max_blocks, 0, &err) != 0) {
             snprintf(report, size, "wgmma forward self-test: %s launch failed: %s", kForwardRuns[r].name,
                      err.message);
             return -1;

@@ -23,6 +23,15 @@ int mb_attention_wgmma_forward(mb::bf16 *out, float *lse, const mb::bf16 *qkv, c
                                mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim, int window,
                                cudaStream_t stream, mb_error *err);
 
+/* The same for a subset of the query rows (the last layer on the head's rows, cuda/backend_cuda.cu): the queries of
+ * sequence s are rows [cu_queries[s], cu_queries[s + 1]) of q (row stride heads·64: already rotated by RoPE), its keys
+ * and values rows [cu_seqlens[s], cu_seqlens[s + 1]) of qkv. out [rows, heads·64] and lse [rows, heads] are indexed
+ * like q; plan built over cu_queries for kWgmmaForwardTile. Always the persistent kernel. */
+int mb_attention_wgmma_forward_rows(mb::bf16 *out, float *lse, const mb::bf16 *q, const mb::bf16 *qkv,
+                                    const int32_t *cu_seqlens, const int32_t *cu_queries, mb::attention_plan plan,
+                                    int num_seqs, int heads, int head_dim, int window, cudaStream_t stream,
+                                    mb_error *err);
+
 /* Device self-test of the kernel's building blocks, for debugging on a new machine: (1) S = Q·Kᵀ (64 × 128 over
  * d 64, Q and K through the swizzled shared layout and K-major descriptors), (2) O = P·V (64 × 64 over 128 keys, V
  * through the MN-major descriptors, P packed from accumulator registers), both against exact host sums, and (3) the

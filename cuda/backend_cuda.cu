@@ -39,8 +39,11 @@
  *     needs every token's keys and values — its output projection, MLP and the final norm run on the head's rows
  *     (gathered, in head order, padding rows included) and the final norm writes the head's inputs directly. The
  *     other tokens' rows of that layer would only be thrown away. Each row's arithmetic is the same as over the whole
- *     batch; the GEMMs may block their sums differently. Not with mean pooling (it reads every row);
- *     MB_SPARSE_LAST_LAYER=0 runs the whole batch (comparisons). */
+ *     batch; the GEMMs may block their sums differently. Not with mean pooling (it reads every row). Where the
+ *     attention kernels take a subset of the queries (global layers at head_dim 64 on sm_90a,
+ *     mb_cuda_attention_rows_supported) the attention itself also runs for the head's own rows only (their Q
+ *     gathered; every key and value): the padding rows get a zero attention output there. MB_SPARSE_LAST_LAYER=0
+ *     runs the whole batch, =projection the whole attention and the rest sparse (comparisons). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -91,6 +94,9 @@ struct budget {
     int tokens, sequences, rows;
 };
 
+/* How much of the last layer runs on the head's rows only (see the header). */
+enum sparse_mode { kSparseOff = 0, kSparseProjection = 1, kSparseAttention = 2 };
+
 /* MB_PROFILE=1: cudaEvents between the op families of the step; the time from one mark to the next is charged to
  * the first mark's label (collected at each host synchronisation of the compute stream). For `bench train
  * --profile`; the events themselves cost a few microseconds each. */
@@ -111,6 +117,7 @@ struct batch_state {
     int forward_done;
     int label_rows; /* the batch's own head rows; rows adds the MLM head's padding (kHeadRowMultiple) */
     int sparse_last; /* the last layer after its attention runs on the head's rows only (last_layer_sparse) */
+    int sparse_attention; /* ... and its attention too (last_attention_sparse, set once the rope tables exist) */
 };
 
 struct cuda_backend {
@@ -140,8 +147,10 @@ struct cuda_backend {
     mb_bf16 *final_out;
     float *final_mean, *final_rstd;
     mb_bf16 *head_inputs, *head_dense, *head_act, *head_norm;
-    /* the last layer on the head's rows: its attention output and its input (the residual), gathered */
-    mb_bf16 *last_attn_rows, *last_input_rows;
+    /* the last layer on the head's rows: its attention output and its input (the residual), gathered, and the
+     * rotated Q rows of its attention (sparse attention); cu_rows: the head's own rows per sequence (prefix sums) */
+    mb_bf16 *last_attn_rows, *last_input_rows, *last_query_rows;
+    int32_t *cu_rows;
     float *head_mean, *head_rstd;
     mb_bf16 *logits;
     mb_bf16 *dh, *d_normed, *dqkv, *d_attn, *d_wi, *d_glu, *d_head, *d_head2;
@@ -153,7 +162,7 @@ struct cuda_backend {
     /* pinned host staging, same budget */
     void *pinned;
     size_t pinned_bytes;
-    int32_t *host_ids, *host_cu, *host_rows, *host_targets;
+    int32_t *host_ids, *host_cu, *host_rows, *host_targets, *host_cu_rows;
     float *host_sequence_labels;
     double *host_scalars;
     mb_bf16 *host_logits_bf16;
@@ -173,7 +182,7 @@ struct cuda_backend {
     int recompute;                   /* mb_recompute: which activations the backward rebuilds instead of keeping */
     int decoder_chunk_rows;          /* kDecoderChunkRows unless MB_DECODER_CHUNK_ROWS */
     int head_row_multiple;           /* kHeadRowMultiple unless MB_HEAD_ROW_MULTIPLE */
-    int sparse_last_layer;           /* 1 unless MB_SPARSE_LAST_LAYER=0: the last layer on the head's rows */
+    int sparse_last_layer;           /* the last layer on the head's rows: a sparse_mode (MB_SPARSE_LAST_LAYER) */
     profiler *prof;                  /* NULL unless MB_PROFILE=1 */
 };
 
@@ -289,6 +298,17 @@ __global__ void scatter_rows_kernel(mb::bf16 *dhidden, const mb::bf16 *drows, co
     for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < total; k += (size_t)gridDim.x * blockDim.x) {
         size_t r = k / h, j = k % h;
         dhidden[(size_t)rows[r] * h + j] = drows[k];
+    }
+}
+
+/* out[r, :] = in[rows[r], :h] for r < count: rows of a strided matrix (the Q block of qkv), 16 bytes per thread. */
+__global__ void gather_rows_kernel(uint4 *out, const mb::bf16 *in, size_t in_stride, const int32_t *rows, int count,
+                                   int h) {
+    const int chunks = h / 8;
+    const size_t total = (size_t)count * chunks;
+    for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < total; k += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = k / chunks, j = k % chunks;
+        out[k] = *reinterpret_cast<const uint4 *>(in + (size_t)rows[r] * in_stride + 8 * j);
     }
 }
 
@@ -419,6 +439,8 @@ void carve_activations(cuda_backend *c, carver *k, const mb_config *cfg, const b
     c->head_rstd = k->take<float>(R);
     c->last_attn_rows = k->take<mb_bf16>(R * H);
     c->last_input_rows = k->take<mb_bf16>(R * H);
+    c->last_query_rows = k->take<mb_bf16>(R * H);
+    c->cu_rows = k->take<int32_t>(S + 1);
     c->logits = k->take<mb_bf16>(logit_rows_kept(c, cfg, bud->rows) * C);
     c->dh = k->take<mb_bf16>(n * H);
     c->d_normed = k->take<mb_bf16>(n * H);
@@ -443,6 +465,7 @@ void carve_pinned(cuda_backend *c, carver *k, const mb_config *cfg, const budget
     size_t n = (size_t)bud->tokens, S = (size_t)bud->sequences, R = (size_t)bud->rows;
     c->host_ids = k->take<int32_t>(n);
     c->host_cu = k->take<int32_t>(S + 1);
+    c->host_cu_rows = k->take<int32_t>(S + 1);
     c->host_rows = k->take<int32_t>(R);
     c->host_targets = k->take<int32_t>(R);
     c->host_sequence_labels = k->take<float>(R);
@@ -542,16 +565,26 @@ int upload_batch(cuda_backend *c, const mb_config *cfg, const mb_batch *batch, i
             c->host_rows[r] = 0;
             c->host_targets[r] = -1;
         }
+        c->host_cu_rows[0] = 0; /* the labelled rows are in token order: each sequence's are contiguous */
+        for (int s = 0; s < S; s++) {
+            int labelled = 0;
+            for (int i = batch->cu_seqlens[s]; i < batch->cu_seqlens[s + 1]; i++) labelled += batch->labels[i] != -100;
+            c->host_cu_rows[s + 1] = c->host_cu_rows[s] + labelled;
+        }
     } else {
         for (int s = 0; s < S; s++) {
             c->host_rows[s] = batch->cu_seqlens[s]; /* the cls token (used by cls pooling) */
             c->host_targets[s] = cfg->num_labels > 1 ? (int32_t)batch->sequence_labels[s] : 0;
             c->host_sequence_labels[s] = batch->sequence_labels[s];
+            c->host_cu_rows[s] = s;
         }
+        c->host_cu_rows[S] = S;
     }
     MB_CUDA_CHECK(err, cudaMemcpyAsync(c->ids, c->host_ids, (size_t)n * sizeof(int32_t), cudaMemcpyHostToDevice,
                                        c->stream));
     MB_CUDA_CHECK(err, cudaMemcpyAsync(c->cu_seqlens, c->host_cu, (size_t)(S + 1) * sizeof(int32_t),
+                                       cudaMemcpyHostToDevice, c->stream));
+    MB_CUDA_CHECK(err, cudaMemcpyAsync(c->cu_rows, c->host_cu_rows, (size_t)(S + 1) * sizeof(int32_t),
                                        cudaMemcpyHostToDevice, c->stream));
     if (rows > 0) {
         MB_CUDA_CHECK(err, cudaMemcpyAsync(c->row_tokens, c->host_rows, (size_t)rows * sizeof(int32_t),
@@ -615,9 +648,44 @@ bool sparse_layer(const cuda_backend *c, const mb_config *cfg, int l) {
     return c->batch.sparse_last && l == cfg->num_hidden_layers - 1;
 }
 
+/* Whether the sparse last layer's attention also runs for the head's rows only: its kernels take a subset of the
+ * queries, and its backward applies RoPE with the batch's table (rope_fused: after rope_tables_forward). */
+bool last_attention_sparse(const cuda_backend *c, const mb_config *cfg) {
+    const int l = cfg->num_hidden_layers - 1;
+    return sparse_layer(c, cfg, l) && c->sparse_last_layer == kSparseAttention && rope_fused(c, cfg, l) &&
+           mb_cuda_attention_rows_supported(cfg->head_dim, mb_layer_window(cfg, l), c->deterministic);
+}
+
+bool sparse_attention(const cuda_backend *c, const mb_config *cfg, int l) {
+    return c->batch.sparse_attention && l == cfg->num_hidden_layers - 1;
+}
+
 /* Rows of layer l after its attention (output projection, MLP): the head's rows in the sparse last layer. */
 int rows_after_attention(const cuda_backend *c, const mb_config *cfg, int l) {
     return sparse_layer(c, cfg, l) ? c->batch.rows : c->batch.tokens;
+}
+
+/* The sparse last layer's attention for the head's own rows (label_rows of them, contiguous per sequence: cu_rows):
+ * their rotated Q rows gathered from qkv, every key and value; the output goes straight to last_attn_rows, whose
+ * padding rows are zero. lse in the layer's lse buffer, rows like the head's. */
+int sparse_attention_forward(cuda_backend *c, const mb_config *cfg, int l, mb_error *err) {
+    layer_activations *a = &c->layers[l];
+    int n = c->batch.tokens, H = cfg->hidden_size, own = c->batch.label_rows, rows = c->batch.rows;
+    mark(c, "attention fwd (last layer, head rows)");
+    if (own > 0) {
+        size_t total = (size_t)own * (H / 8);
+        int blocks = (int)(total / 256 + 1 < 65536 ? total / 256 + 1 : 65536);
+        gather_rows_kernel<<<blocks, 256, 0, c->stream>>>(reinterpret_cast<uint4 *>(c->last_query_rows),
+                                                          dev(a->qkv), 3 * (size_t)H, c->row_tokens, own, H);
+        MB_CUDA_CHECK_LAUNCH(err, "gather_rows_kernel");
+    }
+    if (rows > own)
+        MB_CUDA_CHECK(err, cudaMemsetAsync(c->last_attn_rows + (size_t)own * H, 0,
+                                           (size_t)(rows - own) * H * sizeof(mb_bf16), c->stream));
+    return mb_cuda_attention_forward_rows(c->last_attn_rows, a->lse, c->scratch, c->last_query_rows, a->qkv,
+                                          c->cu_seqlens, c->cu_rows, c->batch.sequences, n, own,
+                                          cfg->num_attention_heads, cfg->head_dim, mb_layer_window(cfg, l), c->stream,
+                                          err);
 }
 
 int attention_block_forward(cuda_backend *c, const mb_config *cfg, int l, mb_error *err) {
@@ -637,13 +705,19 @@ int attention_block_forward(cuda_backend *c, const mb_config *cfg, int l, mb_err
                                H, 3 * H, c->stream, err));
     mark(c, "rope fwd");
     TRY(mb_cuda_rope(a->qkv, c->positions, n, heads, cfg->head_dim, mb_layer_rope_theta(cfg, l), +1, c->stream, err));
-    mark(c, global ? "attention fwd (global)" : "attention fwd (local)");
-    TRY(mb_cuda_attention_forward(a->attn_out, a->lse, c->scratch, a->qkv, c->cu_seqlens, c->batch.sequences, n,
-                                  heads, cfg->head_dim, mb_layer_window(cfg, l), c->stream, err));
+    if (sparse_attention(c, cfg, l)) {
+        TRY(sparse_attention_forward(c, cfg, l, err));
+    } else {
+        mark(c, global ? "attention fwd (global)" : "attention fwd (local)");
+        TRY(mb_cuda_attention_forward(a->attn_out, a->lse, c->scratch, a->qkv, c->cu_seqlens, c->batch.sequences, n,
+                                      heads, cfg->head_dim, mb_layer_window(cfg, l), c->stream, err));
+    }
     const mb_bf16 *projected = a->attn_out, *residual = h_in;
     if (sparse_layer(c, cfg, l)) { /* the head's rows of the attention output and of the residual, in head order */
         mark(c, "gather (last layer)");
-        TRY(mb_cuda_embedding_forward(c->last_attn_rows, c->row_tokens, a->attn_out, c->batch.rows, H, c->stream, err));
+        if (!sparse_attention(c, cfg, l))
+            TRY(mb_cuda_embedding_forward(c->last_attn_rows, c->row_tokens, a->attn_out, c->batch.rows, H, c->stream,
+                                          err));
         TRY(mb_cuda_embedding_forward(c->last_input_rows, c->row_tokens, h_in, c->batch.rows, H, c->stream, err));
         projected = c->last_attn_rows, residual = c->last_input_rows;
     }
@@ -749,10 +823,11 @@ int cuda_forward(mb_backend *b, const mb_batch *batch, mb_forward_result *result
     int label_rows = count_head_rows(batch, cfg), rows = padded_head_rows(c, cfg, label_rows);
     TRY(ensure_budget(c, cfg, budget{batch->token_count, batch->sequence_count, rows}, err));
     c->batch = batch_state{batch->token_count, batch->sequence_count, rows, head_classes(cfg), 0, label_rows,
-                           last_layer_sparse(c, cfg, rows, batch->token_count)};
+                           last_layer_sparse(c, cfg, rows, batch->token_count), 0};
     MB_NVTX_RANGE("forward");
     TRY(upload_batch(c, cfg, batch, rows, err));
     TRY(embeddings_forward(c, cfg, batch->token_count, err));
+    c->batch.sparse_attention = last_attention_sparse(c, cfg);
     char name[64];
     for (int l = 0; l < cfg->num_hidden_layers; l++) {
         snprintf(name, sizeof name, "layer %d forward", l);
@@ -881,11 +956,11 @@ int mlp_block_backward(cuda_backend *c, const mb_config *cfg, int l, mb_error *e
     return 0;
 }
 
-/* The sparse last layer's output projection, backward: its weight gradient over the head's rows, then the gradients
- * of the layer's input (dh) and of the attention output go from the head's rows back to their tokens' rows, the other
- * tokens' being zero (their rows of the layer's output were never used). Only the batch's own head rows are
- * scattered: the padding rows repeat token 0 and carry zero gradients. dqkv is free until the attention backward and
- * stages dh's head rows; d_normed holds the attention output's. */
+/* The sparse last layer's output projection, backward: its weight gradient over the head's rows, then the gradient
+ * of the layer's input (dh) goes from the head's rows back to their tokens' rows, the other tokens' being zero (their
+ * rows of the layer's output were never used), and so does the attention output's (d_normed) unless the attention
+ * itself ran on the head's rows. Only the batch's own head rows are scattered: the padding rows repeat token 0 and
+ * carry zero gradients. dqkv is free until the attention backward and stages dh's head rows. */
 int sparse_output_projection_backward(cuda_backend *c, const mb_config *cfg, int l, mb_error *err) {
     const mb_layer_weights *w = &c->w.layers[l];
     mb_layer_weights *g = &c->g.layers[l];
@@ -897,6 +972,7 @@ int sparse_output_projection_backward(cuda_backend *c, const mb_config *cfg, int
     MB_CUDA_CHECK(err, cudaMemcpyAsync(c->dqkv, c->dh, (size_t)own * H * sizeof(mb_bf16), cudaMemcpyDeviceToDevice,
                                        c->stream));
     TRY(scatter_rows(c, c->dh, c->dqkv, own, n, H, err));
+    if (sparse_attention(c, cfg, l)) return 0;
     return scatter_rows(c, c->d_attn, c->d_normed, own, n, H, err);
 }
 
@@ -916,7 +992,13 @@ int attention_block_backward(cuda_backend *c, const mb_config *cfg, int l, mb_er
                                     copy_of(c, w->wo), n, H, H, 0, c->stream, err));
     }
     mark(c, mb_layer_window(cfg, l) < 0 ? "attention bwd (global)" : "attention bwd (local)");
-    if (rope_fused(c, cfg, l)) { /* RoPE's backward inside the attention kernels' stores of dQ and dK */
+    if (sparse_attention(c, cfg, l)) { /* dO of the head's own rows in d_normed, their O in last_attn_rows */
+        TRY(mb_cuda_attention_backward_rows(c->dqkv, c->scratch, c->d_normed, c->last_attn_rows, a->lse,
+                                            c->last_query_rows, a->qkv, c->cu_seqlens, c->cu_rows, c->row_tokens,
+                                            c->batch.sequences, n, c->batch.label_rows, heads, cfg->head_dim,
+                                            mb_layer_window(cfg, l), c->rope_tables[rope_kind(cfg, l)], c->stream,
+                                            err));
+    } else if (rope_fused(c, cfg, l)) { /* RoPE's backward inside the attention kernels' stores of dQ and dK */
         TRY(mb_cuda_attention_backward_rope(c->dqkv, c->scratch, c->d_attn, a->attn_out, a->lse, a->qkv,
                                             c->cu_seqlens, c->batch.sequences, n, heads, cfg->head_dim,
                                             mb_layer_window(cfg, l), c->deterministic,
@@ -1435,8 +1517,11 @@ int build(mb_backend *b, cuda_backend *c, mb_error *err) {
     c->decoder_chunk_rows = chunk != nullptr && atoi(chunk) > 0 ? atoi(chunk) : kDecoderChunkRows;
     const char *multiple = getenv("MB_HEAD_ROW_MULTIPLE");
     c->head_row_multiple = multiple != nullptr && atoi(multiple) > 0 ? atoi(multiple) : kHeadRowMultiple;
-    const char *sparse = getenv("MB_SPARSE_LAST_LAYER");
-    c->sparse_last_layer = sparse == nullptr || strcmp(sparse, "0") != 0;
+    const char *sparse = getenv("MB_SPARSE_LAST_LAYER"); /* 0, projection, or (default) the attention too */
+    c->sparse_last_layer = sparse == nullptr                    ? kSparseAttention
+                           : strcmp(sparse, "0") == 0           ? kSparseOff
+                           : strcmp(sparse, "projection") == 0 ? kSparseProjection
+                                                                : kSparseAttention;
     const char *profile = getenv("MB_PROFILE");
     if (profile != nullptr && strcmp(profile, "1") == 0) {
         c->prof = static_cast<profiler *>(calloc(1, sizeof(profiler)));

@@ -154,6 +154,24 @@ int mb_cuda_attention_backward_rope(mb_bf16 *dqkv, void *workspace, const mb_bf1
                                     const float *lse, const mb_bf16 *qkv, const int32_t *cu_seqlens, int num_seqs,
                                     int n, int heads, int head_dim, int window, int deterministic,
                                     const float *rope_table, cudaStream_t stream, mb_error *err);
+/* Attention for a subset of the query rows (the last layer on the head's rows): the queries of sequence s are rows
+ * [cu_rows[s], cu_rows[s + 1]) of q_rows [rows, H] (gathered from qkv's Q block after RoPE; a sequence may have none),
+ * its keys and values rows [cu_seqlens[s], cu_seqlens[s + 1]) of qkv [n, 3H]. out_rows [rows, H], lse_rows
+ * [rows, heads] are indexed like q_rows. The backward takes dout_rows [rows, H], writes dqkv [n, 3H] completely: dQ
+ * of row r into token row_tokens[r] (zeros for the other tokens), dK and dV of every key, all with RoPE's backward by
+ * rope_table (as mb_cuda_attention_backward_rope). The same workspace as the whole-batch calls. Only where
+ * mb_cuda_attention_rows_supported says so (global layers, head_dim 64, sm_90a, deterministic 0); elsewhere they fail.
+ */
+int mb_cuda_attention_rows_supported(int head_dim, int window, int deterministic);
+int mb_cuda_attention_forward_rows(mb_bf16 *out_rows, float *lse_rows, void *workspace, const mb_bf16 *q_rows,
+                                   const mb_bf16 *qkv, const int32_t *cu_seqlens, const int32_t *cu_rows, int num_seqs,
+                                   int n, int rows, int heads, int head_dim, int window, cudaStream_t stream,
+                                   mb_error *err);
+int mb_cuda_attention_backward_rows(mb_bf16 *dqkv, void *workspace, const mb_bf16 *dout_rows, const mb_bf16 *out_rows,
+                                    const float *lse_rows, const mb_bf16 *q_rows, const mb_bf16 *qkv,
+                                    const int32_t *cu_seqlens, const int32_t *cu_rows, const int32_t *row_tokens,
+                                    int num_seqs, int n, int rows, int heads, int head_dim, int window,
+                                    const float *rope_table, cudaStream_t stream, mb_error *err);
 /* Device self-tests of the sm_90a attention kernels (attention_wgmma_fwd.cu, attention_wgmma_bwd.cu): one tile
  * product through their shared-memory layouts and the whole kernel on a small packed batch, against host references;
  * a readable summary goes into report. Forward: 0 pass, 1 skipped (no sm_90a), -1 failed. Backward: 0 pass, 1

@@ -25,6 +25,7 @@
 #include "common/rng.h"
 #include "cuda/backend_cuda.h"
 #include "cuda/device.h"
+#include "cuda/ops.h"
 #include "io/batch_file.h"
 #include "io/safetensors.h"
 #include "model/model.h"
@@ -609,7 +610,7 @@ Test(gpu_model, head_row_padding_is_invisible) {
  * same loss, logits and gradients; against the CPU reference the usual thresholds. The profile proves the sparse path
  * ran (the gather of the last layer's rows). MLM: padded to 64 rows (128 of 255 tokens), token 0 labelled, so a
  * padding row repeats a real one; classifier: cls pooling, one row per sequence. */
-static void check_sparse_last_layer(const char *fixture) {
+static void check_sparse_last_layer(const char *fixture, bool attention_too) {
     mb_model model;
     mb_batch_file batch;
     load_fixture(fixture, &model, &batch);
@@ -631,6 +632,9 @@ static void check_sparse_last_layer(const char *fixture) {
     cr_assert_eq(sparse->ops->profile(sparse, 0, profile, sizeof profile), 0, "no profile");
     cr_expect(strstr(profile, "gather (last layer)") != NULL, "%s: the sparse last layer did not run:\n%s", fixture,
               profile);
+    bool rows_attention = strstr(profile, "attention fwd (last layer, head rows)") != NULL;
+    cr_expect_eq(rows_attention, attention_too, "%s: the last layer's attention %s on the head's rows:\n%s", fixture,
+                 rows_attention ? "ran" : "did not run", profile);
     cr_assert_eq(part.loss_count, full.loss_count, "%s: %d loss rows, the whole batch has %d", fixture,
                  part.loss_count, full.loss_count);
     cr_expect(fabs(part.loss - full.loss) <= 1e-3 * fabs(full.loss), "%s: sparse vs whole loss %.9f vs %.9f", fixture,
@@ -655,12 +659,20 @@ static void check_sparse_last_layer(const char *fixture) {
     mb_model_free(&model);
 }
 
+/* The last layer is local here (layers 1 and 2 of 3 slide): its attention runs whole. */
 Test(gpu_model, sparse_last_layer_mlm_matches_whole_batch) {
     require_gpu();
-    check_sparse_last_layer("mlm_biases_untied_silu_every3");
+    check_sparse_last_layer("mlm_biases_untied_silu_every3", false);
 }
 
 Test(gpu_model, sparse_last_layer_classifier_matches_whole_batch) {
     require_gpu();
-    check_sparse_last_layer("cls_pool_cls_3labels");
+    check_sparse_last_layer("cls_pool_cls_3labels", false); /* head_dim 32: no kernel for a subset of the queries */
+}
+
+/* The last of 4 layers is global at head_dim 64: on sm_90a its attention runs for the head's rows too
+ * (mb_cuda_attention_rows_supported), elsewhere whole. */
+Test(gpu_model, sparse_last_layer_attention_matches_whole_batch) {
+    require_gpu();
+    check_sparse_last_layer("mlm_hd64_window_large_every3", mb_cuda_attention_rows_supported(64, -1, 0) != 0);
 }

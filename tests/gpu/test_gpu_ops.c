@@ -1661,3 +1661,119 @@ Test(gpu_ops, attention_rope_fused) {
         cr_expect(strstr(err.message, "fuses_rope") != NULL, "refusal names the check to ask: %s", err.message);
     }
 }
+
+/* ---- attention for a subset of the queries (mb_cuda_attention_forward_rows / _backward_rows) ---- */
+
+/* The sparse last layer's attention: queries are the asked-for rows only (about 30 %, every row of one sequence,
+ * none of another, 1-token sequences asked and not), keys every token of their sequence. Against the CPU reference
+ * on the whole batch: out and lse of the asked rows; dQ, dK, dV of the whole-batch backward with dO zero on the other
+ * rows, then RoPE's backward by the CPU op (the rows backward applies it in its stores) — dQ of the other rows and
+ * dK/dV of sequences without asked rows must be exact zeros. */
+static void run_attention_rows(const char *name, const int *lengths, int num_seqs, int heads, double theta,
+                               uint64_t seed) {
+    const int head_dim = 64;
+    if (!mb_cuda_attention_rows_supported(head_dim, -1, 0)) {
+        cr_log_info("attention rows: no kernel for a subset of the queries on this device: skipped");
+        return;
+    }
+    mb_rng rng;
+    mb_rng_seed(&rng, seed);
+    mb_error err = {{0}};
+    int32_t *cu = make_cu_seqlens(lengths, num_seqs);
+    int n = cu[num_seqs], hidden = heads * head_dim;
+    size_t qkv_count = (size_t)n * 3 * hidden, out_count = (size_t)n * hidden;
+    /* the asked rows, in token order: sequence 1 none, sequence 2 all, the others ~30 % */
+    int32_t *rows_of = malloc((size_t)n * sizeof(int32_t));
+    int32_t *cu_rows = malloc((size_t)(num_seqs + 1) * sizeof(int32_t));
+    int32_t *positions = malloc((size_t)n * sizeof(int32_t));
+    int rows = 0;
+    cu_rows[0] = 0;
+    for (int s = 0; s < num_seqs; s++) {
+        for (int i = cu[s]; i < cu[s + 1]; i++) {
+            positions[i] = i - cu[s];
+            bool asked = s == 1 ? false : s == 2 ? true : mb_rng_below(&rng, 10) < 3;
+            if (asked) rows_of[rows++] = i;
+        }
+        cu_rows[s + 1] = rows;
+    }
+    cr_assert(rows > 0 && cu_rows[2] == cu_rows[1], "the test needs asked rows and an unasked sequence");
+    float *qkv, *dout_rows;
+    mb_bf16 *d_qkv = random_bf16(&rng, qkv_count, 0.0, 1.0, &qkv);
+    mb_bf16 *d_dout = random_bf16(&rng, (size_t)rows * hidden, 0.0, 1.0, &dout_rows);
+    /* Q of the asked rows, gathered on the host from the same bf16 values */
+    mb_bf16 *q_host = malloc((size_t)rows * hidden * sizeof(mb_bf16));
+    for (int r = 0; r < rows; r++)
+        for (int k = 0; k < hidden; k++)
+            q_host[(size_t)r * hidden + k] = mb_bf16_from_float(qkv[(size_t)rows_of[r] * 3 * hidden + k]);
+    mb_bf16 *d_q = to_device(q_host, (size_t)rows * hidden * sizeof(mb_bf16));
+    int32_t *d_cu = to_device(cu, (size_t)(num_seqs + 1) * sizeof(int32_t));
+    int32_t *d_cu_rows = to_device(cu_rows, (size_t)(num_seqs + 1) * sizeof(int32_t));
+    int32_t *d_rows = to_device(rows_of, (size_t)rows * sizeof(int32_t));
+    int32_t *d_positions = to_device(positions, (size_t)n * sizeof(int32_t));
+    float *d_table = dev_alloc((size_t)n * head_dim * sizeof(float));
+    void *workspace = dev_alloc(mb_cuda_attention_workspace_bytes(n, num_seqs, heads, head_dim));
+    mb_bf16 *d_out = dev_alloc((size_t)rows * hidden * sizeof(mb_bf16));
+    mb_bf16 *d_dqkv = dev_alloc(qkv_count * sizeof(mb_bf16));
+    float *d_lse = dev_alloc((size_t)rows * heads * sizeof(float));
+    dev_poison(d_out, (size_t)rows * hidden * sizeof(mb_bf16));
+    dev_poison(d_lse, (size_t)rows * heads * sizeof(float));
+    dev_poison(d_dqkv, qkv_count * sizeof(mb_bf16));
+    launched(mb_cuda_rope_table(d_table, d_positions, n, head_dim, theta, test_stream, &err), &err, "rope_table");
+    launched(mb_cuda_attention_forward_rows(d_out, d_lse, workspace, d_q, d_qkv, d_cu, d_cu_rows, num_seqs, n, rows,
+                                            heads, head_dim, -1, test_stream, &err), &err, "attention_forward_rows");
+    launched(mb_cuda_attention_backward_rows(d_dqkv, workspace, d_dout, d_out, d_lse, d_q, d_qkv, d_cu, d_cu_rows,
+                                             d_rows, num_seqs, n, rows, heads, head_dim, -1, d_table, test_stream,
+                                             &err), &err, "attention_backward_rows");
+    float *out = download_bf16(d_out, (size_t)rows * hidden), *lse = download_floats(d_lse, (size_t)rows * heads);
+    float *dqkv = download_bf16(d_dqkv, qkv_count);
+
+    /* the reference on the whole batch */
+    reference_shape shape = {cu, num_seqs, heads, head_dim, -1, hidden, 3 * hidden, 1.0 / sqrt((double)head_dim)};
+    float *out_ref = malloc(out_count * sizeof(float)), *lse_ref = malloc((size_t)n * heads * sizeof(float));
+    reference_attention_forward(out_ref, lse_ref, qkv, &shape, n);
+    float *out_want = calloc((size_t)rows * hidden, sizeof(float));
+    float *lse_want = calloc((size_t)rows * heads, sizeof(float));
+    for (int r = 0; r < rows; r++) {
+        memcpy(out_want + (size_t)r * hidden, out_ref + (size_t)rows_of[r] * hidden, hidden * sizeof(float));
+        memcpy(lse_want + (size_t)r * heads, lse_ref + (size_t)rows_of[r] * heads, heads * sizeof(float));
+    }
+    char what[200];
+    snprintf(what, sizeof what, "attention rows %s out (%d of %d rows)", name, rows, n);
+    expect_close(what, out, out_want, (size_t)rows * hidden, BF16_TOLERANCE);
+    snprintf(what, sizeof what, "attention rows %s lse", name);
+    expect_close(what, lse, lse_want, (size_t)rows * heads, FP32_TOLERANCE);
+    /* backward: dO zero on the other rows; out and lse of the asked rows the GPU's own (as run_attention) */
+    float *dout_full = calloc(out_count, sizeof(float)), *dqkv_ref = malloc(qkv_count * sizeof(float));
+    for (int r = 0; r < rows; r++) {
+        memcpy(dout_full + (size_t)rows_of[r] * hidden, dout_rows + (size_t)r * hidden, hidden * sizeof(float));
+        memcpy(out_ref + (size_t)rows_of[r] * hidden, out + (size_t)r * hidden, hidden * sizeof(float));
+        memcpy(lse_ref + (size_t)rows_of[r] * heads, lse + (size_t)r * heads, heads * sizeof(float));
+    }
+    reference_attention_backward(dqkv_ref, dout_full, out_ref, lse_ref, qkv, &shape, n);
+    mb_cpu_rope(dqkv_ref, positions, n, heads, head_dim, theta, -1);
+    static const char *block_names[3] = {"dQ", "dK", "dV"};
+    for (int block = 0; block < 3; block++) {
+        float *got = qkv_block(dqkv, n, hidden, block), *want = qkv_block(dqkv_ref, n, hidden, block);
+        snprintf(what, sizeof what, "attention rows %s %s", name, block_names[block]);
+        cr_expect_eq(count_nonfinite(got, out_count), 0, "%s: non-finite or unwritten values", what);
+        expect_close(what, got, want, out_count, BF16_TOLERANCE);
+        size_t nonzero = 0; /* the unasked sequence: no gradient at all; other unasked rows: no dQ */
+        for (int i = cu[1]; i < cu[2]; i++)
+            for (int k = 0; k < hidden; k++) nonzero += got[(size_t)i * hidden + k] != 0.0f;
+        cr_expect_eq(nonzero, 0, "%s: %zu nonzero values in the sequence without asked rows", what, nonzero);
+        free(got), free(want);
+    }
+    free(cu), free(rows_of), free(cu_rows), free(positions), free(qkv), free(dout_rows), free(q_host), free(out);
+    free(lse), free(dqkv), free(out_ref), free(lse_ref), free(out_want), free(lse_want), free(dout_full), free(dqkv_ref);
+    cudaFree(d_qkv), cudaFree(d_dout), cudaFree(d_q), cudaFree(d_cu), cudaFree(d_cu_rows), cudaFree(d_rows);
+    cudaFree(d_positions), cudaFree(d_table), cudaFree(workspace), cudaFree(d_out), cudaFree(d_dqkv), cudaFree(d_lse);
+}
+
+Test(gpu_ops, attention_rows, .timeout = 600) {
+    require_gpu();
+    int count = (int)(sizeof kShortLengths / sizeof kShortLengths[0]);
+    run_attention_rows("short", kShortLengths, count, 2, 160000.0, 81);
+    const int long_beside_short[] = {1, 65, size_for(8192, 1030), 3, 200, 130};
+    run_attention_rows("long beside short", long_beside_short, 6, 3, 160000.0, 82);
+    run_attention_rows("short, 12 heads", kShortLengths, count, 12, 10000.0, 83);
+}
