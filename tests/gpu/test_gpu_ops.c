@@ -1664,13 +1664,17 @@ Test(gpu_ops, attention_rope_fused) {
 
 /* ---- attention for a subset of the queries (mb_cuda_attention_forward_rows / _backward_rows) ---- */
 
-/* The sparse last layer's attention: queries are the asked-for rows only (about 30 %, every row of one sequence,
- * none of another, 1-token sequences asked and not), keys every token of their sequence. Against the CPU reference
+/* Which rows a case asks for: sequence 1 none and sequence 2 all, the others ~30 % (MLM), or the first row of every
+ * sequence but sequence 1 (cls pooling: one query per sequence). */
+enum asked_rows { kAskedMlm, kAskedFirst };
+
+/* The sparse last layer's attention: queries are the asked-for rows only (asked_rows: the MLM pattern, with 1-token
+ * sequences asked and not, or one row per sequence), keys every token of their sequence. Against the CPU reference
  * on the whole batch: out and lse of the asked rows; dQ, dK, dV of the whole-batch backward with dO zero on the other
  * rows, then RoPE's backward by the CPU op (the rows backward applies it in its stores) — dQ of the other rows and
  * dK/dV of sequences without asked rows must be exact zeros. */
 static void run_attention_rows(const char *name, const int *lengths, int num_seqs, int heads, double theta,
-                               uint64_t seed) {
+                               enum asked_rows pattern, uint64_t seed) {
     const int head_dim = 64;
     if (!mb_cuda_attention_rows_supported(head_dim, -1, 0)) {
         cr_log_info("attention rows: no kernel for a subset of the queries on this device: skipped");
@@ -1682,7 +1686,7 @@ static void run_attention_rows(const char *name, const int *lengths, int num_seq
     int32_t *cu = make_cu_seqlens(lengths, num_seqs);
     int n = cu[num_seqs], hidden = heads * head_dim;
     size_t qkv_count = (size_t)n * 3 * hidden, out_count = (size_t)n * hidden;
-    /* the asked rows, in token order: sequence 1 none, sequence 2 all, the others ~30 % */
+    /* the asked rows, in token order (pattern above) */
     int32_t *rows_of = malloc((size_t)n * sizeof(int32_t));
     int32_t *cu_rows = malloc((size_t)(num_seqs + 1) * sizeof(int32_t));
     int32_t *positions = malloc((size_t)n * sizeof(int32_t));
@@ -1691,7 +1695,10 @@ static void run_attention_rows(const char *name, const int *lengths, int num_seq
     for (int s = 0; s < num_seqs; s++) {
         for (int i = cu[s]; i < cu[s + 1]; i++) {
             positions[i] = i - cu[s];
-            bool asked = s == 1 ? false : s == 2 ? true : mb_rng_below(&rng, 10) < 3;
+            bool asked = s == 1                  ? false
+                         : pattern == kAskedFirst ? i == cu[s]
+                         : s == 2                 ? true
+                                                  : mb_rng_below(&rng, 10) < 3;
             if (asked) rows_of[rows++] = i;
         }
         cu_rows[s + 1] = rows;
@@ -1772,8 +1779,9 @@ static void run_attention_rows(const char *name, const int *lengths, int num_seq
 Test(gpu_ops, attention_rows, .timeout = 600) {
     require_gpu();
     int count = (int)(sizeof kShortLengths / sizeof kShortLengths[0]);
-    run_attention_rows("short", kShortLengths, count, 2, 160000.0, 81);
+    run_attention_rows("short", kShortLengths, count, 2, 160000.0, kAskedMlm, 81);
     const int long_beside_short[] = {1, 65, size_for(8192, 1030), 3, 200, 130};
-    run_attention_rows("long beside short", long_beside_short, 6, 3, 160000.0, 82);
-    run_attention_rows("short, 12 heads", kShortLengths, count, 12, 10000.0, 83);
+    run_attention_rows("long beside short", long_beside_short, 6, 3, 160000.0, kAskedMlm, 82);
+    run_attention_rows("short, 12 heads", kShortLengths, count, 12, 10000.0, kAskedMlm, 83);
+    run_attention_rows("first rows (cls)", long_beside_short, 6, 12, 160000.0, kAskedFirst, 84);
 }
