@@ -883,6 +883,19 @@ int launch_backward_deterministic(mb::bf16 *dqkv, workspace_layout w, const mb::
     return 0;
 }
 
+/* D_i = do_i · o_i for `pairs` (row, head) pairs into w.delta, and the rows' dQ accumulator zeroed when dq_accum is
+ * given (dq_rows: its layout, as attention_delta_kernel). */
+int launch_delta(workspace_layout w, float *dq_accum, const mb::bf16 *dout, const mb::bf16 *out, size_t pairs,
+                 int heads, int head_dim, size_t dq_rows, cudaStream_t stream, mb_error *err) {
+    unsigned blocks = (unsigned)mb::ceil_div(pairs * head_dim / 8, (size_t)256);
+    auto delta_kernel = head_dim == 32 ? attention_delta_kernel<32>
+                        : head_dim == 64 ? attention_delta_kernel<64>
+                                         : attention_delta_kernel<128>;
+    delta_kernel<<<blocks, 256, 0, stream>>>(w.delta, dq_accum, dout, out, pairs, heads, dq_rows);
+    MB_CUDA_CHECK_LAUNCH(err, "attention_delta_kernel");
+    return 0;
+}
+
 /* dQ = scale · dq_accum into the Q block of dqkv (after an atomic backward), rotated back by RoPE's backward when a
  * rope table is given. dq_rows: 0 for the [n, H] accumulator, else the wgmma backward's rows per head. n rows of the
  * accumulator; row r is token row_tokens[r] (the _rows backward) or r (nullptr). */
@@ -1031,16 +1044,10 @@ int attention_backward(mb_bf16 *dqkv, void *workspace, const mb_bf16 *dout, cons
                head_dim, window, deterministic);
     MB_REQUIRE(err, rope == nullptr || reinterpret_cast<uintptr_t>(rope) % 16 == 0,
                "attention_backward_rope: the rope table must be 16-byte aligned");
-    size_t pairs = (size_t)n * heads;
     float *dq_accum = path == backward_path::ordered || path == backward_path::band ? nullptr : w.dq_accum;
     const size_t dq_rows = path == backward_path::wgmma ? mb_wgmma_dq_rows(n) : 0;
     const mb::bf16 *g = reinterpret_cast<const mb::bf16 *>(dout), *o = reinterpret_cast<const mb::bf16 *>(out);
-    unsigned delta_blocks = (unsigned)mb::ceil_div(pairs * head_dim / 8, (size_t)256);
-    auto delta_kernel = head_dim == 32 ? attention_delta_kernel<32>
-                        : head_dim == 64 ? attention_delta_kernel<64>
-                                         : attention_delta_kernel<128>;
-    delta_kernel<<<delta_blocks, 256, 0, stream>>>(w.delta, dq_accum, g, o, pairs, heads, dq_rows);
-    MB_CUDA_CHECK_LAUNCH(err, "attention_delta_kernel");
+    if (launch_delta(w, dq_accum, g, o, (size_t)n * heads, heads, head_dim, dq_rows, stream, err) != 0) return -1;
     mb::bf16 *d = reinterpret_cast<mb::bf16 *>(dqkv);
     const mb::bf16 *x = reinterpret_cast<const mb::bf16 *>(qkv);
     switch (head_dim) {
@@ -1149,11 +1156,9 @@ extern "C" int mb_cuda_attention_backward_rows(mb_bf16 *dqkv, void *workspace, c
     MB_CUDA_CHECK(err, cudaMemsetAsync(dqkv, 0, (size_t)n * 3 * heads * head_dim * sizeof(mb_bf16), stream));
     if (rows == 0) return 0;
     workspace_layout w = carve_workspace(workspace, n, num_seqs, heads);
-    const size_t pairs = (size_t)rows * heads, dq_rows = mb_wgmma_dq_rows(rows);
+    const size_t dq_rows = mb_wgmma_dq_rows(rows);
     const mb::bf16 *g = reinterpret_cast<const mb::bf16 *>(dout_rows), *o = reinterpret_cast<const mb::bf16 *>(out_rows);
-    attention_delta_kernel<64><<<(unsigned)mb::ceil_div(pairs * 64 / 8, (size_t)256), 256, 0, stream>>>(
-        w.delta, w.dq_accum, g, o, pairs, heads, dq_rows);
-    MB_CUDA_CHECK_LAUNCH(err, "attention_delta_kernel");
+    if (launch_delta(w, w.dq_accum, g, o, (size_t)rows * heads, heads, head_dim, dq_rows, stream, err) != 0) return -1;
     mb::attention_plan plan;
     if (plan_for(&plan, w, cu_seqlens, num_seqs, n, heads, kWgmmaBackwardTile, stream, err) != 0) return -1;
     mb::bf16 *d = reinterpret_cast<mb::bf16 *>(dqkv);

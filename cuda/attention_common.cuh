@@ -81,6 +81,15 @@ __device__ __forceinline__ void load_floats_async(float *dst, const float *src, 
     }
 }
 
+/* Where a global layer's queries come from (the wgmma forward and backward): rows [cu_queries[s], cu_queries[s + 1])
+ * of q (row stride q_stride elements) for sequence s. A whole batch: qkv's Q block (stride 3H) and cu_seqlens; the
+ * sparse last layer: the head's rows gathered (stride H) and their per-sequence offsets. */
+struct query_rows {
+    const mb::bf16 *q;
+    int q_stride;
+    const int32_t *cu_queries;
+};
+
 struct tile_position {
     int seq_begin, seq_end, start, end; /* the tile is [start, end) inside [seq_begin, seq_end) */
     int seq;                            /* the sequence's index */

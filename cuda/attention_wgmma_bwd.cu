@@ -116,11 +116,7 @@ struct backward_args {
     const mb::bf16 *dout, *qkv;
     const float *lse, *delta;
     const int32_t *cu_seqlens;
-    /* the queries: rows [cu_queries[s], cu_queries[s + 1]) of q (row stride q_stride elements) for sequence s, and
-     * of dout, lse, delta and dq_accum (qkv's Q block and cu_seqlens for a whole batch) */
-    const mb::bf16 *q;
-    int q_stride;
-    const int32_t *cu_queries;
+    query_rows queries; /* their rows also index dout, lse, delta and dq_accum */
     int num_seqs, heads;
     size_t dq_rows; /* rows per head of dq_accum: mb_wgmma_dq_rows(n) */
     float scale, scale_log2;
@@ -320,13 +316,13 @@ __device__ void produce(char *smem, const ring &b, const backward_args &a, const
     for (unsigned w = blockIdx.x;
          find_tile_at(w, &t, &head, plan.seq_first, plan.tile_seq, a.cu_seqlens, a.num_seqs, a.heads, kBlockKeys);
          w += gridDim.x) {
-        query_lo = a.cu_queries[t.seq], query_hi = a.cu_queries[t.seq + 1]; /* global layer: every query */
+        query_lo = a.queries.cu_queries[t.seq], query_hi = a.queries.cu_queries[t.seq + 1]; /* global: every query */
         const int steps = mb::ceil_div(query_hi - query_lo, kStepQueries); /* 0: the consumers skip the item too */
-        const mb::bf16 *q = a.q + head * kHeadDim, *g = a.dout + head * kHeadDim;
+        const mb::bf16 *q = a.queries.q + head * kHeadDim, *g = a.dout + head * kHeadDim;
         for (int i = 0; i < steps; i++, step++) {
             const int stage = step % kStages, q0 = query_lo + i * kStepQueries;
             if (step >= kStages) mbarrier_wait(b.empty + 8 * stage, ((step / kStages) - 1) & 1);
-            warp_load_rows<kStepQueries>(smem + kTileQ + stage * kStepTileBytes, q, (size_t)a.q_stride, q0,
+            warp_load_rows<kStepQueries>(smem + kTileQ + stage * kStepTileBytes, q, (size_t)a.queries.q_stride, q0,
                                          query_hi);
             warp_load_rows<kStepQueries>(smem + kTileDO + stage * kStepTileBytes, g, hidden, q0, query_hi);
             warp_load_floats<kStepQueries>(reinterpret_cast<float *>(smem + kLse) + stage * kStepQueries,
@@ -526,7 +522,7 @@ __device__ __forceinline__ bool consumer_tile(block_context *c, unsigned *w, con
         if (!find_tile_at(*w, &c->t, &c->head, plan.seq_first, plan.tile_seq, a.cu_seqlens, a.num_seqs, a.heads,
                           kBlockKeys))
             return false;
-        c->query_lo = a.cu_queries[c->t.seq], c->query_hi = a.cu_queries[c->t.seq + 1]; /* global: every query */
+        c->query_lo = a.queries.cu_queries[c->t.seq], c->query_hi = a.queries.cu_queries[c->t.seq + 1];
         if (c->query_hi > c->query_lo) break;
     }
     c->steps = mb::ceil_div(c->query_hi - c->query_lo, kStepQueries);
@@ -706,18 +702,11 @@ bool mb_attention_wgmma_backward_supports(int head_dim, int window) {
 
 namespace {
 
-/* The queries of a launch: rows of q (row stride q_stride) per sequence by cu_queries, `count` of them. */
-struct backward_queries {
-    const mb::bf16 *q;
-    int q_stride;
-    const int32_t *cu_queries;
-    int count;
-};
-
 int launch_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout,
                     const float *lse, const float *delta, const mb::bf16 *qkv, const int32_t *cu_seqlens,
-                    backward_queries queries, mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim,
-                    int window, const float2 *rope, unsigned max_blocks, cudaStream_t stream, mb_error *err) {
+                    query_rows queries, int rows, mb::attention_plan plan, int num_seqs, int n, int heads,
+                    int head_dim, int window, const float2 *rope, unsigned max_blocks, cudaStream_t stream,
+                    mb_error *err) {
     MB_REQUIRE(err, head_dim == kHeadDim && window < 0,
                "attention_wgmma_backward: head_dim %d, window %d (only head_dim 64, global layers)", head_dim, window);
     MB_REQUIRE(err, plan.tile == kWgmmaBackwardTile, "attention_wgmma_backward: plan tile %d, expected %d", plan.tile,
@@ -736,9 +725,8 @@ int launch_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout,
     if (plan.blocks == 0) return 0;
     MB_REQUIRE(err, max_blocks >= 1, "attention_wgmma_backward: max_blocks must be >= 1");
     float scale = 1.0f / sqrtf((float)kHeadDim);
-    backward_args args = {dqkv,      dq_accum, dout,  qkv, lse, delta, cu_seqlens, queries.q, queries.q_stride,
-                          queries.cu_queries, num_seqs, heads, mb_wgmma_dq_rows(queries.count), scale,
-                          kLog2e * scale, rope};
+    backward_args args = {dqkv,  dq_accum, dout,  qkv, lse, delta, cu_seqlens, queries, num_seqs, heads,
+                          mb_wgmma_dq_rows(rows), scale, kLog2e * scale, rope};
     MB_CUDA_CHECK(err, cudaFuncSetAttribute(wgmma_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             (int)kSharedBytes));
     const unsigned blocks = plan.blocks < max_blocks ? plan.blocks : max_blocks;
@@ -766,8 +754,8 @@ int mb_attention_wgmma_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 
                                 const float2 *rope, cudaStream_t stream, mb_error *err) {
     unsigned max_blocks = 0;
     if (grid_limit(plan, &max_blocks, err) != 0) return -1;
-    const backward_queries queries = {qkv, 3 * heads * kHeadDim, cu_seqlens, n};
-    return launch_backward(dqkv, dq_accum, dout, lse, delta, qkv, cu_seqlens, queries, plan, num_seqs, n, heads,
+    const query_rows queries = {qkv, 3 * heads * kHeadDim, cu_seqlens};
+    return launch_backward(dqkv, dq_accum, dout, lse, delta, qkv, cu_seqlens, queries, n, plan, num_seqs, n, heads,
                            head_dim, window, rope, max_blocks, stream, err);
 }
 
@@ -778,8 +766,8 @@ int mb_attention_wgmma_backward_rows(mb::bf16 *dqkv, float *dq_accum, const mb::
                                      const float2 *rope, cudaStream_t stream, mb_error *err) {
     unsigned max_blocks = 0;
     if (grid_limit(plan, &max_blocks, err) != 0) return -1;
-    const backward_queries queries = {q, heads * kHeadDim, cu_queries, rows};
-    return launch_backward(dqkv, dq_accum, dout, lse, delta, qkv, cu_seqlens, queries, plan, num_seqs, n, heads,
+    const query_rows queries = {q, heads * kHeadDim, cu_queries};
+    return launch_backward(dqkv, dq_accum, dout, lse, delta, qkv, cu_seqlens, queries, rows, plan, num_seqs, n, heads,
                            head_dim, window, rope, max_blocks, stream, err);
 }
 
@@ -1072,8 +1060,8 @@ int selftest_kernel(report_text &r) {
         SELFTEST_CUDA(cudaMemset(d_dq, 0, dq_floats * 4));
         mb_error err;
         err.message[0] = '\0';
-        const backward_queries queries = {d_qkv, 3 * heads * kHeadDim, d_cu, n};
-        if (launch_backward(d_dqkv, d_dq, d_dout, d_lse, d_delta, d_qkv, d_cu, queries, plan, num_seqs, n, heads,
+        const query_rows queries = {d_qkv, 3 * heads * kHeadDim, d_cu};
+        if (launch_backward(d_dqkv, d_dq, d_dout, d_lse, d_delta, d_qkv, d_cu, queries, n, plan, num_seqs, n, heads,
                             kHeadDim, -1, nullptr, max_blocks, nullptr, &err) != 0) {
             r.add("launch: %s\n", err.message);
             return -1;

@@ -68,14 +68,6 @@ struct persistent_shape {
     static_assert(kSharedBytes + 1024 <= 227 * 1024, "fits one block per SM");
 };
 
-/* Where the queries come from: q (row stride q_stride elements; the Q block of qkv, or the head's rows gathered) and
- * their rows per sequence (cu_queries: cu_seqlens, or the head's rows' offsets). */
-struct query_rows {
-    const mb::bf16 *q;
-    int q_stride;
-    const int32_t *cu_queries;
-};
-
 #if MB_WGMMA_SM90
 
 /* ---- shared memory, barriers, copies ---- */
@@ -237,7 +229,6 @@ struct work_item {
     int key_lo, key_hi; /* its sequence = the keys it attends to */
     int head;           /* < 0: this block has no more work */
 };
-
 
 /* The first work item at or after list index *w (stepping by `step`); false when the list is exhausted. Item w is
  * (plan slot w / heads, head w % heads); slot t of sequence s starts at query row t·rows of the sequence and is
@@ -922,22 +913,37 @@ bool wide_pays(int n, int num_seqs) {
 
 }  // namespace
 
+namespace {
+
+/* The checks both entry points share (`what` names the caller; q: the queries' rows, qkv's Q block or gathered). */
+int check_forward(const char *what, const mb::bf16 *out, const float *lse, const mb::bf16 *q, const mb::bf16 *qkv,
+                  const int32_t *cu_seqlens, const int32_t *cu_queries, const mb::attention_plan &plan, int num_seqs,
+                  int heads, int head_dim, int window, mb_error *err) {
+    MB_REQUIRE(err, out && lse && q && qkv && cu_seqlens && cu_queries && plan.seq_first && plan.tile_seq,
+               "%s: missing out, lse, q, qkv, cu_seqlens, cu_queries or plan", what);
+    MB_REQUIRE(err, head_dim == kHeadDim && window < 0,
+               "%s: head_dim %d, window %d not supported (head_dim 64, global layers only)", what, head_dim, window);
+    MB_REQUIRE(err, plan.tile == kWgmmaForwardTile, "%s: plan built for tile %d, this kernel needs %d", what,
+               plan.tile, kWgmmaForwardTile);
+    MB_REQUIRE(err, num_seqs >= 1 && heads >= 1, "%s: bad shape num_seqs %d, heads %d", what, num_seqs, heads);
+    MB_REQUIRE(err,
+               reinterpret_cast<uintptr_t>(qkv) % 16 == 0 && reinterpret_cast<uintptr_t>(q) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(out) % 4 == 0,
+               "%s: qkv and q must be 16-byte aligned, out 4-byte aligned", what);
+    MB_REQUIRE(err, mb_attention_wgmma_forward_supports(head_dim, window),
+               "%s: needs a compute capability 9.x device and the sm_90a build", what);
+    return 0;
+}
+
+}  // namespace
+
 int mb_attention_wgmma_forward(mb::bf16 *out, float *lse, const mb::bf16 *qkv, const int32_t *cu_seqlens,
                                mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim, int window,
                                cudaStream_t stream, mb_error *err) {
-    MB_REQUIRE(err, out && lse && qkv && cu_seqlens && plan.seq_first && plan.tile_seq,
-               "attention_wgmma_forward: missing out, lse, qkv, cu_seqlens or plan");
-    MB_REQUIRE(err, head_dim == kHeadDim && window < 0,
-               "attention_wgmma_forward: head_dim %d, window %d not supported (head_dim 64, global layers only)",
-               head_dim, window);
-    MB_REQUIRE(err, plan.tile == kWgmmaForwardTile,
-               "attention_wgmma_forward: plan built for tile %d, this kernel needs %d", plan.tile, kWgmmaForwardTile);
-    MB_REQUIRE(err, num_seqs >= 1 && n >= num_seqs && heads >= 1, "attention_wgmma_forward: bad shape num_seqs %d, "
-               "n %d, heads %d", num_seqs, n, heads);
-    MB_REQUIRE(err, reinterpret_cast<uintptr_t>(qkv) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 4 == 0,
-               "attention_wgmma_forward: qkv must be 16-byte aligned, out 4-byte aligned");
-    MB_REQUIRE(err, mb_attention_wgmma_forward_supports(head_dim, window),
-               "attention_wgmma_forward: needs a compute capability 9.x device and the sm_90a build");
+    if (check_forward("attention_wgmma_forward", out, lse, qkv, qkv, cu_seqlens, cu_seqlens, plan, num_seqs, heads,
+                      head_dim, window, err) != 0)
+        return -1;
+    MB_REQUIRE(err, n >= num_seqs, "attention_wgmma_forward: bad shape num_seqs %d, n %d", num_seqs, n);
     int sm_count = 0;
     if (current_sm_count(&sm_count, err) != 0) return -1;
     if (wide_pays(n, num_seqs))
@@ -951,22 +957,9 @@ int mb_attention_wgmma_forward_rows(mb::bf16 *out, float *lse, const mb::bf16 *q
                                     const int32_t *cu_seqlens, const int32_t *cu_queries, mb::attention_plan plan,
                                     int num_seqs, int heads, int head_dim, int window, cudaStream_t stream,
                                     mb_error *err) {
-    MB_REQUIRE(err, out && lse && q && qkv && cu_seqlens && cu_queries && plan.seq_first && plan.tile_seq,
-               "attention_wgmma_forward_rows: missing out, lse, q, qkv, cu_seqlens, cu_queries or plan");
-    MB_REQUIRE(err, head_dim == kHeadDim && window < 0,
-               "attention_wgmma_forward_rows: head_dim %d, window %d not supported (head_dim 64, global layers only)",
-               head_dim, window);
-    MB_REQUIRE(err, plan.tile == kWgmmaForwardTile,
-               "attention_wgmma_forward_rows: plan built for tile %d, this kernel needs %d", plan.tile,
-               kWgmmaForwardTile);
-    MB_REQUIRE(err, num_seqs >= 1 && heads >= 1, "attention_wgmma_forward_rows: bad shape num_seqs %d, heads %d",
-               num_seqs, heads);
-    MB_REQUIRE(err,
-               reinterpret_cast<uintptr_t>(qkv) % 16 == 0 && reinterpret_cast<uintptr_t>(q) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(out) % 4 == 0,
-               "attention_wgmma_forward_rows: qkv and q must be 16-byte aligned, out 4-byte aligned");
-    MB_REQUIRE(err, mb_attention_wgmma_forward_supports(head_dim, window),
-               "attention_wgmma_forward_rows: needs a compute capability 9.x device and the sm_90a build");
+    if (check_forward("attention_wgmma_forward_rows", out, lse, q, qkv, cu_seqlens, cu_queries, plan, num_seqs, heads,
+                      head_dim, window, err) != 0)
+        return -1;
     int sm_count = 0;
     if (current_sm_count(&sm_count, err) != 0) return -1;
     const query_rows queries = {q, heads * kHeadDim, cu_queries};

@@ -301,17 +301,6 @@ __global__ void scatter_rows_kernel(mb::bf16 *dhidden, const mb::bf16 *drows, co
     }
 }
 
-/* out[r, :] = in[rows[r], :h] for r < count: rows of a strided matrix (the Q block of qkv), 16 bytes per thread. */
-__global__ void gather_rows_kernel(uint4 *out, const mb::bf16 *in, size_t in_stride, const int32_t *rows, int count,
-                                   int h) {
-    const int chunks = h / 8;
-    const size_t total = (size_t)count * chunks;
-    for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < total; k += (size_t)gridDim.x * blockDim.x) {
-        const size_t r = k / chunks, j = k % chunks;
-        out[k] = *reinterpret_cast<const uint4 *>(in + (size_t)rows[r] * in_stride + 8 * j);
-    }
-}
-
 mb::bf16 *dev(mb_bf16 *p) { return reinterpret_cast<mb::bf16 *>(p); }
 const mb::bf16 *dev(const mb_bf16 *p) { return reinterpret_cast<const mb::bf16 *>(p); }
 
@@ -334,9 +323,8 @@ int scatter_rows(cuda_backend *c, mb_bf16 *dhidden, const mb_bf16 *drows, int ro
                  mb_error *err) {
     MB_CUDA_CHECK(err, cudaMemsetAsync(dhidden, 0, (size_t)tokens * h * sizeof(mb_bf16), c->stream));
     if (rows == 0) return 0;
-    size_t total = (size_t)rows * h;
-    int blocks = (int)(total / 256 + 1 < 65536 ? total / 256 + 1 : 65536);
-    scatter_rows_kernel<<<blocks, 256, 0, c->stream>>>(dev(dhidden), dev(drows), c->row_tokens, rows, h);
+    scatter_rows_kernel<<<mb::grid_stride_blocks((size_t)rows * h), 256, 0, c->stream>>>(dev(dhidden), dev(drows),
+                                                                                          c->row_tokens, rows, h);
     MB_CUDA_CHECK_LAUNCH(err, "scatter_rows_kernel");
     return 0;
 }
@@ -555,21 +543,19 @@ int upload_batch(cuda_backend *c, const mb_config *cfg, const mb_batch *batch, i
     memcpy(c->host_cu, batch->cu_seqlens, (size_t)(S + 1) * sizeof(int32_t));
     if (cfg->head == MB_HEAD_MASKED_LM) {
         int r = 0;
-        for (int i = 0; i < n; i++)
-            if (batch->labels[i] != -100) {
-                c->host_rows[r] = i;
-                c->host_targets[r] = batch->labels[i];
-                r++;
-            }
+        c->host_cu_rows[0] = 0; /* the labelled rows in token order: each sequence's are contiguous */
+        for (int s = 0; s < S; s++) {
+            for (int i = batch->cu_seqlens[s]; i < batch->cu_seqlens[s + 1]; i++)
+                if (batch->labels[i] != -100) {
+                    c->host_rows[r] = i;
+                    c->host_targets[r] = batch->labels[i];
+                    r++;
+                }
+            c->host_cu_rows[s + 1] = r;
+        }
         for (; r < rows; r++) { /* padding: token 0's row, ignored (kHeadRowMultiple) */
             c->host_rows[r] = 0;
             c->host_targets[r] = -1;
-        }
-        c->host_cu_rows[0] = 0; /* the labelled rows are in token order: each sequence's are contiguous */
-        for (int s = 0; s < S; s++) {
-            int labelled = 0;
-            for (int i = batch->cu_seqlens[s]; i < batch->cu_seqlens[s + 1]; i++) labelled += batch->labels[i] != -100;
-            c->host_cu_rows[s + 1] = c->host_cu_rows[s] + labelled;
         }
     } else {
         for (int s = 0; s < S; s++) {
@@ -672,13 +658,7 @@ int sparse_attention_forward(cuda_backend *c, const mb_config *cfg, int l, mb_er
     layer_activations *a = &c->layers[l];
     int n = c->batch.tokens, H = cfg->hidden_size, own = c->batch.label_rows, rows = c->batch.rows;
     mark(c, "attention fwd (last layer, head rows)");
-    if (own > 0) {
-        size_t total = (size_t)own * (H / 8);
-        int blocks = (int)(total / 256 + 1 < 65536 ? total / 256 + 1 : 65536);
-        gather_rows_kernel<<<blocks, 256, 0, c->stream>>>(reinterpret_cast<uint4 *>(c->last_query_rows),
-                                                          dev(a->qkv), 3 * (size_t)H, c->row_tokens, own, H);
-        MB_CUDA_CHECK_LAUNCH(err, "gather_rows_kernel");
-    }
+    TRY(mb_cuda_gather_rows(c->last_query_rows, c->row_tokens, a->qkv, 3 * (size_t)H, own, H, c->stream, err));
     if (rows > own)
         MB_CUDA_CHECK(err, cudaMemsetAsync(c->last_attn_rows + (size_t)own * H, 0,
                                            (size_t)(rows - own) * H * sizeof(mb_bf16), c->stream));

@@ -63,6 +63,11 @@ constexpr int kWarpSize = 32;
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 __host__ __device__ constexpr size_t ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
 
+/* Blocks of 256 threads for a grid-stride loop over `items`: one item per thread, at most 65536 blocks. */
+inline unsigned grid_stride_blocks(size_t items) {
+    return (unsigned)(items / 256 + 1 < 65536 ? items / 256 + 1 : 65536);
+}
+
 /* ---- bf16 ---- */
 
 typedef __nv_bfloat16 bf16;

@@ -97,13 +97,14 @@ struct piece_io<1> {
     static __device__ __forceinline__ void store_sum(float *row, int piece, const float acc[1]) { row[piece] = acc[0]; }
 };
 
-/* Copies rows; when h is a multiple of 8, in 16-byte pieces. */
+/* Copies rows (table rows table_stride pieces apart); when h and the stride are multiples of 8, in 16-byte pieces. */
 template <typename Piece>
-__global__ void gather_rows_kernel(Piece *out, const int32_t *ids, const Piece *table, int n, int pieces_per_row) {
+__global__ void gather_rows_kernel(Piece *out, const int32_t *ids, const Piece *table, size_t table_stride, int n,
+                                   int pieces_per_row) {
     size_t total = (size_t)n * pieces_per_row;
     for (size_t k = blockIdx.x * (size_t)blockDim.x + threadIdx.x; k < total; k += (size_t)gridDim.x * blockDim.x) {
         size_t row = k / pieces_per_row, piece = k % pieces_per_row;
-        out[k] = table[(size_t)ids[row] * pieces_per_row + piece];
+        out[k] = table[(size_t)ids[row] * table_stride + piece];
     }
 }
 
@@ -321,24 +322,32 @@ int plan_scratch(scratch_layout *layout, void *base, int n, int vocab, mb_error 
 
 }  // namespace
 
+extern "C" int mb_cuda_gather_rows(mb_bf16 *out, const int32_t *rows, const mb_bf16 *in, size_t in_stride, int n,
+                                   int h, cudaStream_t stream, mb_error *err) {
+    MB_REQUIRE(err, out && rows && in, "gather_rows: missing out, rows or in");
+    MB_REQUIRE(err, n >= 0 && h > 0 && in_stride >= (size_t)h, "gather_rows: bad shape n %d, h %d, stride %zu", n, h,
+               in_stride);
+    if (n == 0) return 0;
+    MB_NVTX_RANGE("gather_rows");
+    bool vector = h % 8 == 0 && in_stride % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(in) % 16 == 0;
+    int pieces = vector ? h / 8 : h;
+    unsigned blocks = mb::grid_stride_blocks((size_t)n * pieces);
+    if (vector)
+        gather_rows_kernel<<<blocks, 256, 0, stream>>>(reinterpret_cast<uint4 *>(out), rows,
+                                                       reinterpret_cast<const uint4 *>(in), in_stride / 8, n, pieces);
+    else
+        gather_rows_kernel<<<blocks, 256, 0, stream>>>(out, rows, in, in_stride, n, pieces);
+    MB_CUDA_CHECK_LAUNCH(err, "gather_rows_kernel");
+    return 0;
+}
+
 extern "C" int mb_cuda_embedding_forward(mb_bf16 *out, const int32_t *ids, const mb_bf16 *table, int n, int h,
                                          cudaStream_t stream, mb_error *err) {
     MB_REQUIRE(err, out && ids && table, "embedding_forward: missing out, ids or table");
     MB_REQUIRE(err, n >= 0 && h > 0, "embedding_forward: bad shape n %d, h %d", n, h);
-    if (n == 0) return 0;
     MB_NVTX_RANGE("embedding_forward");
-    bool vector = h % 8 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
-                  reinterpret_cast<uintptr_t>(table) % 16 == 0;
-    int pieces = vector ? h / 8 : h;
-    size_t total = (size_t)n * pieces;
-    int blocks = (int)(total / 256 + 1 < 65536 ? total / 256 + 1 : 65536);
-    if (vector)
-        gather_rows_kernel<<<blocks, 256, 0, stream>>>(reinterpret_cast<uint4 *>(out), ids,
-                                                       reinterpret_cast<const uint4 *>(table), n, pieces);
-    else
-        gather_rows_kernel<<<blocks, 256, 0, stream>>>(out, ids, table, n, pieces);
-    MB_CUDA_CHECK_LAUNCH(err, "gather_rows_kernel");
-    return 0;
+    return mb_cuda_gather_rows(out, ids, table, (size_t)h, n, h, stream, err);
 }
 
 extern "C" int mb_cuda_embedding_backward_scratch_bytes(size_t *bytes, int n, int vocab, mb_error *err) {

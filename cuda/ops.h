@@ -103,6 +103,10 @@ int mb_cuda_layernorm_backward(mb_bf16 *dx, float *dweight, float *dbias, void *
 /* out[i, :] = table[ids[i], :]. Also gathers rows of any [rows, h] matrix (e.g. the labelled tokens of the MLM head). */
 int mb_cuda_embedding_forward(mb_bf16 *out, const int32_t *ids, const mb_bf16 *table, int n, int h,
                               cudaStream_t stream, mb_error *err);
+/* out[i, :] = in[rows[i], 0:h] for rows of a strided matrix (row r at in + r·in_stride, in_stride >= h elements; the
+ * Q block of qkv: in_stride 3H). mb_cuda_embedding_forward is this with in_stride = h. */
+int mb_cuda_gather_rows(mb_bf16 *out, const int32_t *rows, const mb_bf16 *in, size_t in_stride, int n, int h,
+                        cudaStream_t stream, mb_error *err);
 /* dtable[ids[i], :] += dout[i, :] for every token whose id is not pad_id (-1: skip nothing), ids in [0, vocab).
  * Deterministic: tokens are stably sorted by id; each (id, column) is summed by one owner in a fixed order (runs of
  * up to 16 tokens in token order, as the CPU; longer runs by row lanes added in a fixed tree).

@@ -536,8 +536,8 @@ extern "C" int mb_cuda_to_bf16(mb_bf16 *dst, const float *src, size_t count, cud
     if (count == 0) return 0;
     int vector = reinterpret_cast<uintptr_t>(src) % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 8 == 0;
     size_t items = vector ? count / 4 + 1 : count;
-    int blocks = (int)(items / 256 + 1 < 65536 ? items / 256 + 1 : 65536);
-    to_bf16_kernel<<<blocks, 256, 0, stream>>>(reinterpret_cast<mb::bf16 *>(dst), src, count, vector);
+    to_bf16_kernel<<<mb::grid_stride_blocks(items), 256, 0, stream>>>(reinterpret_cast<mb::bf16 *>(dst), src, count,
+                                                                      vector);
     MB_CUDA_CHECK_LAUNCH(err, "to_bf16_kernel");
     return 0;
 }

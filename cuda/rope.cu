@@ -123,9 +123,8 @@ extern "C" int mb_cuda_rope_table(float *table, const int32_t *positions, int n,
     MB_REQUIRE(err, reinterpret_cast<uintptr_t>(table) % 8 == 0, "rope_table: table must be 8-byte aligned");
     if (n == 0) return 0;
     size_t count = (size_t)n * (head_dim / 2);
-    unsigned blocks = (unsigned)(count / 256 + 1 < 65536 ? count / 256 + 1 : 65536);
-    rope_table_kernel<<<blocks, 256, 0, stream>>>(reinterpret_cast<float2 *>(table), positions, n, head_dim,
-                                                   (float)theta);
+    rope_table_kernel<<<mb::grid_stride_blocks(count), 256, 0, stream>>>(reinterpret_cast<float2 *>(table), positions,
+                                                                         n, head_dim, (float)theta);
     MB_CUDA_CHECK_LAUNCH(err, "rope_table_kernel");
     return 0;
 }

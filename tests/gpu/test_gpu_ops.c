@@ -569,6 +569,19 @@ static void run_embedding(int n, int h, int vocab, int pad_id, uint64_t seed) {
     float *out = download_bf16(d_out, count), *out_ref = malloc(count * sizeof(float) + 1);
     mb_cpu_embedding_forward(out_ref, ids, table, n, h);
     cr_expect(memcmp(out, out_ref, count * sizeof(float)) == 0, "embedding forward (h %d) is not an exact copy", h);
+    /* mb_cuda_gather_rows on a strided view (what the sparse last layer does with qkv's Q block): the first half of
+     * each table row, rows h apart (16-byte pieces when h / 2 is a multiple of 8, else element by element) */
+    int half = h / 2;
+    size_t half_count = (size_t)n * half, differing = 0;
+    mb_bf16 *d_half = dev_alloc(half_count * sizeof(mb_bf16) + 2);
+    dev_poison(d_half, half_count * sizeof(mb_bf16));
+    launched(mb_cuda_gather_rows(d_half, d_ids, d_table, (size_t)h, n, half, test_stream, &err), &err, "gather_rows");
+    float *half_out = download_bf16(d_half, half_count);
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k < half; k++) differing += half_out[(size_t)i * half + k] != table[(size_t)ids[i] * h + k];
+    cr_expect_eq(differing, 0, "gather_rows (width %d of %d): %zu elements differ from the table", half, h, differing);
+    free(half_out);
+    cudaFree(d_half);
 
     float *dout;
     mb_bf16 *d_dout = random_bf16(&rng, count, 0.0, 1.0, &dout);
