@@ -86,10 +86,44 @@ __device__ __forceinline__ int tile_count(const int32_t *cu_seqlens, int s, int 
 /* Length bucket: floor(log2(tiles)), tiles >= 1. Larger buckets are placed first. */
 __device__ __forceinline__ int length_bucket(int tiles) { return 31 - __clz(tiles); }
 
+/* What the wgmma backward's plan adds: its tail split (attention_wgmma_bwd.h) for a grid of `grid` blocks, the
+ * pieces limited by the query steps (kWgmmaBackwardStep queries, counted in cu_queries) of every tail item. */
+struct split_request {
+    int32_t *words; /* [kWgmmaSplitWords], or nullptr: no split planned */
+    const int32_t *cu_queries;
+    int heads;
+    unsigned grid;
+};
+
+/* The split words for `tiles` planned tiles (all threads of the plan kernel; tile_seq written by the block). */
+__device__ void plan_split(const split_request &split, const int32_t *tile_seq, int tiles) {
+    __shared__ int fewest_steps;
+    const unsigned items = (unsigned)tiles * split.heads, grid = split.grid;
+    const unsigned tail = items > grid ? items % grid : 0;
+    if (threadIdx.x == 0) fewest_steps = kWgmmaSplitMaxPieces;
+    __syncthreads(); /* also: every thread's tile_seq writes are visible */
+    const int pieces = mb_wgmma_split_pieces(tail, grid);
+    for (unsigned k = threadIdx.x; pieces > 1 && k < tail; k += blockDim.x) {
+        const int s = tile_seq[(items - tail + k) / split.heads];
+        atomicMin(&fewest_steps, mb::ceil_div(split.cu_queries[s + 1] - split.cu_queries[s], kWgmmaBackwardStep));
+    }
+    __syncthreads();
+    const int used = min(pieces, fewest_steps);
+    if (threadIdx.x == 0) {
+        split.words[0] = (int32_t)(used > 1 ? items - tail : items);
+        split.words[1] = used > 1 ? used : 1;
+        split.words[2] = (int32_t)grid;
+        split.words[3] = (int32_t)tail;
+    }
+    for (unsigned k = threadIdx.x; used > 1 && k < tail; k += blockDim.x) split.words[4 + k] = 0; /* the counters */
+}
+
 /* seq_first[s] = the first tile of sequence s in launch order, seq_first[num_seqs] = the tile count;
- * tile_seq[x] = the sequence of tile x. Sequences in descending length buckets, index order inside a bucket. */
+ * tile_seq[x] = the sequence of tile x. Sequences in descending length buckets, index order inside a bucket. With a
+ * split request, also the wgmma backward's split words. */
 __global__ void __launch_bounds__(kPlanThreads)
-    tile_plan_kernel(int32_t *seq_first, int32_t *tile_seq, const int32_t *cu_seqlens, int num_seqs, int tile) {
+    tile_plan_kernel(int32_t *seq_first, int32_t *tile_seq, const int32_t *cu_seqlens, int num_seqs, int tile,
+                     split_request split) {
     static_assert(kPlanThreads == mb::kWarpSize * mb::kWarpSize, "plan_scan scans 32 warp totals in one warp");
     __shared__ int warp_totals[kPlanThreads / mb::kWarpSize];
     __shared__ unsigned present;
@@ -128,6 +162,7 @@ __global__ void __launch_bounds__(kPlanThreads)
         placed += total;
     }
     if (threadIdx.x == 0) seq_first[num_seqs] = placed;
+    if (split.words != nullptr) plan_split(split, tile_seq, placed); /* uniform */
 }
 
 /* ---- forward ---- */
@@ -740,6 +775,7 @@ struct workspace_layout {
     int32_t *seq_first; /* [num_seqs + 1] */
     int32_t *tile_seq;  /* [max_tiles(n, num_seqs, kMinTile)] */
     float *delta;       /* [n, heads] */
+    wgmma_split split;  /* the wgmma backward's tail split: words and partials (attention_wgmma_bwd.h) */
     float *dq_accum;    /* [n, heads·head_dim], or head-major for the wgmma backward (mb_wgmma_dq_rows(n) per head) */
 };
 
@@ -750,6 +786,8 @@ int max_tiles(int n, int num_seqs, int tile) { return mb::ceil_div(n, tile) + nu
 size_t seq_first_bytes(int num_seqs) { return align256((size_t)(num_seqs + 1) * sizeof(int32_t)); }
 size_t tile_seq_bytes(int n, int num_seqs) { return align256((size_t)max_tiles(n, num_seqs, kMinTile) * sizeof(int32_t)); }
 size_t delta_bytes(int n, int heads) { return align256((size_t)n * heads * sizeof(float)); }
+constexpr size_t kSplitWordBytes = (kWgmmaSplitWords * sizeof(int32_t) + 255) / 256 * 256;
+constexpr size_t kSplitPartialBytes = kWgmmaSplitCapacity * kWgmmaSplitSlotFloats * sizeof(float);
 
 workspace_layout carve_workspace(void *base, int n, int num_seqs, int heads) {
     char *p = static_cast<char *>(base);
@@ -760,6 +798,10 @@ workspace_layout carve_workspace(void *base, int n, int num_seqs, int heads) {
     p += tile_seq_bytes(n, num_seqs);
     w.delta = reinterpret_cast<float *>(p);
     p += delta_bytes(n, heads);
+    w.split.words = reinterpret_cast<int32_t *>(p);
+    p += kSplitWordBytes;
+    w.split.partials = reinterpret_cast<float *>(p);
+    p += kSplitPartialBytes;
     w.dq_accum = reinterpret_cast<float *>(p);
     return w;
 }
@@ -789,8 +831,8 @@ int check_arguments(const char *what, const void *qkv, const int32_t *cu_seqlens
 }
 
 int plan_tiles(workspace_layout w, const int32_t *cu_seqlens, int num_seqs, int tile, cudaStream_t stream,
-               mb_error *err) {
-    tile_plan_kernel<<<1, kPlanThreads, 0, stream>>>(w.seq_first, w.tile_seq, cu_seqlens, num_seqs, tile);
+               mb_error *err, split_request split = {nullptr, nullptr, 0, 0}) {
+    tile_plan_kernel<<<1, kPlanThreads, 0, stream>>>(w.seq_first, w.tile_seq, cu_seqlens, num_seqs, tile, split);
     MB_CUDA_CHECK_LAUNCH(err, "tile_plan_kernel");
     return 0;
 }
@@ -815,6 +857,21 @@ int plan_for(mb::attention_plan *plan, workspace_layout w, const int32_t *cu_seq
              int tile, cudaStream_t stream, mb_error *err) {
     if (plan_tiles(w, cu_seqlens, num_seqs, tile, stream, err) != 0) return -1;
     *plan = mb::attention_plan{w.seq_first, w.tile_seq, tile, grid_blocks(n, num_seqs, heads, tile)};
+    return 0;
+}
+
+/* The wgmma backward's plan (over cu_seqlens, its queries counted in cu_queries) and its tail split for the grid it
+ * will launch; *split is the workspace's, or none with MB_ATTENTION_WGMMA_SPLIT=0 (for comparisons). */
+int plan_wgmma_backward(mb::attention_plan *plan, wgmma_split *split, workspace_layout w, const int32_t *cu_seqlens,
+                        const int32_t *cu_queries, int num_seqs, int n, int heads, cudaStream_t stream,
+                        mb_error *err) {
+    const unsigned blocks = grid_blocks(n, num_seqs, heads, kWgmmaBackwardTile);
+    unsigned grid = 0;
+    if (mb_attention_wgmma_backward_grid(blocks, &grid, err) != 0) return -1;
+    *split = env_is("MB_ATTENTION_WGMMA_SPLIT", "0") ? wgmma_split{nullptr, nullptr} : w.split;
+    const split_request request = {split->words, cu_queries, heads, grid};
+    if (plan_tiles(w, cu_seqlens, num_seqs, kWgmmaBackwardTile, stream, err, request) != 0) return -1;
+    *plan = mb::attention_plan{w.seq_first, w.tile_seq, kWgmmaBackwardTile, blocks};
     return 0;
 }
 
@@ -974,12 +1031,15 @@ int launch_backward(mb::bf16 *dqkv, workspace_layout w, const mb::bf16 *dout, co
         if (plan_for(&plan, w, cu_seqlens, num_seqs, n, heads, kBandTile, stream, err) != 0) return -1;
         return mb_attention_band_backward(dqkv, dout, lse, w.delta, qkv, cu_seqlens, plan, num_seqs, n, heads, D,
                                           window, rope, stream, err);
-    case backward_path::wgmma:
-        if (plan_for(&plan, w, cu_seqlens, num_seqs, n, heads, kWgmmaBackwardTile, stream, err) != 0) return -1;
-        if (mb_attention_wgmma_backward(dqkv, w.dq_accum, dout, lse, w.delta, qkv, cu_seqlens, plan, num_seqs, n,
-                                        heads, D, window, rope, stream, err) != 0)
+    case backward_path::wgmma: {
+        wgmma_split split;
+        if (plan_wgmma_backward(&plan, &split, w, cu_seqlens, cu_seqlens, num_seqs, n, heads, stream, err) != 0)
+            return -1;
+        if (mb_attention_wgmma_backward(dqkv, w.dq_accum, dout, lse, w.delta, qkv, cu_seqlens, plan, split, num_seqs,
+                                        n, heads, D, window, rope, stream, err) != 0)
             return -1;
         return convert_dq(dqkv, w, n, heads, D, mb_wgmma_dq_rows(n), rope, stream, err);
+    }
     case backward_path::ordered:
         return launch_backward_deterministic<D>(dqkv, w, dout, lse, qkv, cu_seqlens, num_seqs, n, heads, window,
                                                 stream, err);
@@ -1001,8 +1061,18 @@ int launch_backward(mb::bf16 *dqkv, workspace_layout w, const mb::bf16 *dout, co
 
 extern "C" size_t mb_cuda_attention_workspace_bytes(int n, int num_seqs, int heads, int head_dim) {
     /* dq_accum: [n, H], or the wgmma backward's head-major layout with its pad rows (the larger) */
-    return seq_first_bytes(num_seqs) + tile_seq_bytes(n, num_seqs) + delta_bytes(n, heads) +
-           align256(mb_wgmma_dq_rows(n) * heads * head_dim * sizeof(float));
+    return seq_first_bytes(num_seqs) + tile_seq_bytes(n, num_seqs) + delta_bytes(n, heads) + kSplitWordBytes +
+           kSplitPartialBytes + align256(mb_wgmma_dq_rows(n) * heads * head_dim * sizeof(float));
+}
+
+extern "C" int mb_cuda_attention_backward_split(const void *workspace, int n, int num_seqs, int heads,
+                                                int *first_item, int *pieces, mb_error *err) {
+    MB_REQUIRE(err, workspace && first_item && pieces, "attention_backward_split: missing argument");
+    const workspace_layout w = carve_workspace(const_cast<void *>(workspace), n, num_seqs, heads);
+    int32_t words[2];
+    MB_CUDA_CHECK(err, cudaMemcpy(words, w.split.words, sizeof words, cudaMemcpyDeviceToHost));
+    *first_item = words[0], *pieces = words[1];
+    return 0;
 }
 
 extern "C" int mb_cuda_attention_forward(mb_bf16 *out, float *lse, void *workspace, const mb_bf16 *qkv,
@@ -1160,12 +1230,13 @@ extern "C" int mb_cuda_attention_backward_rows(mb_bf16 *dqkv, void *workspace, c
     const mb::bf16 *g = reinterpret_cast<const mb::bf16 *>(dout_rows), *o = reinterpret_cast<const mb::bf16 *>(out_rows);
     if (launch_delta(w, w.dq_accum, g, o, (size_t)rows * heads, heads, head_dim, dq_rows, stream, err) != 0) return -1;
     mb::attention_plan plan;
-    if (plan_for(&plan, w, cu_seqlens, num_seqs, n, heads, kWgmmaBackwardTile, stream, err) != 0) return -1;
+    wgmma_split split;
+    if (plan_wgmma_backward(&plan, &split, w, cu_seqlens, cu_rows, num_seqs, n, heads, stream, err) != 0) return -1;
     mb::bf16 *d = reinterpret_cast<mb::bf16 *>(dqkv);
     const float2 *rope = reinterpret_cast<const float2 *>(rope_table);
     if (mb_attention_wgmma_backward_rows(d, w.dq_accum, g, lse_rows, w.delta, reinterpret_cast<const mb::bf16 *>(q_rows),
-                                         reinterpret_cast<const mb::bf16 *>(qkv), cu_seqlens, cu_rows, plan, num_seqs,
-                                         n, rows, heads, head_dim, window, rope, stream, err) != 0)
+                                         reinterpret_cast<const mb::bf16 *>(qkv), cu_seqlens, cu_rows, plan, split,
+                                         num_seqs, n, rows, heads, head_dim, window, rope, stream, err) != 0)
         return -1;
     return convert_dq(d, w, rows, heads, head_dim, dq_rows, rope, stream, err, row_tokens);
 }

@@ -65,7 +65,7 @@ namespace {
 constexpr int kHeadDim = 64;
 constexpr int kBlockKeys = kWgmmaBackwardTile; /* 128 keys per block */
 constexpr int kGroupKeys = 64;                 /* keys per consumer warpgroup (the M of every wgmma) */
-constexpr int kStepQueries = 128;              /* queries per step */
+constexpr int kStepQueries = kWgmmaBackwardStep;  /* queries per step */
 constexpr int kSteps16 = kStepQueries / 16;    /* k-steps of the dV and dK products */
 constexpr int kScores = kStepQueries / 2;      /* Sᵀ or dPᵀ elements per thread: 64 × 128 over a warpgroup */
 static_assert(kSteps16 * 16 == kStepQueries && kScores == 8 * kSteps16, "whole k-steps, 8 elements per k-step");
@@ -100,7 +100,8 @@ constexpr uint32_t kTileDS = kTileDO + kStages * kStepTileBytes; /* dSᵀ [2][ha
 constexpr uint32_t kLse = kTileDS + 2 * kDsStageBytes;           /* lse [stage][128] fp32 */
 constexpr uint32_t kDelta = kLse + kStages * kStepQueries * 4;   /* delta [stage][128] fp32 */
 constexpr uint32_t kBarriers = kDelta + kStages * kStepQueries * 4; /* full[S] empty[S] ds_full[2] ds_empty[2] */
-constexpr uint32_t kDqStaging = (kBarriers + 8 * (2 * kStages + 4) + 255) / 256 * 256; /* [8 warps][16][256 B] */
+constexpr uint32_t kSplitFlag = kBarriers + 8 * (2 * kStages + 4); /* int: this piece is its item's last */
+constexpr uint32_t kDqStaging = (kSplitFlag + 4 + 255) / 256 * 256; /* [8 warps][16][256 B] */
 constexpr uint32_t kSharedUsed = kDqStaging + 8 * kDqWarpBytes;
 constexpr size_t kSharedBytes = kSharedUsed + kSwizzleAtom; /* slack to align the base to 1024 bytes */
 static_assert(kTileQ % kSwizzleAtom == 0 && kTileDO % kSwizzleAtom == 0 && kTileDS % kSwizzleAtom == 0 &&
@@ -121,6 +122,7 @@ struct backward_args {
     size_t dq_rows; /* rows per head of dq_accum: mb_wgmma_dq_rows(n) */
     float scale, scale_log2;
     const float2 *rope; /* RoPE's backward on dK in its store (table of mb_cuda_rope_table), or nullptr */
+    wgmma_split split;  /* the tail split (attention_wgmma_bwd.h); words == nullptr: none */
 };
 
 /* The device helpers exist in the host and sm_90a passes only: the sm_80 pass compiles empty kernel bodies. */
@@ -283,6 +285,8 @@ __device__ __forceinline__ char *aligned_shared(uint4 *raw) {
 struct block_context {
     tile_position t;
     int head, hidden, query_lo, query_hi, steps, key_a; /* key_a: this thread's first key (the other: key_a + 8) */
+    int query_stride;                                   /* 128, or 128·pieces for a piece of a split item */
+    int piece, pieces, slot;                            /* a tail item's piece (pieces 1: a whole item) */
     bool tail_keys;                                     /* the tile ends before 128 keys: mask every step */
     uint32_t base, k_rows, v_rows;                      /* shared addresses */
     float *dq_head;                                     /* the head's [dq_rows][64] block of dq_accum */
@@ -304,37 +308,96 @@ __device__ __forceinline__ void consumers_sync() {
     asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
 }
 
+/* Where work index w of the grid lies: an item of the plan, or a piece of a split tail item (attention_wgmma_bwd.h):
+ * its tile, head and queries. Piece p of P takes the item's query steps p, p + P, p + 2P, ...: queries from query_lo
+ * (the sequence's first + 128·p) below query_hi (the sequence's end) in strides of 128·P. The tail's work indices
+ * are piece-major (w = first + p·t + k for tail item first + k), so neither mapping divides. */
+struct work_position {
+    tile_position t;
+    int head, query_lo, query_hi, query_stride;
+    int piece, pieces, slot; /* slot: the item's place k in the tail (its counter and partials) */
+};
+
+/* The split's first work index (attention_wgmma_bwd.h), or UINT_MAX without a split. Read once a block is past its
+ * first item: a split tail starts at or after item gridDim.x. */
+__device__ __forceinline__ unsigned split_first(const backward_args &a) {
+    if (a.split.words == nullptr || __ldg(a.split.words + 1) < 2) return UINT_MAX;
+    return (unsigned)__ldg(a.split.words);
+}
+
+/* Tile, head and queries of item `item` as a whole item (piece 0 of 1); false past the last item. */
+__device__ __forceinline__ bool item_at(unsigned item, work_position *p, const backward_args &a,
+                                        const mb::attention_plan &plan) {
+    if (!find_tile_at(item, &p->t, &p->head, plan.seq_first, plan.tile_seq, a.cu_seqlens, a.num_seqs, a.heads,
+                      kBlockKeys))
+        return false;
+    p->query_lo = a.queries.cu_queries[p->t.seq];
+    p->query_hi = a.queries.cu_queries[p->t.seq + 1];
+    p->query_stride = kStepQueries;
+    p->piece = 0, p->pieces = 1, p->slot = 0;
+    return true;
+}
+
+/* Work index w as a whole item: false past the last item and at or past the split's first index. */
+__device__ __forceinline__ bool whole_item_at(unsigned w, work_position *p, const backward_args &a,
+                                              const mb::attention_plan &plan) {
+    if (w >= gridDim.x && w >= split_first(a)) return false;
+    return item_at(w, p, a, plan);
+}
+
+/* Work index w >= the split's first as a piece (the tail's indices are piece-major, w = first + p·t + k for tail item
+ * first + k, so nothing divides); false past the tail's pieces or without a split. */
+__device__ __forceinline__ bool piece_at(unsigned w, work_position *p, const backward_args &a,
+                                         const mb::attention_plan &plan) {
+    const unsigned first = split_first(a);
+    if (w < first || first == UINT_MAX) return false;
+    static_assert(kWgmmaSplitMaxPieces <= 4, "the piece of a work index is found by three comparisons");
+    const unsigned pieces = (unsigned)__ldg(a.split.words + 1), tail = (unsigned)__ldg(a.split.words + 3);
+    const unsigned j = w - first;
+    if (j >= pieces * tail) return false;
+    const int piece = (int)(j >= tail) + (int)(j >= 2 * tail) + (int)(j >= 3 * tail);
+    const unsigned k = j - piece * tail;
+    if (!item_at(first + k, p, a, plan)) return false;
+    p->query_lo += piece * kStepQueries; /* steps piece, piece + P, ...: the plan gave each tail item >= P steps */
+    p->query_stride = (int)pieces * kStepQueries;
+    p->piece = piece, p->pieces = (int)pieces, p->slot = (int)k;
+    return true;
+}
+
 /* The producer warp: step i goes to stage i % kStages once the consumers released its previous use (step
  * i − kStages) and is published (its cp.async complete, proxy fence, 32 arrivals on `full`) as soon as it has landed.
  * With two stages the consumers work on step i − 1 meanwhile. (Round 2 published one step late with three stages;
  * publishing later than that measured slower in both kernels.) */
-__device__ void produce(char *smem, const ring &b, const backward_args &a, const mb::attention_plan &plan) {
-    const int hidden = a.heads * kHeadDim;
-    tile_position t;
-    int head, query_lo, query_hi;
-    int step = 0; /* the block's step count over all its tiles: the ring's stages and phases run on across tiles */
-    for (unsigned w = blockIdx.x;
-         find_tile_at(w, &t, &head, plan.seq_first, plan.tile_seq, a.cu_seqlens, a.num_seqs, a.heads, kBlockKeys);
-         w += gridDim.x) {
-        query_lo = a.queries.cu_queries[t.seq], query_hi = a.queries.cu_queries[t.seq + 1]; /* global: every query */
-        const int steps = mb::ceil_div(query_hi - query_lo, kStepQueries); /* 0: the consumers skip the item too */
-        const mb::bf16 *q = a.queries.q + head * kHeadDim, *g = a.dout + head * kHeadDim;
-        for (int i = 0; i < steps; i++, step++) {
-            const int stage = step % kStages, q0 = query_lo + i * kStepQueries;
-            if (step >= kStages) mbarrier_wait(b.empty + 8 * stage, ((step / kStages) - 1) & 1);
-            warp_load_rows<kStepQueries>(smem + kTileQ + stage * kStepTileBytes, q, (size_t)a.queries.q_stride, q0,
-                                         query_hi);
-            warp_load_rows<kStepQueries>(smem + kTileDO + stage * kStepTileBytes, g, hidden, q0, query_hi);
-            warp_load_floats<kStepQueries>(reinterpret_cast<float *>(smem + kLse) + stage * kStepQueries,
-                                           a.lse + head, a.heads, q0, query_hi);
-            warp_load_floats<kStepQueries>(reinterpret_cast<float *>(smem + kDelta) + stage * kStepQueries,
-                                           a.delta + head, a.heads, q0, query_hi);
-            cp_async_commit();
-            cp_async_wait<0>();
-            fence_proxy_async();
-            mbarrier_arrive(b.full + 8 * stage);
-        }
+/* The query steps of one work item (or piece) into the ring; `step` counts the block's steps. */
+__device__ __forceinline__ void produce_item(char *smem, const ring &b, const backward_args &a, const work_position &p,
+                                             int &step) {
+    const int hidden = a.heads * kHeadDim, head = p.head, query_hi = p.query_hi, query_stride = p.query_stride;
+    const mb::bf16 *q = a.queries.q + head * kHeadDim, *g = a.dout + head * kHeadDim;
+    for (int q0 = p.query_lo; q0 < query_hi; q0 += query_stride, step++) { /* none: the consumers skip it too */
+        const int stage = step % kStages;
+        if (step >= kStages) mbarrier_wait(b.empty + 8 * stage, ((step / kStages) - 1) & 1);
+        warp_load_rows<kStepQueries>(smem + kTileQ + stage * kStepTileBytes, q, (size_t)a.queries.q_stride, q0,
+                                     query_hi);
+        warp_load_rows<kStepQueries>(smem + kTileDO + stage * kStepTileBytes, g, hidden, q0, query_hi);
+        warp_load_floats<kStepQueries>(reinterpret_cast<float *>(smem + kLse) + stage * kStepQueries, a.lse + head,
+                                       a.heads, q0, query_hi);
+        warp_load_floats<kStepQueries>(reinterpret_cast<float *>(smem + kDelta) + stage * kStepQueries,
+                                       a.delta + head, a.heads, q0, query_hi);
+        cp_async_commit();
+        cp_async_wait<0>();
+        fence_proxy_async();
+        mbarrier_arrive(b.full + 8 * stage);
     }
+}
+
+/* The producer: the block's whole items, then its piece of the split tail if it has one (a piece is a block's last
+ * work: the tail's t·P pieces fit in one round). */
+__device__ void produce(char *smem, const ring &b, const backward_args &a, const mb::attention_plan &plan) {
+    int step = 0; /* the block's step count over all its tiles: the ring's stages and phases run on across tiles */
+    unsigned w = blockIdx.x;
+    work_position p;
+    for (; whole_item_at(w, &p, a, plan); w += gridDim.x) produce_item(smem, b, a, p, step);
+    if (piece_at(w, &p, a, plan)) produce_item(smem, b, a, p, step);
 }
 
 /* ---- the products of a 128-query step ---- */
@@ -456,7 +519,7 @@ template <bool kHasPrevious>
 __device__ __forceinline__ void consume_step(int i, int step, char *smem, const backward_args &a,
                                              const block_context &c, const ring &b, float (&s)[kScores],
                                              float (&dp)[kScores], float (&dk)[32], float (&dv)[32], float (&dq)[32]) {
-    const int q0 = c.query_lo + i * kStepQueries, stage = step % kStages, ds_stage = step & 1;
+    const int q0 = c.query_lo + i * c.query_stride, stage = step % kStages, ds_stage = step & 1;
     if (kHasPrevious) issue_step_dq(step - 1, c, b, dq);
     mbarrier_wait(b.full + 8 * stage, (step / kStages) & 1);
     const step_tiles t(smem, c.base, stage);
@@ -467,7 +530,7 @@ __device__ __forceinline__ void consume_step(int i, int step, char *smem, const 
     if (kHasPrevious) {
         wgmma_wait<1>(); /* dQ(i−1); Sᵀ may still run */
         fence_registers(dq);
-        add_dq(smem, c, dq, q0 - kStepQueries + kGroupKeys * c.group);
+        add_dq(smem, c, dq, q0 - c.query_stride + kGroupKeys * c.group);
         warp_arrive(b.ds_empty + 8 * (ds_stage ^ 1));
     }
     wgmma_fence();
@@ -518,14 +581,16 @@ __device__ __forceinline__ void prefetch_key_angles(const float2 *rope, const bl
  * block (base, group, f, hidden, k_rows, v_rows) are kept. */
 __device__ __forceinline__ bool consumer_tile(block_context *c, unsigned *w, const backward_args &a,
                                               const mb::attention_plan &plan) {
-    for (;; *w += gridDim.x) {
-        if (!find_tile_at(*w, &c->t, &c->head, plan.seq_first, plan.tile_seq, a.cu_seqlens, a.num_seqs, a.heads,
-                          kBlockKeys))
-            return false;
-        c->query_lo = a.queries.cu_queries[c->t.seq], c->query_hi = a.queries.cu_queries[c->t.seq + 1];
-        if (c->query_hi > c->query_lo) break;
+    for (work_position p;; *w += gridDim.x) {
+        if (!whole_item_at(*w, &p, a, plan) && !piece_at(*w, &p, a, plan)) return false;
+        if (p.query_hi > p.query_lo) {
+            c->t = p.t, c->head = p.head, c->query_lo = p.query_lo, c->query_hi = p.query_hi;
+            c->query_stride = p.query_stride;
+            c->piece = p.piece, c->pieces = p.pieces, c->slot = p.slot;
+            break;
+        }
     }
-    c->steps = mb::ceil_div(c->query_hi - c->query_lo, kStepQueries);
+    c->steps = mb::ceil_div(c->query_hi - c->query_lo, c->query_stride);
     c->key_a = c->t.start + kGroupKeys * c->group + c->f.row;
     c->tail_keys = c->t.start + kBlockKeys > c->t.end;
     c->dq_head = a.dq_accum + (size_t)c->head * a.dq_rows * kHeadDim;
@@ -541,10 +606,57 @@ __device__ __forceinline__ void load_key_tiles(char *smem, const backward_args &
     cp_async_commit();
 }
 
-/* A consumer warpgroup's loop over one tile (K and V in shared memory), then its last dQ and dK / dV rows. `step`
- * counts the block's steps over all its tiles (the ring's and the dSᵀ stages' phases); `w` is the tile's work item.
- * Once both groups' last dQ has read K, the next item's K and V are queued (its context replaces c) and land while
- * this tile's dq_accum adds and dK / dV stores go out. Returns whether there is a next item. */
+/* acc[e] += part[e · 256] (a partial slot's 32 values of this thread; the 32 loads in flight together). */
+__device__ __forceinline__ void add_partial(float (&acc)[32], const float *part) {
+    float x[32];
+#pragma unroll
+    for (int e = 0; e < 32; e++) x[e] = __ldcg(part + e * kConsumerThreads);
+#pragma unroll
+    for (int e = 0; e < 32; e++) acc[e] += x[e];
+}
+
+/* A piece of a split tail item (attention_wgmma_bwd.h): the thread's dK and dV go to the piece's partial slot
+ * ([value][thread]: coalesced) instead of dqkv. */
+__device__ __forceinline__ void store_partial(const backward_args &a, const block_context &c, const float (&dk)[32],
+                                              const float (&dv)[32]) {
+    float *mine = a.split.partials + ((size_t)c.slot * c.pieces + c.piece) * kWgmmaSplitSlotFloats + threadIdx.x;
+#pragma unroll
+    for (int e = 0; e < 32; e++) {
+        __stcg(mine + e * kConsumerThreads, dk[e]);
+        __stcg(mine + (32 + e) * kConsumerThreads, dv[e]);
+    }
+}
+
+/* After a block's piece (its last work, partial stored): the item's last piece to arrive (its counter) sums the
+ * item's partials in piece order — the same sum whichever piece arrives last — and stores the tile's dK and dV rows.
+ * Every consumer thread calls it (two named barriers); it runs after the block's loop, so nothing else is live. */
+__device__ __forceinline__ void finish_split_item(char *smem, const backward_args &a, const block_context &c) {
+    __threadfence(); /* the partials are visible before the counter counts this piece */
+    consumers_sync();
+    volatile int *last = reinterpret_cast<volatile int *>(smem + kSplitFlag);
+    if (threadIdx.x == 0) *last = atomicAdd(a.split.words + 4 + c.slot, 1) == c.pieces - 1;
+    consumers_sync();
+    if (!*last) return;
+    __threadfence();
+    float dk[32], dv[32];
+#pragma unroll
+    for (int e = 0; e < 32; e++) dk[e] = dv[e] = 0.0f;
+    const float *slots = a.split.partials + (size_t)c.slot * c.pieces * kWgmmaSplitSlotFloats + threadIdx.x;
+    for (int piece = 0; piece < c.pieces; piece++) {
+        add_partial(dk, slots + (size_t)piece * kWgmmaSplitSlotFloats);
+        add_partial(dv, slots + (size_t)piece * kWgmmaSplitSlotFloats + 32 * kConsumerThreads);
+    }
+    const size_t qkv_stride = 3 * (size_t)c.hidden;
+    store_key_rows(a.dqkv + c.hidden + c.head * kHeadDim, qkv_stride, dk, c.key_a, c.t.end, c.f.col, a.scale, a.rope);
+    store_key_rows(a.dqkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, dv, c.key_a, c.t.end, c.f.col, 1.0f,
+                   nullptr);
+}
+
+/* A consumer warpgroup's loop over one tile (K and V in shared memory), then its last dQ and dK / dV rows (for a
+ * piece of a split item its partials: finish_split_item sums them after the kernel's loop). `step` counts the block's
+ * steps over all its tiles (the ring's and the dSᵀ stages' phases); `w` is the tile's work item. Once both groups'
+ * last dQ has read K, the next item's K and V are queued (its context replaces c) and land while this tile's dq_accum
+ * adds and dK / dV stores go out. Returns whether there is a next item. */
 __device__ __forceinline__ bool consume_tile(char *smem, const backward_args &a, const mb::attention_plan &plan,
                                              block_context &c, const ring &b, int &step, unsigned &w) {
     float dk[32], dv[32], s[kScores], dp[kScores], dq[32];
@@ -568,15 +680,20 @@ __device__ __forceinline__ bool consume_tile(char *smem, const backward_args &a,
     block_context next = c;
     const bool more = consumer_tile(&next, &w, a, plan);
     if (more) load_key_tiles(smem, a, next);
-    add_dq(smem, c, dq, c.query_lo + last * kStepQueries + kGroupKeys * c.group);
+    add_dq(smem, c, dq, c.query_lo + last * c.query_stride + kGroupKeys * c.group);
     warp_arrive(b.ds_empty + 8 * (last_step & 1)); /* the dSᵀ stage of the last step is free (as in consume_step) */
     /* the staging must stay until the block's last bulk add has read it; the adds themselves land before the grid
      * completes (the next kernel reads dq_accum), as TMA stores do, so the block need not wait for them */
     if (!more && threadIdx.x % mb::kWarpSize == 0) bulk_wait_reads();
-    const size_t qkv_stride = 3 * (size_t)c.hidden;
-    store_key_rows(a.dqkv + c.hidden + c.head * kHeadDim, qkv_stride, dk, c.key_a, c.t.end, c.f.col, a.scale, a.rope);
-    store_key_rows(a.dqkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, dv, c.key_a, c.t.end, c.f.col, 1.0f,
-                   nullptr);
+    if (c.pieces > 1) { /* a piece: its partial; the kernel sums the item's pieces after the loop */
+        store_partial(a, c, dk, dv);
+    } else {
+        const size_t qkv_stride = 3 * (size_t)c.hidden;
+        store_key_rows(a.dqkv + c.hidden + c.head * kHeadDim, qkv_stride, dk, c.key_a, c.t.end, c.f.col, a.scale,
+                       a.rope);
+        store_key_rows(a.dqkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, dv, c.key_a, c.t.end, c.f.col, 1.0f,
+                       nullptr);
+    }
     c = next;
     return more;
 }
@@ -625,6 +742,7 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_backward_kernel(backward_ar
             fence_proxy_async();
             consumers_sync(); /* K and V of both groups' threads are in shared memory */
         } while (consume_tile(smem, a, plan, c, b, step, w));
+        if (c.pieces > 1) finish_split_item(smem, a, c); /* c: the block's last work, a piece */
     }
 #endif
 }
@@ -704,8 +822,8 @@ namespace {
 
 int launch_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout,
                     const float *lse, const float *delta, const mb::bf16 *qkv, const int32_t *cu_seqlens,
-                    query_rows queries, int rows, mb::attention_plan plan, int num_seqs, int n, int heads,
-                    int head_dim, int window, const float2 *rope, unsigned max_blocks, cudaStream_t stream,
+                    query_rows queries, int rows, mb::attention_plan plan, wgmma_split split, int num_seqs, int n,
+                    int heads, int head_dim, int window, const float2 *rope, unsigned max_blocks, cudaStream_t stream,
                     mb_error *err) {
     MB_REQUIRE(err, head_dim == kHeadDim && window < 0,
                "attention_wgmma_backward: head_dim %d, window %d (only head_dim 64, global layers)", head_dim, window);
@@ -722,11 +840,13 @@ int launch_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout,
                    reinterpret_cast<uintptr_t>(dout) % 16 == 0 && reinterpret_cast<uintptr_t>(qkv) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(queries.q) % 16 == 0,
                "attention_wgmma_backward: dqkv, dq_accum, dout, qkv and q must be 16-byte aligned");
+    MB_REQUIRE(err, split.words == nullptr || split.partials != nullptr,
+               "attention_wgmma_backward: split words without partials");
     if (plan.blocks == 0) return 0;
     MB_REQUIRE(err, max_blocks >= 1, "attention_wgmma_backward: max_blocks must be >= 1");
     float scale = 1.0f / sqrtf((float)kHeadDim);
     backward_args args = {dqkv,  dq_accum, dout,  qkv, lse, delta, cu_seqlens, queries, num_seqs, heads,
-                          mb_wgmma_dq_rows(rows), scale, kLog2e * scale, rope};
+                          mb_wgmma_dq_rows(rows), scale, kLog2e * scale, rope, split};
     MB_CUDA_CHECK(err, cudaFuncSetAttribute(wgmma_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             (int)kSharedBytes));
     const unsigned blocks = plan.blocks < max_blocks ? plan.blocks : max_blocks;
@@ -735,40 +855,40 @@ int launch_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout,
     return 0;
 }
 
+}  // namespace
+
 /* One block per SM walking the plan; MB_ATTENTION_WGMMA_BWD=per_tile launches one block per work item (the schedule
  * before session 12, for comparisons). */
-int grid_limit(const mb::attention_plan &plan, unsigned *max_blocks, mb_error *err) {
-    *max_blocks = plan.blocks;
+int mb_attention_wgmma_backward_grid(unsigned plan_blocks, unsigned *grid, mb_error *err) {
+    *grid = plan_blocks;
     if (env_is("MB_ATTENTION_WGMMA_BWD", "per_tile")) return 0;
     int sm_count = 0;
     if (current_sm_count(&sm_count, err) != 0) return -1;
-    *max_blocks = (unsigned)sm_count;
+    *grid = (unsigned)sm_count < plan_blocks ? (unsigned)sm_count : plan_blocks;
     return 0;
 }
 
-}  // namespace
-
 int mb_attention_wgmma_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout, const float *lse,
                                 const float *delta, const mb::bf16 *qkv, const int32_t *cu_seqlens,
-                                mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim, int window,
-                                const float2 *rope, cudaStream_t stream, mb_error *err) {
+                                mb::attention_plan plan, wgmma_split split, int num_seqs, int n, int heads,
+                                int head_dim, int window, const float2 *rope, cudaStream_t stream, mb_error *err) {
     unsigned max_blocks = 0;
-    if (grid_limit(plan, &max_blocks, err) != 0) return -1;
+    if (mb_attention_wgmma_backward_grid(plan.blocks, &max_blocks, err) != 0) return -1;
     const query_rows queries = {qkv, 3 * heads * kHeadDim, cu_seqlens};
-    return launch_backward(dqkv, dq_accum, dout, lse, delta, qkv, cu_seqlens, queries, n, plan, num_seqs, n, heads,
-                           head_dim, window, rope, max_blocks, stream, err);
+    return launch_backward(dqkv, dq_accum, dout, lse, delta, qkv, cu_seqlens, queries, n, plan, split, num_seqs, n,
+                           heads, head_dim, window, rope, max_blocks, stream, err);
 }
 
 int mb_attention_wgmma_backward_rows(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout, const float *lse,
                                      const float *delta, const mb::bf16 *q, const mb::bf16 *qkv,
                                      const int32_t *cu_seqlens, const int32_t *cu_queries, mb::attention_plan plan,
-                                     int num_seqs, int n, int rows, int heads, int head_dim, int window,
-                                     const float2 *rope, cudaStream_t stream, mb_error *err) {
+                                     wgmma_split split, int num_seqs, int n, int rows, int heads, int head_dim,
+                                     int window, const float2 *rope, cudaStream_t stream, mb_error *err) {
     unsigned max_blocks = 0;
-    if (grid_limit(plan, &max_blocks, err) != 0) return -1;
+    if (mb_attention_wgmma_backward_grid(plan.blocks, &max_blocks, err) != 0) return -1;
     const query_rows queries = {q, heads * kHeadDim, cu_queries};
-    return launch_backward(dqkv, dq_accum, dout, lse, delta, qkv, cu_seqlens, queries, rows, plan, num_seqs, n, heads,
-                           head_dim, window, rope, max_blocks, stream, err);
+    return launch_backward(dqkv, dq_accum, dout, lse, delta, qkv, cu_seqlens, queries, rows, plan, split, num_seqs, n,
+                           heads, head_dim, window, rope, max_blocks, stream, err);
 }
 
 /* ---- self-test ---- */
@@ -966,7 +1086,7 @@ bool compare_relative(report_text &r, const char *what, const std::vector<float>
 /* The kernel's dq_accum (head-major, unscaled) and dK / dV rows of dqkv against the reference. */
 bool check_kernel_outputs(report_text &r, const float *d_dq, const mb::bf16 *d_dqkv, const std::vector<double> &want_dq,
                           const std::vector<double> &want_dk, const std::vector<double> &want_dv, int n, int heads,
-                          size_t dq_rows, unsigned max_blocks) {
+                          size_t dq_rows, const char *batch, unsigned max_blocks, const char *split) {
     const int hidden = heads * kHeadDim;
     const size_t dq_floats = (size_t)heads * dq_rows * kHeadDim;
     std::vector<float> head_major(dq_floats), got_dq(want_dq.size());
@@ -992,17 +1112,34 @@ bool check_kernel_outputs(report_text &r, const float *d_dq, const mb::bf16 *d_d
             got_dk[(size_t)i * hidden + c] = mb_bf16_to_float(got_bits[(size_t)i * 3 * hidden + hidden + c]);
             got_dv[(size_t)i * hidden + c] = mb_bf16_to_float(got_bits[(size_t)i * 3 * hidden + 2 * hidden + c]);
         }
-    r.add("whole kernel, lengths 200 65 1 130 520, 2 heads, at most %u blocks:\n", max_blocks);
+    r.add("whole kernel, lengths %s, 2 heads, at most %u blocks%s:\n", batch, max_blocks, split);
     bool ok = compare_relative(r, "  dQ", got_dq, want_dq, hidden, 1e-2);
     ok &= compare_relative(r, "  dK", got_dk, want_dk, hidden, 1e-2);
     ok &= compare_relative(r, "  dV", got_dv, want_dv, hidden, 1e-2);
     return ok;
 }
 
-/* Runs the kernel on a packed batch (a 520-token sequence takes 5 query steps: the 2-stage ring and the two dSᵀ
- * stages wrap twice) against the double-precision reference. */
-int selftest_kernel(report_text &r) {
-    const std::vector<int> lengths = {200, 65, 1, 130, 520};
+/* The split words that attention.cu's plan kernel writes (attention_wgmma_bwd.h), computed here from the host's plan
+ * for a grid of `grid` blocks. Returns the pieces per tail item (1: no split). */
+int host_split_words(std::vector<int32_t> &words, const std::vector<int32_t> &tile_seq,
+                     const std::vector<int32_t> &cu_seqlens, int heads, unsigned grid) {
+    const unsigned items = (unsigned)tile_seq.size() * heads, tail = items > grid ? items % grid : 0;
+    int pieces = mb_wgmma_split_pieces(tail, grid);
+    for (unsigned item = items - tail; item < items; item++) {
+        const int s = tile_seq[item / heads];
+        const int steps = (cu_seqlens[s + 1] - cu_seqlens[s] + kStepQueries - 1) / kStepQueries;
+        pieces = steps < pieces ? steps : pieces;
+    }
+    words.assign(kWgmmaSplitWords, 0);
+    words[0] = (int32_t)(pieces > 1 ? items - tail : items), words[1] = pieces > 1 ? pieces : 1;
+    words[2] = (int32_t)grid, words[3] = (int32_t)tail;
+    return pieces > 1 ? pieces : 1;
+}
+
+/* Runs the kernel on a packed batch against the double-precision reference, with at most `grids` blocks each. With
+ * `split`, the tail items are cut into pieces where the host's split words say so (the counters zeroed per run). */
+int selftest_kernel(report_text &r, const std::vector<int> &lengths, const char *batch,
+                    const std::vector<unsigned> &grids, bool split) {
     const int heads = 2, hidden = heads * kHeadDim, num_seqs = (int)lengths.size();
     std::vector<int32_t> cu_seqlens(1, 0), seq_first(1, 0), tile_seq;
     for (int s = 0; s < num_seqs; s++) {
@@ -1031,7 +1168,8 @@ int selftest_kernel(report_text &r) {
     device_buffers buffers;
     mb::bf16 *d_qkv, *d_dout, *d_dqkv;
     float *d_lse, *d_delta, *d_dq;
-    int32_t *d_cu, *d_first, *d_tiles;
+    int32_t *d_cu, *d_first, *d_tiles, *d_words;
+    float *d_partials;
     SELFTEST_CUDA(buffers.allocate(&d_qkv, qkv.size()));
     SELFTEST_CUDA(buffers.allocate(&d_dqkv, qkv.size()));
     SELFTEST_CUDA(buffers.allocate(&d_dout, dout.size()));
@@ -1042,6 +1180,8 @@ int selftest_kernel(report_text &r) {
     SELFTEST_CUDA(buffers.allocate(&d_cu, cu_seqlens.size()));
     SELFTEST_CUDA(buffers.allocate(&d_first, seq_first.size()));
     SELFTEST_CUDA(buffers.allocate(&d_tiles, tile_seq.size()));
+    SELFTEST_CUDA(buffers.allocate(&d_words, (size_t)kWgmmaSplitWords));
+    SELFTEST_CUDA(buffers.allocate(&d_partials, kWgmmaSplitCapacity * kWgmmaSplitSlotFloats));
     SELFTEST_CUDA(cudaMemcpy(d_qkv, qkv_bits.data(), qkv.size() * 2, cudaMemcpyHostToDevice));
     SELFTEST_CUDA(cudaMemcpy(d_dout, dout_bits.data(), dout.size() * 2, cudaMemcpyHostToDevice));
     SELFTEST_CUDA(cudaMemcpy(d_lse, lse.data(), lse.size() * 4, cudaMemcpyHostToDevice));
@@ -1052,22 +1192,30 @@ int selftest_kernel(report_text &r) {
     const mb::attention_plan plan = {d_first, d_tiles, kBlockKeys,
                                      (unsigned)(((n + kBlockKeys - 1) / kBlockKeys + num_seqs) * heads)};
     bool ok = true;
-    /* grids: one block per work item; 3 blocks, each walking 7-8 tiles of different lengths (the 1-token sequence's
-     * included); one block walking all 22 */
-    const unsigned grids[] = {plan.blocks, 3, 1};
-    for (unsigned max_blocks : grids) {
+    for (unsigned grid : grids) {
+        const unsigned max_blocks = grid == 0 ? plan.blocks : grid; /* 0: one block per work item */
+        wgmma_split words = {nullptr, nullptr};
+        char split_text[64] = "";
+        if (split) {
+            std::vector<int32_t> host_words;
+            const int pieces = host_split_words(host_words, tile_seq, cu_seqlens, heads, max_blocks);
+            SELFTEST_CUDA(cudaMemcpy(d_words, host_words.data(), host_words.size() * 4, cudaMemcpyHostToDevice));
+            words = {d_words, d_partials};
+            snprintf(split_text, sizeof split_text, ", tail split in %d pieces from item %d", pieces, host_words[0]);
+        }
         SELFTEST_CUDA(cudaMemset(d_dqkv, 0xff, qkv.size() * 2)); /* NaN: a token the kernel forgets stays NaN */
         SELFTEST_CUDA(cudaMemset(d_dq, 0, dq_floats * 4));
         mb_error err;
         err.message[0] = '\0';
         const query_rows queries = {d_qkv, 3 * heads * kHeadDim, d_cu};
-        if (launch_backward(d_dqkv, d_dq, d_dout, d_lse, d_delta, d_qkv, d_cu, queries, n, plan, num_seqs, n, heads,
-                            kHeadDim, -1, nullptr, max_blocks, nullptr, &err) != 0) {
+        if (launch_backward(d_dqkv, d_dq, d_dout, d_lse, d_delta, d_qkv, d_cu, queries, n, plan, words, num_seqs, n,
+                            heads, kHeadDim, -1, nullptr, max_blocks, nullptr, &err) != 0) {
             r.add("launch: %s\n", err.message);
             return -1;
         }
         SELFTEST_CUDA(cudaDeviceSynchronize());
-        ok &= check_kernel_outputs(r, d_dq, d_dqkv, want_dq, want_dk, want_dv, n, heads, dq_rows, max_blocks);
+        ok &= check_kernel_outputs(r, d_dq, d_dqkv, want_dq, want_dk, want_dv, n, heads, dq_rows, batch, max_blocks,
+                                   split_text);
     }
     return ok ? 0 : 1;
 }
@@ -1083,7 +1231,15 @@ extern "C" int mb_cuda_attention_wgmma_backward_selftest(char *report, size_t si
     }
     int products = selftest_products(r);
     if (products < 0) return -1;
-    int kernel = selftest_kernel(r);
+    /* a 520-token sequence takes 5 query steps: the 2-stage ring and the two dSᵀ stages wrap twice; grids: one block
+     * per work item; 3 blocks, each walking 7-8 tiles of different lengths (the 1-token sequence's included); one
+     * block walking all 22 */
+    int kernel = selftest_kernel(r, {200, 65, 1, 130, 520}, "200 65 1 130 520", {0, 3, 1}, false);
     if (kernel < 0) return -1;
+    /* the tail split: 32 items; 10 blocks leave the last 2 (the 300-token sequence's 44-key tile) to 3 pieces of one
+     * step, 13 blocks the last 6 to 2 pieces, 5 blocks the last 2 to 2 pieces (attention_wgmma_bwd.h) */
+    int split = selftest_kernel(r, {520, 260, 520, 300}, "520 260 520 300", {10, 13, 5}, true);
+    if (split < 0) return -1;
+    kernel = kernel == 0 && split == 0 ? 0 : 1;
     return products == 0 && kernel == 0 ? 0 : 1;
 }

@@ -9,6 +9,7 @@
 /* Keys per block: the tile size of the plan handed to mb_attention_wgmma_backward (two consumer warpgroups of 64
  * keys each, one 128-key K/V tile resident in shared memory; queries are visited in steps of 128). */
 constexpr int kWgmmaBackwardTile = 128;
+constexpr int kWgmmaBackwardStep = 128; /* queries per step of the query loop */
 
 /* True when this kernel can run the call: head_dim 64, a global layer (window < 0), the current device is compute
  * capability 9.x and the kernel was built with sm_90a code (binaryVersion >= 90). Queries the device every call. */
@@ -28,6 +29,42 @@ __host__ __device__ inline size_t mb_wgmma_dq_offset(size_t token, int head, int
     return ((size_t)head * rows + token) * 64 + 8 * (size_t)((d8 / 8) ^ (int)(token % 4));
 }
 
+/* The tail split (session 17). A persistent grid of G blocks walks `items` work items in rounds of G; when items > G
+ * and the last round holds only t = items mod G of them, those t items are cut into P pieces each (t·P <= G, so the
+ * last round runs pieces about 1/P as long). Piece p takes the item's query steps p, p + P, p + 2P, ... A piece adds
+ * its queries' dQ as any item does; its dK and dV (fp32) go to a partial slot, and the last piece of an item to finish
+ * (a counter per item) sums the item's partials in piece order and stores dK and dV.
+ * P = min(G / t, kWgmmaSplitMaxPieces, kWgmmaSplitCapacity / t, the fewest query steps of a tail item); P < 2 leaves
+ * the tail whole. Uniform lengths (the benchmark, the 8192 phase) split; a tail of short sequences (sorted last)
+ * mostly does not.
+ * The plan kernel (attention.cu) writes the split words for the grid the backward will launch: [0] the first split
+ * item (items when none), [1] P, [2] the grid it was planned for (the kernel ignores words planned for another grid),
+ * [3] t, [4 .. 4 + t) the counters, zeroed. */
+constexpr int kWgmmaSplitMaxPieces = 4;
+constexpr int kWgmmaSplitCapacity = 160;                   /* piece slots: t·P <= 160 */
+constexpr int kWgmmaSplitWords = 4 + kWgmmaSplitCapacity;  /* int32 */
+constexpr size_t kWgmmaSplitSlotFloats = 2 * 128 * 64;     /* one piece's dK and dV of a 128-key tile, fp32 */
+
+/* Where the split lives (workspace of attention.cu): words [kWgmmaSplitWords] and partials [kWgmmaSplitCapacity]
+ * [kWgmmaSplitSlotFloats]. words == nullptr: no split. */
+struct wgmma_split {
+    int32_t *words;
+    float *partials;
+};
+
+/* P for t = tail items of a grid of `grid` blocks, before the query-step limit (1: no split). */
+__host__ __device__ inline int mb_wgmma_split_pieces(unsigned tail, unsigned grid) {
+    if (tail == 0) return 1;
+    unsigned pieces = grid / tail;
+    if (pieces > (unsigned)kWgmmaSplitMaxPieces) pieces = kWgmmaSplitMaxPieces;
+    if (pieces > kWgmmaSplitCapacity / tail) pieces = kWgmmaSplitCapacity / tail;
+    return pieces < 1 ? 1 : (int)pieces;
+}
+
+/* The grid mb_attention_wgmma_backward(_rows) launches for a plan of plan_blocks work items: one block per SM, or
+ * one per item with MB_ATTENTION_WGMMA_BWD=per_tile. */
+int mb_attention_wgmma_backward_grid(unsigned plan_blocks, unsigned *grid, mb_error *err);
+
 /* Writes the dK and dV blocks of dqkv [n, 3H] for every token (dK = scale·Σ_i dS_ij q_i, dV = Σ_i P_ij dO_i, bf16)
  * and ADDS the unscaled Σ_j dS_ij k_j into dq_accum (the layout above, mb_wgmma_dq_rows(n) rows per head, zeroed by
  * the caller in rows < n; the caller's convert kernel writes dQ = scale·dq_accum). P_ij = exp(s_ij − lse_i),
@@ -36,8 +73,8 @@ __host__ __device__ inline size_t mb_wgmma_dq_offset(size_t token, int head, int
  * Returns 0, or -1 with err filled (bad arguments, failed launch). */
 int mb_attention_wgmma_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout, const float *lse,
                                 const float *delta, const mb::bf16 *qkv, const int32_t *cu_seqlens,
-                                mb::attention_plan plan, int num_seqs, int n, int heads, int head_dim, int window,
-                                const float2 *rope, cudaStream_t stream, mb_error *err);
+                                mb::attention_plan plan, wgmma_split split, int num_seqs, int n, int heads,
+                                int head_dim, int window, const float2 *rope, cudaStream_t stream, mb_error *err);
 
 /* The same for a subset of the query rows (the last layer on the head's rows, cuda/backend_cuda.cu): the queries of
  * sequence s are rows [cu_queries[s], cu_queries[s + 1]) of q (row stride heads·64, rotated by RoPE), of dout, lse and
@@ -47,7 +84,8 @@ int mb_attention_wgmma_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 
 int mb_attention_wgmma_backward_rows(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout, const float *lse,
                                      const float *delta, const mb::bf16 *q, const mb::bf16 *qkv,
                                      const int32_t *cu_seqlens, const int32_t *cu_queries, mb::attention_plan plan,
-                                     int num_seqs, int n, int rows, int heads, int head_dim, int window,
+                                     wgmma_split split, int num_seqs, int n, int rows, int heads, int head_dim,
+                                     int window,
                                      const float2 *rope, cudaStream_t stream, mb_error *err);
 
 /* Device self-test (synchronizes; allocates its own buffers). Part 1 runs the kernel's three wgmma tile products

@@ -136,8 +136,13 @@ int mb_cuda_rope_table(float *table, const int32_t *positions, int n, int head_d
  * window < 0: each query sees its whole sequence; else keys with |i − j| <= window. head_dim 32, 64 or 128.
  * cu_seqlens has num_seqs + 1 entries on the device, n = cu_seqlens[num_seqs], sequences of any length >= 1.
  * workspace: mb_cuda_attention_workspace_bytes(n, num_seqs, heads, head_dim) bytes, shared by forward and backward
- * (not preserved between calls; the backward's fp32 dQ accumulator [n, heads·head_dim] is most of it). */
+ * (not preserved between calls; the backward's fp32 dQ accumulator [n, heads·head_dim] is most of it, plus 10 MB of
+ * the sm_90a global backward's tail split). */
 size_t mb_cuda_attention_workspace_bytes(int n, int num_seqs, int heads, int head_dim);
+/* The tail split that the last sm_90a global backward planned in this workspace (cuda/attention_wgmma_bwd.h): its
+ * first split work item and its pieces per item (1: none). Synchronizes; for tests and benchmarks. */
+int mb_cuda_attention_backward_split(const void *workspace, int n, int num_seqs, int heads, int *first_item,
+                                     int *pieces, mb_error *err);
 int mb_cuda_attention_forward(mb_bf16 *out, float *lse, void *workspace, const mb_bf16 *qkv, const int32_t *cu_seqlens,
                               int num_seqs, int n, int heads, int head_dim, int window, cudaStream_t stream,
                               mb_error *err);

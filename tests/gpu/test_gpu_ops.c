@@ -1057,6 +1057,83 @@ Test(gpu_ops, attention_band_runs) {
 
 /* The sm_90a kernels' own device self-tests (tile products through their shared-memory descriptors, then the whole
  * kernel against a double-precision reference); they skip on devices without sm_90a. */
+/* The sm_90a global backward's tail split (cuda/attention_wgmma_bwd.h): uniform 384-token sequences (3 key tiles, 3
+ * query steps), 4 heads, as many as leave the grid's last round a few items (with 132 SMs: 12 sequences, 144 items,
+ * 12 in the last round, cut into 3 pieces). The split backward against the CPU reference (run_attention: its
+ * deterministic = 0 run is the split one), the planned split read back, and the same backward unsplit
+ * (MB_ATTENTION_WGMMA_SPLIT=0) against the split one. */
+Test(gpu_ops, attention_wgmma_tail_split, .timeout = 600) {
+    require_gpu();
+    if (!mb_cuda_attention_rows_supported(64, -1, 0)) {
+        cr_log_info("attention_wgmma_tail_split: skipped, no sm_90a global backward on this device");
+        return;
+    }
+    int device = 0, sm_count = 0;
+    cr_assert(cudaGetDevice(&device) == cudaSuccess);
+    cr_assert(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) == cudaSuccess);
+    const int heads = 4, length = 384, items_per_seq = heads * 3, steps = 3;
+    int num_seqs = sm_count / items_per_seq + 1, tail = 0;
+    for (;; num_seqs++) { /* the first count whose last round takes at most half the grid */
+        tail = (num_seqs * items_per_seq) % sm_count;
+        if (tail > 0 && 2 * tail <= sm_count) break;
+    }
+    int expected_pieces = sm_count / tail; /* min(grid / t, 4 pieces, 160 slots / t, the steps) */
+    expected_pieces = expected_pieces > 4 ? 4 : expected_pieces;
+    expected_pieces = expected_pieces > 160 / tail ? 160 / tail : expected_pieces;
+    expected_pieces = expected_pieces > steps ? steps : expected_pieces;
+    int *lengths = malloc((size_t)num_seqs * sizeof(int) + 1);
+    cr_assert(lengths != NULL && num_seqs > 0);
+    for (int s = 0; s < num_seqs; s++) lengths[s] = length;
+    cr_log_info("tail split: %d SMs, %d sequences of %d, %d items, %d in the last round, %d pieces expected", sm_count,
+                num_seqs, length, num_seqs * items_per_seq, tail, expected_pieces);
+    run_attention("tail split", lengths, num_seqs, heads, 64, -1, 71);
+
+    mb_rng rng;
+    mb_rng_seed(&rng, 72);
+    mb_error err = {{0}};
+    int32_t *cu = make_cu_seqlens(lengths, num_seqs);
+    const int n = cu[num_seqs], hidden = heads * 64;
+    const size_t qkv_count = (size_t)n * 3 * hidden, out_count = (size_t)n * hidden;
+    float *qkv, *dout;
+    mb_bf16 *d_qkv = random_bf16(&rng, qkv_count, 0.0, 1.0, &qkv), *d_dout = random_bf16(&rng, out_count, 0.0, 1.0, &dout);
+    int32_t *d_cu = to_device(cu, (size_t)(num_seqs + 1) * sizeof(int32_t));
+    void *workspace = dev_alloc(mb_cuda_attention_workspace_bytes(n, num_seqs, heads, 64));
+    mb_bf16 *d_out = dev_alloc(out_count * sizeof(mb_bf16)), *d_dqkv = dev_alloc(qkv_count * sizeof(mb_bf16));
+    float *d_lse = dev_alloc((size_t)n * heads * sizeof(float));
+    launched(mb_cuda_attention_forward(d_out, d_lse, workspace, d_qkv, d_cu, num_seqs, n, heads, 64, -1, test_stream,
+                                       &err),
+             &err, "attention_forward");
+    float *runs[2];
+    for (int run = 0; run < 2; run++) {
+        if (run == 1) setenv("MB_ATTENTION_WGMMA_SPLIT", "0", 1);
+        dev_poison(d_dqkv, qkv_count * sizeof(mb_bf16));
+        launched(mb_cuda_attention_backward(d_dqkv, workspace, d_dout, d_out, d_lse, d_qkv, d_cu, num_seqs, n, heads,
+                                            64, -1, 0, test_stream, &err),
+                 &err, "attention_backward");
+        runs[run] = download_bf16(d_dqkv, qkv_count);
+        if (run == 0) {
+            int first = -1, pieces = -1;
+            launched(mb_cuda_attention_backward_split(workspace, n, num_seqs, heads, &first, &pieces, &err), &err,
+                     "attention_backward_split");
+            cr_expect(pieces == expected_pieces && first == num_seqs * items_per_seq - tail,
+                      "tail split planned from item %d in %d pieces, expected from item %d in %d", first, pieces,
+                      num_seqs * items_per_seq - tail, expected_pieces);
+        }
+    }
+    unsetenv("MB_ATTENTION_WGMMA_SPLIT");
+    static const char *block_names[3] = {"dQ", "dK", "dV"};
+    for (int block = 0; block < 3; block++) {
+        float *split = qkv_block(runs[0], n, hidden, block), *whole = qkv_block(runs[1], n, hidden, block);
+        char what[120];
+        snprintf(what, sizeof what, "tail split %s against the unsplit backward", block_names[block]);
+        expect_close(what, split, whole, out_count, BF16_TOLERANCE);
+        free(split), free(whole);
+    }
+    free(runs[0]), free(runs[1]), free(cu), free(lengths), free(qkv), free(dout);
+    cudaFree(d_qkv), cudaFree(d_dout), cudaFree(d_cu), cudaFree(workspace), cudaFree(d_out), cudaFree(d_dqkv);
+    cudaFree(d_lse);
+}
+
 Test(gpu_ops, attention_wgmma_selftests) {
     require_gpu();
     char report[8192];
