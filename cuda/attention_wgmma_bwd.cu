@@ -6,7 +6,9 @@
  *   dV_j = Σ_i P_ij do_i,  dK_j = scale Σ_i dS_ij q_i  (written, bf16),  dq_accum_i += Σ_j dS_ij k_j  (fp32, unscaled)
  *
  * Work item = one 128-key tile of the plan and one head. A persistent grid (one block per SM, session 12) walks the
- * items with stride gridDim.x; MB_ATTENTION_WGMMA_BWD=per_tile launches one block per item instead. A block has 384
+ * items with stride gridDim.x; MB_ATTENTION_WGMMA_BWD=per_tile launches one block per item instead. The items of a
+ * short last round are cut into pieces by query steps, their dK / dV summed by the last piece (the tail split of
+ * attention_wgmma_bwd.h, session 17; MB_ATTENTION_WGMMA_SPLIT=0 turns it off). A block has 384
  * threads: warpgroups 0 and 1 consume, warpgroup 2's first warp produces (setmaxnreg 240 / 24). Warpgroup g owns
  * keys 64g..64g+63 of the tile and holds their dK and dV (64 × 64 fp32 each) in registers. The block loops over the
  * sequence's queries in steps of 128 (FlashAttention-3's hdim-64 tile); per step and warpgroup (m64nNk16 = one wgmma,
