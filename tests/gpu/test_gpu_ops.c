@@ -1057,83 +1057,6 @@ Test(gpu_ops, attention_band_runs) {
 
 /* The sm_90a kernels' own device self-tests (tile products through their shared-memory descriptors, then the whole
  * kernel against a double-precision reference); they skip on devices without sm_90a. */
-/* The sm_90a global backward's tail split (cuda/attention_wgmma_bwd.h): uniform 384-token sequences (3 key tiles, 3
- * query steps), 4 heads, as many as leave the grid's last round a few items (with 132 SMs: 12 sequences, 144 items,
- * 12 in the last round, cut into 3 pieces). The split backward against the CPU reference (run_attention: its
- * deterministic = 0 run is the split one), the planned split read back, and the same backward unsplit
- * (MB_ATTENTION_WGMMA_SPLIT=0) against the split one. */
-Test(gpu_ops, attention_wgmma_tail_split, .timeout = 600) {
-    require_gpu();
-    if (!mb_cuda_attention_rows_supported(64, -1, 0)) {
-        cr_log_info("attention_wgmma_tail_split: skipped, no sm_90a global backward on this device");
-        return;
-    }
-    int device = 0, sm_count = 0;
-    cr_assert(cudaGetDevice(&device) == cudaSuccess);
-    cr_assert(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) == cudaSuccess);
-    const int heads = 4, length = 384, items_per_seq = heads * 3, steps = 3;
-    int num_seqs = sm_count / items_per_seq + 1, tail = 0;
-    for (;; num_seqs++) { /* the first count whose last round takes at most half the grid */
-        tail = (num_seqs * items_per_seq) % sm_count;
-        if (tail > 0 && 2 * tail <= sm_count) break;
-    }
-    int expected_pieces = sm_count / tail; /* min(grid / t, 4 pieces, 160 slots / t, the steps) */
-    expected_pieces = expected_pieces > 4 ? 4 : expected_pieces;
-    expected_pieces = expected_pieces > 160 / tail ? 160 / tail : expected_pieces;
-    expected_pieces = expected_pieces > steps ? steps : expected_pieces;
-    int *lengths = malloc((size_t)num_seqs * sizeof(int) + 1);
-    cr_assert(lengths != NULL && num_seqs > 0);
-    for (int s = 0; s < num_seqs; s++) lengths[s] = length;
-    cr_log_info("tail split: %d SMs, %d sequences of %d, %d items, %d in the last round, %d pieces expected", sm_count,
-                num_seqs, length, num_seqs * items_per_seq, tail, expected_pieces);
-    run_attention("tail split", lengths, num_seqs, heads, 64, -1, 71);
-
-    mb_rng rng;
-    mb_rng_seed(&rng, 72);
-    mb_error err = {{0}};
-    int32_t *cu = make_cu_seqlens(lengths, num_seqs);
-    const int n = cu[num_seqs], hidden = heads * 64;
-    const size_t qkv_count = (size_t)n * 3 * hidden, out_count = (size_t)n * hidden;
-    float *qkv, *dout;
-    mb_bf16 *d_qkv = random_bf16(&rng, qkv_count, 0.0, 1.0, &qkv), *d_dout = random_bf16(&rng, out_count, 0.0, 1.0, &dout);
-    int32_t *d_cu = to_device(cu, (size_t)(num_seqs + 1) * sizeof(int32_t));
-    void *workspace = dev_alloc(mb_cuda_attention_workspace_bytes(n, num_seqs, heads, 64));
-    mb_bf16 *d_out = dev_alloc(out_count * sizeof(mb_bf16)), *d_dqkv = dev_alloc(qkv_count * sizeof(mb_bf16));
-    float *d_lse = dev_alloc((size_t)n * heads * sizeof(float));
-    launched(mb_cuda_attention_forward(d_out, d_lse, workspace, d_qkv, d_cu, num_seqs, n, heads, 64, -1, test_stream,
-                                       &err),
-             &err, "attention_forward");
-    float *runs[2];
-    for (int run = 0; run < 2; run++) {
-        if (run == 1) setenv("MB_ATTENTION_WGMMA_SPLIT", "0", 1);
-        dev_poison(d_dqkv, qkv_count * sizeof(mb_bf16));
-        launched(mb_cuda_attention_backward(d_dqkv, workspace, d_dout, d_out, d_lse, d_qkv, d_cu, num_seqs, n, heads,
-                                            64, -1, 0, test_stream, &err),
-                 &err, "attention_backward");
-        runs[run] = download_bf16(d_dqkv, qkv_count);
-        if (run == 0) {
-            int first = -1, pieces = -1;
-            launched(mb_cuda_attention_backward_split(workspace, n, num_seqs, heads, &first, &pieces, &err), &err,
-                     "attention_backward_split");
-            cr_expect(pieces == expected_pieces && first == num_seqs * items_per_seq - tail,
-                      "tail split planned from item %d in %d pieces, expected from item %d in %d", first, pieces,
-                      num_seqs * items_per_seq - tail, expected_pieces);
-        }
-    }
-    unsetenv("MB_ATTENTION_WGMMA_SPLIT");
-    static const char *block_names[3] = {"dQ", "dK", "dV"};
-    for (int block = 0; block < 3; block++) {
-        float *split = qkv_block(runs[0], n, hidden, block), *whole = qkv_block(runs[1], n, hidden, block);
-        char what[120];
-        snprintf(what, sizeof what, "tail split %s against the unsplit backward", block_names[block]);
-        expect_close(what, split, whole, out_count, BF16_TOLERANCE);
-        free(split), free(whole);
-    }
-    free(runs[0]), free(runs[1]), free(cu), free(lengths), free(qkv), free(dout);
-    cudaFree(d_qkv), cudaFree(d_dout), cudaFree(d_cu), cudaFree(workspace), cudaFree(d_out), cudaFree(d_dqkv);
-    cudaFree(d_lse);
-}
-
 Test(gpu_ops, attention_wgmma_selftests) {
     require_gpu();
     char report[8192];
@@ -1756,15 +1679,16 @@ Test(gpu_ops, attention_rope_fused) {
 
 /* Which rows a case asks for: sequence 1 none and sequence 2 all, the others ~30 % (MLM), or the first row of every
  * sequence but sequence 1 (cls pooling: one query per sequence). */
-enum asked_rows { kAskedMlm, kAskedFirst };
+enum asked_rows { kAskedMlm, kAskedFirst, kAskedAllButLast };
 
 /* The sparse last layer's attention: queries are the asked-for rows only (asked_rows: the MLM pattern, with 1-token
- * sequences asked and not, or one row per sequence), keys every token of their sequence. Against the CPU reference
+ * sequences asked and not, or one row per sequence, or all but each sequence's last), keys every token of their
+ * sequence. Sequence 1 never has asked rows. *split_pieces (when given) gets the tail split the backward planned. Against the CPU reference
  * on the whole batch: out and lse of the asked rows; dQ, dK, dV of the whole-batch backward with dO zero on the other
  * rows, then RoPE's backward by the CPU op (the rows backward applies it in its stores) — dQ of the other rows and
  * dK/dV of sequences without asked rows must be exact zeros. */
 static void run_attention_rows(const char *name, const int *lengths, int num_seqs, int heads, double theta,
-                               enum asked_rows pattern, uint64_t seed) {
+                               enum asked_rows pattern, uint64_t seed, int *split_pieces) {
     const int head_dim = 64;
     if (!mb_cuda_attention_rows_supported(head_dim, -1, 0)) {
         cr_log_info("attention rows: no kernel for a subset of the queries on this device: skipped");
@@ -1785,10 +1709,11 @@ static void run_attention_rows(const char *name, const int *lengths, int num_seq
     for (int s = 0; s < num_seqs; s++) {
         for (int i = cu[s]; i < cu[s + 1]; i++) {
             positions[i] = i - cu[s];
-            bool asked = s == 1                  ? false
-                         : pattern == kAskedFirst ? i == cu[s]
-                         : s == 2                 ? true
-                                                  : mb_rng_below(&rng, 10) < 3;
+            bool asked = s == 1                       ? false
+                         : pattern == kAskedFirst      ? i == cu[s]
+                         : pattern == kAskedAllButLast ? i + 1 < cu[s + 1]
+                         : s == 2                      ? true
+                                                       : mb_rng_below(&rng, 10) < 3;
             if (asked) rows_of[rows++] = i;
         }
         cu_rows[s + 1] = rows;
@@ -1821,6 +1746,11 @@ static void run_attention_rows(const char *name, const int *lengths, int num_seq
     launched(mb_cuda_attention_backward_rows(d_dqkv, workspace, d_dout, d_out, d_lse, d_q, d_qkv, d_cu, d_cu_rows,
                                              d_rows, num_seqs, n, rows, heads, head_dim, -1, d_table, test_stream,
                                              &err), &err, "attention_backward_rows");
+    if (split_pieces != NULL) {
+        int first = 0;
+        launched(mb_cuda_attention_backward_split(workspace, n, num_seqs, heads, &first, split_pieces, &err), &err,
+                 "attention_backward_split");
+    }
     float *out = download_bf16(d_out, (size_t)rows * hidden), *lse = download_floats(d_lse, (size_t)rows * heads);
     float *dqkv = download_bf16(d_dqkv, qkv_count);
 
@@ -1869,9 +1799,92 @@ static void run_attention_rows(const char *name, const int *lengths, int num_seq
 Test(gpu_ops, attention_rows, .timeout = 600) {
     require_gpu();
     int count = (int)(sizeof kShortLengths / sizeof kShortLengths[0]);
-    run_attention_rows("short", kShortLengths, count, 2, 160000.0, kAskedMlm, 81);
+    run_attention_rows("short", kShortLengths, count, 2, 160000.0, kAskedMlm, 81, NULL);
     const int long_beside_short[] = {1, 65, size_for(8192, 1030), 3, 200, 130};
-    run_attention_rows("long beside short", long_beside_short, 6, 3, 160000.0, kAskedMlm, 82);
-    run_attention_rows("short, 12 heads", kShortLengths, count, 12, 10000.0, kAskedMlm, 83);
-    run_attention_rows("first rows (cls)", long_beside_short, 6, 12, 160000.0, kAskedFirst, 84);
+    run_attention_rows("long beside short", long_beside_short, 6, 3, 160000.0, kAskedMlm, 82, NULL);
+    run_attention_rows("short, 12 heads", kShortLengths, count, 12, 10000.0, kAskedMlm, 83, NULL);
+    run_attention_rows("first rows (cls)", long_beside_short, 6, 12, 160000.0, kAskedFirst, 84, NULL);
+}
+
+/* The sm_90a global backward's tail split (cuda/attention_wgmma_bwd.h): uniform 384-token sequences (3 key tiles, 3
+ * query steps), 4 heads, as many as leave the grid's last round a few items (with 132 SMs: 12 sequences, 144 items,
+ * 12 in the last round, cut into 3 pieces). The split backward against the CPU reference (run_attention: its
+ * deterministic = 0 run is the split one); the rows backward of the sparse last layer, split too, against the CPU
+ * (run_attention_rows, all rows but each sequence's last); the planned splits read back; and the whole-batch backward
+ * unsplit (MB_ATTENTION_WGMMA_SPLIT=0) against the split one. */
+Test(gpu_ops, attention_wgmma_tail_split, .timeout = 600) {
+    require_gpu();
+    if (!mb_cuda_attention_rows_supported(64, -1, 0)) {
+        cr_log_info("attention_wgmma_tail_split: skipped, no sm_90a global backward on this device");
+        return;
+    }
+    int device = 0, sm_count = 0;
+    cr_assert(cudaGetDevice(&device) == cudaSuccess);
+    cr_assert(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) == cudaSuccess);
+    const int heads = 4, length = 384, items_per_seq = heads * 3, steps = 3;
+    int num_seqs = sm_count / items_per_seq + 1, tail = 0;
+    for (;; num_seqs++) { /* the first count whose last round takes at most half the grid */
+        tail = (num_seqs * items_per_seq) % sm_count;
+        if (tail > 0 && 2 * tail <= sm_count) break;
+    }
+    int expected_pieces = sm_count / tail; /* min(grid / t, 4 pieces, 160 slots / t, the steps) */
+    expected_pieces = expected_pieces > 4 ? 4 : expected_pieces;
+    expected_pieces = expected_pieces > 160 / tail ? 160 / tail : expected_pieces;
+    expected_pieces = expected_pieces > steps ? steps : expected_pieces;
+    int *lengths = malloc((size_t)num_seqs * sizeof(int) + 1);
+    cr_assert(lengths != NULL && num_seqs > 0);
+    for (int s = 0; s < num_seqs; s++) lengths[s] = length;
+    cr_log_info("tail split: %d SMs, %d sequences of %d, %d items, %d in the last round, %d pieces expected", sm_count,
+                num_seqs, length, num_seqs * items_per_seq, tail, expected_pieces);
+    run_attention("tail split", lengths, num_seqs, heads, 64, -1, 71);
+    /* the rows backward (the sparse last layer) splits by the asked rows' steps: 383 of 384 rows, 3 steps */
+    int rows_pieces = 0;
+    run_attention_rows("tail split", lengths, num_seqs, heads, 160000.0, kAskedAllButLast, 73, &rows_pieces);
+    cr_expect(rows_pieces == expected_pieces, "rows backward: tail split in %d pieces, expected %d", rows_pieces,
+              expected_pieces);
+
+    mb_rng rng;
+    mb_rng_seed(&rng, 72);
+    mb_error err = {{0}};
+    int32_t *cu = make_cu_seqlens(lengths, num_seqs);
+    const int n = cu[num_seqs], hidden = heads * 64;
+    const size_t qkv_count = (size_t)n * 3 * hidden, out_count = (size_t)n * hidden;
+    float *qkv, *dout;
+    mb_bf16 *d_qkv = random_bf16(&rng, qkv_count, 0.0, 1.0, &qkv), *d_dout = random_bf16(&rng, out_count, 0.0, 1.0, &dout);
+    int32_t *d_cu = to_device(cu, (size_t)(num_seqs + 1) * sizeof(int32_t));
+    void *workspace = dev_alloc(mb_cuda_attention_workspace_bytes(n, num_seqs, heads, 64));
+    mb_bf16 *d_out = dev_alloc(out_count * sizeof(mb_bf16)), *d_dqkv = dev_alloc(qkv_count * sizeof(mb_bf16));
+    float *d_lse = dev_alloc((size_t)n * heads * sizeof(float));
+    launched(mb_cuda_attention_forward(d_out, d_lse, workspace, d_qkv, d_cu, num_seqs, n, heads, 64, -1, test_stream,
+                                       &err),
+             &err, "attention_forward");
+    float *runs[2];
+    for (int run = 0; run < 2; run++) {
+        if (run == 1) setenv("MB_ATTENTION_WGMMA_SPLIT", "0", 1);
+        dev_poison(d_dqkv, qkv_count * sizeof(mb_bf16));
+        launched(mb_cuda_attention_backward(d_dqkv, workspace, d_dout, d_out, d_lse, d_qkv, d_cu, num_seqs, n, heads,
+                                            64, -1, 0, test_stream, &err),
+                 &err, "attention_backward");
+        runs[run] = download_bf16(d_dqkv, qkv_count);
+        if (run == 0) {
+            int first = -1, pieces = -1;
+            launched(mb_cuda_attention_backward_split(workspace, n, num_seqs, heads, &first, &pieces, &err), &err,
+                     "attention_backward_split");
+            cr_expect(pieces == expected_pieces && first == num_seqs * items_per_seq - tail,
+                      "tail split planned from item %d in %d pieces, expected from item %d in %d", first, pieces,
+                      num_seqs * items_per_seq - tail, expected_pieces);
+        }
+    }
+    unsetenv("MB_ATTENTION_WGMMA_SPLIT");
+    static const char *block_names[3] = {"dQ", "dK", "dV"};
+    for (int block = 0; block < 3; block++) {
+        float *split = qkv_block(runs[0], n, hidden, block), *whole = qkv_block(runs[1], n, hidden, block);
+        char what[120];
+        snprintf(what, sizeof what, "tail split %s against the unsplit backward", block_names[block]);
+        expect_close(what, split, whole, out_count, BF16_TOLERANCE);
+        free(split), free(whole);
+    }
+    free(runs[0]), free(runs[1]), free(cu), free(lengths), free(qkv), free(dout);
+    cudaFree(d_qkv), cudaFree(d_dout), cudaFree(d_cu), cudaFree(workspace), cudaFree(d_out), cudaFree(d_dqkv);
+    cudaFree(d_lse);
 }
