@@ -99,7 +99,7 @@ struct split_request {
 __device__ void plan_split(const split_request &split, const int32_t *tile_seq, int tiles) {
     __shared__ int fewest_steps;
     const unsigned items = (unsigned)tiles * split.heads, grid = split.grid;
-    const unsigned tail = items > grid ? items % grid : 0;
+    const unsigned tail = mb_wgmma_split_tail(items, grid);
     if (threadIdx.x == 0) fewest_steps = kWgmmaSplitMaxPieces;
     __syncthreads(); /* also: every thread's tile_seq writes are visible */
     const int pieces = mb_wgmma_split_pieces(tail, grid);
@@ -108,14 +108,9 @@ __device__ void plan_split(const split_request &split, const int32_t *tile_seq, 
         atomicMin(&fewest_steps, mb::ceil_div(split.cu_queries[s + 1] - split.cu_queries[s], kWgmmaBackwardStep));
     }
     __syncthreads();
-    const int used = min(pieces, fewest_steps);
-    if (threadIdx.x == 0) {
-        split.words[0] = (int32_t)(used > 1 ? items - tail : items);
-        split.words[1] = used > 1 ? used : 1;
-        split.words[2] = (int32_t)grid;
-        split.words[3] = (int32_t)tail;
-    }
-    for (unsigned k = threadIdx.x; used > 1 && k < tail; k += blockDim.x) split.words[4 + k] = 0; /* the counters */
+    const bool used = min(pieces, fewest_steps) > 1;
+    if (threadIdx.x == 0) mb_wgmma_split_words(split.words, items, grid, fewest_steps);
+    for (unsigned k = threadIdx.x; used && k < tail; k += blockDim.x) split.words[4 + k] = 0; /* the counters */
 }
 
 /* seq_first[s] = the first tile of sequence s in launch order, seq_first[num_seqs] = the tile count;
@@ -801,6 +796,7 @@ workspace_layout carve_workspace(void *base, int n, int num_seqs, int heads) {
     w.split.words = reinterpret_cast<int32_t *>(p);
     p += kSplitWordBytes;
     w.split.partials = reinterpret_cast<float *>(p);
+    w.split.grid = 0; /* set by plan_wgmma_backward */
     p += kSplitPartialBytes;
     w.dq_accum = reinterpret_cast<float *>(p);
     return w;
@@ -868,7 +864,8 @@ int plan_wgmma_backward(mb::attention_plan *plan, wgmma_split *split, workspace_
     const unsigned blocks = grid_blocks(n, num_seqs, heads, kWgmmaBackwardTile);
     unsigned grid = 0;
     if (mb_attention_wgmma_backward_grid(blocks, &grid, err) != 0) return -1;
-    *split = env_is("MB_ATTENTION_WGMMA_SPLIT", "0") ? wgmma_split{nullptr, nullptr} : w.split;
+    *split = env_is("MB_ATTENTION_WGMMA_SPLIT", "0") ? wgmma_split{nullptr, nullptr, 0} : w.split;
+    split->grid = grid;
     const split_request request = {split->words, cu_queries, heads, grid};
     if (plan_tiles(w, cu_seqlens, num_seqs, kWgmmaBackwardTile, stream, err, request) != 0) return -1;
     *plan = mb::attention_plan{w.seq_first, w.tile_seq, kWgmmaBackwardTile, blocks};

@@ -67,7 +67,7 @@ namespace {
 constexpr int kHeadDim = 64;
 constexpr int kBlockKeys = kWgmmaBackwardTile; /* 128 keys per block */
 constexpr int kGroupKeys = 64;                 /* keys per consumer warpgroup (the M of every wgmma) */
-constexpr int kStepQueries = kWgmmaBackwardStep;  /* queries per step */
+constexpr int kStepQueries = kWgmmaBackwardStep; /* queries per step */
 constexpr int kSteps16 = kStepQueries / 16;    /* k-steps of the dV and dK products */
 constexpr int kScores = kStepQueries / 2;      /* Sᵀ or dPᵀ elements per thread: 64 × 128 over a warpgroup */
 static_assert(kSteps16 * 16 == kStepQueries && kScores == 8 * kSteps16, "whole k-steps, 8 elements per k-step");
@@ -112,6 +112,12 @@ static_assert(kTileQ % kSwizzleAtom == 0 && kTileDO % kSwizzleAtom == 0 && kTile
                   kProducerWarp * mb::kWarpSize == kConsumerThreads && kSharedBytes <= 227 * 1024,
               "swizzled tiles on 1024-byte boundaries, mbarriers on 8, inside the 227 KB an sm_90 block may use");
 
+/* The tail split's buffers as the kernel sees them (wgmma_split without its host-side grid). */
+struct split_buffers {
+    int32_t *words;
+    float *partials;
+};
+
 /* Everything the kernel reads besides the plan. */
 struct backward_args {
     mb::bf16 *dqkv;
@@ -124,7 +130,7 @@ struct backward_args {
     size_t dq_rows; /* rows per head of dq_accum: mb_wgmma_dq_rows(n) */
     float scale, scale_log2;
     const float2 *rope; /* RoPE's backward on dK in its store (table of mb_cuda_rope_table), or nullptr */
-    wgmma_split split;  /* the tail split (attention_wgmma_bwd.h); words == nullptr: none */
+    split_buffers split; /* the tail split (attention_wgmma_bwd.h); words == nullptr: none */
 };
 
 /* The device helpers exist in the host and sm_90a passes only: the sm_80 pass compiles empty kernel bodies. */
@@ -366,11 +372,11 @@ __device__ __forceinline__ bool piece_at(unsigned w, work_position *p, const bac
     return true;
 }
 
-/* The producer warp: step i goes to stage i % kStages once the consumers released its previous use (step
- * i − kStages) and is published (its cp.async complete, proxy fence, 32 arrivals on `full`) as soon as it has landed.
- * With two stages the consumers work on step i − 1 meanwhile. (Round 2 published one step late with three stages;
- * publishing later than that measured slower in both kernels.) */
-/* The query steps of one work item (or piece) into the ring; `step` counts the block's steps. */
+/* The producer warp, one work item's (or piece's) query steps: step i goes to stage i % kStages once the consumers
+ * released its previous use (step i − kStages) and is published (its cp.async complete, proxy fence, 32 arrivals on
+ * `full`) as soon as it has landed. With two stages the consumers work on step i − 1 meanwhile. (Round 2 published
+ * one step late with three stages; publishing later than that measured slower in both kernels.) `step` counts the
+ * block's steps over all its items. */
 __device__ __forceinline__ void produce_item(char *smem, const ring &b, const backward_args &a, const work_position &p,
                                              int &step) {
     const int hidden = a.heads * kHeadDim, head = p.head, query_hi = p.query_hi, query_stride = p.query_stride;
@@ -608,6 +614,15 @@ __device__ __forceinline__ void load_key_tiles(char *smem, const backward_args &
     cp_async_commit();
 }
 
+/* The tile's dK (scaled, RoPE's backward when the table is given) and dV rows into dqkv. */
+__device__ __forceinline__ void store_tile_rows(const backward_args &a, const block_context &c, const float (&dk)[32],
+                                                const float (&dv)[32]) {
+    const size_t qkv_stride = 3 * (size_t)c.hidden;
+    store_key_rows(a.dqkv + c.hidden + c.head * kHeadDim, qkv_stride, dk, c.key_a, c.t.end, c.f.col, a.scale, a.rope);
+    store_key_rows(a.dqkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, dv, c.key_a, c.t.end, c.f.col, 1.0f,
+                   nullptr);
+}
+
 /* acc[e] += part[e · 256] (a partial slot's 32 values of this thread; the 32 loads in flight together). */
 __device__ __forceinline__ void add_partial(float (&acc)[32], const float *part) {
     float x[32];
@@ -648,10 +663,7 @@ __device__ __forceinline__ void finish_split_item(char *smem, const backward_arg
         add_partial(dk, slots + (size_t)piece * kWgmmaSplitSlotFloats);
         add_partial(dv, slots + (size_t)piece * kWgmmaSplitSlotFloats + 32 * kConsumerThreads);
     }
-    const size_t qkv_stride = 3 * (size_t)c.hidden;
-    store_key_rows(a.dqkv + c.hidden + c.head * kHeadDim, qkv_stride, dk, c.key_a, c.t.end, c.f.col, a.scale, a.rope);
-    store_key_rows(a.dqkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, dv, c.key_a, c.t.end, c.f.col, 1.0f,
-                   nullptr);
+    store_tile_rows(a, c, dk, dv);
 }
 
 /* A consumer warpgroup's loop over one tile (K and V in shared memory), then its last dQ and dK / dV rows (for a
@@ -687,15 +699,10 @@ __device__ __forceinline__ bool consume_tile(char *smem, const backward_args &a,
     /* the staging must stay until the block's last bulk add has read it; the adds themselves land before the grid
      * completes (the next kernel reads dq_accum), as TMA stores do, so the block need not wait for them */
     if (!more && threadIdx.x % mb::kWarpSize == 0) bulk_wait_reads();
-    if (c.pieces > 1) { /* a piece: its partial; the kernel sums the item's pieces after the loop */
+    if (c.pieces > 1) /* a piece: its partial; the kernel sums the item's pieces after the loop */
         store_partial(a, c, dk, dv);
-    } else {
-        const size_t qkv_stride = 3 * (size_t)c.hidden;
-        store_key_rows(a.dqkv + c.hidden + c.head * kHeadDim, qkv_stride, dk, c.key_a, c.t.end, c.f.col, a.scale,
-                       a.rope);
-        store_key_rows(a.dqkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, dv, c.key_a, c.t.end, c.f.col, 1.0f,
-                       nullptr);
-    }
+    else
+        store_tile_rows(a, c, dk, dv);
     c = next;
     return more;
 }
@@ -846,12 +853,14 @@ int launch_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout,
                "attention_wgmma_backward: split words without partials");
     if (plan.blocks == 0) return 0;
     MB_REQUIRE(err, max_blocks >= 1, "attention_wgmma_backward: max_blocks must be >= 1");
+    const unsigned blocks = plan.blocks < max_blocks ? plan.blocks : max_blocks;
+    MB_REQUIRE(err, split.words == nullptr || split.grid == blocks,
+               "attention_wgmma_backward: a tail split planned for %u blocks, launched with %u", split.grid, blocks);
     float scale = 1.0f / sqrtf((float)kHeadDim);
     backward_args args = {dqkv,  dq_accum, dout,  qkv, lse, delta, cu_seqlens, queries, num_seqs, heads,
-                          mb_wgmma_dq_rows(rows), scale, kLog2e * scale, rope, split};
+                          mb_wgmma_dq_rows(rows), scale, kLog2e * scale, rope, {split.words, split.partials}};
     MB_CUDA_CHECK(err, cudaFuncSetAttribute(wgmma_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             (int)kSharedBytes));
-    const unsigned blocks = plan.blocks < max_blocks ? plan.blocks : max_blocks;
     wgmma_backward_kernel<<<blocks, kThreads, kSharedBytes, stream>>>(args, plan);
     MB_CUDA_CHECK_LAUNCH(err, "wgmma_backward_kernel");
     return 0;
@@ -1125,17 +1134,15 @@ bool check_kernel_outputs(report_text &r, const float *d_dq, const mb::bf16 *d_d
  * for a grid of `grid` blocks. Returns the pieces per tail item (1: no split). */
 int host_split_words(std::vector<int32_t> &words, const std::vector<int32_t> &tile_seq,
                      const std::vector<int32_t> &cu_seqlens, int heads, unsigned grid) {
-    const unsigned items = (unsigned)tile_seq.size() * heads, tail = items > grid ? items % grid : 0;
-    int pieces = mb_wgmma_split_pieces(tail, grid);
+    const unsigned items = (unsigned)tile_seq.size() * heads, tail = mb_wgmma_split_tail(items, grid);
+    int fewest_steps = kWgmmaSplitMaxPieces;
     for (unsigned item = items - tail; item < items; item++) {
         const int s = tile_seq[item / heads];
         const int steps = (cu_seqlens[s + 1] - cu_seqlens[s] + kStepQueries - 1) / kStepQueries;
-        pieces = steps < pieces ? steps : pieces;
+        fewest_steps = steps < fewest_steps ? steps : fewest_steps;
     }
-    words.assign(kWgmmaSplitWords, 0);
-    words[0] = (int32_t)(pieces > 1 ? items - tail : items), words[1] = pieces > 1 ? pieces : 1;
-    words[2] = (int32_t)grid, words[3] = (int32_t)tail;
-    return pieces > 1 ? pieces : 1;
+    words.assign(kWgmmaSplitWords, 0); /* the counters zeroed */
+    return mb_wgmma_split_words(words.data(), items, grid, fewest_steps);
 }
 
 /* Runs the kernel on a packed batch against the double-precision reference, with at most `grids` blocks each. With
@@ -1196,13 +1203,13 @@ int selftest_kernel(report_text &r, const std::vector<int> &lengths, const char 
     bool ok = true;
     for (unsigned grid : grids) {
         const unsigned max_blocks = grid == 0 ? plan.blocks : grid; /* 0: one block per work item */
-        wgmma_split words = {nullptr, nullptr};
+        wgmma_split words = {nullptr, nullptr, 0};
         char split_text[64] = "";
         if (split) {
             std::vector<int32_t> host_words;
             const int pieces = host_split_words(host_words, tile_seq, cu_seqlens, heads, max_blocks);
             SELFTEST_CUDA(cudaMemcpy(d_words, host_words.data(), host_words.size() * 4, cudaMemcpyHostToDevice));
-            words = {d_words, d_partials};
+            words = {d_words, d_partials, max_blocks};
             snprintf(split_text, sizeof split_text, ", tail split in %d pieces from item %d", pieces, host_words[0]);
         }
         SELFTEST_CUDA(cudaMemset(d_dqkv, 0xff, qkv.size() * 2)); /* NaN: a token the kernel forgets stays NaN */

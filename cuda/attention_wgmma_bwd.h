@@ -38,18 +38,19 @@ __host__ __device__ inline size_t mb_wgmma_dq_offset(size_t token, int head, int
  * the tail whole. Uniform lengths (the benchmark, the 8192 phase) split; a tail of short sequences (sorted last)
  * mostly does not.
  * The plan kernel (attention.cu) writes the split words for the grid the backward will launch: [0] the first split
- * item (items when none), [1] P, [2] the grid it was planned for (the kernel ignores words planned for another grid),
- * [3] t, [4 .. 4 + t) the counters, zeroed. */
+ * item (items when none), [1] P, [2] the grid it was planned for, [3] t, [4 .. 4 + t) the counters, zeroed. The
+ * launcher refuses a split planned for another grid (wgmma_split::grid): pieces must fit in one round. */
 constexpr int kWgmmaSplitMaxPieces = 4;
 constexpr int kWgmmaSplitCapacity = 160;                   /* piece slots: t·P <= 160 */
 constexpr int kWgmmaSplitWords = 4 + kWgmmaSplitCapacity;  /* int32 */
 constexpr size_t kWgmmaSplitSlotFloats = 2 * 128 * 64;     /* one piece's dK and dV of a 128-key tile, fp32 */
 
 /* Where the split lives (workspace of attention.cu): words [kWgmmaSplitWords] and partials [kWgmmaSplitCapacity]
- * [kWgmmaSplitSlotFloats]. words == nullptr: no split. */
+ * [kWgmmaSplitSlotFloats]; grid: the blocks it was planned for (host side). words == nullptr: no split. */
 struct wgmma_split {
     int32_t *words;
     float *partials;
+    unsigned grid;
 };
 
 /* P for t = tail items of a grid of `grid` blocks, before the query-step limit (1: no split). */
@@ -59,6 +60,25 @@ __host__ __device__ inline int mb_wgmma_split_pieces(unsigned tail, unsigned gri
     if (pieces > (unsigned)kWgmmaSplitMaxPieces) pieces = kWgmmaSplitMaxPieces;
     if (pieces > kWgmmaSplitCapacity / tail) pieces = kWgmmaSplitCapacity / tail;
     return pieces < 1 ? 1 : (int)pieces;
+}
+
+/* t: the items of the last round, when there are more items than blocks (0: none). */
+__host__ __device__ inline unsigned mb_wgmma_split_tail(unsigned items, unsigned grid) {
+    return items > grid ? items % grid : 0;
+}
+
+/* Words [0, 4) for `items` work items on `grid` blocks whose tail items have at least fewest_steps query steps each
+ * (the plan kernel, and the self-test's host plan); returns P (1: no split). The counters are the caller's. */
+__host__ __device__ inline int mb_wgmma_split_words(int32_t *words, unsigned items, unsigned grid, int fewest_steps) {
+    const unsigned tail = mb_wgmma_split_tail(items, grid);
+    int pieces = mb_wgmma_split_pieces(tail, grid);
+    if (fewest_steps < pieces) pieces = fewest_steps;
+    const bool split = pieces > 1;
+    words[0] = (int32_t)(split ? items - tail : items);
+    words[1] = split ? pieces : 1;
+    words[2] = (int32_t)grid;
+    words[3] = (int32_t)tail;
+    return split ? pieces : 1;
 }
 
 /* The grid mb_attention_wgmma_backward(_rows) launches for a plan of plan_blocks work items: one block per SM, or
@@ -85,8 +105,7 @@ int mb_attention_wgmma_backward_rows(mb::bf16 *dqkv, float *dq_accum, const mb::
                                      const float *delta, const mb::bf16 *q, const mb::bf16 *qkv,
                                      const int32_t *cu_seqlens, const int32_t *cu_queries, mb::attention_plan plan,
                                      wgmma_split split, int num_seqs, int n, int rows, int heads, int head_dim,
-                                     int window,
-                                     const float2 *rope, cudaStream_t stream, mb_error *err);
+                                     int window, const float2 *rope, cudaStream_t stream, mb_error *err);
 
 /* Device self-test (synchronizes; allocates its own buffers). Part 1 runs the kernel's three wgmma tile products
  * (K-major m64n128 Sᵀ = X·Yᵀ, the register-A dV-style product over 8 k-steps with N-major B, and the dQ product with
