@@ -141,25 +141,39 @@ static void expect_loss(const char *what, double gpu, double ref) {
 
 /* ---- fixtures: CPU backend and transformers ---- */
 
+/* A fixture of tests/fixtures/hf with its batch, on the CPU reference and on the CUDA backend (both written with the
+ * fixture's parameters): the set-up of the tests that compare the two backends on one fixture. */
+typedef struct fixture_backends {
+    mb_model model;
+    mb_batch_file batch;
+    mb_backend *cpu, *gpu;
+} fixture_backends;
+
+static void fixture_backends_make(fixture_backends *fb, const char *name) {
+    load_fixture(name, &fb->model, &fb->batch);
+    fb->cpu = make_backend("cpu", &fb->model.config, fb->model.params);
+    fb->gpu = make_backend("cuda", &fb->model.config, fb->model.params);
+}
+
+static void fixture_backends_free(fixture_backends *fb) {
+    mb_backend_destroy(fb->cpu);
+    mb_backend_destroy(fb->gpu);
+    mb_batch_file_free(&fb->batch);
+    mb_model_free(&fb->model);
+}
+
 static void check_fixture(const char *name) {
     require_gpu();
-    char dir[1024], path[1200];
-    snprintf(dir, sizeof dir, "%s/tests/fixtures/hf/%s", source_dir(), name);
     mb_error err = {{0}};
-    mb_model model;
-    cr_assert_eq(mb_model_load_hf(&model, dir, &err), 0, "%s", err.message);
-    mb_batch_file batch;
-    snprintf(path, sizeof path, "%s/batch.safetensors", dir);
-    cr_assert_eq(mb_batch_file_load(&batch, path, &model.config, &err), 0, "%s", err.message);
-
-    mb_backend *cpu = make_backend("cpu", &model.config, model.params);
-    mb_backend *gpu = make_backend("cuda", &model.config, model.params);
+    fixture_backends fb;
+    fixture_backends_make(&fb, name);
     step_output ref, out;
-    forward_backward(cpu, &batch.batch, &ref);
-    forward_backward(gpu, &batch.batch, &out);
+    forward_backward(fb.cpu, &fb.batch.batch, &ref);
+    forward_backward(fb.gpu, &fb.batch.batch, &out);
 
+    char path[1200];
     mb_safetensors expected;
-    snprintf(path, sizeof path, "%s/expected.safetensors", dir);
+    snprintf(path, sizeof path, "%s/tests/fixtures/hf/%s/expected.safetensors", source_dir(), name);
     cr_assert_eq(mb_st_open(&expected, path, &err), 0, "%s", err.message);
     float *hf_loss = expected_tensor(&expected, "loss", 1);
     cr_assert_eq(out.loss_count, ref.loss_count);
@@ -178,10 +192,10 @@ static void check_fixture(const char *name) {
 
     char what[256];
     snprintf(what, sizeof what, "%s vs cpu", name);
-    compare_grads(what, &model.table, out.grads, ref.grads);
-    float *hf_grads = malloc(model.table.total_numel * sizeof(float));
-    for (int i = 0; i < model.table.count; i++) {
-        const mb_param_info *p = &model.table.params[i];
+    compare_grads(what, &fb.model.table, out.grads, ref.grads);
+    float *hf_grads = malloc(fb.model.table.total_numel * sizeof(float));
+    for (int i = 0; i < fb.model.table.count; i++) {
+        const mb_param_info *p = &fb.model.table.params[i];
         char grad_name[160];
         snprintf(grad_name, sizeof grad_name, "grad.%s", p->name);
         float *g = expected_tensor(&expected, grad_name, p->numel);
@@ -189,12 +203,12 @@ static void check_fixture(const char *name) {
         free(g);
     }
     snprintf(what, sizeof what, "%s vs transformers", name);
-    compare_grads(what, &model.table, out.grads, hf_grads);
+    compare_grads(what, &fb.model.table, out.grads, hf_grads);
     cr_log_info("%s: loss gpu %.6f cpu %.6f transformers %.6f, logits rel err %.2e (cpu) %.2e (transformers)", name,
                 out.loss, ref.loss, *hf_loss, logit_error, logit_error_hf);
 
     char report[512];
-    gpu->ops->memory_report(gpu, report, sizeof report);
+    fb.gpu->ops->memory_report(fb.gpu, report, sizeof report);
     cr_expect(strstr(report, "peak") != NULL, "memory report: %s", report);
     cr_log_info("%s", report);
 
@@ -204,10 +218,7 @@ static void check_fixture(const char *name) {
     mb_st_close(&expected);
     step_output_free(&ref);
     step_output_free(&out);
-    mb_backend_destroy(cpu);
-    mb_backend_destroy(gpu);
-    mb_batch_file_free(&batch);
-    mb_model_free(&model);
+    fixture_backends_free(&fb);
 }
 
 Test(gpu_model, fixture_mlm_head_dim_32_small_window) { check_fixture("mlm_hd32_window_small_every2"); }
@@ -392,18 +403,16 @@ Test(gpu_model, gradients_accumulate_across_micro_batches) {
 Test(gpu_model, optimizer_steps_track_the_cpu_backend) {
     require_gpu();
     mb_error err = {{0}};
-    mb_model model;
-    mb_batch_file batch;
-    load_fixture("mlm_hd64_window_large_every3", &model, &batch);
-    mb_backend *backends[2] = {make_backend("cpu", &model.config, model.params),
-                               make_backend("cuda", &model.config, model.params)};
+    fixture_backends fb;
+    fixture_backends_make(&fb, "mlm_hd64_window_large_every3");
+    mb_backend *backends[2] = {fb.cpu, fb.gpu};
     mb_stableadamw opt[2];
     double losses[2][6], norms[2][6];
     for (int k = 0; k < 2; k++) {
         mb_stableadamw_init(&opt[k], 1e-3, 1e-2);
         for (int step = 0; step < 6; step++) {
             step_output out;
-            forward_backward(backends[k], &batch.batch, &out);
+            forward_backward(backends[k], &fb.batch.batch, &out);
             losses[k][step] = out.loss;
             cr_assert_eq(backends[k]->ops->grad_norm(backends[k], &norms[k][step], &err), 0, "%s", err.message);
             cr_assert_eq(backends[k]->ops->optimizer_step(backends[k], &opt[k], 1e-3, &err), 0, "%s", err.message);
@@ -422,49 +431,40 @@ Test(gpu_model, optimizer_steps_track_the_cpu_backend) {
     cr_assert_eq(opt[0].step, 6);
     cr_assert_eq(opt[1].step, 6, "the CUDA optimizer step must keep opt->step in sync");
     /* the master weights moved the same way: updated parameters agree far better than the update size */
-    size_t n = model.table.total_numel;
+    size_t n = fb.model.table.total_numel;
     float *p_cpu = malloc(n * sizeof(float)), *p_gpu = malloc(n * sizeof(float));
     cr_assert_eq(backends[0]->ops->read_params(backends[0], p_cpu, &err), 0, "%s", err.message);
     cr_assert_eq(backends[1]->ops->read_params(backends[1], p_gpu, &err), 0, "%s", err.message);
-    double moved = relative_error(p_cpu, model.params, n), apart = relative_error(p_gpu, p_cpu, n);
+    double moved = relative_error(p_cpu, fb.model.params, n), apart = relative_error(p_gpu, p_cpu, n);
     cr_log_info("parameters moved %.3e (relative) on the CPU; GPU and CPU parameters differ by %.3e", moved, apart);
     cr_expect(moved > 1e-3, "the optimizer did not move the parameters (%.3g)", moved);
     cr_expect(apart < 0.5 * moved, "GPU parameters differ from the CPU's by %.3g, the updates moved %.3g", apart,
               moved);
     free(p_cpu);
     free(p_gpu);
-    mb_backend_destroy(backends[0]);
-    mb_backend_destroy(backends[1]);
-    mb_batch_file_free(&batch);
-    mb_model_free(&model);
+    fixture_backends_free(&fb);
 }
 
 /* A phase change of the RoPE thetas changes the loss, the same way on both backends. */
 Test(gpu_model, rope_theta_change_matches_cpu) {
     require_gpu();
     mb_error err = {{0}};
-    mb_model model;
-    mb_batch_file batch;
-    load_fixture("mlm_hd32_window_small_every2", &model, &batch);
-    mb_backend *cpu = make_backend("cpu", &model.config, model.params);
-    mb_backend *gpu = make_backend("cuda", &model.config, model.params);
+    fixture_backends fb;
+    fixture_backends_make(&fb, "mlm_hd32_window_small_every2");
     step_output before, ref, out;
-    forward_backward(gpu, &batch.batch, &before);
-    cr_assert_eq(cpu->ops->set_rope_theta(cpu, 10.0, 3.0, &err), 0, "%s", err.message);
-    cr_assert_eq(gpu->ops->set_rope_theta(gpu, 10.0, 3.0, &err), 0, "%s", err.message);
-    cr_assert_eq(gpu->ops->set_rope_theta(gpu, 0.0, 3.0, &err), -1, "theta 0 must be refused");
-    forward_backward(cpu, &batch.batch, &ref);
-    forward_backward(gpu, &batch.batch, &out);
+    forward_backward(fb.gpu, &fb.batch.batch, &before);
+    cr_assert_eq(fb.cpu->ops->set_rope_theta(fb.cpu, 10.0, 3.0, &err), 0, "%s", err.message);
+    cr_assert_eq(fb.gpu->ops->set_rope_theta(fb.gpu, 10.0, 3.0, &err), 0, "%s", err.message);
+    cr_assert_eq(fb.gpu->ops->set_rope_theta(fb.gpu, 0.0, 3.0, &err), -1, "theta 0 must be refused");
+    forward_backward(fb.cpu, &fb.batch.batch, &ref);
+    forward_backward(fb.gpu, &fb.batch.batch, &out);
     cr_expect(fabs(out.loss - before.loss) > 1e-4, "the theta change did not change the loss (%.6f)", out.loss);
     expect_loss("rope theta", out.loss, ref.loss);
-    compare_grads("rope theta vs cpu", &model.table, out.grads, ref.grads);
+    compare_grads("rope theta vs cpu", &fb.model.table, out.grads, ref.grads);
     step_output_free(&before);
     step_output_free(&ref);
     step_output_free(&out);
-    mb_backend_destroy(cpu);
-    mb_backend_destroy(gpu);
-    mb_batch_file_free(&batch);
-    mb_model_free(&model);
+    fixture_backends_free(&fb);
 }
 
 /* Activation bytes from the backend's memory report ("activations X MiB for ..."). */

@@ -804,89 +804,122 @@ static void reference_attention_backward(float *dqkv, const float *dout, const f
     free(partial);
 }
 
+/* ---- the set-up every attention test starts from ---- */
+
+/* Sequences of the given lengths and the packed random qkv over them. The rng stays in the case: the test draws its
+ * other inputs (dO, the asked rows) from the same seeded stream, in its own order around attention_case_draw_qkv. */
+typedef struct attention_case {
+    mb_rng rng;
+    int32_t *cu, *d_cu;          /* cumulative sequence lengths [num_seqs + 1], host and device */
+    int n, hidden;               /* tokens, heads · head_dim */
+    size_t qkv_count, out_count; /* n · 3 · hidden (packed Q | K | V), n · hidden */
+    float *qkv;                  /* the float copy of d_qkv the CPU sees; NULL until attention_case_draw_qkv */
+    mb_bf16 *d_qkv;
+} attention_case;
+
+/* The shape and cu_seqlens (host and device) with the rng seeded; draws nothing yet, so that a test may draw from
+ * the rng before the qkv (run_attention_rows picks its asked rows first). */
+static attention_case attention_case_start(const int *lengths, int num_seqs, int heads, int head_dim, uint64_t seed) {
+    attention_case c = {0};
+    mb_rng_seed(&c.rng, seed);
+    c.cu = make_cu_seqlens(lengths, num_seqs);
+    c.n = c.cu[num_seqs];
+    c.hidden = heads * head_dim;
+    c.qkv_count = (size_t)c.n * 3 * c.hidden;
+    c.out_count = (size_t)c.n * c.hidden;
+    c.d_cu = to_device(c.cu, (size_t)(num_seqs + 1) * sizeof(int32_t));
+    return c;
+}
+
+/* The random qkv (N(0, 1), rounded to bf16): the case's next draws from its rng. */
+static void attention_case_draw_qkv(attention_case *c) {
+    c->d_qkv = random_bf16(&c->rng, c->qkv_count, 0.0, 1.0, &c->qkv);
+}
+
+static void attention_case_free(attention_case *c) {
+    free(c->cu), free(c->qkv);
+    cudaFree(c->d_cu), cudaFree(c->d_qkv);
+}
+
 static void run_attention(const char *name, const int *lengths, int num_seqs, int heads, int head_dim, int window,
                           uint64_t seed) {
-    mb_rng rng;
-    mb_rng_seed(&rng, seed);
+    attention_case c = attention_case_start(lengths, num_seqs, heads, head_dim, seed);
+    attention_case_draw_qkv(&c);
     mb_error err = {{0}};
-    int32_t *cu = make_cu_seqlens(lengths, num_seqs);
-    int n = cu[num_seqs], hidden = heads * head_dim;
-    size_t qkv_count = (size_t)n * 3 * hidden, out_count = (size_t)n * hidden, lse_count = (size_t)n * heads;
-    float *qkv, *dout;
-    mb_bf16 *d_qkv = random_bf16(&rng, qkv_count, 0.0, 1.0, &qkv);
-    int32_t *d_cu = to_device(cu, (size_t)(num_seqs + 1) * sizeof(int32_t));
-    void *workspace = dev_alloc(mb_cuda_attention_workspace_bytes(n, num_seqs, heads, head_dim));
-    mb_bf16 *d_out = dev_alloc(out_count * sizeof(mb_bf16));
+    size_t lse_count = (size_t)c.n * heads;
+    float *dout;
+    void *workspace = dev_alloc(mb_cuda_attention_workspace_bytes(c.n, num_seqs, heads, head_dim));
+    mb_bf16 *d_out = dev_alloc(c.out_count * sizeof(mb_bf16));
     float *d_lse = dev_alloc(lse_count * sizeof(float));
-    dev_poison(d_out, out_count * sizeof(mb_bf16));
+    dev_poison(d_out, c.out_count * sizeof(mb_bf16));
     dev_poison(d_lse, lse_count * sizeof(float));
-    launched(mb_cuda_attention_forward(d_out, d_lse, workspace, d_qkv, d_cu, num_seqs, n, heads, head_dim, window,
+    launched(mb_cuda_attention_forward(d_out, d_lse, workspace, c.d_qkv, c.d_cu, num_seqs, c.n, heads, head_dim, window,
                                        test_stream, &err), &err, "attention_forward");
-    float *out = download_bf16(d_out, out_count), *lse = download_floats(d_lse, lse_count);
-    float *out_ref = malloc(out_count * sizeof(float) + 1), *lse_ref = malloc(lse_count * sizeof(float) + 1);
-    reference_shape shape = {cu, num_seqs, heads, head_dim, window, hidden, 3 * hidden, 1.0 / sqrt((double)head_dim)};
+    float *out = download_bf16(d_out, c.out_count), *lse = download_floats(d_lse, lse_count);
+    float *out_ref = malloc(c.out_count * sizeof(float) + 1), *lse_ref = malloc(lse_count * sizeof(float) + 1);
+    reference_shape shape = {c.cu, num_seqs, heads, head_dim, window, c.hidden, 3 * c.hidden,
+                             1.0 / sqrt((double)head_dim)};
     int longest = 0;
     for (int s = 0; s < num_seqs; s++) longest = lengths[s] > longest ? lengths[s] : longest;
     bool use_cpu_op = window >= 0 || longest <= 1024; /* else the row-parallel restatement (see above) */
     char what[200];
     if (use_cpu_op) {
-        mb_cpu_attention_forward(out_ref, lse_ref, qkv, cu, num_seqs, heads, head_dim, window);
-        float *out_check = malloc(out_count * sizeof(float) + 1), *lse_check = malloc(lse_count * sizeof(float) + 1);
-        reference_attention_forward(out_check, lse_check, qkv, &shape, n);
+        mb_cpu_attention_forward(out_ref, lse_ref, c.qkv, c.cu, num_seqs, heads, head_dim, window);
+        float *out_check = malloc(c.out_count * sizeof(float) + 1), *lse_check = malloc(lse_count * sizeof(float) + 1);
+        reference_attention_forward(out_check, lse_check, c.qkv, &shape, c.n);
         snprintf(what, sizeof what, "attention reference vs CPU op, %s out (window %d)", name, window);
-        expect_close(what, out_check, out_ref, out_count, 1e-4);
+        expect_close(what, out_check, out_ref, c.out_count, 1e-4);
         expect_close("attention reference vs CPU op, lse", lse_check, lse_ref, lse_count, 1e-4);
         free(out_check), free(lse_check);
     } else {
-        reference_attention_forward(out_ref, lse_ref, qkv, &shape, n);
+        reference_attention_forward(out_ref, lse_ref, c.qkv, &shape, c.n);
     }
-    snprintf(what, sizeof what, "attention %s out (n %d, head_dim %d, window %d)", name, n, head_dim, window);
-    expect_close(what, out, out_ref, out_count, BF16_TOLERANCE);
+    snprintf(what, sizeof what, "attention %s out (n %d, head_dim %d, window %d)", name, c.n, head_dim, window);
+    expect_close(what, out, out_ref, c.out_count, BF16_TOLERANCE);
     snprintf(what, sizeof what, "attention %s lse", name);
     expect_close(what, lse, lse_ref, lse_count, FP32_TOLERANCE);
 
     /* backward from the GPU's own out and lse (checked above), on both sides; both modes: deterministic = 1 twice
      * (must be bit-identical), deterministic = 0 (fp32 atomics into dQ) once */
-    mb_bf16 *d_dout = random_bf16(&rng, out_count, 0.0, 1.0, &dout);
-    mb_bf16 *d_dqkv = dev_alloc(qkv_count * sizeof(mb_bf16));
+    mb_bf16 *d_dout = random_bf16(&c.rng, c.out_count, 0.0, 1.0, &dout);
+    mb_bf16 *d_dqkv = dev_alloc(c.qkv_count * sizeof(mb_bf16));
     float *runs[3];
     static const int run_deterministic[3] = {1, 1, 0};
     for (int run = 0; run < 3; run++) {
-        dev_poison(d_dqkv, qkv_count * sizeof(mb_bf16));
-        dev_poison(workspace, mb_cuda_attention_workspace_bytes(n, num_seqs, heads, head_dim));
-        launched(mb_cuda_attention_backward(d_dqkv, workspace, d_dout, d_out, d_lse, d_qkv, d_cu, num_seqs, n, heads,
-                                            head_dim, window, run_deterministic[run], test_stream, &err),
+        dev_poison(d_dqkv, c.qkv_count * sizeof(mb_bf16));
+        dev_poison(workspace, mb_cuda_attention_workspace_bytes(c.n, num_seqs, heads, head_dim));
+        launched(mb_cuda_attention_backward(d_dqkv, workspace, d_dout, d_out, d_lse, c.d_qkv, c.d_cu, num_seqs, c.n,
+                                            heads, head_dim, window, run_deterministic[run], test_stream, &err),
                  &err, "attention_backward");
-        runs[run] = download_bf16(d_dqkv, qkv_count);
+        runs[run] = download_bf16(d_dqkv, c.qkv_count);
     }
-    float *dqkv_ref = malloc(qkv_count * sizeof(float) + 1);
+    float *dqkv_ref = malloc(c.qkv_count * sizeof(float) + 1);
     if (use_cpu_op) {
-        mb_cpu_attention_backward(dqkv_ref, dout, out, lse, qkv, cu, num_seqs, heads, head_dim, window);
-        float *dqkv_check = malloc(qkv_count * sizeof(float) + 1);
-        reference_attention_backward(dqkv_check, dout, out, lse, qkv, &shape, n);
+        mb_cpu_attention_backward(dqkv_ref, dout, out, lse, c.qkv, c.cu, num_seqs, heads, head_dim, window);
+        float *dqkv_check = malloc(c.qkv_count * sizeof(float) + 1);
+        reference_attention_backward(dqkv_check, dout, out, lse, c.qkv, &shape, c.n);
         snprintf(what, sizeof what, "attention reference vs CPU op, %s dqkv (window %d)", name, window);
-        expect_close(what, dqkv_check, dqkv_ref, qkv_count, 1e-4);
+        expect_close(what, dqkv_check, dqkv_ref, c.qkv_count, 1e-4);
         free(dqkv_check);
     } else {
-        reference_attention_backward(dqkv_ref, dout, out, lse, qkv, &shape, n);
+        reference_attention_backward(dqkv_ref, dout, out, lse, c.qkv, &shape, c.n);
     }
     static const char *block_names[3] = {"dQ", "dK", "dV"};
     for (int run = 1; run < 3; run++)
         for (int block = 0; block < 3; block++) {
-            float *got = qkv_block(runs[run], n, hidden, block), *want = qkv_block(dqkv_ref, n, hidden, block);
+            float *got = qkv_block(runs[run], c.n, c.hidden, block), *want = qkv_block(dqkv_ref, c.n, c.hidden, block);
             snprintf(what, sizeof what, "attention %s %s (window %d, deterministic %d)", name, block_names[block],
                      window, run_deterministic[run]);
-            expect_close(what, got, want, out_count, BF16_TOLERANCE);
+            expect_close(what, got, want, c.out_count, BF16_TOLERANCE);
             free(got), free(want);
         }
     snprintf(what, sizeof what, "attention %s deterministic backward (window %d)", name, window);
-    expect_same_bits(what, runs[0], runs[1], qkv_count * sizeof(float));
+    expect_same_bits(what, runs[0], runs[1], c.qkv_count * sizeof(float));
 
-    free(cu), free(qkv), free(dout), free(out), free(lse), free(out_ref), free(lse_ref), free(runs[0]), free(runs[1]);
-    free(runs[2]);
+    attention_case_free(&c);
+    free(dout), free(out), free(lse), free(out_ref), free(lse_ref), free(runs[0]), free(runs[1]), free(runs[2]);
     free(dqkv_ref);
-    cudaFree(d_qkv), cudaFree(d_cu), cudaFree(workspace), cudaFree(d_out), cudaFree(d_lse), cudaFree(d_dout);
-    cudaFree(d_dqkv);
+    cudaFree(workspace), cudaFree(d_out), cudaFree(d_lse), cudaFree(d_dout), cudaFree(d_dqkv);
 }
 
 static const int kShortLengths[] = {1, 2, 63, 64, 65, 130, 1, 200, 17, 129};
@@ -1601,52 +1634,48 @@ static void run_attention_rope_fused(const int *lengths, int num_seqs, int heads
                     head_dim, window);
         return;
     }
-    mb_rng rng;
-    mb_rng_seed(&rng, seed);
+    attention_case c = attention_case_start(lengths, num_seqs, heads, head_dim, seed);
+    attention_case_draw_qkv(&c);
     mb_error err = {{0}};
-    int32_t *cu = make_cu_seqlens(lengths, num_seqs);
-    int n = cu[num_seqs], hidden = heads * head_dim;
-    size_t qkv_count = (size_t)n * 3 * hidden, out_count = (size_t)n * hidden;
-    size_t workspace_bytes = mb_cuda_attention_workspace_bytes(n, num_seqs, heads, head_dim);
-    float *qkv, *dout;
-    mb_bf16 *d_qkv = random_bf16(&rng, qkv_count, 0.0, 1.0, &qkv);
-    mb_bf16 *d_dout = random_bf16(&rng, out_count, 0.0, 1.0, &dout);
-    int32_t *d_cu = to_device(cu, (size_t)(num_seqs + 1) * sizeof(int32_t));
-    int32_t *d_positions = dev_alloc((size_t)n * sizeof(int32_t));
-    float *d_table = dev_alloc((size_t)n * head_dim * sizeof(float));
+    size_t workspace_bytes = mb_cuda_attention_workspace_bytes(c.n, num_seqs, heads, head_dim);
+    float *dout;
+    mb_bf16 *d_dout = random_bf16(&c.rng, c.out_count, 0.0, 1.0, &dout);
+    int32_t *d_positions = dev_alloc((size_t)c.n * sizeof(int32_t));
+    float *d_table = dev_alloc((size_t)c.n * head_dim * sizeof(float));
     void *workspace = dev_alloc(workspace_bytes);
-    mb_bf16 *d_out = dev_alloc(out_count * sizeof(mb_bf16)), *d_dqkv = dev_alloc(qkv_count * sizeof(mb_bf16));
-    float *d_lse = dev_alloc((size_t)n * heads * sizeof(float));
-    launched(mb_cuda_positions(d_positions, d_cu, num_seqs, n, test_stream, &err), &err, "positions");
-    launched(mb_cuda_rope_table(d_table, d_positions, n, head_dim, theta, test_stream, &err), &err, "rope_table");
-    launched(mb_cuda_attention_forward(d_out, d_lse, workspace, d_qkv, d_cu, num_seqs, n, heads, head_dim, window,
+    mb_bf16 *d_out = dev_alloc(c.out_count * sizeof(mb_bf16)), *d_dqkv = dev_alloc(c.qkv_count * sizeof(mb_bf16));
+    float *d_lse = dev_alloc((size_t)c.n * heads * sizeof(float));
+    launched(mb_cuda_positions(d_positions, c.d_cu, num_seqs, c.n, test_stream, &err), &err, "positions");
+    launched(mb_cuda_rope_table(d_table, d_positions, c.n, head_dim, theta, test_stream, &err), &err, "rope_table");
+    launched(mb_cuda_attention_forward(d_out, d_lse, workspace, c.d_qkv, c.d_cu, num_seqs, c.n, heads, head_dim, window,
                                        test_stream, &err), &err, "attention_forward");
     float *separate, *fused;
-    dev_poison(d_dqkv, qkv_count * sizeof(mb_bf16));
-    launched(mb_cuda_attention_backward(d_dqkv, workspace, d_dout, d_out, d_lse, d_qkv, d_cu, num_seqs, n, heads,
+    dev_poison(d_dqkv, c.qkv_count * sizeof(mb_bf16));
+    launched(mb_cuda_attention_backward(d_dqkv, workspace, d_dout, d_out, d_lse, c.d_qkv, c.d_cu, num_seqs, c.n, heads,
                                         head_dim, window, 0, test_stream, &err), &err, "attention_backward");
-    launched(mb_cuda_rope(d_dqkv, d_positions, n, heads, head_dim, theta, -1, test_stream, &err), &err, "rope");
-    separate = download_bf16(d_dqkv, qkv_count);
-    dev_poison(d_dqkv, qkv_count * sizeof(mb_bf16));
-    launched(mb_cuda_attention_backward_rope(d_dqkv, workspace, d_dout, d_out, d_lse, d_qkv, d_cu, num_seqs, n, heads,
-                                             head_dim, window, 0, d_table, test_stream, &err),
+    launched(mb_cuda_rope(d_dqkv, d_positions, c.n, heads, head_dim, theta, -1, test_stream, &err), &err, "rope");
+    separate = download_bf16(d_dqkv, c.qkv_count);
+    dev_poison(d_dqkv, c.qkv_count * sizeof(mb_bf16));
+    launched(mb_cuda_attention_backward_rope(d_dqkv, workspace, d_dout, d_out, d_lse, c.d_qkv, c.d_cu, num_seqs, c.n,
+                                             heads, head_dim, window, 0, d_table, test_stream, &err),
              &err, "attention_backward_rope");
-    fused = download_bf16(d_dqkv, qkv_count);
+    fused = download_bf16(d_dqkv, c.qkv_count);
     static const char *block_names[3] = {"dQ", "dK", "dV"};
     char what[160];
     for (int block = 0; block < 3; block++) {
-        float *got = qkv_block(fused, n, hidden, block), *want = qkv_block(separate, n, hidden, block);
-        snprintf(what, sizeof what, "attention rope fused %s (n %d, head_dim %d, window %d)", block_names[block], n,
+        float *got = qkv_block(fused, c.n, c.hidden, block), *want = qkv_block(separate, c.n, c.hidden, block);
+        snprintf(what, sizeof what, "attention rope fused %s (n %d, head_dim %d, window %d)", block_names[block], c.n,
                  head_dim, window);
-        cr_expect_eq(count_nonfinite(got, out_count), 0, "%s: non-finite or unwritten values", what);
+        cr_expect_eq(count_nonfinite(got, c.out_count), 0, "%s: non-finite or unwritten values", what);
         if (block < 2)
-            expect_close(what, got, want, out_count, BF16_TOLERANCE);
+            expect_close(what, got, want, c.out_count, BF16_TOLERANCE);
         else
-            expect_same_bits(what, got, want, out_count * sizeof(float));
+            expect_same_bits(what, got, want, c.out_count * sizeof(float));
         free(got), free(want);
     }
-    free(cu), free(qkv), free(dout), free(separate), free(fused);
-    cudaFree(d_qkv), cudaFree(d_dout), cudaFree(d_cu), cudaFree(d_positions), cudaFree(d_table), cudaFree(workspace);
+    attention_case_free(&c);
+    free(dout), free(separate), free(fused);
+    cudaFree(d_dout), cudaFree(d_positions), cudaFree(d_table), cudaFree(workspace);
     cudaFree(d_out), cudaFree(d_dqkv), cudaFree(d_lse);
 }
 
@@ -1694,105 +1723,102 @@ static void run_attention_rows(const char *name, const int *lengths, int num_seq
         cr_log_info("attention rows: no kernel for a subset of the queries on this device: skipped");
         return;
     }
-    mb_rng rng;
-    mb_rng_seed(&rng, seed);
+    attention_case c = attention_case_start(lengths, num_seqs, heads, head_dim, seed);
     mb_error err = {{0}};
-    int32_t *cu = make_cu_seqlens(lengths, num_seqs);
-    int n = cu[num_seqs], hidden = heads * head_dim;
-    size_t qkv_count = (size_t)n * 3 * hidden, out_count = (size_t)n * hidden;
-    /* the asked rows, in token order (pattern above) */
-    int32_t *rows_of = malloc((size_t)n * sizeof(int32_t));
+    /* the asked rows, in token order (pattern above); their draws come before the qkv's */
+    int32_t *rows_of = malloc((size_t)c.n * sizeof(int32_t));
     int32_t *cu_rows = malloc((size_t)(num_seqs + 1) * sizeof(int32_t));
-    int32_t *positions = malloc((size_t)n * sizeof(int32_t));
+    int32_t *positions = malloc((size_t)c.n * sizeof(int32_t));
     int rows = 0;
     cu_rows[0] = 0;
     for (int s = 0; s < num_seqs; s++) {
-        for (int i = cu[s]; i < cu[s + 1]; i++) {
-            positions[i] = i - cu[s];
+        for (int i = c.cu[s]; i < c.cu[s + 1]; i++) {
+            positions[i] = i - c.cu[s];
             bool asked = s == 1                       ? false
-                         : pattern == kAskedFirst      ? i == cu[s]
-                         : pattern == kAskedAllButLast ? i + 1 < cu[s + 1]
+                         : pattern == kAskedFirst      ? i == c.cu[s]
+                         : pattern == kAskedAllButLast ? i + 1 < c.cu[s + 1]
                          : s == 2                      ? true
-                                                       : mb_rng_below(&rng, 10) < 3;
+                                                       : mb_rng_below(&c.rng, 10) < 3;
             if (asked) rows_of[rows++] = i;
         }
         cu_rows[s + 1] = rows;
     }
     cr_assert(rows > 0 && cu_rows[2] == cu_rows[1], "the test needs asked rows and an unasked sequence");
-    float *qkv, *dout_rows;
-    mb_bf16 *d_qkv = random_bf16(&rng, qkv_count, 0.0, 1.0, &qkv);
-    mb_bf16 *d_dout = random_bf16(&rng, (size_t)rows * hidden, 0.0, 1.0, &dout_rows);
+    attention_case_draw_qkv(&c);
+    float *dout_rows;
+    mb_bf16 *d_dout = random_bf16(&c.rng, (size_t)rows * c.hidden, 0.0, 1.0, &dout_rows);
     /* Q of the asked rows, gathered on the host from the same bf16 values */
-    mb_bf16 *q_host = malloc((size_t)rows * hidden * sizeof(mb_bf16));
+    mb_bf16 *q_host = malloc((size_t)rows * c.hidden * sizeof(mb_bf16));
     for (int r = 0; r < rows; r++)
-        for (int k = 0; k < hidden; k++)
-            q_host[(size_t)r * hidden + k] = mb_bf16_from_float(qkv[(size_t)rows_of[r] * 3 * hidden + k]);
-    mb_bf16 *d_q = to_device(q_host, (size_t)rows * hidden * sizeof(mb_bf16));
-    int32_t *d_cu = to_device(cu, (size_t)(num_seqs + 1) * sizeof(int32_t));
+        for (int k = 0; k < c.hidden; k++)
+            q_host[(size_t)r * c.hidden + k] = mb_bf16_from_float(c.qkv[(size_t)rows_of[r] * 3 * c.hidden + k]);
+    mb_bf16 *d_q = to_device(q_host, (size_t)rows * c.hidden * sizeof(mb_bf16));
     int32_t *d_cu_rows = to_device(cu_rows, (size_t)(num_seqs + 1) * sizeof(int32_t));
     int32_t *d_rows = to_device(rows_of, (size_t)rows * sizeof(int32_t));
-    int32_t *d_positions = to_device(positions, (size_t)n * sizeof(int32_t));
-    float *d_table = dev_alloc((size_t)n * head_dim * sizeof(float));
-    void *workspace = dev_alloc(mb_cuda_attention_workspace_bytes(n, num_seqs, heads, head_dim));
-    mb_bf16 *d_out = dev_alloc((size_t)rows * hidden * sizeof(mb_bf16));
-    mb_bf16 *d_dqkv = dev_alloc(qkv_count * sizeof(mb_bf16));
+    int32_t *d_positions = to_device(positions, (size_t)c.n * sizeof(int32_t));
+    float *d_table = dev_alloc((size_t)c.n * head_dim * sizeof(float));
+    void *workspace = dev_alloc(mb_cuda_attention_workspace_bytes(c.n, num_seqs, heads, head_dim));
+    mb_bf16 *d_out = dev_alloc((size_t)rows * c.hidden * sizeof(mb_bf16));
+    mb_bf16 *d_dqkv = dev_alloc(c.qkv_count * sizeof(mb_bf16));
     float *d_lse = dev_alloc((size_t)rows * heads * sizeof(float));
-    dev_poison(d_out, (size_t)rows * hidden * sizeof(mb_bf16));
+    dev_poison(d_out, (size_t)rows * c.hidden * sizeof(mb_bf16));
     dev_poison(d_lse, (size_t)rows * heads * sizeof(float));
-    dev_poison(d_dqkv, qkv_count * sizeof(mb_bf16));
-    launched(mb_cuda_rope_table(d_table, d_positions, n, head_dim, theta, test_stream, &err), &err, "rope_table");
-    launched(mb_cuda_attention_forward_rows(d_out, d_lse, workspace, d_q, d_qkv, d_cu, d_cu_rows, num_seqs, n, rows,
-                                            heads, head_dim, -1, test_stream, &err), &err, "attention_forward_rows");
-    launched(mb_cuda_attention_backward_rows(d_dqkv, workspace, d_dout, d_out, d_lse, d_q, d_qkv, d_cu, d_cu_rows,
-                                             d_rows, num_seqs, n, rows, heads, head_dim, -1, d_table, test_stream,
+    dev_poison(d_dqkv, c.qkv_count * sizeof(mb_bf16));
+    launched(mb_cuda_rope_table(d_table, d_positions, c.n, head_dim, theta, test_stream, &err), &err, "rope_table");
+    launched(mb_cuda_attention_forward_rows(d_out, d_lse, workspace, d_q, c.d_qkv, c.d_cu, d_cu_rows, num_seqs, c.n,
+                                            rows, heads, head_dim, -1, test_stream, &err),
+             &err, "attention_forward_rows");
+    launched(mb_cuda_attention_backward_rows(d_dqkv, workspace, d_dout, d_out, d_lse, d_q, c.d_qkv, c.d_cu, d_cu_rows,
+                                             d_rows, num_seqs, c.n, rows, heads, head_dim, -1, d_table, test_stream,
                                              &err), &err, "attention_backward_rows");
     if (split_pieces != NULL) {
         int first = 0;
-        launched(mb_cuda_attention_backward_split(workspace, n, num_seqs, heads, &first, split_pieces, &err), &err,
+        launched(mb_cuda_attention_backward_split(workspace, c.n, num_seqs, heads, &first, split_pieces, &err), &err,
                  "attention_backward_split");
     }
-    float *out = download_bf16(d_out, (size_t)rows * hidden), *lse = download_floats(d_lse, (size_t)rows * heads);
-    float *dqkv = download_bf16(d_dqkv, qkv_count);
+    float *out = download_bf16(d_out, (size_t)rows * c.hidden), *lse = download_floats(d_lse, (size_t)rows * heads);
+    float *dqkv = download_bf16(d_dqkv, c.qkv_count);
 
     /* the reference on the whole batch */
-    reference_shape shape = {cu, num_seqs, heads, head_dim, -1, hidden, 3 * hidden, 1.0 / sqrt((double)head_dim)};
-    float *out_ref = malloc(out_count * sizeof(float)), *lse_ref = malloc((size_t)n * heads * sizeof(float));
-    reference_attention_forward(out_ref, lse_ref, qkv, &shape, n);
-    float *out_want = calloc((size_t)rows * hidden, sizeof(float));
+    reference_shape shape = {c.cu, num_seqs, heads, head_dim, -1, c.hidden, 3 * c.hidden, 1.0 / sqrt((double)head_dim)};
+    float *out_ref = malloc(c.out_count * sizeof(float)), *lse_ref = malloc((size_t)c.n * heads * sizeof(float));
+    reference_attention_forward(out_ref, lse_ref, c.qkv, &shape, c.n);
+    float *out_want = calloc((size_t)rows * c.hidden, sizeof(float));
     float *lse_want = calloc((size_t)rows * heads, sizeof(float));
     for (int r = 0; r < rows; r++) {
-        memcpy(out_want + (size_t)r * hidden, out_ref + (size_t)rows_of[r] * hidden, hidden * sizeof(float));
+        memcpy(out_want + (size_t)r * c.hidden, out_ref + (size_t)rows_of[r] * c.hidden, c.hidden * sizeof(float));
         memcpy(lse_want + (size_t)r * heads, lse_ref + (size_t)rows_of[r] * heads, heads * sizeof(float));
     }
     char what[200];
-    snprintf(what, sizeof what, "attention rows %s out (%d of %d rows)", name, rows, n);
-    expect_close(what, out, out_want, (size_t)rows * hidden, BF16_TOLERANCE);
+    snprintf(what, sizeof what, "attention rows %s out (%d of %d rows)", name, rows, c.n);
+    expect_close(what, out, out_want, (size_t)rows * c.hidden, BF16_TOLERANCE);
     snprintf(what, sizeof what, "attention rows %s lse", name);
     expect_close(what, lse, lse_want, (size_t)rows * heads, FP32_TOLERANCE);
     /* backward: dO zero on the other rows; out and lse of the asked rows the GPU's own (as run_attention) */
-    float *dout_full = calloc(out_count, sizeof(float)), *dqkv_ref = malloc(qkv_count * sizeof(float));
+    float *dout_full = calloc(c.out_count, sizeof(float)), *dqkv_ref = malloc(c.qkv_count * sizeof(float));
     for (int r = 0; r < rows; r++) {
-        memcpy(dout_full + (size_t)rows_of[r] * hidden, dout_rows + (size_t)r * hidden, hidden * sizeof(float));
-        memcpy(out_ref + (size_t)rows_of[r] * hidden, out + (size_t)r * hidden, hidden * sizeof(float));
+        memcpy(dout_full + (size_t)rows_of[r] * c.hidden, dout_rows + (size_t)r * c.hidden, c.hidden * sizeof(float));
+        memcpy(out_ref + (size_t)rows_of[r] * c.hidden, out + (size_t)r * c.hidden, c.hidden * sizeof(float));
         memcpy(lse_ref + (size_t)rows_of[r] * heads, lse + (size_t)r * heads, heads * sizeof(float));
     }
-    reference_attention_backward(dqkv_ref, dout_full, out_ref, lse_ref, qkv, &shape, n);
-    mb_cpu_rope(dqkv_ref, positions, n, heads, head_dim, theta, -1);
+    reference_attention_backward(dqkv_ref, dout_full, out_ref, lse_ref, c.qkv, &shape, c.n);
+    mb_cpu_rope(dqkv_ref, positions, c.n, heads, head_dim, theta, -1);
     static const char *block_names[3] = {"dQ", "dK", "dV"};
     for (int block = 0; block < 3; block++) {
-        float *got = qkv_block(dqkv, n, hidden, block), *want = qkv_block(dqkv_ref, n, hidden, block);
+        float *got = qkv_block(dqkv, c.n, c.hidden, block), *want = qkv_block(dqkv_ref, c.n, c.hidden, block);
         snprintf(what, sizeof what, "attention rows %s %s", name, block_names[block]);
-        cr_expect_eq(count_nonfinite(got, out_count), 0, "%s: non-finite or unwritten values", what);
-        expect_close(what, got, want, out_count, BF16_TOLERANCE);
+        cr_expect_eq(count_nonfinite(got, c.out_count), 0, "%s: non-finite or unwritten values", what);
+        expect_close(what, got, want, c.out_count, BF16_TOLERANCE);
         size_t nonzero = 0; /* the unasked sequence: no gradient at all; other unasked rows: no dQ */
-        for (int i = cu[1]; i < cu[2]; i++)
-            for (int k = 0; k < hidden; k++) nonzero += got[(size_t)i * hidden + k] != 0.0f;
+        for (int i = c.cu[1]; i < c.cu[2]; i++)
+            for (int k = 0; k < c.hidden; k++) nonzero += got[(size_t)i * c.hidden + k] != 0.0f;
         cr_expect_eq(nonzero, 0, "%s: %zu nonzero values in the sequence without asked rows", what, nonzero);
         free(got), free(want);
     }
-    free(cu), free(rows_of), free(cu_rows), free(positions), free(qkv), free(dout_rows), free(q_host), free(out);
-    free(lse), free(dqkv), free(out_ref), free(lse_ref), free(out_want), free(lse_want), free(dout_full), free(dqkv_ref);
-    cudaFree(d_qkv), cudaFree(d_dout), cudaFree(d_q), cudaFree(d_cu), cudaFree(d_cu_rows), cudaFree(d_rows);
+    attention_case_free(&c);
+    free(rows_of), free(cu_rows), free(positions), free(dout_rows), free(q_host), free(out), free(lse), free(dqkv);
+    free(out_ref), free(lse_ref), free(out_want), free(lse_want), free(dout_full), free(dqkv_ref);
+    cudaFree(d_dout), cudaFree(d_q), cudaFree(d_cu_rows), cudaFree(d_rows);
     cudaFree(d_positions), cudaFree(d_table), cudaFree(workspace), cudaFree(d_out), cudaFree(d_dqkv), cudaFree(d_lse);
 }
 
@@ -1843,32 +1869,28 @@ Test(gpu_ops, attention_wgmma_tail_split, .timeout = 600) {
     cr_expect(rows_pieces == expected_pieces, "rows backward: tail split in %d pieces, expected %d", rows_pieces,
               expected_pieces);
 
-    mb_rng rng;
-    mb_rng_seed(&rng, 72);
+    attention_case c = attention_case_start(lengths, num_seqs, heads, 64, 72);
+    attention_case_draw_qkv(&c);
     mb_error err = {{0}};
-    int32_t *cu = make_cu_seqlens(lengths, num_seqs);
-    const int n = cu[num_seqs], hidden = heads * 64;
-    const size_t qkv_count = (size_t)n * 3 * hidden, out_count = (size_t)n * hidden;
-    float *qkv, *dout;
-    mb_bf16 *d_qkv = random_bf16(&rng, qkv_count, 0.0, 1.0, &qkv), *d_dout = random_bf16(&rng, out_count, 0.0, 1.0, &dout);
-    int32_t *d_cu = to_device(cu, (size_t)(num_seqs + 1) * sizeof(int32_t));
-    void *workspace = dev_alloc(mb_cuda_attention_workspace_bytes(n, num_seqs, heads, 64));
-    mb_bf16 *d_out = dev_alloc(out_count * sizeof(mb_bf16)), *d_dqkv = dev_alloc(qkv_count * sizeof(mb_bf16));
-    float *d_lse = dev_alloc((size_t)n * heads * sizeof(float));
-    launched(mb_cuda_attention_forward(d_out, d_lse, workspace, d_qkv, d_cu, num_seqs, n, heads, 64, -1, test_stream,
-                                       &err),
+    float *dout;
+    mb_bf16 *d_dout = random_bf16(&c.rng, c.out_count, 0.0, 1.0, &dout);
+    void *workspace = dev_alloc(mb_cuda_attention_workspace_bytes(c.n, num_seqs, heads, 64));
+    mb_bf16 *d_out = dev_alloc(c.out_count * sizeof(mb_bf16)), *d_dqkv = dev_alloc(c.qkv_count * sizeof(mb_bf16));
+    float *d_lse = dev_alloc((size_t)c.n * heads * sizeof(float));
+    launched(mb_cuda_attention_forward(d_out, d_lse, workspace, c.d_qkv, c.d_cu, num_seqs, c.n, heads, 64, -1,
+                                       test_stream, &err),
              &err, "attention_forward");
     float *runs[2];
     for (int run = 0; run < 2; run++) {
         if (run == 1) setenv("MB_ATTENTION_WGMMA_SPLIT", "0", 1);
-        dev_poison(d_dqkv, qkv_count * sizeof(mb_bf16));
-        launched(mb_cuda_attention_backward(d_dqkv, workspace, d_dout, d_out, d_lse, d_qkv, d_cu, num_seqs, n, heads,
-                                            64, -1, 0, test_stream, &err),
+        dev_poison(d_dqkv, c.qkv_count * sizeof(mb_bf16));
+        launched(mb_cuda_attention_backward(d_dqkv, workspace, d_dout, d_out, d_lse, c.d_qkv, c.d_cu, num_seqs, c.n,
+                                            heads, 64, -1, 0, test_stream, &err),
                  &err, "attention_backward");
-        runs[run] = download_bf16(d_dqkv, qkv_count);
+        runs[run] = download_bf16(d_dqkv, c.qkv_count);
         if (run == 0) {
             int first = -1, pieces = -1;
-            launched(mb_cuda_attention_backward_split(workspace, n, num_seqs, heads, &first, &pieces, &err), &err,
+            launched(mb_cuda_attention_backward_split(workspace, c.n, num_seqs, heads, &first, &pieces, &err), &err,
                      "attention_backward_split");
             cr_expect(pieces == expected_pieces && first == num_seqs * items_per_seq - tail,
                       "tail split planned from item %d in %d pieces, expected from item %d in %d", first, pieces,
@@ -1878,13 +1900,13 @@ Test(gpu_ops, attention_wgmma_tail_split, .timeout = 600) {
     unsetenv("MB_ATTENTION_WGMMA_SPLIT");
     static const char *block_names[3] = {"dQ", "dK", "dV"};
     for (int block = 0; block < 3; block++) {
-        float *split = qkv_block(runs[0], n, hidden, block), *whole = qkv_block(runs[1], n, hidden, block);
+        float *split = qkv_block(runs[0], c.n, c.hidden, block), *whole = qkv_block(runs[1], c.n, c.hidden, block);
         char what[120];
         snprintf(what, sizeof what, "tail split %s against the unsplit backward", block_names[block]);
-        expect_close(what, split, whole, out_count, BF16_TOLERANCE);
+        expect_close(what, split, whole, c.out_count, BF16_TOLERANCE);
         free(split), free(whole);
     }
-    free(runs[0]), free(runs[1]), free(cu), free(lengths), free(qkv), free(dout);
-    cudaFree(d_qkv), cudaFree(d_dout), cudaFree(d_cu), cudaFree(workspace), cudaFree(d_out), cudaFree(d_dqkv);
-    cudaFree(d_lse);
+    attention_case_free(&c);
+    free(runs[0]), free(runs[1]), free(lengths), free(dout);
+    cudaFree(d_dout), cudaFree(workspace), cudaFree(d_out), cudaFree(d_dqkv), cudaFree(d_lse);
 }
