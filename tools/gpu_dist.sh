@@ -6,12 +6,12 @@
 #            batch digest and loss compared with the 1-GPU run (tools/dist_compare.py)
 #   scaling  ModernBERT-base at 1024, 4 micro-batches of 32768 tokens per GPU per step, on 1 and on all GPUs:
 #            tokens/s per GPU and the scaling efficiency
-#   faults   (a) torchrun-style workers, rank 2 killed with SIGKILL: the others' exit codes, messages and times;
-#            (b) rank 1 stopped (SIGSTOP, a hang): the others time out (run.comm_timeout_seconds=20);
-#            (c) `--nproc-per-node 4`, one worker killed: the launcher's exit code and time
-#            (d) SIGTERM to the launcher: every rank stops at the same step, one checkpoint, exit 0
-#   elastic  checkpoint on 4 GPUs at step 60, resume on 2 GPUs to step 80: batches and losses vs the 1-GPU run
-#   nodes    two "nodes" of 2 processes each on this host (NODE_RANK 0/1, loopback rendezvous) vs the 4-GPU run
+#   faults   with W = every GPU (2 or 4): (a) W torchrun-style workers, the last rank killed with SIGKILL: the others'
+#            exit codes, messages and times; (b) rank 1 stopped (SIGSTOP, a hang): the others time out
+#            (run.comm_timeout_seconds=20); (c) `--nproc-per-node W`, one worker killed: the launcher's exit code and
+#            time; (d) SIGTERM to the launcher: every rank stops at the same step, one checkpoint, exit 0
+#   elastic  checkpoint on W GPUs at step 60, resume on W/2 to step 80: batches and losses vs the 1-GPU run
+#   nodes    two "nodes" of W/2 processes each on this host (NODE_RANK 0/1, loopback rendezvous) vs the W-GPU run
 # Logs go to $OUT (or /tmp).
 set -u
 build=${BUILD:-build-cbc}
@@ -96,40 +96,46 @@ wait_for_step() {
     return 1
 }
 
-if [[ $steps == *faults* ]] && [ "$gpus" -ge 4 ]; then
-    echo "== faults (a): 4 torchrun-style workers, rank 2 killed with SIGKILL at step 20"
+# The fault, elastic and nodes checks use every GPU of the machine (2 or 4; more count as 4): `world` workers, the
+# last of them the victim; the elastic resume goes from `world` GPUs to world/2, the two "nodes" get world/2 each.
+world=$((gpus >= 4 ? 4 : gpus))
+last=$((world - 1))
+ranks_but() { seq 0 "$last" | grep -vx "$1"; } # every rank but $1
+
+# workers NAME [extra args]: `world` torchrun-style workers in the background, pids in $pids
+workers() {
+    local name=$1 p
+    shift
     p=$(next_port)
     pids=()
-    for r in 0 1 2 3; do
+    for r in $(seq 0 "$last"); do
         # shellcheck disable=SC2086
-        RANK=$r WORLD_SIZE=4 LOCAL_RANK=$r LOCAL_WORLD_SIZE=4 MASTER_ADDR=127.0.0.1 MASTER_PORT=$p \
-            "$binary" pretrain $curve_args run.output_dir="$work/kill" >"$work/kill.$r.out" 2>"$work/kill.$r.err" &
+        RANK=$r WORLD_SIZE=$world LOCAL_RANK=$r LOCAL_WORLD_SIZE=$world MASTER_ADDR=127.0.0.1 MASTER_PORT=$p \
+            "$binary" pretrain $curve_args run.output_dir="$work/$name" "$@" >"$work/$name.$r.out" \
+            2>"$work/$name.$r.err" &
         pids+=($!)
     done
+}
+
+if [[ $steps == *faults* ]] && [ "$gpus" -ge 2 ]; then
+    echo "== faults (a): $world torchrun-style workers, rank $last killed with SIGKILL at step 20"
+    workers kill
     wait_for_step "$work/kill.0.out" 20 || echo "rank 0 never reached step 20"
-    kill -9 "${pids[2]}"
+    kill -9 "${pids[$last]}"
     killed=$(date +%s.%N)
-    for r in 0 1 3; do
+    for r in $(ranks_but "$last"); do
         wait "${pids[$r]}"
         code=$?
         echo "rank $r: exit $code after $(since "$killed") s: $(tail -n 1 "$work/kill.$r.err")"
     done
-    wait "${pids[2]}" 2>/dev/null
+    wait "${pids[$last]}" 2>/dev/null
 
     echo "== faults (b): rank 1 hangs (SIGSTOP at step 20), run.comm_timeout_seconds=20"
-    p=$(next_port)
-    pids=()
-    for r in 0 1 2 3; do
-        # shellcheck disable=SC2086
-        RANK=$r WORLD_SIZE=4 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$p \
-            "$binary" pretrain $curve_args run.output_dir="$work/hang" run.comm_timeout_seconds=20 \
-            >"$work/hang.$r.out" 2>"$work/hang.$r.err" &
-        pids+=($!)
-    done
+    workers hang run.comm_timeout_seconds=20
     wait_for_step "$work/hang.0.out" 20 || echo "rank 0 never reached step 20"
     kill -STOP "${pids[1]}"
     stopped=$(date +%s.%N)
-    for r in 0 2 3; do
+    for r in $(ranks_but 1); do
         wait "${pids[$r]}"
         code=$?
         echo "rank $r: exit $code after $(since "$stopped") s: $(tail -n 1 "$work/hang.$r.err")"
@@ -137,14 +143,14 @@ if [[ $steps == *faults* ]] && [ "$gpus" -ge 4 ]; then
     kill -9 "${pids[1]}"
     wait "${pids[1]}" 2>/dev/null
 
-    echo "== faults (c): --nproc-per-node 4, one worker killed with SIGKILL at step 20"
+    echo "== faults (c): --nproc-per-node $world, one worker killed with SIGKILL at step 20"
     p=$(next_port)
     # shellcheck disable=SC2086
-    "$binary" pretrain --nproc-per-node 4 --master-port "$p" $curve_args run.output_dir="$work/launcher" \
+    "$binary" pretrain --nproc-per-node "$world" --master-port "$p" $curve_args run.output_dir="$work/launcher" \
         >"$work/launcher.out" 2>"$work/launcher.err" &
     launcher=$!
     wait_for_step "$work/launcher.out" 20 || echo "never reached step 20"
-    victim=$(pgrep -P "$launcher" | sed -n 3p)
+    victim=$(pgrep -P "$launcher" | tail -n 1)
     kill -9 "$victim"
     killed=$(date +%s.%N)
     wait "$launcher"
@@ -152,10 +158,10 @@ if [[ $steps == *faults* ]] && [ "$gpus" -ge 4 ]; then
     echo "launcher: exit $code after $(since "$killed") s; workers left: $(pgrep -P "$launcher" | wc -l)"
     grep -E "launcher|rank" "$work/launcher.err" | head -8
 
-    echo "== faults (d): --nproc-per-node 4, SIGTERM to the launcher at step 20 (a preemption): one agreed checkpoint"
+    echo "== faults (d): --nproc-per-node $world, SIGTERM to the launcher at step 20 (a preemption): one agreed checkpoint"
     p=$(next_port)
     # shellcheck disable=SC2086
-    "$binary" pretrain --nproc-per-node 4 --master-port "$p" $curve_args run.output_dir="$work/preempt" \
+    "$binary" pretrain --nproc-per-node "$world" --master-port "$p" $curve_args run.output_dir="$work/preempt" \
         >"$work/preempt.out" 2>"$work/preempt.err" &
     launcher=$!
     wait_for_step "$work/preempt.out" 20 || echo "never reached step 20"
@@ -166,29 +172,31 @@ if [[ $steps == *faults* ]] && [ "$gpus" -ge 4 ]; then
     echo "launcher: exit $code after $(since "$signalled") s; $(grep -E '^(stopping|checkpoint)' "$work/preempt.out" | tr '\n' ' ')"
 fi
 
-if [[ $steps == *elastic* ]] && [ "$gpus" -ge 4 ]; then
-    echo "== elastic: 4 GPUs to step 60 (checkpoint), then 2 GPUs from it to step 80"
-    launch "$work/elastic" 4 --max-steps 60
-    echo "4 GPUs: exit $?; $(grep -m1 'checkpoint: ' "$work/elastic.log")"
-    launch "$work/elastic" 2 --resume --max-steps 80
-    echo "2 GPUs: exit $?; $(grep -m1 '^resume:' "$work/elastic.log")"
+if [[ $steps == *elastic* ]] && [ "$gpus" -ge 2 ]; then
+    half=$((world / 2))
+    echo "== elastic: $world GPUs to step 60 (checkpoint), then $half GPU(s) from it to step 80"
+    launch "$work/elastic" "$world" --max-steps 60
+    echo "$world GPUs: exit $?; $(grep -m1 'checkpoint: ' "$work/elastic.log")"
+    launch "$work/elastic" "$half" --resume --max-steps 80
+    echo "$half GPU(s): exit $?; $(grep -m1 '^resume:' "$work/elastic.log")"
     python3 tools/dist_compare.py "$work/curve1/metrics.jsonl" "$work/elastic/metrics.jsonl" --from-step 61
-    python3 tools/dist_compare.py "$work/curve4/metrics.jsonl" "$work/elastic/metrics.jsonl" --from-step 61
+    python3 tools/dist_compare.py "$work/curve$world/metrics.jsonl" "$work/elastic/metrics.jsonl" --from-step 61
 fi
 
-if [[ $steps == *nodes* ]] && [ "$gpus" -ge 4 ]; then
-    echo "== nodes: 2 nodes x 2 processes on this host, NODE_RANK 0/1, rendezvous 127.0.0.1"
+if [[ $steps == *nodes* ]] && [ "$gpus" -ge 2 ]; then
+    per_node=$((world / 2))
+    echo "== nodes: 2 nodes x $per_node process(es) on this host, NODE_RANK 0/1, rendezvous 127.0.0.1"
     p=$(next_port)
     for node in 0 1; do
-        visible=$([ $node = 0 ] && echo 0,1 || echo 2,3)
+        visible=$(seq -s, $((node * per_node)) $((node * per_node + per_node - 1)))
         # shellcheck disable=SC2086
         CUDA_VISIBLE_DEVICES=$visible NODE_RANK=$node NNODES=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$p \
-            "$binary" pretrain --nproc-per-node 2 $curve_args run.output_dir="$work/nodes" --max-steps 40 \
+            "$binary" pretrain --nproc-per-node "$per_node" $curve_args run.output_dir="$work/nodes" --max-steps 40 \
             >"$work/nodes.$node.log" 2>&1 &
     done
     wait
     grep -m2 -E "launcher|data parallel" "$work/nodes.0.log"
-    python3 tools/dist_compare.py "$work/curve4/metrics.jsonl" "$work/nodes/metrics.jsonl"
+    python3 tools/dist_compare.py "$work/curve$world/metrics.jsonl" "$work/nodes/metrics.jsonl"
 fi
 cp "$work"/*.log "$work"/*.err "$work"/*.out "$out/" 2>/dev/null
 true
