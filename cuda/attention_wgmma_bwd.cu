@@ -289,15 +289,24 @@ __device__ __forceinline__ char *aligned_shared(uint4 *raw) {
     return reinterpret_cast<char *>(raw) + ((kSwizzleAtom - address % kSwizzleAtom) % kSwizzleAtom);
 }
 
-/* What a block knows about its tile, fixed over the query loop. */
-struct block_context {
+/* Where work index w of the grid lies: an item of the plan, or a piece of a split tail item (attention_wgmma_bwd.h):
+ * its tile, head and queries. Piece p of P takes the item's query steps p, p + P, p + 2P, ...: queries from query_lo
+ * (the sequence's first + 128·p) below query_hi (the sequence's end) in strides of 128·P. The tail's work indices
+ * are piece-major (w = first + p·t + k for tail item first + k), so neither mapping divides. */
+struct work_position {
     tile_position t;
-    int head, hidden, query_lo, query_hi, steps, key_a; /* key_a: this thread's first key (the other: key_a + 8) */
-    int query_stride;                                   /* 128, or 128·pieces for a piece of a split item */
-    int piece, pieces, slot;                            /* a tail item's piece (pieces 1: a whole item) */
-    bool tail_keys;                                     /* the tile ends before 128 keys: mask every step */
-    uint32_t base, k_rows, v_rows;                      /* shared addresses */
-    float *dq_head;                                     /* the head's [dq_rows][64] block of dq_accum */
+    int head, query_lo, query_hi, query_stride;
+    int piece, pieces, slot; /* slot: the item's place k in the tail (its counter and partials) */
+};
+
+/* What a block knows about its tile, fixed over the query loop: the work item (work_position, from consumer_tile)
+ * and what the consumers derive from it once. */
+struct block_context {
+    work_position item;
+    int hidden, steps, key_a; /* key_a: this thread's first key (the other: key_a + 8) */
+    bool tail_keys;           /* the tile ends before 128 keys: mask every step */
+    uint32_t base, k_rows, v_rows; /* shared addresses */
+    float *dq_head;                /* the head's [dq_rows][64] block of dq_accum */
     fragment_position f;
     int group;
 };
@@ -315,16 +324,6 @@ struct ring {
 __device__ __forceinline__ void consumers_sync() {
     asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
 }
-
-/* Where work index w of the grid lies: an item of the plan, or a piece of a split tail item (attention_wgmma_bwd.h):
- * its tile, head and queries. Piece p of P takes the item's query steps p, p + P, p + 2P, ...: queries from query_lo
- * (the sequence's first + 128·p) below query_hi (the sequence's end) in strides of 128·P. The tail's work indices
- * are piece-major (w = first + p·t + k for tail item first + k), so neither mapping divides. */
-struct work_position {
-    tile_position t;
-    int head, query_lo, query_hi, query_stride;
-    int piece, pieces, slot; /* slot: the item's place k in the tail (its counter and partials) */
-};
 
 /* The split's first work index (attention_wgmma_bwd.h), or UINT_MAX without a split. Read once a block is past its
  * first item: a split tail starts at or after item gridDim.x. */
@@ -507,7 +506,7 @@ __device__ __forceinline__ void add_dq(char *smem, const block_context &c, const
     }
     fence_proxy_async();
     __syncwarp();
-    if (lane == 0 && row0 < c.query_hi)
+    if (lane == 0 && row0 < c.item.query_hi)
         bulk_reduce_add(c.dq_head + (size_t)row0 * kHeadDim, shared_address(staging), kDqWarpBytes);
 }
 
@@ -527,7 +526,7 @@ template <bool kHasPrevious>
 __device__ __forceinline__ void consume_step(int i, int step, char *smem, const backward_args &a,
                                              const block_context &c, const ring &b, float (&s)[kScores],
                                              float (&dp)[kScores], float (&dk)[32], float (&dv)[32], float (&dq)[32]) {
-    const int q0 = c.query_lo + i * c.query_stride, stage = step % kStages, ds_stage = step & 1;
+    const int q0 = c.item.query_lo + i * c.item.query_stride, stage = step % kStages, ds_stage = step & 1;
     if (kHasPrevious) issue_step_dq(step - 1, c, b, dq);
     mbarrier_wait(b.full + 8 * stage, (step / kStages) & 1);
     const step_tiles t(smem, c.base, stage);
@@ -538,7 +537,7 @@ __device__ __forceinline__ void consume_step(int i, int step, char *smem, const 
     if (kHasPrevious) {
         wgmma_wait<1>(); /* dQ(i−1); Sᵀ may still run */
         fence_registers(dq);
-        add_dq(smem, c, dq, q0 - c.query_stride + kGroupKeys * c.group);
+        add_dq(smem, c, dq, q0 - c.item.query_stride + kGroupKeys * c.group);
         warp_arrive(b.ds_empty + 8 * (ds_stage ^ 1));
     }
     wgmma_fence();
@@ -546,8 +545,8 @@ __device__ __forceinline__ void consume_step(int i, int step, char *smem, const 
     wgmma_commit();
     wgmma_wait<1>(); /* Sᵀ */
     fence_registers(s);
-    const bool mask = c.tail_keys || q0 + kStepQueries > c.query_hi; /* uniform */
-    probabilities_masked_if(mask, s, t.lse, c.f, a.scale_log2, c.key_a, c.t.end, q0, c.query_hi);
+    const bool mask = c.tail_keys || q0 + kStepQueries > c.item.query_hi; /* uniform */
+    probabilities_masked_if(mask, s, t.lse, c.f, a.scale_log2, c.key_a, c.item.t.end, q0, c.item.query_hi);
     wgmma_wait<0>(); /* dPᵀ */
     fence_registers(dp);
     score_gradients(dp, s, t.delta, c.f);
@@ -578,8 +577,8 @@ __device__ __forceinline__ void consume_step(int i, int step, char *smem, const 
  * angles are 256 bytes) one step before the dK store, so that the store does not wait a DRAM round trip with the SM
  * idle (H200, in-step: −0.23 ms per base step at 1024, −0.16 at 8192). */
 __device__ __forceinline__ void prefetch_key_angles(const float2 *rope, const block_context &c) {
-    const int k = threadIdx.x % 128, key = c.t.start + kGroupKeys * c.group + k / 2;
-    if (rope != nullptr && key < c.t.end)
+    const int k = threadIdx.x % 128, key = c.item.t.start + kGroupKeys * c.group + k / 2;
+    if (rope != nullptr && key < c.item.t.end)
         asm volatile("prefetch.global.L1 [%0];\n" ::"l"(rope + (size_t)key * (kHeadDim / 2) + 16 * (k % 2)));
 }
 
@@ -592,25 +591,24 @@ __device__ __forceinline__ bool consumer_tile(block_context *c, unsigned *w, con
     for (work_position p;; *w += gridDim.x) {
         if (!whole_item_at(*w, &p, a, plan) && !piece_at(*w, &p, a, plan)) return false;
         if (p.query_hi > p.query_lo) {
-            c->t = p.t, c->head = p.head, c->query_lo = p.query_lo, c->query_hi = p.query_hi;
-            c->query_stride = p.query_stride;
-            c->piece = p.piece, c->pieces = p.pieces, c->slot = p.slot;
+            c->item = p;
             break;
         }
     }
-    c->steps = mb::ceil_div(c->query_hi - c->query_lo, c->query_stride);
-    c->key_a = c->t.start + kGroupKeys * c->group + c->f.row;
-    c->tail_keys = c->t.start + kBlockKeys > c->t.end;
-    c->dq_head = a.dq_accum + (size_t)c->head * a.dq_rows * kHeadDim;
+    c->steps = mb::ceil_div(c->item.query_hi - c->item.query_lo, c->item.query_stride);
+    c->key_a = c->item.t.start + kGroupKeys * c->group + c->f.row;
+    c->tail_keys = c->item.t.start + kBlockKeys > c->item.t.end;
+    c->dq_head = a.dq_accum + (size_t)c->item.head * a.dq_rows * kHeadDim;
     return true;
 }
 
 /* Queues the tile's K and V rows into shared memory (all 256 consumer threads, one commit group). */
 __device__ __forceinline__ void load_key_tiles(char *smem, const backward_args &a, const block_context &c) {
     const size_t qkv_stride = 3 * (size_t)c.hidden;
-    load_tile_async<kBlockKeys>(smem + kTileK, a.qkv + c.hidden + c.head * kHeadDim, qkv_stride, c.t.start, c.t.end);
-    load_tile_async<kBlockKeys>(smem + kTileV, a.qkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, c.t.start,
-                                c.t.end);
+    const tile_position &t = c.item.t;
+    load_tile_async<kBlockKeys>(smem + kTileK, a.qkv + c.hidden + c.item.head * kHeadDim, qkv_stride, t.start, t.end);
+    load_tile_async<kBlockKeys>(smem + kTileV, a.qkv + 2 * c.hidden + c.item.head * kHeadDim, qkv_stride, t.start,
+                                t.end);
     cp_async_commit();
 }
 
@@ -618,8 +616,9 @@ __device__ __forceinline__ void load_key_tiles(char *smem, const backward_args &
 __device__ __forceinline__ void store_tile_rows(const backward_args &a, const block_context &c, const float (&dk)[32],
                                                 const float (&dv)[32]) {
     const size_t qkv_stride = 3 * (size_t)c.hidden;
-    store_key_rows(a.dqkv + c.hidden + c.head * kHeadDim, qkv_stride, dk, c.key_a, c.t.end, c.f.col, a.scale, a.rope);
-    store_key_rows(a.dqkv + 2 * c.hidden + c.head * kHeadDim, qkv_stride, dv, c.key_a, c.t.end, c.f.col, 1.0f,
+    const work_position &p = c.item;
+    store_key_rows(a.dqkv + c.hidden + p.head * kHeadDim, qkv_stride, dk, c.key_a, p.t.end, c.f.col, a.scale, a.rope);
+    store_key_rows(a.dqkv + 2 * c.hidden + p.head * kHeadDim, qkv_stride, dv, c.key_a, p.t.end, c.f.col, 1.0f,
                    nullptr);
 }
 
@@ -636,7 +635,8 @@ __device__ __forceinline__ void add_partial(float (&acc)[32], const float *part)
  * ([value][thread]: coalesced) instead of dqkv. */
 __device__ __forceinline__ void store_partial(const backward_args &a, const block_context &c, const float (&dk)[32],
                                               const float (&dv)[32]) {
-    float *mine = a.split.partials + ((size_t)c.slot * c.pieces + c.piece) * kWgmmaSplitSlotFloats + threadIdx.x;
+    const work_position &p = c.item;
+    float *mine = a.split.partials + ((size_t)p.slot * p.pieces + p.piece) * kWgmmaSplitSlotFloats + threadIdx.x;
 #pragma unroll
     for (int e = 0; e < 32; e++) {
         __stcg(mine + e * kConsumerThreads, dk[e]);
@@ -651,15 +651,15 @@ __device__ __forceinline__ void finish_split_item(char *smem, const backward_arg
     __threadfence(); /* the partials are visible before the counter counts this piece */
     consumers_sync();
     volatile int *last = reinterpret_cast<volatile int *>(smem + kSplitFlag);
-    if (threadIdx.x == 0) *last = atomicAdd(a.split.words + 4 + c.slot, 1) == c.pieces - 1;
+    if (threadIdx.x == 0) *last = atomicAdd(a.split.words + 4 + c.item.slot, 1) == c.item.pieces - 1;
     consumers_sync();
     if (!*last) return;
     __threadfence();
     float dk[32], dv[32];
 #pragma unroll
     for (int e = 0; e < 32; e++) dk[e] = dv[e] = 0.0f;
-    const float *slots = a.split.partials + (size_t)c.slot * c.pieces * kWgmmaSplitSlotFloats + threadIdx.x;
-    for (int piece = 0; piece < c.pieces; piece++) {
+    const float *slots = a.split.partials + (size_t)c.item.slot * c.item.pieces * kWgmmaSplitSlotFloats + threadIdx.x;
+    for (int piece = 0; piece < c.item.pieces; piece++) {
         add_partial(dk, slots + (size_t)piece * kWgmmaSplitSlotFloats);
         add_partial(dv, slots + (size_t)piece * kWgmmaSplitSlotFloats + 32 * kConsumerThreads);
     }
@@ -694,12 +694,12 @@ __device__ __forceinline__ bool consume_tile(char *smem, const backward_args &a,
     block_context next = c;
     const bool more = consumer_tile(&next, &w, a, plan);
     if (more) load_key_tiles(smem, a, next);
-    add_dq(smem, c, dq, c.query_lo + last * c.query_stride + kGroupKeys * c.group);
+    add_dq(smem, c, dq, c.item.query_lo + last * c.item.query_stride + kGroupKeys * c.group);
     warp_arrive(b.ds_empty + 8 * (last_step & 1)); /* the dSᵀ stage of the last step is free (as in consume_step) */
     /* the staging must stay until the block's last bulk add has read it; the adds themselves land before the grid
      * completes (the next kernel reads dq_accum), as TMA stores do, so the block need not wait for them */
     if (!more && threadIdx.x % mb::kWarpSize == 0) bulk_wait_reads();
-    if (c.pieces > 1) /* a piece: its partial; the kernel sums the item's pieces after the loop */
+    if (c.item.pieces > 1) /* a piece: its partial; the kernel sums the item's pieces after the loop */
         store_partial(a, c, dk, dv);
     else
         store_tile_rows(a, c, dk, dv);
@@ -751,7 +751,7 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_backward_kernel(backward_ar
             fence_proxy_async();
             consumers_sync(); /* K and V of both groups' threads are in shared memory */
         } while (consume_tile(smem, a, plan, c, b, step, w));
-        if (c.pieces > 1) finish_split_item(smem, a, c); /* c: the block's last work, a piece */
+        if (c.item.pieces > 1) finish_split_item(smem, a, c); /* c: the block's last work, a piece */
     }
 #endif
 }
