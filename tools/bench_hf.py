@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """transformers + torch.compile on the workload of `modernbert bench train`, so one GPU call yields both figures.
 
-    python3 tools/bench_hf.py --model base --seq 1024 --tokens 32768 [--steps 10] [--no-compile]
+    python3 tools/bench_hf.py --model base --seq 1024 --tokens 32768 [--accumulate N] [--steps 10] [--no-compile]
 
 Same model sizes and FLOP convention as modernbert.c (docs/performance.md): ModernBertForMaskedLM at random init,
 `tokens / seq` documents of `seq` tokens each (a padded batch with no padding), 30 % of positions labelled
-(sparse prediction), bf16 autocast, sdpa attention, fused AdamW; torch.compile unless --no-compile. Prints one JSON
-line with tokens/s, step time, model TFLOP/s and peak memory (the method of ../shared/tools/anchor_hf.py).
+(sparse prediction), bf16 autocast, sdpa attention, fused AdamW; torch.compile unless --no-compile. A step is
+--accumulate micro-batches of --tokens tokens (default 1: backward on the mean loss of each, gradients accumulated,
+one optimizer step), as `bench train --accumulate`. Prints one JSON line with tokens/s, step time, model TFLOP/s and
+peak memory (the method of ../shared/tools/anchor_hf.py).
 """
 import argparse
 import json
@@ -37,10 +39,13 @@ def main():
     parser.add_argument("--model", default="base", choices=sorted(SIZES))
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
+    if args.accumulate < 1 or args.tokens < args.seq or args.steps < 1:
+        parser.error("need --accumulate >= 1, --tokens >= --seq, --steps >= 1")
     cfg = ModernBertConfig(vocab_size=50368, **SIZES[args.model])
     cfg.sparse_prediction = True
     cfg._attn_implementation = "sdpa"
@@ -49,14 +54,20 @@ def main():
     step_model = model if args.no_compile else torch.compile(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     batch = args.tokens // args.seq
-    ids = torch.randint(0, 50000, (batch, args.seq), device="cuda")
-    labels = torch.where(torch.rand(ids.shape, device="cuda") < 0.3, ids, torch.full_like(ids, -100))
-    mask = torch.ones_like(ids)
+    micro_batches = []
+    for _ in range(args.accumulate):
+        ids = torch.randint(0, 50000, (batch, args.seq), device="cuda")
+        labels = torch.where(torch.rand(ids.shape, device="cuda") < 0.3, ids, torch.full_like(ids, -100))
+        micro_batches.append((ids, labels))
+    mask = torch.ones_like(micro_batches[0][0])
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = step_model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
+        # each micro-batch's mean loss / accumulate: the labels per micro-batch are about equal, so this is the
+        # mean over the step's labels up to their spread, the usual accumulation in PyTorch training loops
+        for ids, labels in micro_batches:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = step_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            (loss / args.accumulate).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
@@ -70,8 +81,9 @@ def main():
         loss = step()
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.steps
-    tokens_per_second = batch * args.seq / seconds
-    print(json.dumps({"model": args.model, "seq": args.seq, "tokens_per_step": batch * args.seq,
+    tokens_per_second = batch * args.seq * args.accumulate / seconds
+    print(json.dumps({"model": args.model, "seq": args.seq, "tokens_per_step": batch * args.seq * args.accumulate,
+                      "accumulate": args.accumulate,
                       "compile": not args.no_compile, "step_s": round(seconds, 4),
                       "tokens_per_second": round(tokens_per_second),
                       "model_tflops": round(tokens_per_second * flops_per_token(cfg, args.seq) / 1e12, 1),
