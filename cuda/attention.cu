@@ -406,6 +406,32 @@ __global__ void __launch_bounds__(kDetWarps *mb::kWarpSize)
     store_rows<D>(dqkv + head * D, qkv_stride, dq, row_a, t.end, scale);
 }
 
+/* What both dK/dV kernels know of their key tile: where it is, the queries that see it ([query_lo, query_hi) in
+ * query_steps steps of kQ), and the tensors its head's rows are read from (the kernel's arguments: the row bases are
+ * formed where they are used, as the kernels did before this struct, which keeps their register counts). */
+struct key_tile {
+    tile_position t;
+    int head, heads, query_lo, query_hi, query_steps;
+    const mb::bf16 *qkv, *dout;
+    const float *lse, *delta;
+};
+
+/* The block's tile of kKeys keys; false for the spare blocks past the last tile (uniform over the block). */
+template <int kKeys, int kQ>
+__device__ __forceinline__ bool find_key_tile(key_tile *k, const mb::bf16 *qkv, const mb::bf16 *dout, const float *lse,
+                                              const float *delta, const int32_t *cu_seqlens, const int32_t *seq_first,
+                                              const int32_t *tile_seq, int num_seqs, int heads, int window) {
+    if (!find_tile(&k->t, &k->head, seq_first, tile_seq, cu_seqlens, num_seqs, heads, kKeys)) return false;
+    k->heads = heads;
+    k->qkv = qkv;
+    k->dout = dout;
+    k->lse = lse;
+    k->delta = delta;
+    partner_range(k->t, window, &k->query_lo, &k->query_hi);
+    k->query_steps = mb::ceil_div(k->query_hi - k->query_lo, kQ);
+    return true;
+}
+
 /* Shared-memory layout of the query side of the dK/dV kernels: per stage Q and dO tiles [kQ rows], then per stage
  * lse and D_i [kQ floats]. */
 template <int D, int kQueries = shape<D>::dkdv_queries>
@@ -421,14 +447,33 @@ struct query_stages {
     __device__ mb::bf16 *dout(int stage) const { return base + (2 * stage + 1) * kRows; }
     __device__ float *lse(int stage) const { return floats + 2 * stage * kQ; }
     __device__ float *delta(int stage) const { return floats + (2 * stage + 1) * kQ; }
-    /* queues Q, dO, lse and D_i of queries [q0, q0 + kQ) (zeros past q_hi) into `stage` */
+    /* queues Q, dO, lse and D_i of the tile's query step `step` (zeros past query_hi) into stage step % 2 */
     template <int kThreads>
-    __device__ void load(int stage, const mb::bf16 *q_base, size_t qkv_stride, const mb::bf16 *dout_base, int hidden,
-                         const float *lse_base, const float *delta_base, int heads, int q0, int q_hi) const {
-        load_rows_async<D, kThreads>(q(stage), q_base, qkv_stride, q0, q_hi, kQ);
-        load_rows_async<D, kThreads>(dout(stage), dout_base, hidden, q0, q_hi, kQ);
-        load_floats_async<kThreads>(lse(stage), lse_base, heads, q0, q_hi, kQ);
-        load_floats_async<kThreads>(delta(stage), delta_base, heads, q0, q_hi, kQ);
+    __device__ void load(int step, const key_tile &k) const {
+        const int stage = step & 1, q0 = k.query_lo + step * kQ, hidden = k.heads * D;
+        load_rows_async<D, kThreads>(q(stage), k.qkv + k.head * D, 3 * (size_t)hidden, q0, k.query_hi, kQ);
+        load_rows_async<D, kThreads>(dout(stage), k.dout + k.head * D, hidden, q0, k.query_hi, kQ);
+        load_floats_async<kThreads>(lse(stage), k.lse + k.head, k.heads, q0, k.query_hi, kQ);
+        load_floats_async<kThreads>(delta(stage), k.delta + k.head, k.heads, q0, k.query_hi, kQ);
+    }
+    /* Before the loop: the tile's K and V rows and query step 0, one cp.async group. */
+    template <int kThreads, int kKeys>
+    __device__ void start(const key_tile &k, mb::bf16 *k_tile, mb::bf16 *v_tile) const {
+        const int hidden = k.heads * D;
+        const mb::bf16 *k_base = k.qkv + hidden + k.head * D, *v_base = k_base + hidden;
+        load_rows_async<D, kThreads>(k_tile, k_base, 3 * (size_t)hidden, k.t.start, k.t.end, kKeys);
+        load_rows_async<D, kThreads>(v_tile, v_base, 3 * (size_t)hidden, k.t.start, k.t.end, kKeys);
+        load<kThreads>(0, k);
+        cp_async_commit();
+    }
+    /* At the top of query step i: queues step i + 1 (if any) into the other stage, waits for step i, then the
+     * block's barrier. The stage refilled here was last read before the previous step's last barrier. */
+    template <int kThreads>
+    __device__ void next(int i, const key_tile &k) const {
+        if (i + 1 < k.query_steps) load<kThreads>(i + 1, k);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
     }
 };
 
@@ -444,20 +489,13 @@ __global__ void __launch_bounds__(kDetWarps *mb::kWarpSize)
     mb::bf16 *k_tile = reinterpret_cast<mb::bf16 *>(shared_raw);
     mb::bf16 *v_tile = k_tile + kDetTile * kStride;
     query_stages<D> stages(v_tile + kDetTile * kStride);
-    tile_position t;
-    int head;
-    if (!find_tile(&t, &head, seq_first, tile_seq, cu_seqlens, num_seqs, heads, kDetTile)) return;
-    const int hidden = heads * D;
-    const size_t qkv_stride = 3 * (size_t)hidden;
-    const mb::bf16 *q_base = qkv + head * D, *k_base = q_base + hidden, *v_base = q_base + 2 * hidden;
-    int query_lo, query_hi;
-    partner_range(t, window, &query_lo, &query_hi);
-    const int query_steps = mb::ceil_div(query_hi - query_lo, kQ);
-    load_rows_async<D, kThreads>(k_tile, k_base, qkv_stride, t.start, t.end, kDetTile);
-    load_rows_async<D, kThreads>(v_tile, v_base, qkv_stride, t.start, t.end, kDetTile);
-    stages.template load<kThreads>(0, q_base, qkv_stride, dout + head * D, hidden, lse + head, delta + head, heads,
-                                   query_lo, query_hi);
-    cp_async_commit();
+    key_tile k;
+    if (!find_key_tile<kDetTile, kQ>(&k, qkv, dout, lse, delta, cu_seqlens, seq_first, tile_seq, num_seqs, heads,
+                                        window))
+        return;
+    const tile_position &t = k.t;
+    const int query_hi = k.query_hi;
+    stages.template start<kThreads, kDetTile>(k, k_tile, v_tile);
 
     const int warp = threadIdx.x / mb::kWarpSize, lane = threadIdx.x % mb::kWarpSize;
     const int quad = lane % 4, key_a = t.start + warp * 16 + lane / 4;
@@ -465,14 +503,9 @@ __global__ void __launch_bounds__(kDetWarps *mb::kWarpSize)
     zero<shape<D>::d_tiles>(dk);
     zero<shape<D>::d_tiles>(dv);
 
-    for (int i = 0; i < query_steps; i++) {
-        const int q0 = query_lo + i * kQ;
-        if (i + 1 < query_steps)
-            stages.template load<kThreads>((i + 1) & 1, q_base, qkv_stride, dout + head * D, hidden, lse + head,
-                                           delta + head, heads, q0 + kQ, query_hi);
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
+    for (int i = 0; i < k.query_steps; i++) {
+        const int q0 = k.query_lo + i * kQ;
+        stages.template next<kThreads>(i, k);
         const mb::bf16 *q_tile = stages.q(i & 1), *do_tile = stages.dout(i & 1);
         const float *lse_tile = stages.lse(i & 1), *delta_tile = stages.delta(i & 1);
         float s[kQ / 8][4], dp[kQ / 8][4]; /* transposed: rows are this warp's keys, columns the queries */
@@ -494,8 +527,9 @@ __global__ void __launch_bounds__(kDetWarps *mb::kWarpSize)
         accumulate_pv<D, kQ / 8>(dk, dp, q_tile);
         __syncthreads();
     }
-    store_rows<D>(dqkv + hidden + head * D, qkv_stride, dk, key_a, t.end, scale);
-    store_rows<D>(dqkv + 2 * hidden + head * D, qkv_stride, dv, key_a, t.end, 1.0f);
+    const int hidden = heads * D;
+    store_rows<D>(dqkv + hidden + k.head * D, 3 * (size_t)hidden, dk, key_a, t.end, scale);
+    store_rows<D>(dqkv + 2 * hidden + k.head * D, 3 * (size_t)hidden, dv, key_a, t.end, 1.0f);
 }
 
 /* Adds four consecutive floats (16-byte aligned) to global memory without reading them back: one vector reduction
@@ -558,20 +592,14 @@ __global__ void __launch_bounds__(kWarps *mb::kWarpSize, bwd_shape<D, kWarps, kR
     mb::bf16 *k_tile = reinterpret_cast<mb::bf16 *>(shared_raw);
     mb::bf16 *v_tile = k_tile + kKeys * kStride, *ds_tile = v_tile + kKeys * kStride; /* ds: [kKeys][kDsStride] */
     query_stages<D, kQ> stages(ds_tile + kKeys * kDsStride);
-    tile_position t;
-    int head;
-    if (!find_tile(&t, &head, seq_first, tile_seq, cu_seqlens, num_seqs, heads, kKeys)) return;
-    const int hidden = heads * D;
+    key_tile k;
+    if (!find_key_tile<kKeys, kQ>(&k, qkv, dout, lse, delta, cu_seqlens, seq_first, tile_seq, num_seqs, heads,
+                                     window))
+        return;
+    const tile_position &t = k.t;
+    const int head = k.head, hidden = heads * D, query_hi = k.query_hi;
     const size_t qkv_stride = 3 * (size_t)hidden;
-    const mb::bf16 *q_base = qkv + head * D, *k_base = q_base + hidden, *v_base = q_base + 2 * hidden;
-    int query_lo, query_hi;
-    partner_range(t, window, &query_lo, &query_hi);
-    const int query_steps = mb::ceil_div(query_hi - query_lo, kQ);
-    load_rows_async<D, kThreads>(k_tile, k_base, qkv_stride, t.start, t.end, kKeys);
-    load_rows_async<D, kThreads>(v_tile, v_base, qkv_stride, t.start, t.end, kKeys);
-    stages.template load<kThreads>(0, q_base, qkv_stride, dout + head * D, hidden, lse + head, delta + head, heads,
-                                   query_lo, query_hi);
-    cp_async_commit();
+    stages.template start<kThreads, kKeys>(k, k_tile, v_tile);
 
     const int warp = threadIdx.x / mb::kWarpSize, lane = threadIdx.x % mb::kWarpSize, quad = lane % 4;
     /* row block rb: keys key0 + 16·rb ..; this thread's keys key_a + 16·rb (+ 8 for the upper half) */
@@ -586,16 +614,11 @@ __global__ void __launch_bounds__(kWarps *mb::kWarpSize, bwd_shape<D, kWarps, kR
         zero<shape<D>::d_tiles>(dv[rb]);
     }
 
-    for (int i = 0; i < query_steps; i++) {
-        const int q0 = query_lo + i * kQ, q_last = q0 + kQ - 1;
-        /* The stage refilled here was last read before the previous step's second barrier, and ds_tile is rewritten
-         * only after this step's first barrier, which every warp reaches after its dQ product: no third barrier. */
-        if (i + 1 < query_steps)
-            stages.template load<kThreads>((i + 1) & 1, q_base, qkv_stride, dout + head * D, hidden, lse + head,
-                                           delta + head, heads, q0 + kQ, query_hi);
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
+    for (int i = 0; i < k.query_steps; i++) {
+        const int q0 = k.query_lo + i * kQ, q_last = q0 + kQ - 1;
+        /* ds_tile is rewritten only after this step's first barrier (in stages.next), which every warp reaches after
+         * its dQ product of the previous step: two barriers per step suffice. */
+        stages.template next<kThreads>(i, k);
         const mb::bf16 *q_tile = stages.q(i & 1), *do_tile = stages.dout(i & 1);
         const float *lse_tile = stages.lse(i & 1), *delta_tile = stages.delta(i & 1);
         /* Sᵀ, then Pᵀ packed to bf16 pairs (the A operand of dV += Pᵀ·dO) so that only half the registers of it live

@@ -39,9 +39,10 @@ Test(bench_cli, accumulated_step_counts_every_micro_batch) {
     double rate = tokens_per_second(output), seconds = step_seconds(output);
     cr_assert_gt(rate, 0.0, "no tokens/s in:\n%s", output);
     cr_assert_gt(seconds, 0.0, "no step time in:\n%s", output);
-    /* tokens/s is the step's 3 × 128 tokens over its time; the step time is printed to the millisecond */
-    cr_assert_float_eq(rate * seconds / 384.0, 1.0, 0.001 + 0.0005 / seconds, "%.0f tokens/s, %.3f s:\n%s",
-                       rate, seconds, output);
+    /* tokens/s is the step's 3 × 128 tokens over its time; both are printed rounded (to a token per second and
+     * to the millisecond) */
+    cr_assert_float_eq(rate * seconds / 384.0, 1.0, 1e-6 + 0.5 / rate + 0.0005 / seconds,
+                       "%.0f tokens/s, %.3f s:\n%s", rate, seconds, output);
 }
 
 Test(bench_cli, one_micro_batch_keeps_the_plain_line) {
