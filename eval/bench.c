@@ -46,7 +46,8 @@ typedef struct bench_batches {
     int *sequences, *label_counts;
 } bench_batches;
 
-
+/* One micro-batch: `tokens` random ids in documents of seq_len tokens (the last one may be shorter), about 30 % of
+ * them labelled. */
 static void make_batch(mb_rng *rng, const mb_config *c, int seq_len, int tokens, int32_t *ids, int32_t *labels,
                        int32_t *cu, int *sequences, int *label_count) {
     int count = 0;
