@@ -253,7 +253,8 @@ static int bench_train(int argc, char **argv) {
         }
     }
     if (o.seq_len < 1 || o.micro_tokens < o.seq_len || o.steps < 1 || o.accumulate < 1) {
-        fprintf(stderr, "modernbert bench train: need --seq >= 1, --tokens >= --seq, --steps >= 1, --accumulate >= 1\n");
+        fprintf(stderr,
+                "modernbert bench train: need --seq >= 1, --tokens >= --seq, --steps >= 1, --accumulate >= 1\n");
         return 2;
     }
     return run_train_bench(&o);
