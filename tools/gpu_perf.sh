@@ -4,7 +4,8 @@
 # carried here with the shared libraries the GPU machine lacks in .devlib/ (../shared/tools/device-bundle).
 #   GPU 0: `modernbert bench attention` (1024- and 8192-token documents) and `bench train` for base @1024, base @8192,
 #          large @1024 (32,768 tokens per step; tools/gpu_clocks.sh adds the SM clock and power under load), then
-#          base @1024 with run.recompute norms and mlp; base @1024 at the recipe's micro-batch (98,304 tokens); then
+#          base @1024 with run.recompute norms and mlp; base @1024 at the recipe's micro-batch (98,304 tokens); large
+#          @1024 at the recipe's workload (11 micro-batches of 57,344 tokens per optimizer step); then
 #          real pretraining runs of configs/modernbert-base.yaml on the embedded shards (data/shards, carried along:
 #          `tools/bootstrap.sh main` makes them), 14 steps of the 1024 phase and 14 of the 8192 phase
 #   GPU 1: transformers + torch.compile on the same workloads (tools/bench_hf.py): the ratios of one call
@@ -51,6 +52,9 @@ ours() {
     done
     "$binary" bench train --backend cuda --model base --seq 1024 --tokens 98304 --steps 5 2>&1 | grep "step time" |
         sed "s/^/base --seq 1024, 98304 tokens /"
+    # large at the recipe's workload per GPU on 8 GPUs: 11 micro-batches of 57,344 tokens per optimizer step
+    "$binary" bench train --backend cuda --model large --seq 1024 --tokens 57344 --accumulate 11 --steps 2 2>&1 |
+        grep "step time" | sed "s/^/large --seq 1024, 11 x 57344 tokens /"
     real_runs
 } > "$out/perf_ours.txt"
 
