@@ -97,7 +97,7 @@ struct split_request {
 
 /* The split words for `tiles` planned tiles (all threads of the plan kernel; tile_seq written by the block). */
 __device__ void plan_split(const split_request &split, const int32_t *tile_seq, int tiles) {
-    __shared__ int fewest_steps;
+    __shared__ int fewest_steps, planned_pieces;
     const unsigned items = (unsigned)tiles * split.heads, grid = split.grid;
     const unsigned tail = mb_wgmma_split_tail(items, grid);
     if (threadIdx.x == 0) fewest_steps = kWgmmaSplitMaxPieces;
@@ -108,9 +108,10 @@ __device__ void plan_split(const split_request &split, const int32_t *tile_seq, 
         atomicMin(&fewest_steps, mb::ceil_div(split.cu_queries[s + 1] - split.cu_queries[s], kWgmmaBackwardStep));
     }
     __syncthreads();
-    const bool used = min(pieces, fewest_steps) > 1;
-    if (threadIdx.x == 0) mb_wgmma_split_words(split.words, items, grid, fewest_steps);
-    for (unsigned k = threadIdx.x; used && k < tail; k += blockDim.x) split.words[4 + k] = 0; /* the counters */
+    if (threadIdx.x == 0) planned_pieces = mb_wgmma_split_words(split.words, items, grid, fewest_steps);
+    __syncthreads();
+    for (unsigned k = threadIdx.x; planned_pieces > 1 && k < tail; k += blockDim.x)
+        split.words[4 + k] = 0; /* the counters */
 }
 
 /* seq_first[s] = the first tile of sequence s in launch order, seq_first[num_seqs] = the tile count;

@@ -112,12 +112,6 @@ static_assert(kTileQ % kSwizzleAtom == 0 && kTileDO % kSwizzleAtom == 0 && kTile
                   kProducerWarp * mb::kWarpSize == kConsumerThreads && kSharedBytes <= 227 * 1024,
               "swizzled tiles on 1024-byte boundaries, mbarriers on 8, inside the 227 KB an sm_90 block may use");
 
-/* The tail split's buffers as the kernel sees them (wgmma_split without its host-side grid). */
-struct split_buffers {
-    int32_t *words;
-    float *partials;
-};
-
 /* Everything the kernel reads besides the plan. */
 struct backward_args {
     mb::bf16 *dqkv;
@@ -130,7 +124,7 @@ struct backward_args {
     size_t dq_rows; /* rows per head of dq_accum: mb_wgmma_dq_rows(n) */
     float scale, scale_log2;
     const float2 *rope; /* RoPE's backward on dK in its store (table of mb_cuda_rope_table), or nullptr */
-    split_buffers split; /* the tail split (attention_wgmma_bwd.h); words == nullptr: none */
+    wgmma_split split;  /* the tail split (attention_wgmma_bwd.h); words == nullptr: none */
 };
 
 /* The device helpers exist in the host and sm_90a passes only: the sm_80 pass compiles empty kernel bodies. */
@@ -858,7 +852,7 @@ int launch_backward(mb::bf16 *dqkv, float *dq_accum, const mb::bf16 *dout,
                "attention_wgmma_backward: a tail split planned for %u blocks, launched with %u", split.grid, blocks);
     float scale = 1.0f / sqrtf((float)kHeadDim);
     backward_args args = {dqkv,  dq_accum, dout,  qkv, lse, delta, cu_seqlens, queries, num_seqs, heads,
-                          mb_wgmma_dq_rows(rows), scale, kLog2e * scale, rope, {split.words, split.partials}};
+                          mb_wgmma_dq_rows(rows), scale, kLog2e * scale, rope, split};
     MB_CUDA_CHECK(err, cudaFuncSetAttribute(wgmma_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             (int)kSharedBytes));
     wgmma_backward_kernel<<<blocks, kThreads, kSharedBytes, stream>>>(args, plan);
@@ -1249,6 +1243,5 @@ extern "C" int mb_cuda_attention_wgmma_backward_selftest(char *report, size_t si
      * step, 13 blocks the last 6 to 2 pieces, 5 blocks the last 2 to 2 pieces (attention_wgmma_bwd.h) */
     int split = selftest_kernel(r, {520, 260, 520, 300}, "520 260 520 300", {10, 13, 5}, true);
     if (split < 0) return -1;
-    kernel = kernel == 0 && split == 0 ? 0 : 1;
-    return products == 0 && kernel == 0 ? 0 : 1;
+    return products == 0 && kernel == 0 && split == 0 ? 0 : 1;
 }
